@@ -1,0 +1,227 @@
+//! The crate's error type.
+//!
+//! Every variant says *what* went wrong and *where*: the tensor key, the shapes
+//! expected and found, the file path. Nothing in this crate panics on input.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `safe_fedllm`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file could be read but its content was rejected.
+    #[error("in {path}: {source}")]
+    InFile {
+        /// The file involved.
+        path: PathBuf,
+        /// What was wrong with its content.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The buffer is larger than the configured limit (checked before parsing).
+    #[error("input of {found} bytes exceeds the limit of {limit} bytes")]
+    InputTooLarge {
+        /// Size of the input in bytes.
+        found: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+
+    /// The safetensors header declares a length above the configured limit
+    /// (checked before the header is parsed, so no large allocation happens).
+    #[error("safetensors header declares {declared} bytes, above the limit of {limit}")]
+    HeaderTooLarge {
+        /// Header length declared in the first 8 bytes.
+        declared: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+
+    /// The bytes are not a valid safetensors file (truncated, bad JSON,
+    /// overlapping offsets, trailing bytes, ...).
+    #[error("malformed safetensors data: {0}")]
+    Malformed(#[from] safetensors::SafeTensorError),
+
+    /// A LoRA tensor is stored in a dtype this crate does not convert.
+    #[error("tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
+    UnsupportedDtype {
+        /// Tensor key.
+        tensor: String,
+        /// The dtype found, as safetensors names it.
+        dtype: String,
+    },
+
+    /// A LoRA tensor is not a matrix.
+    #[error("LoRA tensor `{tensor}` must be 2-D, found shape {shape:?}")]
+    NotAMatrix {
+        /// Tensor key.
+        tensor: String,
+        /// The shape found.
+        shape: Vec<usize>,
+    },
+
+    /// A tensor's data length does not match its shape.
+    #[error("tensor `{tensor}` has shape {shape:?} ({expected} values) but {found} values")]
+    DataLength {
+        /// Tensor key.
+        tensor: String,
+        /// The declared shape.
+        shape: Vec<usize>,
+        /// Element count implied by the shape.
+        expected: usize,
+        /// Element count found.
+        found: usize,
+    },
+
+    /// A name passed where a LoRA `A`/`B` matrix name is required is not one.
+    #[error("`{key}` is not a LoRA A/B tensor name")]
+    NotALoraKey {
+        /// The name given.
+        key: String,
+    },
+
+    /// Two keys in one file name the same LoRA tensor (for example
+    /// `…lora_A.weight` and `…lora_A.default.weight`).
+    #[error("keys `{first}` and `{second}` both name LoRA tensor `{canonical}`")]
+    DuplicateKey {
+        /// Canonical key both normalise to.
+        canonical: String,
+        /// First raw key.
+        first: String,
+        /// Second raw key.
+        second: String,
+    },
+
+    /// One file mixes tensors of different named adapters.
+    #[error("file mixes adapters `{first}` and `{second}`; load one adapter at a time")]
+    MixedAdapters {
+        /// One adapter name.
+        first: String,
+        /// Another adapter name.
+        second: String,
+    },
+
+    /// `lora_A` and `lora_B` of one module disagree on the rank.
+    #[error(
+        "module `{module}`: lora_A has shape {a_shape:?} and lora_B {b_shape:?}, \
+         so their ranks ({a_rank} vs {b_rank}) disagree"
+    )]
+    RankMismatch {
+        /// Module path (everything before `lora_A`/`lora_B`).
+        module: String,
+        /// Shape of `lora_A` (`[r, in]`).
+        a_shape: [usize; 2],
+        /// Shape of `lora_B` (`[out, r]`).
+        b_shape: [usize; 2],
+        /// Rank implied by `lora_A`.
+        a_rank: usize,
+        /// Rank implied by `lora_B`.
+        b_rank: usize,
+    },
+
+    /// A tensor has a different shape than expected.
+    #[error("tensor `{tensor}`: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// Tensor key.
+        tensor: String,
+        /// Shape expected (from the base adapter or the frozen feature layout).
+        expected: Vec<usize>,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+
+    /// A tensor present on one side of a delta is missing on the other.
+    #[error(
+        "tensor `{tensor}` is present in the {present_in} adapter but missing from the {missing_from} adapter"
+    )]
+    MissingKey {
+        /// Tensor key.
+        tensor: String,
+        /// Side that has it (`"update"` or `"base"`).
+        present_in: &'static str,
+        /// Side that lacks it.
+        missing_from: &'static str,
+    },
+
+    /// A non-finite value (NaN or ±∞) was found where finite numbers are required.
+    #[error("tensor `{tensor}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        /// Tensor key.
+        tensor: String,
+        /// Row-major flat index of the first offending value.
+        index: usize,
+        /// The offending value.
+        value: f32,
+    },
+
+    /// A feature selection picked no tensor at all.
+    #[error("feature selection {selection} matched no LoRA tensor in the training deltas")]
+    EmptySelection {
+        /// The selection, as text.
+        selection: String,
+    },
+
+    /// A collection that must not be empty was empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// What was empty.
+        what: &'static str,
+    },
+
+    /// Metadata (safetensors `__metadata__` or a PEFT `adapter_config.json`)
+    /// holds a value that cannot be interpreted.
+    #[error("metadata field `{field}` has invalid value `{value}`: {reason}")]
+    InvalidMetadata {
+        /// Metadata field.
+        field: String,
+        /// The raw value.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A feature vector or matrix has the wrong width.
+    #[error("{what}: expected {expected} features, found {found}")]
+    DimensionMismatch {
+        /// What was being checked.
+        what: String,
+        /// Expected width.
+        expected: usize,
+        /// Width found.
+        found: usize,
+    },
+}
+
+impl Error {
+    /// Wraps a content error with the path of the file it came from.
+    pub(crate) fn in_file(path: impl Into<PathBuf>, source: Error) -> Self {
+        Error::InFile {
+            path: path.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The innermost error, looking through [`Error::InFile`] wrappers.
+    ///
+    /// Handy for matching on the variant without caring which file it came from.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InFile { source, .. } => source.root(),
+            other => other,
+        }
+    }
+}

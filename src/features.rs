@@ -1,0 +1,509 @@
+//! Probe features: a ΔLoRA flattened into one fixed-layout vector.
+//!
+//! A [`FeatureConfig`] says *which* tensors to use ([`Selection`]) and how to
+//! scale the result ([`Normalization`]). Fitting it on training deltas gives a
+//! [`FeatureSpec`] that freezes the layout (sorted keys, each key's shape and
+//! offset), so every later delta maps to exactly the same coordinates the
+//! probe was trained on:
+//!
+//! * a layout key missing from a delta is zero-filled and listed in
+//!   [`TransformReport::zero_filled`];
+//! * a key the selection would pick but the layout lacks is left out and
+//!   listed in [`TransformReport::ignored`];
+//! * a key whose shape changed is an [`Error::ShapeMismatch`];
+//! * a NaN or infinity is an [`Error::NonFinite`] (there is no policy that
+//!   turns them into numbers: a probe fed a sanitised vector would score
+//!   something other than what the client sent).
+//!
+//! ```
+//! use safe_fedllm::features::{FeatureConfig, Selection};
+//! use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+//!
+//! let mut delta = LoraAdapter::new();
+//! for (layer, value) in [(0, 3.0), (1, 7.0)] {
+//!     let b = format!("base_model.model.model.layers.{layer}.self_attn.q_proj.lora_B.weight");
+//!     let a = format!("base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight");
+//!     delta.insert(&b, LoraTensor::new("b", [2, 1], vec![value, 4.0])?)?;
+//!     delta.insert(&a, LoraTensor::new("a", [1, 2], vec![1.0, 1.0])?)?;
+//! }
+//! let delta = LoraDelta::from_adapter(delta);
+//!
+//! // Default: lora_B of the lowest layer, L2-normalised.
+//! let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta])?;
+//! assert_eq!(spec.dim(), 2);
+//! let features = spec.transform(&delta)?;
+//! assert_eq!(features.values, [0.6, 0.8]); // (3, 4) / 5
+//! # Ok::<(), safe_fedllm::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::lora::tensor::first_non_finite;
+use crate::lora::{Factor, LoraKey, TensorSource};
+
+/// Which LoRA tensors enter the feature vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Selection {
+    /// The `lora_B` tensors of the lowest-numbered layer present (all target
+    /// modules of that layer). The Safe-FedLLM reference default (`first_B`):
+    /// small (40,960 values for Llama-3.1-8B q/v r = 8) and, since `B` starts
+    /// at zero, a direct record of what local training wrote.
+    FirstLayerB,
+    /// Every `lora_A` and `lora_B` tensor.
+    AllLayers,
+    /// Exactly these keys (any accepted PEFT spelling; stored canonically).
+    Keys(Vec<String>),
+    /// Keys whose canonical name matches a glob where `*` matches any run of
+    /// characters, e.g. `*.layers.3.*.lora_B.weight`.
+    Glob(String),
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selection::FirstLayerB => f.write_str("first_layer_b"),
+            Selection::AllLayers => f.write_str("all_layers"),
+            Selection::Keys(keys) => write!(f, "keys({})", keys.join(", ")),
+            Selection::Glob(pattern) => write!(f, "glob({pattern})"),
+        }
+    }
+}
+
+/// How the concatenated vector is scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Normalization {
+    /// Divide by the Euclidean norm (a zero vector stays zero). The reference
+    /// default: it makes the probe see the *direction* of an update, not its
+    /// size, which depends on learning rate and step count.
+    #[default]
+    L2,
+    /// Leave values as they are.
+    None,
+}
+
+/// Unfitted feature settings. Defaults: [`Selection::FirstLayerB`], [`Normalization::L2`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureConfig {
+    selection: Selection,
+    normalization: Normalization,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        FeatureConfig::new(Selection::FirstLayerB)
+    }
+}
+
+impl FeatureConfig {
+    /// Settings with the given selection and L2 normalisation.
+    pub fn new(selection: Selection) -> Self {
+        FeatureConfig {
+            selection,
+            normalization: Normalization::L2,
+        }
+    }
+
+    /// Sets the normalisation.
+    pub fn normalization(mut self, normalization: Normalization) -> Self {
+        self.normalization = normalization;
+        self
+    }
+
+    /// Freezes the layout from training deltas: the selected keys (union over
+    /// the deltas, sorted) with their shapes.
+    ///
+    /// Errors: [`Error::Empty`] for no deltas, [`Error::EmptySelection`] when
+    /// nothing is selected, [`Error::ShapeMismatch`] when deltas disagree on a
+    /// key's shape, [`Error::MissingKey`] for a [`Selection::Keys`] entry no
+    /// delta has.
+    pub fn fit<D: TensorSource>(&self, deltas: &[D]) -> Result<FeatureSpec> {
+        if deltas.is_empty() {
+            return Err(Error::Empty {
+                what: "training deltas",
+            });
+        }
+        let selection = canonical_selection(&self.selection);
+        let layer = match selection {
+            Selection::FirstLayerB => lowest_b_layer(deltas),
+            _ => None,
+        };
+        let rule = Rule {
+            selection: &selection,
+            layer,
+        };
+        let shapes = selected_shapes(deltas, &rule)?;
+        if let Selection::Keys(keys) = &selection
+            && let Some(absent) = keys.iter().find(|k| !shapes.contains_key(k.as_str()))
+        {
+            return Err(Error::MissingKey {
+                tensor: absent.clone(),
+                present_in: "feature selection",
+                missing_from: "training deltas",
+            });
+        }
+        if shapes.is_empty() {
+            return Err(Error::EmptySelection {
+                selection: selection.to_string(),
+            });
+        }
+        let mut offset = 0;
+        let layout = shapes
+            .into_iter()
+            .map(|(key, shape)| {
+                let block = FeatureBlock { key, shape, offset };
+                offset += block.len();
+                block
+            })
+            .collect();
+        Ok(FeatureSpec {
+            selection,
+            normalization: self.normalization,
+            layer,
+            layout,
+            dim: offset,
+        })
+    }
+}
+
+/// One tensor's place in the feature vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureBlock {
+    /// Canonical key.
+    pub key: String,
+    /// `[rows, cols]` frozen at fit time.
+    pub shape: [usize; 2],
+    /// Start offset in the feature vector.
+    pub offset: usize,
+}
+
+impl FeatureBlock {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+
+    /// True for a block with no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a transform had to do to fit a delta into the frozen layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransformReport {
+    /// Layout keys the delta lacked; their coordinates are zero.
+    pub zero_filled: Vec<String>,
+    /// Keys the selection would pick that are not in the layout; not used.
+    pub ignored: Vec<String>,
+}
+
+impl TransformReport {
+    /// True when the delta matched the layout exactly.
+    pub fn is_exact(&self) -> bool {
+        self.zero_filled.is_empty() && self.ignored.is_empty()
+    }
+}
+
+/// One feature vector and what it took to build it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    /// The values, `spec.dim()` long.
+    pub values: Vec<f32>,
+    /// Zero-filled and ignored keys.
+    pub report: TransformReport,
+}
+
+/// A frozen feature layout: the result of [`FeatureConfig::fit`].
+///
+/// Serialisable, so a trained probe can carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    selection: Selection,
+    normalization: Normalization,
+    /// For [`Selection::FirstLayerB`]: the layer chosen at fit time.
+    layer: Option<usize>,
+    layout: Vec<FeatureBlock>,
+    dim: usize,
+}
+
+impl FeatureSpec {
+    /// Length of every feature vector.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The frozen blocks, in key order.
+    pub fn layout(&self) -> &[FeatureBlock] {
+        &self.layout
+    }
+
+    /// The selection this spec was fitted with.
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    /// The normalisation applied.
+    pub fn normalization(&self) -> Normalization {
+        self.normalization
+    }
+
+    /// For [`Selection::FirstLayerB`], the layer frozen at fit time.
+    pub fn layer(&self) -> Option<usize> {
+        self.layer
+    }
+
+    /// Builds one feature vector.
+    pub fn transform(&self, delta: &impl TensorSource) -> Result<Features> {
+        let mut values = vec![0.0f32; self.dim];
+        let report = self.transform_into(delta, &mut values)?;
+        Ok(Features { values, report })
+    }
+
+    /// Builds one feature vector into `out` (length [`FeatureSpec::dim`]).
+    pub fn transform_into(
+        &self,
+        delta: &impl TensorSource,
+        out: &mut [f32],
+    ) -> Result<TransformReport> {
+        if out.len() != self.dim {
+            return Err(Error::DimensionMismatch {
+                what: "feature output buffer".into(),
+                expected: self.dim,
+                found: out.len(),
+            });
+        }
+        let mut report = TransformReport::default();
+        for block in &self.layout {
+            let slot = out
+                .get_mut(block.offset..block.offset + block.len())
+                .ok_or_else(|| Error::DimensionMismatch {
+                    what: format!("layout block `{}`", block.key),
+                    expected: block.offset + block.len(),
+                    found: self.dim,
+                })?;
+            self.fill_block(delta, block, slot, &mut report)?;
+        }
+        report.ignored = self.ignored_keys(delta);
+        if self.normalization == Normalization::L2 {
+            l2_normalise(out);
+        }
+        Ok(report)
+    }
+
+    /// Builds a `[deltas.len(), dim]` matrix, one row per delta, with one
+    /// report per row.
+    pub fn transform_batch<D: TensorSource>(
+        &self,
+        deltas: &[D],
+    ) -> Result<(Array2<f32>, Vec<TransformReport>)> {
+        let mut matrix = Array2::<f32>::zeros((deltas.len(), self.dim));
+        let mut reports = Vec::with_capacity(deltas.len());
+        for (mut row, delta) in matrix.rows_mut().into_iter().zip(deltas) {
+            let report = match row.as_slice_mut() {
+                Some(slice) => self.transform_into(delta, slice)?,
+                None => {
+                    let features = self.transform(delta)?;
+                    row.iter_mut()
+                        .zip(features.values)
+                        .for_each(|(r, v)| *r = v);
+                    features.report
+                }
+            };
+            reports.push(report);
+        }
+        Ok((matrix, reports))
+    }
+
+    fn fill_block(
+        &self,
+        delta: &impl TensorSource,
+        block: &FeatureBlock,
+        slot: &mut [f32],
+        report: &mut TransformReport,
+    ) -> Result<()> {
+        match delta.shape_of(&block.key) {
+            None => {
+                slot.fill(0.0);
+                report.zero_filled.push(block.key.clone());
+            }
+            Some(found) if found != block.shape => {
+                return Err(Error::ShapeMismatch {
+                    tensor: block.key.clone(),
+                    expected: block.shape.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+            Some(_) => {
+                delta.copy_into(&block.key, slot)?;
+                if let Some((index, value)) = first_non_finite(slot) {
+                    return Err(Error::NonFinite {
+                        tensor: block.key.clone(),
+                        index,
+                        value,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ignored_keys(&self, delta: &impl TensorSource) -> Vec<String> {
+        let rule = Rule {
+            selection: &self.selection,
+            layer: self.layer,
+        };
+        delta
+            .lora_keys()
+            .filter(|k| rule.selects(k))
+            .filter(|k| {
+                self.layout
+                    .binary_search_by(|b| b.key.as_str().cmp(k.canonical()))
+                    .is_err()
+            })
+            .map(|k| k.canonical().to_owned())
+            .collect()
+    }
+}
+
+/// A selection with its fit-time layer resolved.
+struct Rule<'a> {
+    selection: &'a Selection,
+    layer: Option<usize>,
+}
+
+impl Rule<'_> {
+    fn selects(&self, key: &LoraKey) -> bool {
+        match self.selection {
+            Selection::FirstLayerB => {
+                key.factor() == Factor::B && key.layer().is_some() && key.layer() == self.layer
+            }
+            Selection::AllLayers => true,
+            Selection::Keys(keys) => keys.iter().any(|k| k == key.canonical()),
+            Selection::Glob(pattern) => glob_match(pattern, key.canonical()),
+        }
+    }
+}
+
+fn canonical_selection(selection: &Selection) -> Selection {
+    match selection {
+        Selection::Keys(keys) => {
+            let mut canonical: Vec<String> = keys
+                .iter()
+                .map(|k| LoraKey::parse(k).map_or_else(|| k.clone(), |p| p.canonical().to_owned()))
+                .collect();
+            canonical.sort();
+            canonical.dedup();
+            Selection::Keys(canonical)
+        }
+        other => other.clone(),
+    }
+}
+
+fn lowest_b_layer<D: TensorSource>(deltas: &[D]) -> Option<usize> {
+    deltas
+        .iter()
+        .flat_map(|d| {
+            d.lora_keys()
+                .filter(|k| k.factor() == Factor::B)
+                .filter_map(LoraKey::layer)
+                .collect::<Vec<_>>()
+        })
+        .min()
+}
+
+fn selected_shapes<D: TensorSource>(
+    deltas: &[D],
+    rule: &Rule<'_>,
+) -> Result<BTreeMap<String, [usize; 2]>> {
+    let mut shapes: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+    for delta in deltas {
+        for key in delta.lora_keys().filter(|k| rule.selects(k)) {
+            let name = key.canonical();
+            let found = delta.shape_of(name).unwrap_or_default();
+            match shapes.get(name) {
+                Some(&expected) if expected != found => {
+                    return Err(Error::ShapeMismatch {
+                        tensor: name.to_owned(),
+                        expected: expected.to_vec(),
+                        found: found.to_vec(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    shapes.insert(name.to_owned(), found);
+                }
+            }
+        }
+    }
+    Ok(shapes)
+}
+
+/// Divides by the Euclidean norm; leaves a zero vector unchanged.
+pub fn l2_normalise(values: &mut [f32]) {
+    let norm = l2_norm(values);
+    if norm > 0.0 {
+        let inv = (1.0 / norm) as f32;
+        values.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Euclidean norm. Sixteen `f32` lanes per block keep it vectorised; blocks
+/// are summed in `f64` so that millions of values lose no precision.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0.0f64;
+    for block in values.chunks(4096) {
+        let mut acc = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for chunk in chunks {
+            acc.iter_mut().zip(chunk).for_each(|(a, v)| *a += v * v);
+        }
+        total += f64::from(acc.iter().sum::<f32>()) + f64::from(tail);
+    }
+    total.sqrt()
+}
+
+/// `*` matches any run of characters (including none); everything else is literal.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(first) = parts.next() else {
+        return text.is_empty();
+    };
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = rest.get(at + part.len()..).unwrap_or_default(),
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn glob_matches_literals_and_stars() {
+        assert!(glob_match("a.b", "a.b"));
+        assert!(!glob_match("a.b", "a.bc"));
+        assert!(glob_match("*.lora_B.weight", "x.layers.0.q.lora_B.weight"));
+        assert!(glob_match("*layers.1.*", "m.layers.1.q.lora_A.weight"));
+        assert!(!glob_match("*layers.1.*", "m.layers.2.q.lora_A.weight"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*a", "aa"));
+        assert!(!glob_match("a*a", "a"));
+    }
+}

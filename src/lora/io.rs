@@ -1,0 +1,489 @@
+//! safetensors input and output.
+//!
+//! Untrusted bytes are checked in layers before any large allocation: the
+//! input size against [`ReadLimits::max_bytes`], the declared header length
+//! against [`ReadLimits::max_header_bytes`], then safetensors' own validation
+//! (offsets contiguous, sizes consistent with shapes, no trailing bytes), then
+//! per-tensor checks here (LoRA tensors are 2-D F32/F16/BF16).
+//!
+//! [`AdapterView`] borrows the caller's buffer and converts a tensor to `f32`
+//! only when asked, writing straight into the caller's slice: each value is
+//! copied exactly once.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+use crate::lora::adapter::{LoraAdapter, LoraConfig};
+use crate::lora::key::LoraKey;
+use crate::lora::source::TensorSource;
+use crate::lora::tensor::{ExtraTensor, LoraTensor};
+
+/// Size limits applied before parsing untrusted bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Largest accepted input (file or buffer), in bytes. Default 16 GiB.
+    pub max_bytes: u64,
+    /// Largest accepted JSON header, in bytes. Default 16 MiB: an adapter of
+    /// 10,000 tensors needs well under 2 MiB.
+    pub max_header_bytes: u64,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_bytes: 16 << 30,
+            max_header_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Floating-point format used when saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StorageDtype {
+    /// 32-bit IEEE float (lossless).
+    #[default]
+    F32,
+    /// 16-bit IEEE half (round to nearest even).
+    F16,
+    /// bfloat16 (round to nearest even).
+    Bf16,
+}
+
+impl StorageDtype {
+    fn dtype(self) -> Dtype {
+        match self {
+            StorageDtype::F32 => Dtype::F32,
+            StorageDtype::F16 => Dtype::F16,
+            StorageDtype::Bf16 => Dtype::BF16,
+        }
+    }
+}
+
+struct ViewEntry<'data> {
+    key: LoraKey,
+    dtype: Dtype,
+    shape: [usize; 2],
+    bytes: &'data [u8],
+}
+
+/// A zero-copy, validated view of a LoRA adapter in safetensors bytes.
+///
+/// Parsing validates the whole file (structure, dtypes, shapes, key names) but
+/// converts nothing; [`TensorSource::copy_into`] converts one tensor into the
+/// caller's buffer. Use it to compute probe features straight from a client's
+/// upload without materialising the adapter.
+///
+/// ```
+/// use safe_fedllm::lora::{AdapterView, LoraAdapter, LoraTensor, StorageDtype, TensorSource};
+///
+/// let mut adapter = LoraAdapter::new();
+/// adapter.insert("model.layers.0.q_proj.lora_B.weight", LoraTensor::new("b", [2, 1], vec![1.5, -2.0])?)?;
+/// let bytes = adapter.to_bytes(StorageDtype::Bf16)?;
+///
+/// let view = AdapterView::parse(&bytes)?;
+/// let mut out = [0.0f32; 2];
+/// view.copy_into("model.layers.0.q_proj.lora_B.weight", &mut out)?;
+/// assert_eq!(out, [1.5, -2.0]);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+pub struct AdapterView<'data> {
+    entries: BTreeMap<String, ViewEntry<'data>>,
+    extras: BTreeMap<String, ExtraView<'data>>,
+    config: LoraConfig,
+    adapter_name: Option<String>,
+}
+
+struct ExtraView<'data> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: &'data [u8],
+}
+
+impl<'data> AdapterView<'data> {
+    /// Parses and validates with the default [`ReadLimits`].
+    pub fn parse(bytes: &'data [u8]) -> Result<Self> {
+        Self::parse_with(bytes, &ReadLimits::default())
+    }
+
+    /// Parses and validates with explicit limits.
+    pub fn parse_with(bytes: &'data [u8], limits: &ReadLimits) -> Result<Self> {
+        check_sizes(bytes, limits)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(bytes)?;
+        let data = bytes
+            .get(8 + header_len..)
+            .ok_or(safetensors::SafeTensorError::MetadataIncompleteBuffer)?;
+        let mut view = AdapterView {
+            entries: BTreeMap::new(),
+            extras: BTreeMap::new(),
+            config: read_config(&metadata)?,
+            adapter_name: None,
+        };
+        let mut raw_names: BTreeMap<String, String> = BTreeMap::new();
+        let mut infos: Vec<(String, &TensorInfo)> = metadata.tensors().into_iter().collect();
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        for (raw, info) in infos {
+            let bytes = tensor_bytes(&raw, info, data)?;
+            let Some(key) = LoraKey::parse(&raw) else {
+                let (dtype, shape) = (info.dtype, info.shape.clone());
+                view.extras.insert(
+                    raw,
+                    ExtraView {
+                        dtype,
+                        shape,
+                        bytes,
+                    },
+                );
+                continue;
+            };
+            note_adapter_name(&mut view.adapter_name, key.adapter_name())?;
+            let entry = view_entry(&raw, key, info, bytes)?;
+            let canonical = entry.key.canonical().to_owned();
+            if let Some(first) = raw_names.insert(canonical.clone(), raw.clone()) {
+                return Err(Error::DuplicateKey {
+                    canonical,
+                    first,
+                    second: raw,
+                });
+            }
+            view.entries.insert(canonical, entry);
+        }
+        Ok(view)
+    }
+
+    /// The LoRA hyper-parameters recorded in the file's `__metadata__`.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// The adapter name found in the keys, if any.
+    pub fn adapter_name(&self) -> Option<&str> {
+        self.adapter_name.as_deref()
+    }
+
+    /// Number of LoRA matrices.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the file holds no LoRA matrix.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Converts everything into an owned [`LoraAdapter`].
+    pub fn to_adapter(&self) -> Result<LoraAdapter> {
+        let mut adapter = LoraAdapter::new();
+        for (canonical, entry) in &self.entries {
+            let mut values = vec![0.0f32; entry.shape[0] * entry.shape[1]];
+            decode_into(canonical, entry.dtype, entry.bytes, &mut values)?;
+            let tensor = LoraTensor::new(canonical, entry.shape, values)?;
+            adapter.insert_parsed(entry.key.clone(), tensor);
+        }
+        for (name, extra) in &self.extras {
+            let tensor = ExtraTensor {
+                dtype: extra.dtype,
+                shape: extra.shape.clone(),
+                bytes: extra.bytes.to_vec(),
+            };
+            adapter.extras.insert(name.clone(), tensor);
+        }
+        adapter.config = self.config.clone();
+        adapter.adapter_name = self.adapter_name.clone();
+        Ok(adapter)
+    }
+}
+
+impl TensorSource for AdapterView<'_> {
+    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
+        self.entries.values().map(|e| &e.key)
+    }
+
+    fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
+        self.entries.get(canonical).map(|e| e.shape)
+    }
+
+    fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+        let entry = self
+            .entries
+            .get(canonical)
+            .ok_or_else(|| Error::MissingKey {
+                tensor: canonical.to_owned(),
+                present_in: "requested",
+                missing_from: "viewed",
+            })?;
+        decode_into(canonical, entry.dtype, entry.bytes, out)
+    }
+}
+
+fn check_sizes(bytes: &[u8], limits: &ReadLimits) -> Result<()> {
+    let len = bytes.len() as u64;
+    if len > limits.max_bytes {
+        return Err(Error::InputTooLarge {
+            found: len,
+            limit: limits.max_bytes,
+        });
+    }
+    if let Some(prefix) = bytes.get(..8) {
+        let mut arr = [0u8; 8];
+        arr.copy_from_slice(prefix);
+        let declared = u64::from_le_bytes(arr);
+        if declared > limits.max_header_bytes {
+            return Err(Error::HeaderTooLarge {
+                declared,
+                limit: limits.max_header_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn read_config(metadata: &Metadata) -> Result<LoraConfig> {
+    match metadata.metadata() {
+        Some(map) => LoraConfig::from_metadata(map.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        None => Ok(LoraConfig::default()),
+    }
+}
+
+fn note_adapter_name(seen: &mut Option<String>, found: Option<&str>) -> Result<()> {
+    let Some(found) = found else { return Ok(()) };
+    match seen {
+        Some(first) if first != found => Err(Error::MixedAdapters {
+            first: first.clone(),
+            second: found.to_owned(),
+        }),
+        Some(_) => Ok(()),
+        None => {
+            *seen = Some(found.to_owned());
+            Ok(())
+        }
+    }
+}
+
+fn tensor_bytes<'data>(raw: &str, info: &TensorInfo, data: &'data [u8]) -> Result<&'data [u8]> {
+    let (start, end) = info.data_offsets;
+    let bytes = data
+        .get(start..end)
+        .ok_or_else(|| safetensors::SafeTensorError::InvalidOffset(raw.to_owned()))?;
+    Ok(bytes)
+}
+
+fn view_entry<'data>(
+    raw: &str,
+    key: LoraKey,
+    info: &TensorInfo,
+    bytes: &'data [u8],
+) -> Result<ViewEntry<'data>> {
+    let shape: [usize; 2] = match info.shape.as_slice() {
+        &[rows, cols] => [rows, cols],
+        other => {
+            return Err(Error::NotAMatrix {
+                tensor: raw.to_owned(),
+                shape: other.to_vec(),
+            });
+        }
+    };
+    if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        return Err(Error::UnsupportedDtype {
+            tensor: raw.to_owned(),
+            dtype: info.dtype.to_string(),
+        });
+    }
+    Ok(ViewEntry {
+        key,
+        dtype: info.dtype,
+        shape,
+        bytes,
+    })
+}
+
+/// Converts little-endian `F32`/`F16`/`BF16` bytes into `out`, one pass.
+pub(crate) fn decode_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        other => {
+            return Err(Error::UnsupportedDtype {
+                tensor: name.to_owned(),
+                dtype: other.to_string(),
+            });
+        }
+    };
+    if bytes.len() != out.len() * width {
+        return Err(Error::DataLength {
+            tensor: name.to_owned(),
+            shape: vec![out.len()],
+            expected: out.len(),
+            found: bytes.len() / width,
+        });
+    }
+    match dtype {
+        Dtype::F32 => decode_f32(bytes, out),
+        Dtype::F16 => decode_f16(bytes, out),
+        _ => decode_bf16(bytes, out),
+    }
+    Ok(())
+}
+
+fn decode_f32(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        if let &[a, b, c, d] = c {
+            *o = f32::from_le_bytes([a, b, c, d]);
+        }
+    }
+}
+
+fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
+    // bf16 is the top half of an f32: widening is a 16-bit shift.
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        if let &[a, b] = c {
+            *o = f32::from_bits(u32::from(u16::from_le_bytes([a, b])) << 16);
+        }
+    }
+}
+
+fn decode_f16(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        if let &[a, b] = c {
+            *o = f16::from_bits(u16::from_le_bytes([a, b])).to_f32();
+        }
+    }
+}
+
+fn encode(values: &[f32], dtype: StorageDtype) -> Vec<u8> {
+    match dtype {
+        StorageDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StorageDtype::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        StorageDtype::Bf16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+struct OwnedView {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &OwnedView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl LoraAdapter {
+    /// Parses safetensors bytes (default [`ReadLimits`]).
+    ///
+    /// LoRA `A`/`B` tensors must be 2-D F32, F16 or BF16 and are converted to
+    /// `f32`; every other tensor is kept byte-for-byte in
+    /// [`LoraAdapter::extras`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::from_bytes_with(bytes, &ReadLimits::default())
+    }
+
+    /// Parses safetensors bytes with explicit limits.
+    pub fn from_bytes_with(bytes: &[u8], limits: &ReadLimits) -> Result<Self> {
+        AdapterView::parse_with(bytes, limits)?.to_adapter()
+    }
+
+    /// Loads a `.safetensors` file (default [`ReadLimits`]). Errors about the
+    /// content come wrapped in [`Error::InFile`] with the path.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(path, &ReadLimits::default())
+    }
+
+    /// Loads a `.safetensors` file with explicit limits.
+    pub fn load_with(path: impl AsRef<Path>, limits: &ReadLimits) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = read_file(path, limits)?;
+        Self::from_bytes_with(&bytes, limits).map_err(|e| Error::in_file(path, e))
+    }
+
+    /// Serialises to safetensors bytes: LoRA tensors in `dtype` under their
+    /// canonical names, extras unchanged, and the [`LoraConfig`] in
+    /// `__metadata__` (with `"format": "pt"`, as PEFT writes).
+    pub fn to_bytes(&self, dtype: StorageDtype) -> Result<Vec<u8>> {
+        let mut owned: Vec<(String, OwnedView)> =
+            Vec::with_capacity(self.len() + self.extras.len());
+        for entry in self.iter() {
+            let t = &entry.tensor;
+            owned.push((
+                entry.key.canonical().to_owned(),
+                OwnedView {
+                    dtype: dtype.dtype(),
+                    shape: t.shape().to_vec(),
+                    bytes: encode(t.as_slice(), dtype),
+                },
+            ));
+        }
+        for (name, extra) in &self.extras {
+            owned.push((
+                name.clone(),
+                OwnedView {
+                    dtype: extra.dtype,
+                    shape: extra.shape.clone(),
+                    bytes: extra.bytes.clone(),
+                },
+            ));
+        }
+        let mut meta: HashMap<String, String> = self.config.to_metadata().into_iter().collect();
+        meta.insert("format".to_owned(), "pt".to_owned());
+        let views = owned.iter().map(|(n, v)| (n.as_str(), v));
+        Ok(safetensors::serialize(views, Some(meta))?)
+    }
+
+    /// Writes a `.safetensors` file.
+    pub fn save(&self, path: impl AsRef<Path>, dtype: StorageDtype) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes(dtype)?;
+        std::fs::write(path, bytes).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Reads a whole file after checking its size against the limit, so a huge
+/// file is refused before it is read.
+pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Vec<u8>> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len > limits.max_bytes {
+        return Err(Error::in_file(
+            path,
+            Error::InputTooLarge {
+                found: len,
+                limit: limits.max_bytes,
+            },
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(limits.max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    Ok(bytes)
+}
