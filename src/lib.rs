@@ -2,6 +2,8 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod aggregate;
+pub mod detect;
 pub mod error;
 pub mod features;
 pub mod lora;
