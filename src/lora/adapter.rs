@@ -283,35 +283,7 @@ impl LoraAdapter {
     /// Checks that `lora_A` `[r, in]` and `lora_B` `[out, r]` of each module
     /// agree on `r`.
     pub fn check_ranks(&self) -> Result<()> {
-        let mut a_shapes: BTreeMap<&str, [usize; 2]> = BTreeMap::new();
-        for e in self
-            .entries
-            .values()
-            .filter(|e| e.key.factor() == Factor::A)
-        {
-            a_shapes.insert(e.key.module_path(), e.tensor.shape());
-        }
-        for e in self
-            .entries
-            .values()
-            .filter(|e| e.key.factor() == Factor::B)
-        {
-            let Some(&a_shape) = a_shapes.get(e.key.module_path()) else {
-                continue;
-            };
-            let b_shape = e.tensor.shape();
-            let (a_rank, b_rank) = (a_shape[0], b_shape[1]);
-            if a_rank != b_rank {
-                return Err(Error::RankMismatch {
-                    module: e.key.module_path().to_owned(),
-                    a_shape,
-                    b_shape,
-                    a_rank,
-                    b_rank,
-                });
-            }
-        }
-        Ok(())
+        check_ranks(self.iter().map(|e| (&e.key, e.tensor.shape())))
     }
 
     /// Fails with [`Error::NonFinite`] naming the first tensor (in key order)
@@ -335,4 +307,35 @@ fn rank_of(factor: Factor, [rows, cols]: [usize; 2]) -> usize {
         Factor::A => rows,
         Factor::B => cols,
     }
+}
+
+/// Checks that `lora_A` `[r, in]` and `lora_B` `[out, r]` of each module agree
+/// on `r`, from keys and shapes alone.
+pub(crate) fn check_ranks<'a>(entries: impl Iterator<Item = (&'a LoraKey, [usize; 2])>) -> Result<()> {
+    let mut a_shapes: BTreeMap<&str, [usize; 2]> = BTreeMap::new();
+    let mut b_shapes: Vec<(&str, [usize; 2])> = Vec::new();
+    for (key, shape) in entries {
+        match key.factor() {
+            Factor::A => {
+                a_shapes.insert(key.module_path(), shape);
+            }
+            Factor::B => b_shapes.push((key.module_path(), shape)),
+        }
+    }
+    for (module, b_shape) in b_shapes {
+        let Some(&a_shape) = a_shapes.get(module) else {
+            continue;
+        };
+        let (a_rank, b_rank) = (a_shape[0], b_shape[1]);
+        if a_rank != b_rank {
+            return Err(Error::RankMismatch {
+                module: module.to_owned(),
+                a_shape,
+                b_shape,
+                a_rank,
+                b_rank,
+            });
+        }
+    }
+    Ok(())
 }

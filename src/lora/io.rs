@@ -20,7 +20,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::error::{Error, Result};
-use crate::lora::adapter::{LoraAdapter, LoraConfig};
+use crate::lora::adapter::{LoraAdapter, LoraConfig, check_ranks};
 use crate::lora::key::LoraKey;
 use crate::lora::source::TensorSource;
 use crate::lora::tensor::{ExtraTensor, LoraTensor};
@@ -154,6 +154,7 @@ impl<'data> AdapterView<'data> {
             }
             view.entries.insert(canonical, entry);
         }
+        check_ranks(view.entries.values().map(|e| (&e.key, e.shape)))?;
         Ok(view)
     }
 
