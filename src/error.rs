@@ -204,6 +204,179 @@ pub enum Error {
         /// Width found.
         found: usize,
     },
+
+    /// A detector or defended-round parameter is out of range.
+    #[error("detector parameter `{param}` = {value} is invalid: expected {expected}")]
+    InvalidDetectorParam {
+        /// Parameter name (as the builder method names it).
+        param: &'static str,
+        /// The value given.
+        value: String,
+        /// What would have been accepted.
+        expected: &'static str,
+    },
+
+    /// A client's detector evidence cannot be used (for example a NaN score).
+    #[error("client `{client}`, round {round}: invalid evidence: {reason}")]
+    InvalidEvidence {
+        /// The client the evidence belongs to.
+        client: String,
+        /// Round number (0-based).
+        round: u32,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// Detector state restored from a checkpoint is inconsistent.
+    #[error("checkpoint holds an invalid {what}: {value}")]
+    InvalidCheckpoint {
+        /// Which part of the state.
+        what: &'static str,
+        /// The offending value.
+        value: String,
+    },
+
+    /// A hyper-parameter or setting is outside its valid range (checked when
+    /// a trainer is fitted or a probe is built, never deep in the maths).
+    #[error("parameter `{name}` = {value} is invalid: expected {expected}")]
+    InvalidParameter {
+        /// Parameter name, as the builder method spells it.
+        name: &'static str,
+        /// The value given, as text.
+        value: String,
+        /// The valid range.
+        expected: &'static str,
+    },
+
+    /// A training set lacks one of the two classes.
+    #[error("training set of {samples} samples has no {missing} sample")]
+    MissingClass {
+        /// The class with no sample (`"benign"` or `"malicious"`).
+        missing: &'static str,
+        /// Number of samples in the set.
+        samples: usize,
+    },
+
+    /// Two collections that must pair up one to one have different lengths.
+    #[error("{what}: expected {expected} entries, found {found}")]
+    LengthMismatch {
+        /// What was being paired (e.g. `"labels for feature rows"`).
+        what: &'static str,
+        /// Expected length.
+        expected: usize,
+        /// Length found.
+        found: usize,
+    },
+
+    /// A feature matrix or vector handed to a probe holds NaN or ±∞.
+    #[error("{what}: non-finite value {value} at row {row}, column {column}")]
+    NonFiniteFeature {
+        /// Which input (e.g. `"training features"`).
+        what: &'static str,
+        /// Row (sample) index.
+        row: usize,
+        /// Column (feature) index.
+        column: usize,
+        /// The offending value.
+        value: f32,
+    },
+
+    /// An optimiser produced a non-finite loss or gradient.
+    #[error("{solver} diverged at iteration {iteration}: {detail}")]
+    NumericalFailure {
+        /// The solver.
+        solver: &'static str,
+        /// Iteration at which it happened.
+        iteration: usize,
+        /// What was non-finite.
+        detail: String,
+    },
+
+    /// An external trainer (linfa) failed.
+    #[error("trainer {trainer} failed: {reason}")]
+    TrainerFailed {
+        /// Trainer name.
+        trainer: &'static str,
+        /// The trainer's own error message.
+        reason: String,
+    },
+
+    /// A line of a JSON-lines dataset manifest was rejected.
+    #[error("manifest line {line}: {reason}")]
+    Manifest {
+        /// 1-based line number.
+        line: usize,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// An aggregation rule was configured with an out-of-range parameter
+    /// (checked when the rule is built, never deep in the maths).
+    #[error("aggregator {rule}: parameter `{param}` = {value} is invalid: expected {expected}")]
+    InvalidAggregatorParam {
+        /// The rule (`"krum"`, `"trimmed_mean"`, …).
+        rule: &'static str,
+        /// Parameter name, as the builder method spells it.
+        param: &'static str,
+        /// The value given.
+        value: String,
+        /// What would have been accepted.
+        expected: &'static str,
+    },
+
+    /// A round has too few usable clients for a rule's robustness guarantee
+    /// (for example Krum's n ≥ 2f + 3).
+    #[error("aggregator {rule} needs {constraint} (at least {required} usable clients), found {found}")]
+    TooFewClients {
+        /// The rule.
+        rule: &'static str,
+        /// The constraint, as a formula with its parameters filled in.
+        constraint: String,
+        /// Minimum number of usable clients.
+        required: usize,
+        /// Usable clients in the round (after exclusions).
+        found: usize,
+    },
+
+    /// Two updates in one round claim the same client id.
+    #[error("client `{client}` sent more than one update in this round")]
+    DuplicateClient {
+        /// The repeated id.
+        client: String,
+    },
+
+    /// A client's security factor is NaN or outside [0, 1].
+    #[error("client `{client}`: security factor {value} is not in [0, 1]")]
+    InvalidSecurityFactor {
+        /// The client.
+        client: String,
+        /// The factor given.
+        value: f32,
+    },
+
+    /// A client's adapter does not hold the same LoRA keys as the global adapter.
+    #[error("client `{client}`: tensor `{tensor}` is present in the {present_in} adapter only")]
+    ClientKeyMismatch {
+        /// The client.
+        client: String,
+        /// The tensor key present on one side only.
+        tensor: String,
+        /// Which side holds it (`"client"` or `"global"`).
+        present_in: &'static str,
+    },
+
+    /// A client's tensor has a different shape than the global adapter's.
+    #[error("client `{client}`: tensor `{tensor}` has shape {found:?}, the global adapter {expected:?}")]
+    ClientShapeMismatch {
+        /// The client.
+        client: String,
+        /// Tensor key.
+        tensor: String,
+        /// Shape in the global adapter.
+        expected: [usize; 2],
+        /// Shape in the client's adapter.
+        found: [usize; 2],
+    },
 }
 
 impl Error {

@@ -1,2 +1,377 @@
 //! Detectors: turn one client's probe evidence for a round into a security
 //! factor in [0, 1] (step-, client-, shadow- and evidence-level).
+//!
+//! Safe-FedLLM weights each client's update by `samples × w`, where the
+//! *security factor* `w` comes from LoRA-Probe scores (P(malicious)) of the
+//! client's local training. The four levels differ in which scores they read
+//! and in how much memory they keep across rounds:
+//!
+//! | level | reads | state per client | runs |
+//! |---|---|---|---|
+//! | [`StepLevel`] | every local step's score | Beta trust (α, β) | first R rounds, then frozen |
+//! | [`ClientLevel`] | the last step's score | running mean | first R rounds, then frozen |
+//! | [`ShadowLevel`] | every *shadow* step's score | none | every round |
+//! | [`EvidenceLevel`] | shadow steps + the last shadow step | evidence, freeze, audit | every round |
+//!
+//! Every level implements [`Detector`]. All detector state is serde
+//! (de)serialisable, so a server can checkpoint between rounds and resume with
+//! bit-identical factors; deserialisation re-validates parameters and state.
+//! [`AnyDetector`] wraps the four levels in one serialisable enum for servers
+//! that choose the level at run time.
+//!
+//! What each level can verify, and what a client could fake, is documented
+//! in `docs/detectors.md` and on each level. In short: the server can always
+//! recompute the *last* step (it is the submitted update); intermediate steps
+//! only when the client sends them and they pass the [`trail`] check; the
+//! shadow branch never fully (the client trains it on its own data).
+//!
+//! The defended round ([`DefendedRound`]) strings probe, detector, safety gate
+//! and an aggregator together and emits one JSON audit line per round.
+//!
+//! ```
+//! use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, StepLevel, Verdict};
+//!
+//! // Reference defaults: γ = 0.95, batch 16 × grad-accum 1, τ = 0.8, R = 20.
+//! let mut detector = StepLevel::params().build()?;
+//! let alice = ClientId::from("alice");
+//!
+//! // 160 samples, 10 steps, 3 of them scored harmful (≥ 0.8): 48 harmful samples.
+//! let scores = [0.1, 0.2, 0.9, 0.1, 0.85, 0.3, 0.1, 0.95, 0.2, 0.1];
+//! let evidence = ClientEvidence::new(160).with_steps(scores.to_vec());
+//! let a = detector.assess(0, &alice, &evidence)?;
+//! // α = 0.95 + 112, β = 0.95 + 48
+//! assert!((a.factor - 112.95 / 161.9).abs() < 1e-12);
+//! assert_eq!(a.verdict, Verdict::Malicious);
+//! # Ok::<(), safe_fedllm::Error>(())
+//! ```
+
+mod any;
+mod client;
+mod evidence;
+mod evidence_level;
+mod helpers;
+mod shadow;
+mod step;
+pub mod trail;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub use any::AnyDetector;
+pub use client::{ClientLevel, ClientLevelParams};
+pub use evidence::ClientEvidence;
+pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
+pub use helpers::{ShadowBranch, StepRecorder, score_steps};
+pub use shadow::{ShadowLevel, ShadowLevelParams};
+pub use step::{StepLevel, StepLevelParams};
+pub use trail::{TrailCheck, TrailStatus};
+
+/// Reference decay γ of the step-level Beta trust.
+pub const DEFAULT_DECAY: f64 = 0.95;
+/// Reference decision threshold τ: a score ≥ τ is harmful.
+pub const DEFAULT_THRESHOLD: f64 = 0.8;
+/// Reference number of rounds R during which step- and client-level update.
+pub const DEFAULT_ACTIVE_ROUNDS: u32 = 20;
+/// Reference per-device batch size (samples per step = batch × grad-accum).
+pub const DEFAULT_BATCH_SIZE: u64 = 16;
+/// Reference gradient-accumulation steps.
+pub const DEFAULT_GRAD_ACCUM: u64 = 1;
+/// Reference shadow / evidence exponent η in `(1 − r)^η`.
+pub const DEFAULT_ETA: f64 = 7.0;
+/// Reference slope k of the client-level piecewise sigmoid.
+pub const DEFAULT_STEEPNESS: f64 = 10.0;
+/// Reference pivot of the client-level piecewise sigmoid.
+pub const DEFAULT_PIVOT: f64 = 0.8;
+/// Reference number of consecutive agreeing verdicts that freeze a client.
+pub const DEFAULT_EVIDENCE_MIN: usize = 3;
+/// Reference number of participating rounds between audits of a client
+/// frozen as benign.
+pub const DEFAULT_AUDIT_INTERVAL: u32 = 5;
+/// Reference learning rate of the shadow branch.
+pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
+/// Reference safety gate: skip the round when the mean factor is below this.
+pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
+
+/// A client's identity as the server knows it.
+///
+/// A string so that servers can use whatever ids they have (node ids,
+/// UUIDs, indices); integer ids convert with `From`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientId(pub String);
+
+impl ClientId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for ClientId {
+    fn from(id: &str) -> Self {
+        ClientId(id.to_owned())
+    }
+}
+
+impl From<String> for ClientId {
+    fn from(id: String) -> Self {
+        ClientId(id)
+    }
+}
+
+impl From<u64> for ClientId {
+    fn from(id: u64) -> Self {
+        ClientId(id.to_string())
+    }
+}
+
+impl From<usize> for ClientId {
+    fn from(id: usize) -> Self {
+        ClientId(id.to_string())
+    }
+}
+
+impl From<u32> for ClientId {
+    fn from(id: u32) -> Self {
+        ClientId(id.to_string())
+    }
+}
+
+/// Which Safe-FedLLM defence level a detector implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefenseLevel {
+    /// Beta trust over the harmful share of every local step ([`StepLevel`]).
+    Step,
+    /// Piecewise sigmoid of the last step's score, averaged ([`ClientLevel`]).
+    Client,
+    /// `(1 − r)^η` over the shadow branch's steps ([`ShadowLevel`]).
+    Shadow,
+    /// Shadow level with evidence memory, freezing and audits ([`EvidenceLevel`]).
+    Evidence,
+}
+
+impl DefenseLevel {
+    /// True when the level reads shadow-branch scores (and so the client must
+    /// train a shadow branch, doubling its local compute).
+    pub fn uses_shadow(self) -> bool {
+        matches!(self, DefenseLevel::Shadow | DefenseLevel::Evidence)
+    }
+
+    /// True when the level reads the score of every main-branch step.
+    pub fn uses_all_steps(self) -> bool {
+        matches!(self, DefenseLevel::Step)
+    }
+}
+
+impl fmt::Display for DefenseLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DefenseLevel::Step => "step-level",
+            DefenseLevel::Client => "client-level",
+            DefenseLevel::Shadow => "shadow-level",
+            DefenseLevel::Evidence => "evidence-level",
+        })
+    }
+}
+
+/// What the detector concluded about a client this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// This round's evidence (or the frozen record) says benign.
+    Benign,
+    /// This round's evidence (or the frozen record) says malicious.
+    Malicious,
+    /// The detector did not look at new evidence (frozen phase of step- and
+    /// client-level, a client never seen), or the evidence was inconclusive.
+    Undecided,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Benign => "benign",
+            Verdict::Malicious => "malicious",
+            Verdict::Undecided => "undecided",
+        })
+    }
+}
+
+/// How a level treats evidence the client did not provide.
+///
+/// The reference is asymmetric: a missing last-step score counts as
+/// malicious (s = 1) at client level but as benign at evidence level, and a
+/// client with no harmful-step record counts as fully benign at step, shadow
+/// and evidence level. Each level's default reproduces the reference; the
+/// safer choice is [`MissingEvidence::Malicious`] everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingEvidence {
+    /// Missing evidence counts as benign (score 0 / no harmful step).
+    Benign,
+    /// Missing evidence counts as malicious (score 1 / every step harmful).
+    Malicious,
+}
+
+/// One client's security factor for one round, with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assessment {
+    /// Security factor in [0, 1], already clamped below by `min_weight`.
+    pub factor: f64,
+    /// The detector's verdict for this round.
+    pub verdict: Verdict,
+    /// Human-readable explanation (the numbers that produced the factor).
+    pub reason: String,
+}
+
+impl Assessment {
+    fn new(factor: f64, min_weight: f64, verdict: Verdict, reason: String) -> Self {
+        Assessment {
+            factor: apply_min_weight(factor, min_weight),
+            verdict,
+            reason,
+        }
+    }
+}
+
+/// Turns one client's evidence for one round into a security factor, keeping
+/// per-client state across rounds.
+///
+/// Rounds are numbered from 0 (the reference's `round_num`). Call
+/// [`Detector::assess`] once per participating client per round, in any
+/// client order: the state of one client never influences another's factor.
+pub trait Detector: Send + Sync {
+    /// The level this detector implements.
+    fn level(&self) -> DefenseLevel;
+
+    /// Decision threshold τ the detector uses to call a score harmful.
+    fn threshold(&self) -> f64;
+
+    /// Assesses `client` in `round` from its evidence, updating its state.
+    ///
+    /// Errors only on invalid evidence ([`Error::InvalidEvidence`]: a
+    /// non-finite score); missing evidence is handled by the level's
+    /// documented [`MissingEvidence`] policy.
+    fn assess(
+        &mut self,
+        round: u32,
+        client: &ClientId,
+        evidence: &ClientEvidence,
+    ) -> Result<Assessment>;
+
+    /// Whether the client needs to train a shadow branch this round.
+    ///
+    /// True every round for [`ShadowLevel`]; for [`EvidenceLevel`] false once
+    /// a client is frozen, except in its audit rounds (the reference's
+    /// `use_shadow`); false for levels that do not read shadow scores.
+    fn needs_shadow(&self, client: &ClientId) -> bool {
+        let _ = client;
+        self.level().uses_shadow()
+    }
+}
+
+/// The factor clamped below by `min_weight` (the reference's
+/// `max(factor, min_weight)`).
+fn apply_min_weight(factor: f64, min_weight: f64) -> f64 {
+    factor.max(min_weight)
+}
+
+/// Harmful samples as the reference counts them: `harmful steps × samples per
+/// step`, capped at the client's sample count.
+pub fn harmful_samples(harmful_steps: usize, samples_per_step: u64, samples: u64) -> u64 {
+    let steps = u64::try_from(harmful_steps).unwrap_or(u64::MAX);
+    steps.saturating_mul(samples_per_step).min(samples)
+}
+
+/// Number of scores at or above `threshold`.
+fn count_harmful(scores: &[f32], threshold: f64) -> usize {
+    scores
+        .iter()
+        .filter(|&&s| f64::from(s) >= threshold)
+        .count()
+}
+
+fn invalid_param(param: &'static str, value: impl fmt::Display, expected: &'static str) -> Error {
+    Error::InvalidDetectorParam {
+        param,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+fn check_unit(param: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid_param(param, value, "a finite number in [0, 1]"))
+    }
+}
+
+fn check_positive_finite(param: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid_param(param, value, "a finite number > 0"))
+    }
+}
+
+fn check_positive_int(param: &'static str, value: u64) -> Result<()> {
+    if value > 0 {
+        Ok(())
+    } else {
+        Err(invalid_param(param, value, "an integer ≥ 1"))
+    }
+}
+
+/// Checks a value restored from a checkpoint.
+fn check_state(what: &'static str, ok: bool, value: impl fmt::Display) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidCheckpoint {
+            what,
+            value: value.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harmful_samples_is_capped_at_the_sample_count() {
+        assert_eq!(harmful_samples(3, 16, 160), 48);
+        assert_eq!(harmful_samples(11, 16, 160), 160);
+        assert_eq!(harmful_samples(usize::MAX, u64::MAX, 7), 7);
+        assert_eq!(harmful_samples(0, 16, 0), 0);
+    }
+
+    #[test]
+    fn count_harmful_uses_greater_or_equal() {
+        assert_eq!(count_harmful(&[0.8, 0.79, 0.81, 1.0], 0.8), 3);
+    }
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<StepLevel>();
+        assert_send_sync::<ClientLevel>();
+        assert_send_sync::<ShadowLevel>();
+        assert_send_sync::<EvidenceLevel>();
+        assert_send_sync::<AnyDetector>();
+        assert_send_sync::<ClientEvidence>();
+        assert_send_sync::<Assessment>();
+        assert_send_sync::<Box<dyn Detector>>();
+    }
+}

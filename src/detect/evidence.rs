@@ -1,0 +1,151 @@
+//! [`ClientEvidence`]: what one client's local training told the probe.
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::ClientId;
+use crate::error::{Error, Result};
+
+/// One client's probe evidence for one round.
+///
+/// Scores are the probe's P(malicious) of a step's ΔLoRA. Each level reads
+/// only what it needs:
+///
+/// * [`StepLevel`](super::StepLevel): `samples` and `step_scores`
+///   (main branch, each step relative to the round's starting adapter);
+/// * [`ClientLevel`](super::ClientLevel): `last_step_score`;
+/// * [`ShadowLevel`](super::ShadowLevel): `samples` and `shadow_scores`
+///   (each shadow step relative to the fixed shadow base);
+/// * [`EvidenceLevel`](super::EvidenceLevel): `samples`, `shadow_scores` and
+///   `shadow_last_score`.
+///
+/// The "last" scores are separate fields because the reference reads the
+/// score of step number `max_steps`: a client that ran fewer steps (a small
+/// local dataset) has step scores but no last-step score. The builder
+/// methods [`with_steps`](Self::with_steps) and
+/// [`with_shadow_steps`](Self::with_shadow_steps) set both from one list;
+/// override the last score with [`with_last_step_score`](Self::with_last_step_score)
+/// and [`with_shadow_last_score`](Self::with_shadow_last_score).
+///
+/// Which of these evidence fields the server can verify is discussed in the
+/// [`trail`](super::trail) module.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientEvidence {
+    /// Samples the client trained on this round (`len(sub_dataset)`).
+    pub samples: u64,
+    /// Probe score of every main-branch local step, in order.
+    pub step_scores: Vec<f32>,
+    /// Probe score of the final main-branch step, when known.
+    pub last_step_score: Option<f32>,
+    /// Probe score of every shadow-branch step, in order.
+    pub shadow_scores: Vec<f32>,
+    /// Probe score of the final shadow-branch step, when known.
+    pub shadow_last_score: Option<f32>,
+}
+
+impl ClientEvidence {
+    /// Evidence with a sample count and no scores at all.
+    pub fn new(samples: u64) -> Self {
+        ClientEvidence {
+            samples,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the main-branch step scores; the last one becomes the last-step score.
+    pub fn with_steps(mut self, scores: Vec<f32>) -> Self {
+        self.last_step_score = scores.last().copied();
+        self.step_scores = scores;
+        self
+    }
+
+    /// Sets (or clears) the last main-branch step's score.
+    pub fn with_last_step_score(mut self, score: Option<f32>) -> Self {
+        self.last_step_score = score;
+        self
+    }
+
+    /// Sets the shadow-branch step scores; the last one becomes the shadow
+    /// last-step score.
+    pub fn with_shadow_steps(mut self, scores: Vec<f32>) -> Self {
+        self.shadow_last_score = scores.last().copied();
+        self.shadow_scores = scores;
+        self
+    }
+
+    /// Sets (or clears) the last shadow step's score.
+    pub fn with_shadow_last_score(mut self, score: Option<f32>) -> Self {
+        self.shadow_last_score = score;
+        self
+    }
+
+    /// Fails with [`Error::InvalidEvidence`] on the first non-finite score.
+    ///
+    /// Scores outside [0, 1] but finite are accepted: the levels clamp them
+    /// exactly as the reference does.
+    pub fn validate(&self, round: u32, client: &ClientId) -> Result<()> {
+        let lists = [
+            ("step", self.step_scores.as_slice()),
+            ("shadow step", self.shadow_scores.as_slice()),
+        ];
+        for (what, scores) in lists {
+            if let Some((i, s)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+                return Err(invalid(round, client, format!("{what} score #{i} is {s}")));
+            }
+        }
+        let lasts = [
+            ("last step", self.last_step_score),
+            ("last shadow step", self.shadow_last_score),
+        ];
+        for (what, score) in lasts {
+            if let Some(s) = score.filter(|s| !s.is_finite()) {
+                return Err(invalid(round, client, format!("{what} score is {s}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(round: u32, client: &ClientId, reason: String) -> Error {
+    Error::InvalidEvidence {
+        client: client.to_string(),
+        round,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_steps_sets_the_last_score() {
+        let e = ClientEvidence::new(4).with_steps(vec![0.1, 0.9]);
+        assert_eq!(e.last_step_score, Some(0.9));
+        let e = e.with_last_step_score(None);
+        assert_eq!(e.last_step_score, None);
+        assert_eq!(e.step_scores, [0.1, 0.9]);
+    }
+
+    #[test]
+    fn nan_scores_are_rejected_with_the_client_and_round() {
+        let id = ClientId::from("c7");
+        let e = ClientEvidence::new(4).with_shadow_steps(vec![0.1, f32::NAN, 0.2]);
+        match e.validate(3, &id) {
+            Err(Error::InvalidEvidence {
+                client,
+                round,
+                reason,
+            }) => {
+                assert_eq!(client, "c7");
+                assert_eq!(round, 3);
+                assert!(reason.contains("shadow step score #1"), "{reason}");
+            }
+            other => panic!("expected InvalidEvidence, got {other:?}"),
+        }
+        let e = ClientEvidence::new(4).with_last_step_score(Some(f32::INFINITY));
+        assert!(matches!(
+            e.validate(0, &id),
+            Err(Error::InvalidEvidence { .. })
+        ));
+    }
+}

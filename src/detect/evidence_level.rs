@@ -1,0 +1,476 @@
+//! Evidence-level: shadow-level plus per-client memory, freezing and audits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::shadow::ShadowLevelParams;
+use crate::detect::{
+    Assessment, ClientEvidence, ClientId, DEFAULT_AUDIT_INTERVAL, DEFAULT_EVIDENCE_MIN,
+    DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_int, check_state,
+};
+use crate::error::{Error, Result};
+
+/// Unchecked evidence-level settings; [`EvidenceLevelParams::build`]
+/// validates them.
+///
+/// | setting | default | reference |
+/// |---|---|---|
+/// | [`shadow`](Self::shadow) | [`ShadowLevelParams`] defaults (η = 7, batch 16 × 1, τ = 0.8) | `evidence_eta`, … |
+/// | [`evidence_min`](Self::evidence_min) | 3 | `evidence_min` |
+/// | [`audit_interval`](Self::audit_interval) | 5 | `audit_interval` |
+/// | [`missing_last_score`](Self::missing_last_score) | [`MissingEvidence::Benign`] | missing → benign |
+///
+/// `min_weight` and the missing-shadow-steps policy are the shadow
+/// settings' ([`ShadowLevelParams::min_weight`], [`ShadowLevelParams::missing_steps`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceLevelParams {
+    shadow: ShadowLevelParams,
+    evidence_min: usize,
+    audit_interval: u32,
+    missing_last_score: MissingEvidence,
+}
+
+impl Default for EvidenceLevelParams {
+    fn default() -> Self {
+        EvidenceLevelParams {
+            shadow: ShadowLevelParams::default(),
+            evidence_min: DEFAULT_EVIDENCE_MIN,
+            audit_interval: DEFAULT_AUDIT_INTERVAL,
+            missing_last_score: MissingEvidence::Benign,
+        }
+    }
+}
+
+impl EvidenceLevelParams {
+    /// The shadow-level settings used for the per-round factor (η, batch,
+    /// grad-accum, τ — also the verdict threshold —, `min_weight`, missing
+    /// shadow steps).
+    pub fn shadow(mut self, shadow: ShadowLevelParams) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Consecutive agreeing verdicts (≥ 1) that freeze a client.
+    pub fn evidence_min(mut self, n: usize) -> Self {
+        self.evidence_min = n;
+        self
+    }
+
+    /// A client frozen as benign is audited in every `interval`-th round it
+    /// takes part in (≥ 1), counted from its freeze or last audit.
+    pub fn audit_interval(mut self, interval: u32) -> Self {
+        self.audit_interval = interval;
+        self
+    }
+
+    /// How a missing last shadow-step score counts. Default
+    /// [`MissingEvidence::Benign`] reproduces the reference (whose
+    /// client level does the opposite); [`MissingEvidence::Malicious`] is the
+    /// safer choice: a client that withholds its last step cannot collect
+    /// benign evidence or pass an audit by doing so.
+    pub fn missing_last_score(mut self, policy: MissingEvidence) -> Self {
+        self.missing_last_score = policy;
+        self
+    }
+
+    /// Validates the settings.
+    pub fn check(&self) -> Result<()> {
+        self.shadow.check()?;
+        check_positive_int("evidence_min", self.evidence_min as u64)?;
+        check_positive_int("audit_interval", u64::from(self.audit_interval))
+    }
+
+    /// Validates the settings and builds a detector with no client state.
+    pub fn build(self) -> Result<EvidenceLevel> {
+        self.check()?;
+        Ok(EvidenceLevel {
+            params: self,
+            clients: BTreeMap::new(),
+        })
+    }
+}
+
+/// Where a client stands in the evidence protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum EvidenceStatus {
+    /// Collecting evidence; the factor is this round's shadow factor.
+    Collecting,
+    /// Frozen as benign: the factor is `weight` until an audit fails.
+    FrozenBenign {
+        /// Mean of the `evidence_min` agreeing factors that froze it.
+        weight: f64,
+    },
+    /// Frozen as malicious: factor 0 for good (no more shadow training).
+    FrozenMalicious,
+}
+
+/// One evidence record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceEntry {
+    /// Round it was recorded in.
+    pub round: u32,
+    /// That round's shadow factor (before `min_weight`).
+    pub factor: f64,
+    /// That round's verdict: last shadow step's score ≥ τ.
+    pub malicious: bool,
+}
+
+/// One client's evidence state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceClientState {
+    /// Freeze status.
+    pub status: EvidenceStatus,
+    /// Evidence collected since the last restart (at most `evidence_min`).
+    pub evidence: Vec<EvidenceEntry>,
+    /// Participating rounds since the freeze or the last audit.
+    pub audit_counter: u32,
+}
+
+impl Default for EvidenceClientState {
+    fn default() -> Self {
+        EvidenceClientState {
+            status: EvidenceStatus::Collecting,
+            evidence: Vec::new(),
+            audit_counter: 0,
+        }
+    }
+}
+
+/// **Evidence-level** detection (in the reference code after the paper's
+/// first version): shadow-level plus memory.
+///
+/// Each round a collecting client records (w, malicious) where w is the
+/// shadow factor (1 − r)^η and *malicious* means its last shadow step scored
+/// ≥ τ. When its last `evidence_min` (3) records all agree it is frozen:
+///
+/// * all malicious → w = 0 for good, and it no longer trains a shadow branch
+///   ([`Detector::needs_shadow`] is false);
+/// * all benign → w = the mean of those `evidence_min` factors (the records
+///   since the last restart, which are exactly the agreeing ones), and it
+///   trains a shadow branch only in audit rounds: every `audit_interval` (5)
+///   rounds *it takes part in*, counted from the freeze or the last audit.
+///   An audit whose last shadow step scores ≥ τ un-freezes it, clears its
+///   evidence and gives w = 0 that round; a passed audit keeps the frozen
+///   weight and restarts the count.
+///
+/// Disagreeing records restart collection (the records are cleared; the
+/// round's factor is still that round's shadow factor). A missing last
+/// shadow score counts as benign by default (the reference); see
+/// [`EvidenceLevelParams::missing_last_score`] for the safer choice.
+///
+/// **When to use:** long runs with stable client populations: frozen
+/// clients cost no shadow training, and a client caught three times is
+/// excluded for good. **Cost:** like [`ShadowLevel`](super::ShadowLevel)
+/// while collecting; far less once most clients are frozen. **Threat
+/// model:** as shadow level, plus: a client that behaves for
+/// `evidence_min` rounds is frozen benign and then only checked every
+/// `audit_interval` rounds — harmful updates between audits pass with the
+/// frozen weight. Pair it with a robust aggregator, or audit more often.
+///
+/// ```
+/// use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, EvidenceLevel, EvidenceStatus};
+///
+/// let mut d = EvidenceLevel::params().build()?;
+/// let id = ClientId::from("m");
+/// let harmful = ClientEvidence::new(32).with_shadow_steps(vec![0.9, 0.95]);
+/// for round in 0..3 {
+///     d.assess(round, &id, &harmful)?;
+/// }
+/// assert_eq!(d.client_state(&id).map(|s| &s.status), Some(&EvidenceStatus::FrozenMalicious));
+/// assert!(!d.needs_shadow(&id));
+/// // Frozen for good, whatever it reports later.
+/// let benign = ClientEvidence::new(32).with_shadow_steps(vec![0.1, 0.1]);
+/// assert_eq!(d.assess(3, &id, &benign)?.factor, 0.0);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "EvidenceLevelRepr")]
+pub struct EvidenceLevel {
+    params: EvidenceLevelParams,
+    clients: BTreeMap<ClientId, EvidenceClientState>,
+}
+
+#[derive(Deserialize)]
+struct EvidenceLevelRepr {
+    params: EvidenceLevelParams,
+    clients: BTreeMap<ClientId, EvidenceClientState>,
+}
+
+impl TryFrom<EvidenceLevelRepr> for EvidenceLevel {
+    type Error = Error;
+
+    fn try_from(repr: EvidenceLevelRepr) -> Result<Self> {
+        repr.params.check()?;
+        for state in repr.clients.values() {
+            if let EvidenceStatus::FrozenBenign { weight } = state.status {
+                check_state("frozen weight", (0.0..=1.0).contains(&weight), weight)?;
+            }
+            for e in &state.evidence {
+                check_state("evidence factor", (0.0..=1.0).contains(&e.factor), e.factor)?;
+            }
+            let n = state.evidence.len();
+            check_state(
+                "evidence count",
+                n <= repr.params.evidence_min,
+                n,
+            )?;
+        }
+        Ok(EvidenceLevel {
+            params: repr.params,
+            clients: repr.clients,
+        })
+    }
+}
+
+impl EvidenceLevel {
+    /// Settings with the reference defaults.
+    pub fn params() -> EvidenceLevelParams {
+        EvidenceLevelParams::default()
+    }
+
+    /// The validated settings.
+    pub fn settings(&self) -> &EvidenceLevelParams {
+        &self.params
+    }
+
+    /// A client's evidence state, if it was ever assessed.
+    pub fn client_state(&self, client: &ClientId) -> Option<&EvidenceClientState> {
+        self.clients.get(client)
+    }
+
+    /// This round's verdict from the last shadow score: true = malicious.
+    fn last_is_malicious(&self, evidence: &ClientEvidence) -> (bool, String) {
+        let tau = self.params.shadow.threshold;
+        match evidence.shadow_last_score {
+            Some(s) => (
+                f64::from(s) >= tau,
+                format!("last shadow score {s:.6} vs τ = {tau}"),
+            ),
+            None => (
+                self.params.missing_last_score == MissingEvidence::Malicious,
+                format!(
+                    "last shadow score missing, counted {:?}",
+                    self.params.missing_last_score
+                ),
+            ),
+        }
+    }
+
+    fn frozen_benign(
+        &mut self,
+        client: &ClientId,
+        weight: f64,
+        evidence: &ClientEvidence,
+    ) -> Assessment {
+        let interval = self.params.audit_interval;
+        let min_weight = self.params.shadow.min_weight;
+        let (malicious, why) = self.last_is_malicious(evidence);
+        let state = self.clients.entry(client.clone()).or_default();
+        state.audit_counter = state.audit_counter.saturating_add(1);
+        if state.audit_counter < interval {
+            let reason = format!(
+                "frozen benign with weight {weight:.6}; next audit in {} round(s)",
+                interval - state.audit_counter
+            );
+            return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+        }
+        state.audit_counter = 0;
+        if malicious {
+            *state = EvidenceClientState::default();
+            let reason = format!("audit failed ({why}): un-frozen, evidence cleared");
+            Assessment::new(0.0, min_weight, Verdict::Malicious, reason)
+        } else {
+            let reason = format!("audit passed ({why}): keeps frozen weight {weight:.6}");
+            Assessment::new(weight, min_weight, Verdict::Benign, reason)
+        }
+    }
+
+    fn collect(&mut self, round: u32, client: &ClientId, evidence: &ClientEvidence) -> Assessment {
+        let p = &self.params;
+        let ratio = p.shadow.harmful_ratio(evidence);
+        let factor = p.shadow.factor(ratio.ratio);
+        let shadow_reason = ratio.describe(evidence.shadow_scores.len(), p.shadow.eta, factor);
+        let (malicious, why) = self.last_is_malicious(evidence);
+        let (min_weight, needed) = (p.shadow.min_weight, p.evidence_min);
+        let state = self.clients.entry(client.clone()).or_default();
+        state.evidence.push(EvidenceEntry {
+            round,
+            factor,
+            malicious,
+        });
+        let verdict = if malicious {
+            Verdict::Malicious
+        } else {
+            Verdict::Benign
+        };
+        let n = state.evidence.len();
+        if n >= needed {
+            let recent: Vec<&EvidenceEntry> = state.evidence.iter().skip(n - needed).collect();
+            if recent.iter().all(|e| e.malicious) {
+                state.status = EvidenceStatus::FrozenMalicious;
+                state.audit_counter = 0;
+                let reason = format!("{needed} consecutive malicious verdicts ({why}): frozen malicious");
+                return Assessment::new(0.0, min_weight, Verdict::Malicious, reason);
+            }
+            if recent.iter().all(|e| !e.malicious) {
+                let weight = recent.iter().map(|e| e.factor).sum::<f64>() / needed as f64;
+                state.status = EvidenceStatus::FrozenBenign { weight };
+                state.audit_counter = 0;
+                let reason = format!(
+                    "{needed} consecutive benign verdicts ({why}): frozen benign with the mean \
+                     factor {weight:.6}"
+                );
+                return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+            }
+            state.evidence.clear();
+            let reason = format!("{shadow_reason}; {why}; evidence disagrees, collection restarted");
+            return Assessment::new(factor, min_weight, verdict, reason);
+        }
+        let reason = format!("{shadow_reason}; {why}; evidence {n}/{needed}");
+        Assessment::new(factor, min_weight, verdict, reason)
+    }
+}
+
+impl Detector for EvidenceLevel {
+    fn level(&self) -> DefenseLevel {
+        DefenseLevel::Evidence
+    }
+
+    fn threshold(&self) -> f64 {
+        self.params.shadow.threshold
+    }
+
+    fn assess(
+        &mut self,
+        round: u32,
+        client: &ClientId,
+        evidence: &ClientEvidence,
+    ) -> Result<Assessment> {
+        evidence.validate(round, client)?;
+        let status = self.clients.get(client).map(|s| s.status.clone());
+        Ok(match status {
+            Some(EvidenceStatus::FrozenMalicious) => Assessment::new(
+                0.0,
+                self.params.shadow.min_weight,
+                Verdict::Malicious,
+                "frozen malicious".to_owned(),
+            ),
+            Some(EvidenceStatus::FrozenBenign { weight }) => {
+                self.frozen_benign(client, weight, evidence)
+            }
+            Some(EvidenceStatus::Collecting) | None => self.collect(round, client, evidence),
+        })
+    }
+
+    /// The reference's `use_shadow`: collecting clients train a shadow
+    /// branch every round; clients frozen malicious never again; clients
+    /// frozen benign only in their audit round (the reference's default
+    /// `audit_interval` there is 10 while the detector's is 5; here both use
+    /// the one configured value).
+    fn needs_shadow(&self, client: &ClientId) -> bool {
+        match self.clients.get(client).map(|s| (&s.status, s.audit_counter)) {
+            None | Some((EvidenceStatus::Collecting, _)) => true,
+            Some((EvidenceStatus::FrozenMalicious, _)) => false,
+            Some((EvidenceStatus::FrozenBenign { .. }, counter)) => {
+                counter.saturating_add(1) >= self.params.audit_interval
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn benign() -> ClientEvidence {
+        ClientEvidence::new(32).with_shadow_steps(vec![0.1, 0.2])
+    }
+
+    fn harmful() -> ClientEvidence {
+        ClientEvidence::new(32).with_shadow_steps(vec![0.1, 0.9])
+    }
+
+    #[test]
+    fn benign_client_is_frozen_with_the_mean_then_audited() {
+        let mut d = EvidenceLevel::params().build().unwrap();
+        let id = ClientId::from("b");
+        // r = 16/32 for harmful-first-step evidence with a benign last step.
+        let mixed = ClientEvidence::new(32).with_shadow_steps(vec![0.9, 0.1]);
+        let f0 = d.assess(0, &id, &mixed).unwrap().factor;
+        assert!((f0 - 0.5f64.powi(7)).abs() < 1e-15);
+        d.assess(1, &id, &benign()).unwrap();
+        let frozen = d.assess(2, &id, &benign()).unwrap();
+        assert!((frozen.factor - (f0 + 2.0) / 3.0).abs() < 1e-15);
+        // Rounds 3..6 are not audits: frozen weight even with harmful evidence.
+        for round in 3..7 {
+            assert!(!d.needs_shadow(&id) || round == 7);
+            let a = d.assess(round, &id, &harmful()).unwrap();
+            assert_eq!(a.factor, frozen.factor);
+        }
+        assert!(d.needs_shadow(&id));
+        // Round 7 is the 5th participating round after the freeze: audit fails.
+        let audit = d.assess(7, &id, &harmful()).unwrap();
+        assert_eq!(audit.factor, 0.0);
+        assert_eq!(
+            d.client_state(&id).map(|s| s.status.clone()),
+            Some(EvidenceStatus::Collecting)
+        );
+        assert!(d.client_state(&id).is_some_and(|s| s.evidence.is_empty()));
+    }
+
+    #[test]
+    fn disagreeing_evidence_restarts_collection() {
+        let mut d = EvidenceLevel::params().build().unwrap();
+        let id = ClientId::from("x");
+        d.assess(0, &id, &benign()).unwrap();
+        d.assess(1, &id, &benign()).unwrap();
+        let a = d.assess(2, &id, &harmful()).unwrap();
+        assert!((a.factor - 0.5f64.powi(7)).abs() < 1e-15);
+        assert!(d.client_state(&id).is_some_and(|s| s.evidence.is_empty()));
+    }
+
+    #[test]
+    fn missing_last_score_policies() {
+        let silent = ClientEvidence::new(32)
+            .with_shadow_steps(vec![0.1, 0.1])
+            .with_shadow_last_score(None);
+        let id = ClientId::from("s");
+        let mut reference = EvidenceLevel::params().build().unwrap();
+        let mut safer = EvidenceLevel::params()
+            .missing_last_score(MissingEvidence::Malicious)
+            .build()
+            .unwrap();
+        for round in 0..3 {
+            reference.assess(round, &id, &silent).unwrap();
+            safer.assess(round, &id, &silent).unwrap();
+        }
+        assert_eq!(
+            reference.client_state(&id).map(|s| s.status.clone()),
+            Some(EvidenceStatus::FrozenBenign { weight: 1.0 })
+        );
+        assert_eq!(
+            safer.client_state(&id).map(|s| s.status.clone()),
+            Some(EvidenceStatus::FrozenMalicious)
+        );
+    }
+
+    #[test]
+    fn zero_settings_are_rejected() {
+        assert!(matches!(
+            EvidenceLevel::params().evidence_min(0).build(),
+            Err(Error::InvalidDetectorParam {
+                param: "evidence_min",
+                ..
+            })
+        ));
+        assert!(matches!(
+            EvidenceLevel::params().audit_interval(0).build(),
+            Err(Error::InvalidDetectorParam {
+                param: "audit_interval",
+                ..
+            })
+        ));
+    }
+}

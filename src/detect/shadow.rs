@@ -1,0 +1,287 @@
+//! Shadow-level: `(1 − r)^η` over the steps of a shadow branch trained from a
+//! fixed base.
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::{
+    Assessment, ClientEvidence, ClientId, DEFAULT_BATCH_SIZE, DEFAULT_ETA, DEFAULT_GRAD_ACCUM,
+    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_finite,
+    check_positive_int, check_unit, count_harmful, harmful_samples,
+};
+use crate::error::{Error, Result};
+
+/// Unchecked shadow-level settings; [`ShadowLevelParams::build`] validates them.
+///
+/// | setting | default | reference |
+/// |---|---|---|
+/// | [`eta`](Self::eta) η | 7 | `(1.0 - r) ** 7` |
+/// | [`batch_size`](Self::batch_size) | 16 | `batch_size` |
+/// | [`grad_accum`](Self::grad_accum) | 1 | `gradient_accumulation_steps` |
+/// | [`threshold`](Self::threshold) τ | 0.8 | `prefilter_threshold` |
+/// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
+/// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::Benign`] | no harmful step recorded → r = 0 |
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowLevelParams {
+    pub(crate) eta: f64,
+    pub(crate) batch_size: u64,
+    pub(crate) grad_accum: u64,
+    pub(crate) threshold: f64,
+    pub(crate) min_weight: f64,
+    pub(crate) missing_steps: MissingEvidence,
+}
+
+impl Default for ShadowLevelParams {
+    fn default() -> Self {
+        ShadowLevelParams {
+            eta: DEFAULT_ETA,
+            batch_size: DEFAULT_BATCH_SIZE,
+            grad_accum: DEFAULT_GRAD_ACCUM,
+            threshold: DEFAULT_THRESHOLD,
+            min_weight: 0.0,
+            missing_steps: MissingEvidence::Benign,
+        }
+    }
+}
+
+impl ShadowLevelParams {
+    /// Exponent η (> 0): a larger η punishes a small harmful share harder
+    /// (η = 7 halves the weight at r ≈ 0.094).
+    pub fn eta(mut self, eta: f64) -> Self {
+        self.eta = eta;
+        self
+    }
+
+    /// Per-device batch size (≥ 1).
+    pub fn batch_size(mut self, batch_size: u64) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Gradient-accumulation steps (≥ 1).
+    pub fn grad_accum(mut self, grad_accum: u64) -> Self {
+        self.grad_accum = grad_accum;
+        self
+    }
+
+    /// Threshold τ ∈ [0, 1]: a shadow step with score ≥ τ is harmful.
+    pub fn threshold(mut self, threshold: f64) -> Self {
+        self.threshold = threshold;
+        self
+    }
+
+    /// Lower bound ∈ [0, 1] of every factor.
+    pub fn min_weight(mut self, min_weight: f64) -> Self {
+        self.min_weight = min_weight;
+        self
+    }
+
+    /// How a client that reports samples but no shadow step scores counts.
+    /// Default [`MissingEvidence::Benign`] (reference: r = 0, factor 1);
+    /// [`MissingEvidence::Malicious`] sets r = 1 (factor 0).
+    pub fn missing_steps(mut self, policy: MissingEvidence) -> Self {
+        self.missing_steps = policy;
+        self
+    }
+
+    /// Validates the settings.
+    pub fn check(&self) -> Result<()> {
+        check_positive_finite("eta", self.eta)?;
+        check_positive_int("batch_size", self.batch_size)?;
+        check_positive_int("grad_accum", self.grad_accum)?;
+        check_unit("threshold", self.threshold)?;
+        check_unit("min_weight", self.min_weight)
+    }
+
+    /// Validates the settings and builds the detector.
+    pub fn build(self) -> Result<ShadowLevel> {
+        self.check()?;
+        Ok(ShadowLevel { params: self })
+    }
+
+    /// The harmful share r of this round's shadow steps and whether the
+    /// steps were missing.
+    pub(crate) fn harmful_ratio(&self, evidence: &ClientEvidence) -> ShadowRatio {
+        let samples = evidence.samples;
+        let missing = evidence.shadow_scores.is_empty() && samples > 0;
+        if missing && self.missing_steps == MissingEvidence::Malicious {
+            return ShadowRatio {
+                harmful_steps: 0,
+                harmful: samples,
+                samples,
+                ratio: 1.0,
+                missing,
+            };
+        }
+        let harmful_steps = count_harmful(&evidence.shadow_scores, self.threshold);
+        let per_step = self.batch_size.saturating_mul(self.grad_accum);
+        let harmful = harmful_samples(harmful_steps, per_step, samples);
+        let ratio = if samples > 0 {
+            (harmful as f64 / samples as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        ShadowRatio {
+            harmful_steps,
+            harmful,
+            samples,
+            ratio,
+            missing,
+        }
+    }
+
+    /// `(1 − r)^η`.
+    pub(crate) fn factor(&self, ratio: f64) -> f64 {
+        (1.0 - ratio.clamp(0.0, 1.0)).powf(self.eta)
+    }
+}
+
+/// The harmful share of one round's shadow steps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShadowRatio {
+    pub(crate) harmful_steps: usize,
+    pub(crate) harmful: u64,
+    pub(crate) samples: u64,
+    pub(crate) ratio: f64,
+    pub(crate) missing: bool,
+}
+
+impl ShadowRatio {
+    pub(crate) fn describe(&self, steps: usize, eta: f64, factor: f64) -> String {
+        if self.missing {
+            format!(
+                "no shadow step scores for {} samples: r = {} ⇒ (1 − r)^{eta} = {factor:.6}",
+                self.samples, self.ratio
+            )
+        } else {
+            format!(
+                "{}/{steps} shadow steps harmful: r = {}/{} = {:.6} ⇒ (1 − r)^{eta} = {factor:.6}",
+                self.harmful_steps, self.harmful, self.samples, self.ratio
+            )
+        }
+    }
+}
+
+/// **Shadow-level** detection: the probe was trained on deltas from the
+/// *initial* adapter, and the global adapter drifts away from it over rounds,
+/// so every client also trains a **shadow branch**: the same local steps on
+/// the same data, from a fixed shadow base (the round-0 adapter) at a fixed
+/// learning rate (5e-5; see [`ShadowBranch`](super::ShadowBranch)). The probe
+/// scores each shadow step's delta from the shadow base;
+/// r = harmful samples / samples and w = (1 − r)^η (η = 7). Stateless: it runs
+/// every round.
+///
+/// **When to use:** when the global model moves far from the probe's
+/// training distribution (many rounds, large learning rates).
+/// **Cost:** doubles each client's local compute (two training runs).
+/// **Threat model:** the shadow branch is computed by the client, on data
+/// the server never sees; the server can recompute the scores from shadow
+/// adapters the client sends, but cannot verify they were trained on the
+/// same data as the real update. It defends against clients that train
+/// honestly on harmful data (the paper's threat), not against a client that
+/// trains its shadow branch on benign data to launder a harmful update.
+///
+/// ```
+/// use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, ShadowLevel};
+///
+/// let mut d = ShadowLevel::params().build()?;
+/// // 4 steps × 16 samples, one harmful: r = 16/64 = 0.25, w = 0.75^7.
+/// let e = ClientEvidence::new(64).with_shadow_steps(vec![0.1, 0.95, 0.2, 0.3]);
+/// let a = d.assess(0, &ClientId::from("c"), &e)?;
+/// assert!((a.factor - 0.75f64.powi(7)).abs() < 1e-12);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ShadowLevelRepr")]
+pub struct ShadowLevel {
+    params: ShadowLevelParams,
+}
+
+#[derive(Deserialize)]
+struct ShadowLevelRepr {
+    params: ShadowLevelParams,
+}
+
+impl TryFrom<ShadowLevelRepr> for ShadowLevel {
+    type Error = Error;
+
+    fn try_from(repr: ShadowLevelRepr) -> Result<Self> {
+        repr.params.build()
+    }
+}
+
+impl ShadowLevel {
+    /// Settings with the reference defaults.
+    pub fn params() -> ShadowLevelParams {
+        ShadowLevelParams::default()
+    }
+
+    /// The validated settings.
+    pub fn settings(&self) -> &ShadowLevelParams {
+        &self.params
+    }
+}
+
+impl Detector for ShadowLevel {
+    fn level(&self) -> DefenseLevel {
+        DefenseLevel::Shadow
+    }
+
+    fn threshold(&self) -> f64 {
+        self.params.threshold
+    }
+
+    fn assess(
+        &mut self,
+        round: u32,
+        client: &ClientId,
+        evidence: &ClientEvidence,
+    ) -> Result<Assessment> {
+        evidence.validate(round, client)?;
+        let p = &self.params;
+        let ratio = p.harmful_ratio(evidence);
+        let factor = p.factor(ratio.ratio);
+        let verdict = match (ratio.missing, ratio.harmful) {
+            (true, 0) => Verdict::Undecided,
+            (_, 0) => Verdict::Benign,
+            _ => Verdict::Malicious,
+        };
+        let reason = ratio.describe(evidence.shadow_scores.len(), p.eta, factor);
+        Ok(Assessment::new(factor, p.min_weight, verdict, reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_samples_give_factor_one() {
+        let mut d = ShadowLevel::params().build().unwrap();
+        let e = ClientEvidence::new(0).with_shadow_steps(vec![0.99]);
+        let a = d.assess(0, &ClientId::from("c"), &e).unwrap();
+        assert_eq!(a.factor, 1.0);
+    }
+
+    #[test]
+    fn missing_shadow_steps_follow_the_policy() {
+        let e = ClientEvidence::new(16);
+        let id = ClientId::from("c");
+        let mut reference = ShadowLevel::params().build().unwrap();
+        assert_eq!(reference.assess(0, &id, &e).unwrap().factor, 1.0);
+        let mut safer = ShadowLevel::params()
+            .missing_steps(MissingEvidence::Malicious)
+            .build()
+            .unwrap();
+        let a = safer.assess(0, &id, &e).unwrap();
+        assert_eq!(a.factor, 0.0);
+        assert_eq!(a.verdict, Verdict::Malicious);
+    }
+
+    #[test]
+    fn eta_must_be_positive() {
+        assert!(matches!(
+            ShadowLevel::params().eta(0.0).build(),
+            Err(Error::InvalidDetectorParam { param: "eta", .. })
+        ));
+    }
+}
