@@ -245,10 +245,13 @@ impl Detector for ClientLevel {
             (None, MissingEvidence::Benign) => (0.0, " (missing, counted as 0)"),
         };
         let raw = p.raw_factor(score);
-        let state = self.clients.entry(client.clone()).or_insert(ClientMeanState {
-            mean: 1.0,
-            rounds: 0,
-        });
+        let state = self
+            .clients
+            .entry(client.clone())
+            .or_insert(ClientMeanState {
+                mean: 1.0,
+                rounds: 0,
+            });
         let n = state.rounds as f64;
         state.mean = (state.mean * n + raw) / (n + 1.0);
         state.rounds += 1;
@@ -285,7 +288,10 @@ mod tests {
 
     #[test]
     fn frozen_never_seen_client_gets_one() {
-        let mut d = ClientLevel::params().active_rounds(Some(2)).build().unwrap();
+        let mut d = ClientLevel::params()
+            .active_rounds(Some(2))
+            .build()
+            .unwrap();
         let a = d
             .assess(2, &ClientId::from("z"), &ClientEvidence::new(1))
             .unwrap();

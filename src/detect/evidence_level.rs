@@ -160,6 +160,13 @@ impl Default for EvidenceClientState {
 /// shadow score counts as benign by default (the reference); see
 /// [`EvidenceLevelParams::missing_last_score`] for the safer choice.
 ///
+/// **Not monotone:** unlike the other levels, a harsher last step can *raise*
+/// this round's factor. A client whose last verdict turns malicious breaks a
+/// benign streak and receives its raw shadow factor, which can exceed the
+/// benign-freeze mean it would otherwise have been given (see the unit test
+/// `a_verdict_flip_can_raise_the_factor`). This is the reference's
+/// behaviour, kept as is; it is bounded by the shadow factor itself.
+///
 /// **When to use:** long runs with stable client populations: frozen
 /// clients cost no shadow training, and a client caught three times is
 /// excluded for good. **Cost:** like [`ShadowLevel`](super::ShadowLevel)
@@ -211,11 +218,7 @@ impl TryFrom<EvidenceLevelRepr> for EvidenceLevel {
                 check_state("evidence factor", (0.0..=1.0).contains(&e.factor), e.factor)?;
             }
             let n = state.evidence.len();
-            check_state(
-                "evidence count",
-                n <= repr.params.evidence_min,
-                n,
-            )?;
+            check_state("evidence count", n <= repr.params.evidence_min, n)?;
         }
         Ok(EvidenceLevel {
             params: repr.params,
@@ -311,7 +314,8 @@ impl EvidenceLevel {
             if recent.iter().all(|e| e.malicious) {
                 state.status = EvidenceStatus::FrozenMalicious;
                 state.audit_counter = 0;
-                let reason = format!("{needed} consecutive malicious verdicts ({why}): frozen malicious");
+                let reason =
+                    format!("{needed} consecutive malicious verdicts ({why}): frozen malicious");
                 return Assessment::new(0.0, min_weight, Verdict::Malicious, reason);
             }
             if recent.iter().all(|e| !e.malicious) {
@@ -325,7 +329,8 @@ impl EvidenceLevel {
                 return Assessment::new(weight, min_weight, Verdict::Benign, reason);
             }
             state.evidence.clear();
-            let reason = format!("{shadow_reason}; {why}; evidence disagrees, collection restarted");
+            let reason =
+                format!("{shadow_reason}; {why}; evidence disagrees, collection restarted");
             return Assessment::new(factor, min_weight, verdict, reason);
         }
         let reason = format!("{shadow_reason}; {why}; evidence {n}/{needed}");
@@ -370,7 +375,11 @@ impl Detector for EvidenceLevel {
     /// `audit_interval` there is 10 while the detector's is 5; here both use
     /// the one configured value).
     fn needs_shadow(&self, client: &ClientId) -> bool {
-        match self.clients.get(client).map(|s| (&s.status, s.audit_counter)) {
+        match self
+            .clients
+            .get(client)
+            .map(|s| (&s.status, s.audit_counter))
+        {
             None | Some((EvidenceStatus::Collecting, _)) => true,
             Some((EvidenceStatus::FrozenMalicious, _)) => false,
             Some((EvidenceStatus::FrozenBenign { .. }, counter)) => {
@@ -418,6 +427,29 @@ mod tests {
             Some(EvidenceStatus::Collecting)
         );
         assert!(d.client_state(&id).is_some_and(|s| s.evidence.is_empty()));
+    }
+
+    #[test]
+    fn a_verdict_flip_can_raise_the_factor() {
+        let id = ClientId::from("f");
+        // Five of ten steps harmful, last step benign: r = 0.5.
+        let half = ClientEvidence::new(160)
+            .with_shadow_steps(vec![0.9, 0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1]);
+        let clean = ClientEvidence::new(160).with_shadow_steps(vec![0.1; 10]);
+        let mut flipped = vec![0.1; 10];
+        flipped[9] = 0.9;
+        let flipped = ClientEvidence::new(160).with_shadow_steps(flipped);
+        let mut a = EvidenceLevel::params().build().unwrap();
+        let mut b = a.clone();
+        for d in [&mut a, &mut b] {
+            d.assess(0, &id, &half).unwrap();
+            d.assess(1, &id, &half).unwrap();
+        }
+        let frozen = a.assess(2, &id, &clean).unwrap().factor;
+        let caught = b.assess(2, &id, &flipped).unwrap().factor;
+        assert!((frozen - (2.0 * 0.5f64.powi(7) + 1.0) / 3.0).abs() < 1e-15);
+        assert!((caught - 0.9f64.powi(7)).abs() < 1e-15);
+        assert!(caught > frozen);
     }
 
     #[test]

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::detect::{
-    Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE,
-    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DEFAULT_THRESHOLD, DefenseLevel, Detector,
-    MissingEvidence, Verdict, apply_min_weight, check_positive_int, check_state, check_unit,
-    count_harmful, harmful_samples, invalid_param,
+    Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE, DEFAULT_DECAY,
+    DEFAULT_GRAD_ACCUM, DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Verdict,
+    apply_min_weight, check_positive_int, check_state, check_unit, count_harmful, harmful_samples,
+    invalid_param,
 };
 use crate::error::{Error, Result};
 
@@ -297,11 +297,14 @@ impl Detector for StepLevel {
         };
         let benign = samples - harmful;
         let (a0, b0) = p.prior;
-        let state = self.clients.entry(client.clone()).or_insert(StepClientState {
-            alpha: a0,
-            beta: b0,
-            last_factor: None,
-        });
+        let state = self
+            .clients
+            .entry(client.clone())
+            .or_insert(StepClientState {
+                alpha: a0,
+                beta: b0,
+                last_factor: None,
+            });
         state.alpha = state.alpha * p.decay + benign as f64;
         state.beta = state.beta * p.decay + harmful as f64;
         let factor = apply_min_weight(trust(state.alpha, state.beta), p.min_weight);
