@@ -1,13 +1,94 @@
 //! The LoRA-Probe: a linear classifier over probe features that scores a
 //! ΔLoRA with P(malicious).
+//!
+//! * [`LinearProbe`] — weights, bias, the frozen [`FeatureSpec`] and the
+//!   decision threshold; implements [`Probe`]; saved as safetensors with JSON
+//!   metadata ([`LinearProbe::save`], [`LinearProbe::load`]).
+//! * [`ProbeBuilder`] — fits the feature layout, builds the training matrix
+//!   (optionally through a seeded [`SketchConfig`] so an `all_layers` matrix
+//!   is never materialised) and runs a [`Trainer`]:
+//!   [`LogisticParams`] (the default: class-balanced L2 logistic regression,
+//!   multi-threaded L-BFGS, scikit-learn's objective) or, with the `linfa`
+//!   feature, `LinfaLogistic` and `LinfaSvm`.
+//! * [`eval`] — confusion counts, precision / recall / F1, ROC AUC, threshold
+//!   selection and stratified k-fold cross-validation.
+//! * [`Manifest`] — labelled adapters from a JSON-lines file.
+//! * [`synthetic`] — a documented generator of separable feature matrices for
+//!   tests and benchmarks.
+//!
+//! ```
+//! use safe_fedllm::probe::{Label, LogisticParams, Probe, ProbeBuilder, synthetic::SyntheticConfig};
+//!
+//! // 200 synthetic L2-normalised feature rows, 30 % malicious.
+//! let (x, labels) = SyntheticConfig::new(200, 64).seed(3).generate()?;
+//! let model = ProbeBuilder::new(LogisticParams::default()).fit_matrix(x.view(), &labels)?;
+//! let score = model.score_features(x.row(0).as_slice().unwrap_or_default())?;
+//! assert!((0.0..=1.0).contains(&score));
+//! # Ok::<(), safe_fedllm::Error>(())
+//! ```
+
+use ndarray::ArrayView2;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::features::FeatureSpec;
 use crate::lora::TensorSource;
 
+mod dataset;
+pub mod eval;
+pub(crate) mod kernels;
+mod linear;
+mod persist;
+pub(crate) mod rng;
+mod sketch;
+pub mod synthetic;
+mod train;
+
+pub use dataset::{Manifest, ManifestEntry};
+pub use linear::{LinearProbe, ProbeInfo, TrainingSummary};
+pub use persist::{PROBE_FORMAT, PROBE_FORMAT_VERSION};
+pub use sketch::{Sketch, SketchConfig};
+#[cfg(feature = "linfa")]
+pub use train::{LinfaLogistic, LinfaSvm};
+pub use train::{
+    ClassWeight, EarlyStopping, FitReport, Intercept, LinearModel, LogisticParams, ProbeBuilder,
+    StopReason, Trainer, TrainerInfo, ValidLogisticParams,
+};
+
 /// Default decision threshold τ: a step is harmful when its score is ≥ 0.8
 /// (Safe-FedLLM reference default).
 pub const DEFAULT_THRESHOLD: f32 = 0.8;
+
+/// The class of a training sample. The probe's positive class is always
+/// [`Label::Malicious`]: scores are P(malicious).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Label {
+    /// An update from benign fine-tuning.
+    Benign,
+    /// An update from malicious (harmful-data) fine-tuning.
+    Malicious,
+}
+
+impl Label {
+    /// True for [`Label::Malicious`].
+    pub fn is_malicious(self) -> bool {
+        self == Label::Malicious
+    }
+
+    /// `1.0` for malicious, `0.0` for benign: the target of the logistic loss.
+    pub fn target(self) -> f64 {
+        if self.is_malicious() { 1.0 } else { 0.0 }
+    }
+
+    /// Lower-case name, as manifests and JSON spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Benign => "benign",
+            Label::Malicious => "malicious",
+        }
+    }
+}
 
 /// Scores ΔLoRA updates with the probability that they come from malicious
 /// fine-tuning.
@@ -37,5 +118,25 @@ pub trait Probe: Send + Sync {
     fn is_harmful(&self, score: f32) -> bool {
         score >= self.threshold()
     }
-}
 
+    /// P(malicious) for each delta of a batch, in order. Fails on the first
+    /// delta that does not fit the feature layout.
+    fn score_batch<S: TensorSource>(&self, deltas: &[S]) -> Result<Vec<f32>>
+    where
+        Self: Sized,
+    {
+        deltas.iter().map(|d| self.score(d)).collect()
+    }
+
+    /// P(malicious) for each row of a feature matrix (`[n, dim]`).
+    fn score_matrix(&self, features: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
+        features
+            .rows()
+            .into_iter()
+            .map(|row| match row.as_slice() {
+                Some(values) => self.score_features(values),
+                None => self.score_features(&row.to_vec()),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,135 @@
+//! Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018, "The hidden vulnerability
+//! of distributed learning in Byzantium").
+
+use crate::aggregate::coordinate::{median_of_sorted, sorted_reduce};
+use crate::aggregate::engine::{gram, row, sq_distances};
+use crate::aggregate::krum::{ranking, scores};
+use crate::aggregate::round::Round;
+use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+
+/// Bulyan over Krum. With n clients and at most f Byzantine (n ≥ 4f + 3):
+/// 1. select θ = n − 2f clients by applying Krum repeatedly, each time to the
+///    clients not yet selected (with n' remaining, a score sums the
+///    max(1, n' − f − 2) smallest squared distances, as Flower does);
+/// 2. per coordinate, average the β = θ − 2f selected values closest to the
+///    selected values' median.
+///
+/// Matches Flower's `aggregate_bulyan(…, aggregation_rule=aggregate_krum)`,
+/// except that the distance matrix is computed once (one pass over the
+/// updates) instead of once per selection step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bulyan {
+    f: usize,
+}
+
+impl Bulyan {
+    /// Bulyan tolerating `f` Byzantine clients; n ≥ 4f + 3 is checked per round.
+    pub fn new(f: usize) -> Result<Self> {
+        Ok(Bulyan { f })
+    }
+}
+
+impl Aggregator for Bulyan {
+    fn name(&self) -> &'static str {
+        "bulyan"
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+    ) -> Result<Aggregation> {
+        let mut round = Round::prepare(global, updates)?;
+        if round.clients.is_empty() {
+            return Ok(round.skip(SkipReason::NoClientLeft));
+        }
+        let f = self.f;
+        round.require("bulyan", 4 * f + 3, format!("n ≥ 4f + 3 with f = {f}"))?;
+        let all = round.all();
+        let n = all.len();
+        let dist = sq_distances(&gram(&round, &all), n);
+        let theta = n - 2 * f;
+        let beta = theta - 2 * f;
+        let (selected, last_scores) = select(&dist, n, f, theta);
+        for (i, score) in last_scores.iter().enumerate() {
+            if let Some(score) = score {
+                round.exclude(i, ExclusionReason::NotSelected { score: *score });
+            }
+        }
+        let values = sorted_reduce(&round, &selected, |sorted, len, m, out| {
+            closest_to_median_mean(sorted, len, m, beta, out);
+        });
+        round.coordinate_wise(&selected, values)
+    }
+}
+
+/// Recursive Krum: θ picks from n; returns the picks (sorted) and, for
+/// clients never picked, their score in the last step.
+fn select(dist: &[f64], n: usize, f: usize, theta: usize) -> (Vec<usize>, Vec<Option<f64>>) {
+    let mut remaining: Vec<usize> = (0..n).collect();
+    let mut picked = Vec::with_capacity(theta);
+    let mut last = vec![None; n];
+    for _ in 0..theta {
+        let r = remaining.len();
+        let sub: Vec<f64> = remaining
+            .iter()
+            .flat_map(|&i| remaining.iter().map(move |&j| (i, j)))
+            .map(|(i, j)| dist.get(i * n + j).copied().unwrap_or(0.0))
+            .collect();
+        let s = scores(&sub, r, r.saturating_sub(f + 2).max(1));
+        for (k, &i) in remaining.iter().enumerate() {
+            if let Some(slot) = last.get_mut(i) {
+                *slot = s.get(k).copied();
+            }
+        }
+        let Some(&best) = ranking(&s).first() else {
+            break;
+        };
+        picked.push(remaining.remove(best));
+    }
+    for &i in &picked {
+        if let Some(slot) = last.get_mut(i) {
+            *slot = None;
+        }
+    }
+    picked.sort_unstable();
+    (picked, last)
+}
+
+/// Per coordinate of a column-sorted buffer of m rows: the mean of the β values
+/// closest to the median.
+///
+/// In sorted order the β nearest values to the median form a window
+/// [s, s + β). Sliding the window right pays while the value entering on the
+/// right is strictly closer than the one leaving on the left; that condition
+/// is monotone in s, so s = the number of positions where it holds. Counting
+/// and masked summing are branch-free row operations, so this vectorises.
+pub(crate) fn closest_to_median_mean(
+    sorted: &[f32],
+    len: usize,
+    m: usize,
+    beta: usize,
+    out: &mut [f32],
+) {
+    let mut med = vec![0.0f32; len];
+    median_of_sorted(sorted, len, m, &mut med);
+    let mut start = vec![0.0f32; len];
+    for s in 0..m - beta {
+        let (left, right) = (row(sorted, len, s), row(sorted, len, s + beta));
+        for (((st, l), r), md) in start.iter_mut().zip(left).zip(right).zip(&med) {
+            *st += f32::from(u8::from(r - md < md - l));
+        }
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for r in 0..m {
+        let rf = r as f32;
+        for ((o, v), st) in out.iter_mut().zip(row(sorted, len, r)).zip(&start) {
+            let inside = rf >= *st && rf < *st + beta as f32;
+            *o += if inside { *v } else { 0.0 };
+        }
+    }
+    let inv = 1.0 / beta as f32;
+    out.iter_mut().for_each(|o| *o *= inv);
+}

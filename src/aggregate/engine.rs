@@ -1,0 +1,480 @@
+//! The parallel kernels every rule is built from.
+//!
+//! The flat parameter vector is cut into chunks of [`CHUNK`] coordinates
+//! (never straddling two tensors); worker threads (`std::thread::scope`, one
+//! per core) pull chunks from a shared queue. A kernel sees, for its chunk,
+//! one slice per selected client plus the global adapter's slice, so rules are
+//! written once over `&[&[f32]]`. Chunks are small enough that a chunk of 20
+//! clients stays in the L2 cache, so kernels that touch the inputs several
+//! times (Gram matrix, sorting network) read them from memory once.
+
+use std::sync::Mutex;
+
+use crate::aggregate::ClientUpdate;
+use crate::aggregate::round::Round;
+use crate::lora::LoraAdapter;
+use crate::lora::tensor::first_non_finite;
+
+/// Coordinates per work item.
+pub(crate) const CHUNK: usize = 4096;
+
+/// One chunk of the flat vector: `len` coordinates of segment `seg` from `start`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    pub seg: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// What a kernel sees for one chunk.
+pub(crate) struct ChunkRef<'a> {
+    /// One slice per selected client, each `len` long.
+    pub rows: Vec<&'a [f32]>,
+    /// The global adapter's values for the chunk.
+    pub global: &'a [f32],
+}
+
+impl ChunkRef<'_> {
+    /// Number of coordinates.
+    pub fn len(&self) -> usize {
+        self.global.len()
+    }
+}
+
+/// Worker threads to use for `items` work items.
+fn thread_count(items: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Spawning costs ~20 µs a thread: not worth it for a handful of chunks.
+    if items < 8 {
+        1
+    } else {
+        cores.min(items).min(64)
+    }
+}
+
+/// Runs `work` over `items` on all cores; each thread folds into its own
+/// state made by `init`. Returns the states (one per thread).
+pub(crate) fn drive<I, S, Init, Work>(items: Vec<I>, init: Init, work: Work) -> Vec<S>
+where
+    I: Send,
+    S: Send,
+    Init: Fn() -> S + Sync,
+    Work: Fn(&mut S, I) + Sync,
+{
+    let threads = thread_count(items.len());
+    if threads <= 1 {
+        let mut state = init();
+        items.into_iter().for_each(|item| work(&mut state, item));
+        return vec![state];
+    }
+    let queue = Mutex::new(items.into_iter());
+    let next = || match queue.lock() {
+        Ok(mut q) => q.next(),
+        Err(poisoned) => poisoned.into_inner().next(),
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut state = init();
+                    while let Some(item) = next() {
+                        work(&mut state, item);
+                    }
+                    state
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
+/// The chunks of a round's flat vector.
+pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
+    let mut out = Vec::with_capacity(round.dim / CHUNK + round.global.len());
+    for (seg, values) in round.global.iter().enumerate() {
+        let mut start = 0;
+        while start < values.len() {
+            let len = CHUNK.min(values.len() - start);
+            out.push(Span { seg, start, len });
+            start += len;
+        }
+    }
+    out
+}
+
+pub(crate) fn chunk_at<'a>(round: &Round<'a>, members: &[usize], span: Span) -> ChunkRef<'a> {
+    let range = span.start..span.start + span.len;
+    let slice = |segments: &[&'a [f32]]| -> &'a [f32] {
+        segments
+            .get(span.seg)
+            .and_then(|s| s.get(range.clone()))
+            .unwrap_or_default()
+    };
+    ChunkRef {
+        rows: members
+            .iter()
+            .filter_map(|&i| round.clients.get(i))
+            .map(|c| slice(&c.segments))
+            .collect(),
+        global: slice(&round.global),
+    }
+}
+
+/// Folds a kernel over every chunk of the selected clients; one state per thread.
+pub(crate) fn fold<S, Init, Kernel>(
+    round: &Round<'_>,
+    members: &[usize],
+    init: Init,
+    kernel: Kernel,
+) -> Vec<S>
+where
+    S: Send,
+    Init: Fn() -> S + Sync,
+    Kernel: Fn(&mut S, &ChunkRef<'_>) + Sync,
+{
+    drive(spans(round), init, |state, span| {
+        kernel(state, &chunk_at(round, members, span));
+    })
+}
+
+/// Maps a kernel over every chunk, writing one output value per coordinate;
+/// returns the output as one vector per segment (tensor). `init` makes
+/// per-thread scratch space.
+pub(crate) fn map<S, Init, Kernel>(
+    round: &Round<'_>,
+    members: &[usize],
+    init: Init,
+    kernel: Kernel,
+) -> Vec<Vec<f32>>
+where
+    S: Send,
+    Init: Fn() -> S + Sync,
+    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync,
+{
+    let mut outputs: Vec<Vec<f32>> = round.global.iter().map(|g| vec![0.0; g.len()]).collect();
+    let mut items = Vec::with_capacity(round.dim / CHUNK + outputs.len());
+    for (seg, out) in outputs.iter_mut().enumerate() {
+        let mut start = 0;
+        for piece in out.chunks_mut(CHUNK) {
+            let len = piece.len();
+            items.push((Span { seg, start, len }, piece));
+            start += len;
+        }
+    }
+    drive(items, init, |scratch, (span, out)| {
+        kernel(scratch, &chunk_at(round, members, span), out)
+    });
+    outputs
+}
+
+/// For each update, the first non-finite value as `(tensor, index, value)`.
+pub(crate) fn first_non_finite_per_client(
+    global: &LoraAdapter,
+    updates: &[ClientUpdate<'_>],
+) -> Vec<Option<(String, usize, f32)>> {
+    type Found = Vec<Option<(usize, usize, f32)>>;
+    let keys: Vec<&str> = global.keys().collect();
+    let mut items = Vec::new();
+    for (client, update) in updates.iter().enumerate() {
+        for (seg, key) in keys.iter().enumerate() {
+            let values = update.adapter.get(key).map_or(&[][..], |t| t.as_slice());
+            for (c, chunk) in values.chunks(CHUNK * 16).enumerate() {
+                items.push((client, seg, c * CHUNK * 16, chunk));
+            }
+        }
+    }
+    let states: Vec<Found> = drive(
+        items,
+        || vec![None; updates.len()],
+        |found: &mut Found, (client, seg, start, chunk)| {
+            if let Some((i, v)) = first_non_finite(chunk) {
+                let candidate = (seg, start + i, v);
+                if let Some(slot) = found.get_mut(client) {
+                    let better = slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx));
+                    if better {
+                        *slot = Some(candidate);
+                    }
+                }
+            }
+        },
+    );
+    (0..updates.len())
+        .map(|client| {
+            states
+                .iter()
+                .filter_map(|s| s.get(client).copied().flatten())
+                .min_by_key(|&(seg, idx, _)| (seg, idx))
+                .map(|(seg, idx, v)| (keys.get(seg).copied().unwrap_or("").to_owned(), idx, v))
+        })
+        .collect()
+}
+
+/// Dot product with independent accumulators so it vectorises.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    let (b_main, b_tail) = b.split_at(b.len().min(a_main.len()));
+    for (x, y) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Copies the chunk's updates Δᵢ = xᵢ − g into `buf` (m rows of `len`).
+pub(crate) fn deltas_into(chunk: &ChunkRef<'_>, buf: &mut Vec<f32>) {
+    let len = chunk.len();
+    buf.clear();
+    buf.resize(chunk.rows.len() * len, 0.0);
+    for (row, out) in chunk.rows.iter().zip(buf.chunks_exact_mut(len.max(1))) {
+        for ((o, x), g) in out.iter_mut().zip(row.iter()).zip(chunk.global) {
+            *o = x - g;
+        }
+    }
+}
+
+/// The m × m Gram matrix of the selected clients' updates, G[i][j] = ⟨Δᵢ, Δⱼ⟩,
+/// row-major, accumulated chunk by chunk (f32 within a chunk, f64 across).
+pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
+    let m = members.len();
+    let states = fold(
+        round,
+        members,
+        || (vec![0.0f64; m * m], Vec::new()),
+        |(acc, buf), chunk| {
+            deltas_into(chunk, buf);
+            gram_chunk(buf, m, chunk.len(), acc);
+        },
+    );
+    symmetric_total(states.iter().map(|(acc, _)| acc.as_slice()), m)
+}
+
+/// Sums per-thread lower-triangle accumulators and mirrors them into a full
+/// symmetric m × m matrix.
+pub(crate) fn symmetric_total<'a>(parts: impl Iterator<Item = &'a [f64]>, m: usize) -> Vec<f64> {
+    let mut total = vec![0.0f64; m * m];
+    for acc in parts {
+        total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
+    }
+    for i in 0..m {
+        for j in 0..i {
+            let lower = total.get(i * m + j).copied().unwrap_or(0.0);
+            if let Some(upper) = total.get_mut(j * m + i) {
+                *upper = lower;
+            }
+        }
+    }
+    total
+}
+
+/// Adds the lower triangle of one chunk's Gram matrix to `acc`.
+pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
+    let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
+    for (i, a) in rows.iter().enumerate() {
+        for (j, b) in rows.iter().enumerate().take(i + 1) {
+            if let Some(slot) = acc.get_mut(i * m + j) {
+                *slot += f64::from(dot(a, b));
+            }
+        }
+    }
+}
+
+/// Squared norms ‖Δᵢ‖² of the selected clients' updates (one pass).
+pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
+    let m = members.len();
+    let states = fold(
+        round,
+        members,
+        || vec![0.0f64; m],
+        |acc, chunk| {
+            for (slot, row) in acc.iter_mut().zip(&chunk.rows) {
+                let mut part = [0.0f32; 16];
+                let mut pieces = row.chunks_exact(16).zip(chunk.global.chunks_exact(16));
+                for (x, g) in &mut pieces {
+                    for k in 0..16 {
+                        let d = x[k] - g[k];
+                        part[k] += d * d;
+                    }
+                }
+                let done = row.len() - row.len() % 16;
+                let tail: f32 = row
+                    .iter()
+                    .zip(chunk.global)
+                    .skip(done)
+                    .map(|(x, g)| (x - g) * (x - g))
+                    .sum();
+                *slot += f64::from(part.iter().sum::<f32>() + tail);
+            }
+        },
+    );
+    let mut total = vec![0.0f64; m];
+    for acc in &states {
+        total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
+    }
+    total
+}
+
+/// Squared Euclidean distances from a Gram matrix: ‖Δᵢ − Δⱼ‖² = Gᵢᵢ + Gⱼⱼ − 2Gᵢⱼ
+/// (clamped at 0 against rounding).
+pub(crate) fn sq_distances(gram: &[f64], m: usize) -> Vec<f64> {
+    let diag = |i: usize| gram.get(i * m + i).copied().unwrap_or(0.0);
+    let mut out = vec![0.0; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            if i != j {
+                let g = gram.get(i * m + j).copied().unwrap_or(0.0);
+                if let Some(slot) = out.get_mut(i * m + j) {
+                    *slot = (diag(i) + diag(j) - 2.0 * g).max(0.0);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `out = g_coef · g + Σᵢ coefs[i] · xᵢ` over the selected clients, per coordinate.
+///
+/// With `g_coef = 1 − Σ coefs` this is `g + Σ coefs[i]·(xᵢ − g)`: averaging
+/// (clipped) updates costs one pass over the inputs, no Δ is materialised.
+pub(crate) fn combine(
+    round: &Round<'_>,
+    members: &[usize],
+    coefs: &[f32],
+    g_coef: f32,
+) -> Vec<Vec<f32>> {
+    map(
+        round,
+        members,
+        || (),
+        |_, chunk, out| {
+            if g_coef == 0.0 {
+                out.iter_mut().for_each(|o| *o = 0.0);
+            } else {
+                out.iter_mut()
+                    .zip(chunk.global)
+                    .for_each(|(o, g)| *o = g_coef * g);
+            }
+            // Two clients per pass halves the read-modify-write traffic on `out`.
+            let mut pairs = chunk.rows.chunks_exact(2);
+            let mut cs = coefs.chunks_exact(2);
+            for (rows, c) in (&mut pairs).zip(&mut cs) {
+                if let ([a, b], [ca, cb]) = (rows, c) {
+                    for ((o, x), y) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
+                        *o += ca * x + cb * y;
+                    }
+                }
+            }
+            for (row, c) in pairs.remainder().iter().zip(cs.remainder()) {
+                for (o, x) in out.iter_mut().zip(row.iter()) {
+                    *o += c * x;
+                }
+            }
+        },
+    )
+}
+
+/// Batcher's odd-even merge sort network for `m` inputs, as compare-exchange
+/// pairs `(a, b)` with `a < b` (after it, row `a` ≤ row `b`).
+///
+/// Built for the next power of two; comparators touching a padding position
+/// are dropped, which is valid because padding would hold +∞ and never move.
+pub(crate) fn sorting_network(m: usize) -> Vec<(usize, usize)> {
+    let n = m.next_power_of_two();
+    let mut out = Vec::new();
+    let mut p = 1;
+    while p < n {
+        let mut k = p;
+        while k >= 1 {
+            let mut j = k % p;
+            while j + k < n {
+                for i in 0..k.min(n - j - k) {
+                    let (a, b) = (i + j, i + j + k);
+                    if a / (2 * p) == b / (2 * p) && b < m {
+                        out.push((a, b));
+                    }
+                }
+                j += 2 * k;
+            }
+            k /= 2;
+        }
+        p *= 2;
+    }
+    out
+}
+
+/// Copies the chunk's rows into `buf` (m rows of `len`) and sorts every column
+/// (coordinate) with the network: afterwards row r holds each coordinate's
+/// r-th smallest value. Branch-free min/max over whole rows, so it vectorises.
+pub(crate) fn sort_columns(
+    chunk: &ChunkRef<'_>,
+    network: &[(usize, usize)],
+    buf: &mut Vec<f32>,
+) -> usize {
+    let len = chunk.len();
+    buf.clear();
+    for row in &chunk.rows {
+        buf.extend_from_slice(row);
+    }
+    for &(a, b) in network {
+        let (low, high) = buf.split_at_mut(b * len);
+        if let (Some(ra), Some(rb)) = (low.get_mut(a * len..(a + 1) * len), high.get_mut(..len)) {
+            for (x, y) in ra.iter_mut().zip(rb.iter_mut()) {
+                let (p, q) = (*x, *y);
+                let swap = q < p;
+                *x = if swap { q } else { p };
+                *y = if swap { p } else { q };
+            }
+        }
+    }
+    len
+}
+
+/// Row `r` (of `len`) of a column-sorted buffer.
+pub(crate) fn row(buf: &[f32], len: usize, r: usize) -> &[f32] {
+    buf.get(r * len..(r + 1) * len).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_sorts_every_size() {
+        let mut state = 0x1234_5678_u64;
+        for m in 1..=40 {
+            let net = sorting_network(m);
+            for _ in 0..20 {
+                let mut v: Vec<f32> = (0..m)
+                    .map(|_| {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((state >> 40) % 7) as f32
+                    })
+                    .collect();
+                let mut expected = v.clone();
+                expected.sort_by(f32::total_cmp);
+                for &(a, b) in &net {
+                    if v[b] < v[a] {
+                        v.swap(a, b);
+                    }
+                }
+                assert_eq!(v, expected, "m = {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,209 @@
+//! Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017,
+//! "Machine learning with adversaries: Byzantine tolerant gradient descent").
+
+use crate::aggregate::engine::{gram, sq_distances};
+use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::{
+    Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
+};
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+
+/// What Krum returns once it has found the best-scored client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KrumVariant {
+    /// The paper (and Flower's `aggregate_krum`): the winner's update itself.
+    #[default]
+    Paper,
+    /// The Safe-FedLLM reference code's "krum": the uniform mean of the winner
+    /// and the n − f − 2 neighbours its score was computed over. This is closer
+    /// to Multi-Krum than to Krum; it is offered to reproduce the paper's
+    /// baseline numbers.
+    WinnerNeighbourhood,
+}
+
+/// Krum: with n clients of which at most f are Byzantine, score each client by
+/// the sum of squared Euclidean distances to its n − f − 2 nearest neighbours
+/// and keep the lowest-scored one. Needs n ≥ 2f + 3.
+///
+/// Distances come from the n × n Gram matrix of the updates, computed in one
+/// blocked pass; ties in the score go to the earlier client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Krum {
+    f: usize,
+    variant: KrumVariant,
+}
+
+impl Krum {
+    /// Krum tolerating `f` Byzantine clients (the paper's variant). Any f is
+    /// accepted here; n ≥ 2f + 3 is checked per round.
+    pub fn new(f: usize) -> Result<Self> {
+        Ok(Krum {
+            f,
+            variant: KrumVariant::Paper,
+        })
+    }
+
+    /// Sets the variant.
+    pub fn variant(mut self, variant: KrumVariant) -> Self {
+        self.variant = variant;
+        self
+    }
+}
+
+/// Multi-Krum: the mean of the m clients with the lowest Krum scores. Needs
+/// n ≥ 2f + 3 and 1 ≤ m ≤ n.
+///
+/// The paper averages uniformly ([`Weighting::Uniform`], the default);
+/// Flower's `aggregate_krum(…, to_keep = m)` weights the average by sample
+/// counts ([`Weighting::Samples`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultiKrum {
+    f: usize,
+    m: usize,
+    weighting: Weighting,
+}
+
+impl MultiKrum {
+    /// Multi-Krum keeping `m` ≥ 1 clients.
+    pub fn new(f: usize, m: usize) -> Result<Self> {
+        if m == 0 {
+            return Err(param_error(
+                "multi_krum",
+                "m",
+                m,
+                "at least 1 client to keep",
+            ));
+        }
+        Ok(MultiKrum {
+            f,
+            m,
+            weighting: Weighting::Uniform,
+        })
+    }
+
+    /// Sets the weighting of the final average.
+    pub fn weighting(mut self, weighting: Weighting) -> Self {
+        self.weighting = weighting;
+        self
+    }
+}
+
+/// Krum scores over `members` given their squared-distance matrix (m × m):
+/// each score sums the `closest` smallest distances to the other members.
+pub(crate) fn scores(dist: &[f64], m: usize, closest: usize) -> Vec<f64> {
+    (0..m)
+        .map(|i| {
+            let mut others: Vec<f64> = (0..m)
+                .filter(|&j| j != i)
+                .map(|j| dist.get(i * m + j).copied().unwrap_or(0.0))
+                .collect();
+            others.sort_by(f64::total_cmp);
+            others.iter().take(closest).sum()
+        })
+        .collect()
+}
+
+/// Member positions sorted by ascending score (ties: earlier first).
+pub(crate) fn ranking(scores: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (scores.get(a), scores.get(b));
+        sa.zip(sb)
+            .map_or(std::cmp::Ordering::Equal, |(x, y)| x.total_cmp(y))
+    });
+    order
+}
+
+fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
+    round.require(rule, 2 * f + 3, format!("n ≥ 2f + 3 with f = {f}"))
+}
+
+/// Scores every usable client; returns (scores, ranking, distance matrix).
+fn score_round(round: &Round<'_>, f: usize) -> (Vec<f64>, Vec<usize>, Vec<f64>) {
+    let members = round.all();
+    let n = members.len();
+    let dist = sq_distances(&gram(round, &members), n);
+    let s = scores(&dist, n, n.saturating_sub(f + 2).max(1));
+    let order = ranking(&s);
+    (s, order, dist)
+}
+
+impl Aggregator for Krum {
+    fn name(&self) -> &'static str {
+        "krum"
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+    ) -> Result<Aggregation> {
+        let mut round = Round::prepare(global, updates)?;
+        if round.clients.is_empty() {
+            return Ok(round.skip(SkipReason::NoClientLeft));
+        }
+        check_n(&round, "krum", self.f)?;
+        let (s, order, dist) = score_round(&round, self.f);
+        let n = s.len();
+        let Some(&winner) = order.first() else {
+            return Ok(round.skip(SkipReason::NoClientLeft));
+        };
+        let members = match self.variant {
+            KrumVariant::Paper => vec![winner],
+            KrumVariant::WinnerNeighbourhood => {
+                let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
+                near.sort_by(|&a, &b| {
+                    let d = |j: usize| dist.get(winner * n + j).copied().unwrap_or(0.0);
+                    d(a).total_cmp(&d(b))
+                });
+                near.truncate(n.saturating_sub(self.f + 2).max(1));
+                near.insert(0, winner);
+                near.sort_unstable();
+                near
+            }
+        };
+        for i in 0..n {
+            if !members.contains(&i) {
+                round.exclude(
+                    i,
+                    ExclusionReason::NotSelected {
+                        score: s.get(i).copied().unwrap_or(0.0),
+                    },
+                );
+            }
+        }
+        round.weighted_mean(&members, Weighting::Uniform, &[])
+    }
+}
+
+impl Aggregator for MultiKrum {
+    fn name(&self) -> &'static str {
+        "multi_krum"
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+    ) -> Result<Aggregation> {
+        let mut round = Round::prepare(global, updates)?;
+        if round.clients.is_empty() {
+            return Ok(round.skip(SkipReason::NoClientLeft));
+        }
+        check_n(&round, "multi_krum", self.f)?;
+        round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
+        let (s, order, _) = score_round(&round, self.f);
+        let mut members: Vec<usize> = order.iter().take(self.m).copied().collect();
+        members.sort_unstable();
+        for &i in order.iter().skip(self.m) {
+            round.exclude(
+                i,
+                ExclusionReason::NotSelected {
+                    score: s.get(i).copied().unwrap_or(0.0),
+                },
+            );
+        }
+        round.weighted_mean(&members, self.weighting, &[])
+    }
+}

@@ -1,0 +1,405 @@
+//! A validated round: the global adapter's layout, the usable clients' tensors
+//! as borrowed slices, and the exclusions found while validating.
+//!
+//! Rules see every update as one flat `f32` vector in sorted key order. The
+//! vector is never materialised: it is the concatenation of the adapter's
+//! tensors, and [`engine`](super::engine) walks it in chunks, tensor by tensor,
+//! so no update is copied (copying 20 × 3.4 M floats would cost more than
+//! FedAvg itself). [`flatten`] and [`unflatten`] make the same layout
+//! explicit for callers who want the vector.
+
+use std::collections::BTreeSet;
+
+use crate::aggregate::{ClientId, ClientUpdate, Exclusion, ExclusionReason, Weighting};
+use crate::error::{Error, Result};
+use crate::lora::{LoraAdapter, LoraTensor};
+
+/// The flat vector of an adapter: every LoRA tensor, row-major, concatenated in
+/// sorted canonical-key order (the layout every aggregation rule works on).
+///
+/// ```
+/// use safe_fedllm::aggregate::{flatten, unflatten};
+/// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+///
+/// let mut a = LoraAdapter::new();
+/// a.insert("m.layers.0.q.lora_B.weight", LoraTensor::new("b", [2, 1], vec![3.0, 4.0])?)?;
+/// a.insert("m.layers.0.q.lora_A.weight", LoraTensor::new("a", [1, 2], vec![1.0, 2.0])?)?;
+/// let flat = flatten(&a);
+/// assert_eq!(flat, [1.0, 2.0, 3.0, 4.0]); // lora_A sorts before lora_B
+/// assert_eq!(unflatten(&a, &flat)?, a);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+pub fn flatten(adapter: &LoraAdapter) -> Vec<f32> {
+    let mut out = Vec::with_capacity(adapter.num_params());
+    for entry in adapter.iter() {
+        out.extend_from_slice(entry.tensor.as_slice());
+    }
+    out
+}
+
+/// The inverse of [`flatten`]: an adapter with `template`'s keys, shapes,
+/// extras and config, holding the values of `flat`.
+///
+/// Fails with [`Error::DimensionMismatch`] when `flat` does not hold exactly
+/// `template.num_params()` values.
+pub fn unflatten(template: &LoraAdapter, flat: &[f32]) -> Result<LoraAdapter> {
+    let expected = template.num_params();
+    if flat.len() != expected {
+        return Err(Error::DimensionMismatch {
+            what: "flat adapter vector".into(),
+            expected,
+            found: flat.len(),
+        });
+    }
+    let mut out = empty_like(template);
+    let mut offset = 0;
+    for entry in template.iter() {
+        let len = entry.tensor.len();
+        let values = flat.get(offset..offset + len).unwrap_or_default().to_vec();
+        let tensor = LoraTensor::new(entry.key.canonical(), entry.tensor.shape(), values)?;
+        out.insert_parsed(entry.key.clone(), tensor);
+        offset += len;
+    }
+    Ok(out)
+}
+
+/// An adapter with no LoRA tensor but `template`'s extras, config and name.
+fn empty_like(template: &LoraAdapter) -> LoraAdapter {
+    LoraAdapter {
+        entries: Default::default(),
+        extras: template.extras.clone(),
+        config: template.config.clone(),
+        adapter_name: template.adapter_name.clone(),
+    }
+}
+
+/// A usable (finite, well-formed) client of the round.
+pub(crate) struct Client<'a> {
+    pub id: ClientId,
+    pub samples: u64,
+    pub factor: f32,
+    /// The client's tensors, one slice per segment (key) in sorted order.
+    pub segments: Vec<&'a [f32]>,
+}
+
+/// A validated round.
+pub(crate) struct Round<'a> {
+    pub template: &'a LoraAdapter,
+    /// The global adapter's tensors, one slice per segment.
+    pub global: Vec<&'a [f32]>,
+    /// Flat offset of each segment.
+    pub offsets: Vec<usize>,
+    /// Total number of parameters d.
+    pub dim: usize,
+    pub clients: Vec<Client<'a>>,
+    pub exclusions: Vec<Exclusion>,
+    /// Σ security factor over every submitted client, non-finite ones counted as 0.
+    pub factor_sum: f64,
+    /// Number of submitted clients.
+    pub submitted: usize,
+}
+
+/// Checks what can be checked without reading tensor values: a non-empty
+/// round, unique ids, factors in [0, 1], and every client holding exactly the
+/// global adapter's keys and shapes.
+pub(crate) fn validate_headers(global: &LoraAdapter, updates: &[ClientUpdate<'_>]) -> Result<()> {
+    if updates.is_empty() {
+        return Err(Error::Empty {
+            what: "the round's client updates",
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for update in updates {
+        if !seen.insert(update.client.as_str()) {
+            return Err(Error::DuplicateClient {
+                client: update.client.0.clone(),
+            });
+        }
+        let factor = update.security_factor;
+        if !(0.0..=1.0).contains(&factor) {
+            return Err(Error::InvalidSecurityFactor {
+                client: update.client.0.clone(),
+                value: factor,
+            });
+        }
+        check_layout(global, update)?;
+    }
+    Ok(())
+}
+
+fn check_layout(global: &LoraAdapter, update: &ClientUpdate<'_>) -> Result<()> {
+    let client = || update.client.0.clone();
+    for entry in global.iter() {
+        let name = entry.key.canonical();
+        let Some(tensor) = update.adapter.get(name) else {
+            return Err(Error::ClientKeyMismatch {
+                client: client(),
+                tensor: name.to_owned(),
+                present_in: "global",
+            });
+        };
+        if tensor.shape() != entry.tensor.shape() {
+            return Err(Error::ClientShapeMismatch {
+                client: client(),
+                tensor: name.to_owned(),
+                expected: entry.tensor.shape(),
+                found: tensor.shape(),
+            });
+        }
+    }
+    if let Some(extra) = update.adapter.keys().find(|k| global.get(k).is_none()) {
+        return Err(Error::ClientKeyMismatch {
+            client: client(),
+            tensor: extra.to_owned(),
+            present_in: "client",
+        });
+    }
+    Ok(())
+}
+
+impl<'a> Round<'a> {
+    /// Validates the round and sets aside non-finite updates.
+    pub fn prepare(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>]) -> Result<Self> {
+        validate_headers(global, updates)?;
+        global.check_finite()?;
+        let mut offsets = Vec::with_capacity(global.len());
+        let mut dim = 0;
+        for entry in global.iter() {
+            offsets.push(dim);
+            dim += entry.tensor.len();
+        }
+        let mut round = Round {
+            template: global,
+            global: global.iter().map(|e| e.tensor.as_slice()).collect(),
+            offsets,
+            dim,
+            clients: Vec::with_capacity(updates.len()),
+            exclusions: Vec::new(),
+            factor_sum: 0.0,
+            submitted: updates.len(),
+        };
+        let verdicts = super::engine::first_non_finite_per_client(global, updates);
+        for (update, verdict) in updates.iter().zip(verdicts) {
+            match verdict {
+                Some((tensor, index, value)) => round.exclusions.push(Exclusion {
+                    client: update.client.clone(),
+                    reason: ExclusionReason::NonFinite {
+                        tensor,
+                        index,
+                        value,
+                    },
+                }),
+                None => {
+                    round.factor_sum += f64::from(update.security_factor);
+                    round.clients.push(Client {
+                        id: update.client.clone(),
+                        samples: update.samples,
+                        factor: update.security_factor,
+                        segments: global
+                            .keys()
+                            .map(|k| update.adapter.get(k).map_or(&[][..], |t| t.as_slice()))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(round)
+    }
+
+    /// Indices of every usable client.
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.clients.len()).collect()
+    }
+
+    /// Mean security factor over every submitted client (non-finite updates
+    /// count as 0: they cannot contribute).
+    pub fn mean_factor(&self) -> f64 {
+        self.factor_sum / self.submitted.max(1) as f64
+    }
+
+    /// Raw (unnormalised) weight of a client under a weighting.
+    pub fn raw_weight(&self, client: usize, weighting: Weighting) -> f64 {
+        let Some(c) = self.clients.get(client) else {
+            return 0.0;
+        };
+        match weighting {
+            Weighting::Uniform => 1.0,
+            Weighting::Samples => c.samples as f64,
+            Weighting::SamplesTimesFactor => c.samples as f64 * f64::from(c.factor),
+        }
+    }
+
+    /// The id of a usable client.
+    pub fn id(&self, client: usize) -> ClientId {
+        self.clients
+            .get(client)
+            .map(|c| c.id.clone())
+            .unwrap_or_else(|| ClientId(String::new()))
+    }
+
+    /// Records an exclusion of a usable client.
+    pub fn exclude(&mut self, client: usize, reason: ExclusionReason) {
+        let id = self.id(client);
+        self.exclusions.push(Exclusion { client: id, reason });
+    }
+
+    /// Builds the new global adapter from one value vector per segment.
+    pub fn assemble(&self, segments: Vec<Vec<f32>>) -> Result<LoraAdapter> {
+        let mut out = empty_like(self.template);
+        for (entry, values) in self.template.iter().zip(segments) {
+            let tensor = LoraTensor::new(entry.key.canonical(), entry.tensor.shape(), values)?;
+            out.insert_parsed(entry.key.clone(), tensor);
+        }
+        Ok(out)
+    }
+}
+
+/// Builders for a round's [`Aggregation`].
+impl Round<'_> {
+    /// The round is skipped; the exclusions found so far are kept.
+    pub fn skip(self, reason: crate::aggregate::SkipReason) -> crate::aggregate::Aggregation {
+        crate::aggregate::Aggregation {
+            outcome: crate::aggregate::Outcome::Skipped { reason },
+            contributions: Vec::new(),
+            exclusions: self.exclusions,
+        }
+    }
+
+    /// `g + Σ aᵢ·sᵢ·(xᵢ − g)` over `members`, with aᵢ the normalised
+    /// `weighting` weights and sᵢ = `scales[i]` (1.0 when `scales` is empty).
+    /// Members whose weight is zero are excluded with
+    /// [`ExclusionReason::ZeroWeight`]; if all are, the round is skipped.
+    pub fn weighted_mean(
+        mut self,
+        members: &[usize],
+        weighting: Weighting,
+        scales: &[f64],
+    ) -> Result<crate::aggregate::Aggregation> {
+        use crate::aggregate::SkipReason;
+        if members.is_empty() {
+            return Ok(self.skip(SkipReason::NoClientLeft));
+        }
+        let raw: Vec<f64> = members
+            .iter()
+            .map(|&i| self.raw_weight(i, weighting))
+            .collect();
+        let total: f64 = raw.iter().sum();
+        let mut kept = Vec::new();
+        let mut weights = Vec::new();
+        let mut kept_scales = Vec::new();
+        for (k, (&i, &w)) in members.iter().zip(&raw).enumerate() {
+            if w > 0.0 {
+                kept.push(i);
+                weights.push(w / total);
+                kept_scales.push(scales.get(k).copied().unwrap_or(1.0));
+            } else {
+                self.exclude(i, ExclusionReason::ZeroWeight);
+            }
+        }
+        if kept.is_empty() || !(total > 0.0 && total.is_finite()) {
+            return Ok(self.skip(SkipReason::ZeroTotalWeight));
+        }
+        self.combination(&kept, &weights, &kept_scales)
+    }
+
+    /// `g + Σ wᵢ·sᵢ·(xᵢ − g)` over `members` with normalised weights `weights`
+    /// (summing to 1) and scales `scales`; every member is a contributor.
+    pub fn combination(
+        self,
+        members: &[usize],
+        weights: &[f64],
+        scales: &[f64],
+    ) -> Result<crate::aggregate::Aggregation> {
+        use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
+        let scale = |k: usize| scales.get(k).copied().unwrap_or(1.0);
+        let coefs: Vec<f32> = weights
+            .iter()
+            .enumerate()
+            .map(|(k, a)| (a * scale(k)) as f32)
+            .collect();
+        let unscaled = (0..members.len()).all(|k| scale(k) == 1.0);
+        // Without scaling Σ wᵢ = 1 and the global term vanishes exactly;
+        // skipping it saves a read of the global adapter.
+        let g_coef = if unscaled {
+            0.0
+        } else {
+            (1.0 - weights
+                .iter()
+                .enumerate()
+                .map(|(k, a)| a * scale(k))
+                .sum::<f64>()) as f32
+        };
+        let values = super::engine::combine(&self, members, &coefs, g_coef);
+        let adapter = self.assemble(values)?;
+        let contributions = members
+            .iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(k, (&i, &weight))| Contribution {
+                client: self.id(i),
+                weight,
+                share: Share::Exact,
+                scale: scale(k),
+            })
+            .collect();
+        Ok(Aggregation {
+            outcome: Outcome::Updated(adapter),
+            contributions,
+            exclusions: self.exclusions,
+        })
+    }
+
+    /// Wraps coordinate-wise values computed over `members` into an aggregation
+    /// (each member's nominal weight is 1/m).
+    pub fn coordinate_wise(
+        self,
+        members: &[usize],
+        values: Vec<Vec<f32>>,
+    ) -> Result<crate::aggregate::Aggregation> {
+        use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
+        let adapter = self.assemble(values)?;
+        let weight = 1.0 / members.len().max(1) as f64;
+        let contributions = members
+            .iter()
+            .map(|&i| Contribution {
+                client: self.id(i),
+                weight,
+                share: Share::CoordinateWise,
+                scale: 1.0,
+            })
+            .collect();
+        Ok(Aggregation {
+            outcome: Outcome::Updated(adapter),
+            contributions,
+            exclusions: self.exclusions,
+        })
+    }
+
+    /// Fails with [`Error::TooFewClients`] unless at least `required` clients are usable.
+    pub fn require(&self, rule: &'static str, required: usize, constraint: String) -> Result<()> {
+        if self.clients.len() < required {
+            return Err(Error::TooFewClients {
+                rule,
+                constraint,
+                required,
+                found: self.clients.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A rule parameter error.
+pub(crate) fn param_error(
+    rule: &'static str,
+    param: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> Error {
+    Error::InvalidAggregatorParam {
+        rule,
+        param,
+        value: value.to_string(),
+        expected,
+    }
+}

@@ -1,0 +1,273 @@
+//! Labelled adapters from a JSON-lines manifest.
+//!
+//! One JSON object per line (blank lines are skipped):
+//!
+//! ```json
+//! {"path": "runs/c3/step5.safetensors", "label": "malicious", "base": "runs/round0.safetensors", "client": "c3", "round": 0, "step": 5}
+//! ```
+//!
+//! * `path` (required): a PEFT LoRA safetensors file. Relative paths are
+//!   resolved against the manifest's directory.
+//! * `label` (required): `"benign"` or `"malicious"` (or `0` / `1`). Labels
+//!   come only from here, never from file names.
+//! * `base` (optional): the adapter the run started from; the sample is then
+//!   ΔLoRA = `path` − `base` (keys and shapes must match). Without it the file
+//!   is taken to hold the delta itself.
+//! * `client` (string or integer), `round`, `step` (non-negative integers):
+//!   optional ids, carried along for reporting.
+//!
+//! Unknown fields are rejected (a typo such as `"lable"` must not silently
+//! drop a label). Loading is streaming: the layout is fitted from the files'
+//! headers, then each file is read once more and turned straight into its
+//! feature row (or sketched row), so memory holds one adapter at a time plus
+//! the `[n, dim]` (or `[n, k]`) matrix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use ndarray::Array2;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::features::{FeatureConfig, FeatureSpec};
+use crate::lora::{AdapterView, LazyDelta, LoraKey, ReadLimits, TensorSource, read_file};
+use crate::probe::Label;
+use crate::probe::sketch::Sketch;
+
+/// One labelled sample of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    /// 1-based line number in the manifest.
+    pub line: usize,
+    /// Adapter (or delta) file, resolved against the manifest directory.
+    pub path: PathBuf,
+    /// The sample's class.
+    pub label: Label,
+    /// Adapter the run started from, if the file is not a delta itself.
+    pub base: Option<PathBuf>,
+    /// Client id.
+    pub client: Option<String>,
+    /// Federated round.
+    pub round: Option<u64>,
+    /// Local step.
+    pub step: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    path: PathBuf,
+    label: Value,
+    #[serde(default)]
+    base: Option<PathBuf>,
+    #[serde(default)]
+    client: Option<Value>,
+    #[serde(default)]
+    round: Option<u64>,
+    #[serde(default)]
+    step: Option<u64>,
+}
+
+/// A parsed manifest: labelled samples in file order.
+///
+/// ```
+/// use std::path::Path;
+/// use safe_fedllm::probe::{Label, Manifest};
+///
+/// let text = r#"{"path": "a.safetensors", "label": "malicious", "client": 3}
+/// {"path": "b.safetensors", "label": "benign", "base": "base.safetensors"}"#;
+/// let manifest = Manifest::parse(text, Path::new("/data"))?;
+/// assert_eq!(manifest.labels(), [Label::Malicious, Label::Benign]);
+/// assert_eq!(manifest.entries()[0].client.as_deref(), Some("3"));
+/// assert_eq!(manifest.entries()[1].base.as_deref(), Some(Path::new("/data/base.safetensors")));
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    entries: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    /// Parses manifest text; relative paths are resolved against `root`.
+    ///
+    /// Errors: [`Error::Manifest`] with the line number for bad JSON, a
+    /// missing or unknown field, or a bad label; [`Error::Empty`] for a
+    /// manifest without entries.
+    pub fn parse(text: &str, root: &Path) -> Result<Self> {
+        let entries = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| parse_line(i + 1, l, root))
+            .collect::<Result<Vec<_>>>()?;
+        if entries.is_empty() {
+            return Err(Error::Empty {
+                what: "manifest",
+            });
+        }
+        Ok(Manifest { entries })
+    }
+
+    /// Reads and parses a manifest file (paths relative to its directory).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = read_file(path, &ReadLimits::default())?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::in_file(
+                path,
+                Error::Manifest {
+                    line: 0,
+                    reason: format!("not UTF-8: {e}"),
+                },
+            )
+        })?;
+        let root = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, root).map_err(|e| Error::in_file(path, e))
+    }
+
+    /// The samples, in file order.
+    pub fn entries(&self) -> &[ManifestEntry] {
+        &self.entries
+    }
+
+    /// The labels, in file order.
+    pub fn labels(&self) -> Vec<Label> {
+        self.entries.iter().map(|e| e.label).collect()
+    }
+
+    /// Freezes the feature layout from the files' headers (no tensor data is
+    /// converted).
+    pub fn fit_spec(&self, config: &FeatureConfig) -> Result<FeatureSpec> {
+        let headers = self
+            .entries
+            .iter()
+            .map(|e| with_file(&e.path, |view| Ok(KeyShapes::of(view))))
+            .collect::<Result<Vec<_>>>()?;
+        config.fit(&headers)
+    }
+
+    /// One feature row per entry (sketched when `sketch` is given).
+    pub fn feature_matrix(&self, spec: &FeatureSpec, sketch: Option<&Sketch>) -> Result<Array2<f32>> {
+        let width = sketch.map_or(spec.dim(), Sketch::output_dim);
+        let mut x = Array2::<f32>::zeros((self.entries.len(), width));
+        let mut scratch = vec![0.0f32; if sketch.is_some() { spec.dim() } else { 0 }];
+        let mut bases = BaseCache::default();
+        for (mut row, entry) in x.rows_mut().into_iter().zip(&self.entries) {
+            let row = row.as_slice_mut().ok_or(Error::Empty {
+                what: "contiguous feature row",
+            })?;
+            let target: &mut [f32] = if sketch.is_some() { &mut scratch } else { row_ref(row) };
+            entry_features(entry, spec, &mut bases, target)?;
+            if let Some(sketch) = sketch {
+                sketch.project(&scratch, row)?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+fn row_ref(row: &mut [f32]) -> &mut [f32] {
+    row
+}
+
+fn parse_line(line: usize, text: &str, root: &Path) -> Result<ManifestEntry> {
+    let bad = |reason: String| Error::Manifest { line, reason };
+    let raw: RawEntry = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let label = match &raw.label {
+        Value::String(s) if s == "benign" => Label::Benign,
+        Value::String(s) if s == "malicious" => Label::Malicious,
+        Value::Number(n) if n.as_u64() == Some(0) => Label::Benign,
+        Value::Number(n) if n.as_u64() == Some(1) => Label::Malicious,
+        other => {
+            return Err(bad(format!(
+                "label {other} is not \"benign\", \"malicious\", 0 or 1"
+            )));
+        }
+    };
+    let client = match raw.client {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        Some(other) => return Err(bad(format!("client id {other} is not a string or integer"))),
+    };
+    Ok(ManifestEntry {
+        line,
+        path: root.join(raw.path),
+        label,
+        base: raw.base.map(|b| root.join(b)),
+        client,
+        round: raw.round,
+        step: raw.step,
+    })
+}
+
+/// Reads a safetensors file and runs `f` on its validated view; content
+/// errors come wrapped with the path.
+fn with_file<T>(path: &Path, f: impl FnOnce(&AdapterView<'_>) -> Result<T>) -> Result<T> {
+    let bytes = read_file(path, &ReadLimits::default())?;
+    let view = AdapterView::parse(&bytes).map_err(|e| Error::in_file(path, e))?;
+    f(&view).map_err(|e| Error::in_file(path, e))
+}
+
+/// Base adapters' bytes, read once per distinct path.
+#[derive(Default)]
+struct BaseCache {
+    bytes: HashMap<PathBuf, Vec<u8>>,
+}
+
+fn entry_features(entry: &ManifestEntry, spec: &FeatureSpec, bases: &mut BaseCache, out: &mut [f32]) -> Result<()> {
+    let base_bytes = match &entry.base {
+        None => None,
+        Some(path) => {
+            if !bases.bytes.contains_key(path) {
+                let bytes = read_file(path, &ReadLimits::default())?;
+                bases.bytes.insert(path.clone(), bytes);
+            }
+            bases.bytes.get(path).map(|b| (path, b))
+        }
+    };
+    with_file(&entry.path, |update| match base_bytes {
+        None => spec.transform_into(update, out).map(|_| ()),
+        Some((base_path, bytes)) => {
+            let base = AdapterView::parse(bytes).map_err(|e| Error::in_file(base_path, e))?;
+            let delta = LazyDelta::new(update, &base)?;
+            spec.transform_into(&delta, out).map(|_| ())
+        }
+    })
+}
+
+/// Keys and shapes of a file, without data: enough to fit a layout.
+struct KeyShapes {
+    keys: Vec<LoraKey>,
+    shapes: BTreeMap<String, [usize; 2]>,
+}
+
+impl KeyShapes {
+    fn of(view: &AdapterView<'_>) -> Self {
+        let keys: Vec<LoraKey> = view.lora_keys().cloned().collect();
+        let shapes = keys
+            .iter()
+            .filter_map(|k| view.shape_of(k.canonical()).map(|s| (k.canonical().to_owned(), s)))
+            .collect();
+        KeyShapes { keys, shapes }
+    }
+}
+
+impl TensorSource for KeyShapes {
+    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
+        self.keys.iter()
+    }
+
+    fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
+        self.shapes.get(canonical).copied()
+    }
+
+    fn copy_into(&self, canonical: &str, _out: &mut [f32]) -> Result<()> {
+        Err(Error::MissingKey {
+            tensor: canonical.to_owned(),
+            present_in: "file header",
+            missing_from: "header-only source (no tensor data)",
+        })
+    }
+}

@@ -1,0 +1,375 @@
+//! Evaluation of probe scores: confusion counts, precision, recall, F1,
+//! ROC AUC, threshold selection and stratified k-fold cross-validation.
+//!
+//! Conventions: the positive class is [`Label::Malicious`]; a sample is
+//! predicted malicious when its score is ≥ the threshold (as
+//! [`Probe::is_harmful`](crate::probe::Probe::is_harmful)). A ratio whose
+//! denominator is zero (precision with no positive prediction, recall with no
+//! malicious sample, F1 with both zero) is 0.0, as scikit-learn's
+//! `zero_division=0`.
+//!
+//! ```
+//! use safe_fedllm::probe::Label::{Benign, Malicious};
+//! use safe_fedllm::probe::eval::{roc_auc, select_threshold, ThresholdRule};
+//!
+//! let scores = [0.1, 0.4, 0.35, 0.8];
+//! let labels = [Benign, Benign, Malicious, Malicious];
+//! assert_eq!(roc_auc(&scores, &labels)?, 0.75);
+//! let choice = select_threshold(&scores, &labels, ThresholdRule::MaxF1)?;
+//! assert_eq!(choice.threshold, 0.35);
+//! assert_eq!(choice.confusion.true_positives, 2);
+//! # Ok::<(), safe_fedllm::Error>(())
+//! ```
+
+use ndarray::{ArrayView2, Axis};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::probe::Label;
+use crate::probe::rng::Rng;
+use crate::probe::train::{Trainer, check_both_classes};
+
+/// Counts of a binary decision against the truth (positive = malicious).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confusion {
+    /// Malicious, flagged.
+    pub true_positives: usize,
+    /// Benign, flagged.
+    pub false_positives: usize,
+    /// Benign, not flagged.
+    pub true_negatives: usize,
+    /// Malicious, not flagged.
+    pub false_negatives: usize,
+}
+
+fn ratio(num: usize, den: usize) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+impl Confusion {
+    /// Counts at `threshold` (score ≥ threshold ⇒ flagged).
+    pub fn at(scores: &[f32], labels: &[Label], threshold: f32) -> Result<Self> {
+        check_pairs(scores, labels)?;
+        let mut c = Confusion::default();
+        for (&s, &l) in scores.iter().zip(labels) {
+            match (s >= threshold, l.is_malicious()) {
+                (true, true) => c.true_positives += 1,
+                (true, false) => c.false_positives += 1,
+                (false, false) => c.true_negatives += 1,
+                (false, true) => c.false_negatives += 1,
+            }
+        }
+        Ok(c)
+    }
+
+    /// TP / (TP + FP).
+    pub fn precision(&self) -> f64 {
+        ratio(
+            self.true_positives,
+            self.true_positives + self.false_positives,
+        )
+    }
+
+    /// TP / (TP + FN), the true-positive rate.
+    pub fn recall(&self) -> f64 {
+        ratio(
+            self.true_positives,
+            self.true_positives + self.false_negatives,
+        )
+    }
+
+    /// FP / (FP + TN).
+    pub fn false_positive_rate(&self) -> f64 {
+        ratio(
+            self.false_positives,
+            self.false_positives + self.true_negatives,
+        )
+    }
+
+    /// Harmonic mean of precision and recall: 2TP / (2TP + FP + FN).
+    pub fn f1(&self) -> f64 {
+        ratio(
+            2 * self.true_positives,
+            2 * self.true_positives + self.false_positives + self.false_negatives,
+        )
+    }
+
+    /// (TP + TN) / total.
+    pub fn accuracy(&self) -> f64 {
+        ratio(
+            self.true_positives + self.true_negatives,
+            self.true_positives + self.false_positives + self.true_negatives + self.false_negatives,
+        )
+    }
+}
+
+/// Every metric at one threshold, plus the threshold-free ROC AUC.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The threshold used.
+    pub threshold: f32,
+    /// Counts at it.
+    pub confusion: Confusion,
+    /// Precision at it.
+    pub precision: f64,
+    /// Recall at it.
+    pub recall: f64,
+    /// F1 at it.
+    pub f1: f64,
+    /// Area under the ROC curve.
+    pub roc_auc: f64,
+}
+
+impl Evaluation {
+    /// Evaluates scores against labels at `threshold`. Needs both classes
+    /// (the AUC is undefined otherwise).
+    pub fn new(scores: &[f32], labels: &[Label], threshold: f32) -> Result<Self> {
+        let confusion = Confusion::at(scores, labels, threshold)?;
+        Ok(Evaluation {
+            threshold,
+            confusion,
+            precision: confusion.precision(),
+            recall: confusion.recall(),
+            f1: confusion.f1(),
+            roc_auc: roc_auc(scores, labels)?,
+        })
+    }
+}
+
+fn check_pairs(scores: &[f32], labels: &[Label]) -> Result<()> {
+    if scores.len() != labels.len() {
+        return Err(Error::LengthMismatch {
+            what: "labels for scores",
+            expected: scores.len(),
+            found: labels.len(),
+        });
+    }
+    if scores.is_empty() {
+        return Err(Error::Empty { what: "scores" });
+    }
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(Error::NonFiniteFeature {
+            what: "scores",
+            row: i,
+            column: 0,
+            value: scores.get(i).copied().unwrap_or(f32::NAN),
+        });
+    }
+    Ok(())
+}
+
+/// ROC AUC: the probability that a random malicious sample scores above a
+/// random benign one, ties counting one half (the Mann–Whitney statistic with
+/// average ranks; equal to scikit-learn's `roc_auc_score`).
+///
+/// Errors: [`Error::MissingClass`] when a class is absent, plus the checks of
+/// [`Confusion::at`].
+pub fn roc_auc(scores: &[f32], labels: &[Label]) -> Result<f64> {
+    check_pairs(scores, labels)?;
+    check_both_classes(labels)?;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        scores
+            .get(a)
+            .partial_cmp(&scores.get(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut rank_sum = 0.0f64;
+    let mut start = 0;
+    while start < order.len() {
+        let score_at = |k: usize| order.get(k).and_then(|&i| scores.get(i)).copied();
+        let mut end = start + 1;
+        while end < order.len() && score_at(end) == score_at(start) {
+            end += 1;
+        }
+        let average_rank = (start + end + 1) as f64 / 2.0; // 1-based ranks start+1 ..= end
+        let positives = order
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .filter(|&&i| labels.get(i).is_some_and(|l| l.is_malicious()))
+            .count();
+        rank_sum += average_rank * positives as f64;
+        start = end;
+    }
+    let n_pos = labels.iter().filter(|l| l.is_malicious()).count() as f64;
+    let n_neg = labels.len() as f64 - n_pos;
+    Ok((rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg))
+}
+
+/// How to pick a decision threshold on held-out scores.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdRule {
+    /// The threshold with the highest F1 (the highest such threshold on ties,
+    /// i.e. the fewest flags).
+    MaxF1,
+    /// The lowest threshold whose false-positive rate is at most the target
+    /// (the most recall the benign budget allows). Target in [0, 1].
+    TargetFalsePositiveRate(f64),
+}
+
+/// A chosen threshold and the counts it gives.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdChoice {
+    /// The threshold: one of the observed scores, or just above the highest
+    /// score when no observed score meets the rule (flag nothing).
+    pub threshold: f32,
+    /// Counts at that threshold.
+    pub confusion: Confusion,
+}
+
+/// Picks a threshold on held-out scores.
+///
+/// Candidates are the observed scores (a sample is flagged when score ≥
+/// threshold) plus "flag nothing". Errors: those of [`Confusion::at`], and
+/// [`Error::InvalidParameter`] for a target rate outside [0, 1].
+pub fn select_threshold(
+    scores: &[f32],
+    labels: &[Label],
+    rule: ThresholdRule,
+) -> Result<ThresholdChoice> {
+    check_pairs(scores, labels)?;
+    if let ThresholdRule::TargetFalsePositiveRate(target) = rule
+        && !(0.0..=1.0).contains(&target)
+    {
+        return Err(Error::InvalidParameter {
+            name: "target_false_positive_rate",
+            value: target.to_string(),
+            expected: "in [0, 1]",
+        });
+    }
+    let mut candidates: Vec<f32> = scores.to_vec();
+    candidates.sort_by(|a, b| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal));
+    candidates.dedup();
+    let top = candidates.first().copied().unwrap_or(1.0);
+    let nothing = next_up(top);
+    let mut best = ThresholdChoice {
+        threshold: nothing,
+        confusion: Confusion::at(scores, labels, nothing)?,
+    };
+    for &t in &candidates {
+        let confusion = Confusion::at(scores, labels, t)?;
+        let better = match rule {
+            ThresholdRule::MaxF1 => confusion.f1() > best.confusion.f1(),
+            ThresholdRule::TargetFalsePositiveRate(target) => {
+                confusion.false_positive_rate() <= target
+            }
+        };
+        if better {
+            best = ThresholdChoice {
+                threshold: t,
+                confusion,
+            };
+        }
+    }
+    Ok(best)
+}
+
+/// The smallest `f32` above `x` (for finite `x`).
+fn next_up(x: f32) -> f32 {
+    if x.is_nan() || x == f32::INFINITY {
+        return x;
+    }
+    let bits = x.to_bits();
+    let next = if x == 0.0 {
+        1
+    } else if x > 0.0 {
+        bits + 1
+    } else {
+        bits - 1
+    };
+    f32::from_bits(next)
+}
+
+/// Row indices of one cross-validation fold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fold {
+    /// Rows to train on.
+    pub train: Vec<usize>,
+    /// Rows to evaluate on.
+    pub test: Vec<usize>,
+}
+
+/// Stratified k-fold: each class is shuffled (seeded) and dealt round-robin
+/// into `k` folds, so every fold has nearly the same class ratio.
+///
+/// Errors: [`Error::InvalidParameter`] when `k < 2` or a class has fewer
+/// than `k` samples (a fold would miss it).
+pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fold>> {
+    if k < 2 {
+        return Err(Error::InvalidParameter {
+            name: "k",
+            value: k.to_string(),
+            expected: ">= 2",
+        });
+    }
+    let mut rng = Rng::new(seed);
+    let mut fold_of = vec![0usize; labels.len()];
+    for class in [Label::Benign, Label::Malicious] {
+        let mut rows: Vec<usize> = (0..labels.len())
+            .filter(|&i| labels.get(i) == Some(&class))
+            .collect();
+        if rows.len() < k {
+            return Err(Error::InvalidParameter {
+                name: "k",
+                value: k.to_string(),
+                expected: "at most the number of samples of the smaller class",
+            });
+        }
+        rng.shuffle(&mut rows);
+        for (position, row) in rows.into_iter().enumerate() {
+            if let Some(slot) = fold_of.get_mut(row) {
+                *slot = position % k;
+            }
+        }
+    }
+    Ok((0..k)
+        .map(|f| Fold {
+            train: (0..labels.len())
+                .filter(|&i| fold_of.get(i) != Some(&f))
+                .collect(),
+            test: (0..labels.len())
+                .filter(|&i| fold_of.get(i) == Some(&f))
+                .collect(),
+        })
+        .collect())
+}
+
+/// Stratified k-fold cross-validation of a trainer on a feature matrix: one
+/// [`Evaluation`] per fold, at `threshold`, on the fold's held-out rows.
+pub fn cross_validate<T: Trainer>(
+    trainer: &T,
+    x: ArrayView2<'_, f32>,
+    labels: &[Label],
+    k: usize,
+    seed: u64,
+    threshold: f32,
+) -> Result<Vec<Evaluation>> {
+    if labels.len() != x.nrows() {
+        return Err(Error::LengthMismatch {
+            what: "labels for feature rows",
+            expected: x.nrows(),
+            found: labels.len(),
+        });
+    }
+    stratified_k_fold(labels, k, seed)?
+        .into_iter()
+        .map(|fold| {
+            let pick = |rows: &[usize]| -> Vec<Label> {
+                rows.iter()
+                    .filter_map(|&i| labels.get(i).copied())
+                    .collect()
+            };
+            let train_x = x.select(Axis(0), &fold.train);
+            let test_x = x.select(Axis(0), &fold.test);
+            let model = trainer.fit(train_x.view(), &pick(&fold.train))?;
+            let scores = model.probabilities(test_x.view())?;
+            Evaluation::new(&scores, &pick(&fold.test), threshold)
+        })
+        .collect()
+}
