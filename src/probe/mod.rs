@@ -38,4 +38,3 @@ pub trait Probe: Send + Sync {
         score >= self.threshold()
     }
 }
-
