@@ -57,7 +57,11 @@ fn memory_read(c: &mut Criterion, name: &str, len_bytes: usize) {
     let mut group = c.benchmark_group("memory_read");
     group.throughput(Throughput::Bytes((words.len() * 8) as u64));
     group.bench_function(name, |b| {
-        b.iter(|| black_box(&words).iter().fold(0u64, |acc, &w| acc.wrapping_add(w)))
+        b.iter(|| {
+            black_box(&words)
+                .iter()
+                .fold(0u64, |acc, &w| acc.wrapping_add(w))
+        })
     });
     group.finish();
 }
@@ -68,8 +72,18 @@ fn bench(c: &mut Criterion) {
     assert_eq!(update.num_params(), 3_407_872);
     let delta = LoraDelta::between(&update, &base).unwrap();
     let specs = [
-        ("first_layer_b", FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta]).unwrap()),
-        ("all_layers", FeatureConfig::new(Selection::AllLayers).fit(&[&delta]).unwrap()),
+        (
+            "first_layer_b",
+            FeatureConfig::new(Selection::FirstLayerB)
+                .fit(&[&delta])
+                .unwrap(),
+        ),
+        (
+            "all_layers",
+            FeatureConfig::new(Selection::AllLayers)
+                .fit(&[&delta])
+                .unwrap(),
+        ),
     ];
     let mut f32_len = 0;
     for (dtype_name, dtype) in [("bf16", StorageDtype::Bf16), ("f32", StorageDtype::F32)] {
@@ -77,6 +91,15 @@ fn bench(c: &mut Criterion) {
         if dtype == StorageDtype::F32 {
             f32_len = bytes.len();
         }
+        c.bench_function(&format!("parse_header_only_{dtype_name}"), |b| {
+            b.iter(|| AdapterView::parse(black_box(&bytes)).unwrap().len())
+        });
+        c.bench_function(&format!("parse_and_pair_{dtype_name}"), |b| {
+            b.iter(|| {
+                let view = AdapterView::parse(black_box(&bytes)).unwrap();
+                LazyDelta::new(&view, &base).is_ok()
+            })
+        });
         let mut group = c.benchmark_group(format!("extract_{dtype_name}"));
         group.throughput(Throughput::Bytes(bytes.len() as u64));
         for (spec_name, spec) in &specs {

@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::lora::tensor::first_non_finite;
 use crate::lora::{Factor, LoraKey, TensorSource};
+use crate::parallel::{map_parts, worker_count};
 
 /// Which LoRA tensors enter the feature vector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,20 +278,18 @@ impl FeatureSpec {
                 found: out.len(),
             });
         }
+        let parts = split_for_workers(&self.layout, out);
+        let results = map_parts(parts, |(blocks, part)| fill_blocks(delta, blocks, part));
         let mut report = TransformReport::default();
-        for block in &self.layout {
-            let slot = out
-                .get_mut(block.offset..block.offset + block.len())
-                .ok_or_else(|| Error::DimensionMismatch {
-                    what: format!("layout block `{}`", block.key),
-                    expected: block.offset + block.len(),
-                    found: self.dim,
-                })?;
-            self.fill_block(delta, block, slot, &mut report)?;
+        let mut sum_squares = 0.0f64;
+        for result in results {
+            let (part_sum, zero_filled) = result?;
+            sum_squares += part_sum;
+            report.zero_filled.extend(zero_filled);
         }
         report.ignored = self.ignored_keys(delta);
-        if self.normalization == Normalization::L2 {
-            l2_normalise(out);
+        if self.normalization == Normalization::L2 && sum_squares > 0.0 {
+            scale(out, (1.0 / sum_squares.sqrt()) as f32);
         }
         Ok(report)
     }
@@ -319,39 +318,6 @@ impl FeatureSpec {
         Ok((matrix, reports))
     }
 
-    fn fill_block(
-        &self,
-        delta: &impl TensorSource,
-        block: &FeatureBlock,
-        slot: &mut [f32],
-        report: &mut TransformReport,
-    ) -> Result<()> {
-        match delta.shape_of(&block.key) {
-            None => {
-                slot.fill(0.0);
-                report.zero_filled.push(block.key.clone());
-            }
-            Some(found) if found != block.shape => {
-                return Err(Error::ShapeMismatch {
-                    tensor: block.key.clone(),
-                    expected: block.shape.to_vec(),
-                    found: found.to_vec(),
-                });
-            }
-            Some(_) => {
-                delta.copy_into(&block.key, slot)?;
-                if let Some((index, value)) = first_non_finite(slot) {
-                    return Err(Error::NonFinite {
-                        tensor: block.key.clone(),
-                        index,
-                        value,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn ignored_keys(&self, delta: &impl TensorSource) -> Vec<String> {
         let rule = Rule {
             selection: &self.selection,
@@ -368,6 +334,95 @@ impl FeatureSpec {
             .map(|k| k.canonical().to_owned())
             .collect()
     }
+}
+
+/// Below this many values per worker a transform stays on one thread:
+/// spawning would cost more than it saves.
+const VALUES_PER_WORKER: usize = 1 << 19;
+
+/// Splits the layout (and the matching output) into contiguous groups of
+/// roughly equal size, one per worker.
+fn split_for_workers<'a, 'o>(
+    layout: &'a [FeatureBlock],
+    out: &'o mut [f32],
+) -> Vec<(&'a [FeatureBlock], &'o mut [f32])> {
+    let workers = worker_count(out.len(), VALUES_PER_WORKER);
+    let target = out.len().div_ceil(workers);
+    let mut parts = Vec::with_capacity(workers);
+    let (mut blocks, mut rest) = (layout, out);
+    while !blocks.is_empty() {
+        let mut count = 0;
+        let mut values = 0;
+        for block in blocks {
+            values += block.len();
+            count += 1;
+            if values >= target {
+                break;
+            }
+        }
+        let (group, remaining_blocks) = blocks.split_at(count);
+        let at = values.min(rest.len());
+        let (part, remaining_out) = std::mem::take(&mut rest).split_at_mut(at);
+        parts.push((group, part));
+        blocks = remaining_blocks;
+        rest = remaining_out;
+    }
+    parts
+}
+
+/// Copies each block into its part of the output. Returns the part's sum of
+/// squares and the blocks the delta lacked (zero-filled).
+fn fill_blocks(
+    delta: &impl TensorSource,
+    blocks: &[FeatureBlock],
+    part: &mut [f32],
+) -> Result<(f64, Vec<String>)> {
+    let start = blocks.first().map_or(0, |b| b.offset);
+    let end = start + part.len();
+    let mut sum_squares = 0.0;
+    let mut zero_filled = Vec::new();
+    for block in blocks {
+        let from = block.offset.saturating_sub(start);
+        let slot =
+            part.get_mut(from..from + block.len())
+                .ok_or_else(|| Error::DimensionMismatch {
+                    what: format!("layout block `{}`", block.key),
+                    expected: block.offset + block.len(),
+                    found: end,
+                })?;
+        match delta.shape_of(&block.key) {
+            None => {
+                slot.fill(0.0);
+                zero_filled.push(block.key.clone());
+            }
+            Some(found) if found != block.shape => {
+                return Err(Error::ShapeMismatch {
+                    tensor: block.key.clone(),
+                    expected: block.shape.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+            Some(_) => {
+                delta.copy_into(&block.key, slot)?;
+                sum_squares +=
+                    checked_sum_squares(slot).map_err(|(index, value)| Error::NonFinite {
+                        tensor: block.key.clone(),
+                        index,
+                        value,
+                    })?;
+            }
+        }
+    }
+    Ok((sum_squares, zero_filled))
+}
+
+/// Multiplies every value by `factor`, split over the workers.
+fn scale(values: &mut [f32], factor: f32) {
+    let workers = worker_count(values.len(), VALUES_PER_WORKER);
+    let parts: Vec<&mut [f32]> = values
+        .chunks_mut(values.len().div_ceil(workers).max(1))
+        .collect();
+    map_parts(parts, |part| part.iter_mut().for_each(|v| *v *= factor));
 }
 
 /// A selection with its fit-time layer resolved.
@@ -443,6 +498,42 @@ fn selected_shapes<D: TensorSource>(
     Ok(shapes)
 }
 
+/// Sum of squares, failing with `(index, value)` of the first non-finite
+/// value. Fused into one pass: a block whose fast `f32` sum is not finite is
+/// rescanned, either to find the NaN/∞ or (for huge finite values whose
+/// squares overflow `f32`) to sum it again in `f64`.
+fn checked_sum_squares(values: &[f32]) -> Result<f64, (usize, f32)> {
+    const BLOCK: usize = 4096;
+    let mut total = 0.0f64;
+    for (b, block) in values.chunks(BLOCK).enumerate() {
+        let fast = sum_squares_f32(block);
+        if fast.is_finite() {
+            total += f64::from(fast);
+            continue;
+        }
+        if let Some((i, v)) = first_non_finite(block) {
+            return Err((b * BLOCK + i, v));
+        }
+        total += block
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
+/// Sum of squares in sixteen `f32` lanes (vectorises well).
+fn sum_squares_f32(block: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let chunks = block.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        acc.iter_mut().zip(chunk).for_each(|(a, v)| *a += v * v);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Divides by the Euclidean norm; leaves a zero vector unchanged.
 pub fn l2_normalise(values: &mut [f32]) {
     let norm = l2_norm(values);
@@ -455,18 +546,18 @@ pub fn l2_normalise(values: &mut [f32]) {
 /// Euclidean norm. Sixteen `f32` lanes per block keep it vectorised; blocks
 /// are summed in `f64` so that millions of values lose no precision.
 pub fn l2_norm(values: &[f32]) -> f64 {
-    const LANES: usize = 16;
-    let mut total = 0.0f64;
-    for block in values.chunks(4096) {
-        let mut acc = [0.0f32; LANES];
-        let chunks = block.chunks_exact(LANES);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for chunk in chunks {
-            acc.iter_mut().zip(chunk).for_each(|(a, v)| *a += v * v);
-        }
-        total += f64::from(acc.iter().sum::<f32>()) + f64::from(tail);
-    }
-    total.sqrt()
+    values
+        .chunks(4096)
+        .map(|block| {
+            let fast = sum_squares_f32(block);
+            if fast.is_finite() {
+                f64::from(fast)
+            } else {
+                block.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+            }
+        })
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// `*` matches any run of characters (including none); everything else is literal.

@@ -7,6 +7,7 @@ pub mod detect;
 pub mod error;
 pub mod features;
 pub mod lora;
+mod parallel;
 pub mod probe;
 
 pub use error::{Error, Result};

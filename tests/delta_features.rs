@@ -12,7 +12,9 @@ use safe_fedllm::lora::{
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/lora").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/lora")
+        .join(name)
 }
 
 fn expected() -> Value {
@@ -110,7 +112,8 @@ fn delta_with_a_missing_key_names_it_and_the_sides() {
         other => panic!("{other:?}"),
     }
     // The explicit policy uses the shared keys and reports the rest.
-    let (delta, report) = LoraDelta::between_with(&smaller, &base, KeyPolicy::Intersection).unwrap();
+    let (delta, report) =
+        LoraDelta::between_with(&smaller, &base, KeyPolicy::Intersection).unwrap();
     assert_eq!(delta.as_adapter().len(), base.len() - 1);
     assert_eq!(report.only_in_base, [FIRST_B]);
     assert!(report.only_in_update.is_empty());
@@ -155,15 +158,25 @@ fn first_layer_b_picks_only_the_lowest_layers_b_tensors() {
 
     // Drop layer 0 entirely: the lowest layer present is now 1.
     let mut without_0 = LoraAdapter::new();
-    for e in delta.as_adapter().iter().filter(|e| e.key.layer() != Some(0)) {
-        without_0.insert(e.key.canonical(), e.tensor.clone()).unwrap();
+    for e in delta
+        .as_adapter()
+        .iter()
+        .filter(|e| e.key.layer() != Some(0))
+    {
+        without_0
+            .insert(e.key.canonical(), e.tensor.clone())
+            .unwrap();
     }
     let spec1 = FeatureConfig::default()
         .fit(&[LoraDelta::from_adapter(without_0)])
         .unwrap();
     assert_eq!(spec1.layer(), Some(1));
-    assert!(spec1.layout().iter().all(|b| b.key.contains(".layers.1.")
-        && b.key.ends_with("lora_B.weight")));
+    assert!(
+        spec1
+            .layout()
+            .iter()
+            .all(|b| b.key.contains(".layers.1.") && b.key.ends_with("lora_B.weight"))
+    );
 }
 
 #[test]
@@ -171,9 +184,21 @@ fn features_match_numpy_for_every_selection_and_normalisation() {
     let exp = expected();
     let delta = LoraDelta::between(&update(), &base()).unwrap();
     let cases = [
-        (Selection::FirstLayerB, Normalization::L2, "features_first_layer_b_l2"),
-        (Selection::FirstLayerB, Normalization::None, "features_first_layer_b_none"),
-        (Selection::AllLayers, Normalization::L2, "features_all_layers_l2"),
+        (
+            Selection::FirstLayerB,
+            Normalization::L2,
+            "features_first_layer_b_l2",
+        ),
+        (
+            Selection::FirstLayerB,
+            Normalization::None,
+            "features_first_layer_b_none",
+        ),
+        (
+            Selection::AllLayers,
+            Normalization::L2,
+            "features_all_layers_l2",
+        ),
     ];
     for (selection, norm, name) in cases {
         let spec = FeatureConfig::new(selection)
@@ -189,7 +214,9 @@ fn features_match_numpy_for_every_selection_and_normalisation() {
 #[test]
 fn l2_normalised_features_have_unit_norm() {
     let delta = LoraDelta::between(&update(), &base()).unwrap();
-    let spec = FeatureConfig::new(Selection::AllLayers).fit(&[&delta]).unwrap();
+    let spec = FeatureConfig::new(Selection::AllLayers)
+        .fit(&[&delta])
+        .unwrap();
     let v = spec.transform(&delta).unwrap().values;
     assert!((l2_norm(&v) - 1.0).abs() < 1e-6);
     // A zero delta stays zero instead of dividing by zero.
@@ -202,7 +229,9 @@ fn l2_normalised_features_have_unit_norm() {
 fn features_straight_from_bytes_equal_features_from_owned_deltas() {
     let base = base();
     let owned = LoraDelta::between(&update(), &base).unwrap();
-    let spec = FeatureConfig::new(Selection::AllLayers).fit(&[&owned]).unwrap();
+    let spec = FeatureConfig::new(Selection::AllLayers)
+        .fit(&[&owned])
+        .unwrap();
     let want = spec.transform(&owned).unwrap().values;
     let bytes = std::fs::read(fixture("update_f32.safetensors")).unwrap();
     let view = AdapterView::parse(&bytes).unwrap();
@@ -243,7 +272,11 @@ fn a_missing_layout_key_is_zero_filled_and_reported() {
         .fit(&[&delta])
         .unwrap();
     let mut partial = LoraAdapter::new();
-    for e in delta.as_adapter().iter().filter(|e| e.key.canonical() != FIRST_B) {
+    for e in delta
+        .as_adapter()
+        .iter()
+        .filter(|e| e.key.canonical() != FIRST_B)
+    {
         partial.insert(e.key.canonical(), e.tensor.clone()).unwrap();
     }
     let features = spec.transform(&partial).unwrap();
@@ -258,7 +291,9 @@ fn a_missing_layout_key_is_zero_filled_and_reported() {
 #[test]
 fn an_extra_selected_key_is_ignored_and_reported() {
     let delta = LoraDelta::between(&update(), &base()).unwrap();
-    let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta]).unwrap();
+    let spec = FeatureConfig::new(Selection::FirstLayerB)
+        .fit(&[&delta])
+        .unwrap();
     let mut bigger = delta.as_adapter().clone();
     let extra = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight";
     bigger
@@ -272,7 +307,9 @@ fn an_extra_selected_key_is_ignored_and_reported() {
 #[test]
 fn a_changed_size_is_an_error_naming_the_key_and_shapes() {
     let delta = LoraDelta::between(&update(), &base()).unwrap();
-    let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta]).unwrap();
+    let spec = FeatureConfig::new(Selection::FirstLayerB)
+        .fit(&[&delta])
+        .unwrap();
     let mut changed = delta.as_adapter().clone();
     changed
         .insert(FIRST_B, LoraTensor::zeros("b", [16, 8]).unwrap())

@@ -11,7 +11,9 @@ use safe_fedllm::lora::{
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/lora").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/lora")
+        .join(name)
 }
 
 fn expected() -> Value {
@@ -245,7 +247,9 @@ fn input_over_the_size_limit_is_refused() {
 fn bad_json_header_is_malformed() {
     assert!(matches!(
         load_broken("bad_json.safetensors"),
-        Error::Malformed(safetensors::SafeTensorError::InvalidHeaderDeserialization(_))
+        Error::Malformed(safetensors::SafeTensorError::InvalidHeaderDeserialization(
+            _
+        ))
     ));
 }
 
@@ -331,10 +335,7 @@ fn disagreeing_ranks_are_refused() {
             a_shape,
             b_shape,
         } => {
-            assert_eq!(
-                module,
-                "base_model.model.model.layers.0.self_attn.q_proj"
-            );
+            assert_eq!(module, "base_model.model.model.layers.0.self_attn.q_proj");
             assert_eq!((a_rank, b_rank), (4, 5));
             assert_eq!((a_shape, b_shape), ([4, 16], [16, 5]));
         }

@@ -56,7 +56,10 @@ fn every_spelling_in_the_table_parses() {
         assert_eq!(key.adapter_name(), row.adapter, "{}", row.raw);
         assert_eq!(key.canonical(), row.canonical, "{}", row.raw);
         // Canonical names are fixed points.
-        assert_eq!(LoraKey::parse(key.canonical()).unwrap().canonical(), row.canonical);
+        assert_eq!(
+            LoraKey::parse(key.canonical()).unwrap().canonical(),
+            row.canonical
+        );
     }
 }
 
@@ -73,6 +76,9 @@ fn names_that_are_not_lora_matrices_are_not_parsed() {
         "x.lora_A.weight.extra",
         "x.lora_embedding_A.weight",
     ] {
-        assert!(LoraKey::parse(raw).is_none(), "{raw} must not parse as a LoRA matrix");
+        assert!(
+            LoraKey::parse(raw).is_none(),
+            "{raw} must not parse as a LoRA matrix"
+        );
     }
 }

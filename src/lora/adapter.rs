@@ -311,7 +311,9 @@ fn rank_of(factor: Factor, [rows, cols]: [usize; 2]) -> usize {
 
 /// Checks that `lora_A` `[r, in]` and `lora_B` `[out, r]` of each module agree
 /// on `r`, from keys and shapes alone.
-pub(crate) fn check_ranks<'a>(entries: impl Iterator<Item = (&'a LoraKey, [usize; 2])>) -> Result<()> {
+pub(crate) fn check_ranks<'a>(
+    entries: impl Iterator<Item = (&'a LoraKey, [usize; 2])>,
+) -> Result<()> {
     let mut a_shapes: BTreeMap<&str, [usize; 2]> = BTreeMap::new();
     let mut b_shapes: Vec<(&str, [usize; 2])> = Vec::new();
     for (key, shape) in entries {

@@ -71,18 +71,18 @@ impl LoraDelta {
         base: &impl TensorSource,
         policy: KeyPolicy,
     ) -> Result<(Self, DeltaReport)> {
-        let (pairs, report) = match_keys(update, base, policy)?;
+        let report = match_keys(update, base, policy)?;
         let mut adapter = LoraAdapter::new();
-        let mut scratch = Vec::new();
-        for (key, shape) in pairs {
+        for key in update.lora_keys() {
             let name = key.canonical();
+            let Some(shape) = base.shape_of(name) else {
+                continue; // one-sided key, listed in the report
+            };
             let mut values = vec![0.0f32; shape[0] * shape[1]];
             update.copy_into(name, &mut values)?;
-            scratch.resize(values.len(), 0.0);
-            base.copy_into(name, &mut scratch)?;
-            values.iter_mut().zip(&scratch).for_each(|(u, b)| *u -= b);
+            base.subtract_from(name, &mut values)?;
             let tensor = LoraTensor::new(name, shape, values)?;
-            adapter.insert_parsed(key, tensor);
+            adapter.insert_parsed(key.clone(), tensor);
         }
         Ok((LoraDelta { adapter }, report))
     }
@@ -105,9 +105,9 @@ impl LoraDelta {
     /// `base + self`: the update this delta was taken from. Keys and shapes
     /// must match exactly.
     pub fn apply_to(&self, base: &LoraAdapter) -> Result<LoraAdapter> {
-        let (pairs, _) = match_keys(&self.adapter, base, KeyPolicy::Strict)?;
+        match_keys(&self.adapter, base, KeyPolicy::Strict)?;
         let mut out = base.clone();
-        for (key, _) in pairs {
+        for key in self.adapter.lora_keys() {
             let name = key.canonical();
             if let (Some(d), Some(t)) = (self.adapter.get(name), out.get_mut(name)) {
                 t.as_mut_slice()
@@ -131,6 +131,10 @@ impl TensorSource for LoraDelta {
 
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
         self.adapter.copy_into(canonical, out)
+    }
+
+    fn subtract_from(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+        self.adapter.subtract_from(canonical, out)
     }
 }
 
@@ -164,29 +168,23 @@ impl<U: TensorSource, B: TensorSource> TensorSource for LazyDelta<'_, U, B> {
 
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
         self.update.copy_into(canonical, out)?;
-        let mut base = vec![0.0f32; out.len()];
-        self.base.copy_into(canonical, &mut base)?;
-        out.iter_mut().zip(&base).for_each(|(u, b)| *u -= b);
-        Ok(())
+        self.base.subtract_from(canonical, out)
     }
 }
 
-type KeyPairs = Vec<(LoraKey, [usize; 2])>;
-
-/// Matches the keys of two sources; fails on a shape mismatch, and on a
-/// one-sided key under [`KeyPolicy::Strict`].
+/// Matches the keys of two sources from their headers; fails on a shape
+/// mismatch, and on a one-sided key under [`KeyPolicy::Strict`].
 fn match_keys(
     update: &impl TensorSource,
     base: &impl TensorSource,
     policy: KeyPolicy,
-) -> Result<(KeyPairs, DeltaReport)> {
-    let mut pairs = Vec::new();
+) -> Result<DeltaReport> {
     let mut report = DeltaReport::default();
     for key in update.lora_keys() {
         let name = key.canonical();
         let found = update.shape_of(name).unwrap_or_default();
         match base.shape_of(name) {
-            Some(expected) if expected == found => pairs.push((key.clone(), found)),
+            Some(expected) if expected == found => {}
             Some(expected) => {
                 return Err(Error::ShapeMismatch {
                     tensor: name.to_owned(),
@@ -210,7 +208,7 @@ fn match_keys(
             return Err(missing(name, "base", "update"));
         }
     }
-    Ok((pairs, report))
+    Ok(report)
 }
 
 fn missing(name: &str, present_in: &'static str, missing_from: &'static str) -> Error {

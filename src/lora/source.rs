@@ -10,7 +10,9 @@ use crate::lora::adapter::LoraAdapter;
 use crate::lora::key::LoraKey;
 
 /// Named LoRA matrices (PEFT orientation) that can be copied out as `f32`.
-pub trait TensorSource {
+///
+/// `Sync` because feature extraction reads large sources from several threads.
+pub trait TensorSource: Sync {
     /// The parsed keys, in sorted canonical order.
     fn lora_keys(&self) -> impl Iterator<Item = &LoraKey>;
 
@@ -20,6 +22,18 @@ pub trait TensorSource {
     /// Writes a tensor's row-major values into `out`, whose length must be
     /// the tensor's element count.
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()>;
+
+    /// Subtracts a tensor's values from `out` (`out -= self[canonical]`).
+    ///
+    /// The default copies into a scratch buffer first; sources that hold `f32`
+    /// in memory override it to subtract in place, which keeps
+    /// update − base a single pass with no allocation.
+    fn subtract_from(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+        let mut scratch = vec![0.0f32; out.len()];
+        self.copy_into(canonical, &mut scratch)?;
+        out.iter_mut().zip(&scratch).for_each(|(o, s)| *o -= s);
+        Ok(())
+    }
 }
 
 impl TensorSource for LoraAdapter {
@@ -32,23 +46,34 @@ impl TensorSource for LoraAdapter {
     }
 
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
-        let tensor = self.get(canonical).ok_or_else(|| Error::MissingKey {
-            tensor: canonical.to_owned(),
-            present_in: "requested",
-            missing_from: "source",
-        })?;
-        let values = tensor.as_slice();
-        if values.len() != out.len() {
-            return Err(Error::DataLength {
-                tensor: canonical.to_owned(),
-                shape: tensor.shape().to_vec(),
-                expected: out.len(),
-                found: values.len(),
-            });
-        }
-        out.copy_from_slice(values);
+        out.copy_from_slice(matching_slice(self, canonical, out.len())?);
         Ok(())
     }
+
+    fn subtract_from(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+        let values = matching_slice(self, canonical, out.len())?;
+        out.iter_mut().zip(values).for_each(|(o, v)| *o -= v);
+        Ok(())
+    }
+}
+
+/// The tensor's values, checked to be `len` long.
+fn matching_slice<'a>(adapter: &'a LoraAdapter, canonical: &str, len: usize) -> Result<&'a [f32]> {
+    let tensor = adapter.get(canonical).ok_or_else(|| Error::MissingKey {
+        tensor: canonical.to_owned(),
+        present_in: "requested",
+        missing_from: "source",
+    })?;
+    let values = tensor.as_slice();
+    if values.len() != len {
+        return Err(Error::DataLength {
+            tensor: canonical.to_owned(),
+            shape: tensor.shape().to_vec(),
+            expected: len,
+            found: values.len(),
+        });
+    }
+    Ok(values)
 }
 
 impl<T: TensorSource> TensorSource for &T {
@@ -62,5 +87,9 @@ impl<T: TensorSource> TensorSource for &T {
 
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
         (**self).copy_into(canonical, out)
+    }
+
+    fn subtract_from(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+        (**self).subtract_from(canonical, out)
     }
 }
