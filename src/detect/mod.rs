@@ -50,6 +50,7 @@ mod client;
 mod evidence;
 mod evidence_level;
 mod helpers;
+mod round;
 mod shadow;
 mod step;
 pub mod trail;
@@ -65,6 +66,10 @@ pub use client::{ClientLevel, ClientLevelParams};
 pub use evidence::ClientEvidence;
 pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
 pub use helpers::{ShadowBranch, StepRecorder, score_steps};
+pub use round::{
+    ClientOutcome, ClientReport, DefendedRound, Disposition, RoundOutcome, RoundParams,
+    RoundTimings, StepsReport,
+};
 pub use shadow::{ShadowLevel, ShadowLevelParams};
 pub use step::{StepLevel, StepLevelParams};
 pub use trail::{TrailCheck, TrailStatus};
@@ -95,38 +100,9 @@ pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
 /// Reference safety gate: skip the round when the mean factor is below this.
 pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
 
-/// A client's identity as the server knows it.
-///
-/// A string so that servers can use whatever ids they have (node ids,
-/// UUIDs, indices); integer ids convert with `From`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ClientId(pub String);
-
-impl ClientId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for ClientId {
-    fn from(id: &str) -> Self {
-        ClientId(id.to_owned())
-    }
-}
-
-impl From<String> for ClientId {
-    fn from(id: String) -> Self {
-        ClientId(id)
-    }
-}
+/// Client ids are the aggregators' [`ClientId`](crate::aggregate::ClientId)
+/// (a string); integer ids convert with `From` (implemented here).
+pub use crate::aggregate::ClientId;
 
 impl From<u64> for ClientId {
     fn from(id: u64) -> Self {
