@@ -100,7 +100,7 @@ pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
 /// Reference safety gate: skip the round when the mean factor is below this.
 pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
 
-/// Client ids are the aggregators' [`ClientId`](crate::aggregate::ClientId)
+/// Client ids are the aggregators' [`ClientId`]
 /// (a string); integer ids convert with `From` (implemented here).
 pub use crate::aggregate::ClientId;
 
