@@ -94,6 +94,13 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("parse_header_only_{dtype_name}"), |b| {
             b.iter(|| AdapterView::parse(black_box(&bytes)).unwrap().len())
         });
+        c.bench_function(&format!("safetensors_read_metadata_{dtype_name}"), |b| {
+            b.iter(|| {
+                safetensors::SafeTensors::read_metadata(black_box(&bytes))
+                    .unwrap()
+                    .0
+            })
+        });
         c.bench_function(&format!("parse_and_pair_{dtype_name}"), |b| {
             b.iter(|| {
                 let view = AdapterView::parse(black_box(&bytes)).unwrap();

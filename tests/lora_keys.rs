@@ -82,3 +82,28 @@ fn names_that_are_not_lora_matrices_are_not_parsed() {
         );
     }
 }
+
+mod props {
+    use proptest::prelude::*;
+    use safe_fedllm::lora::LoraKey;
+
+    proptest! {
+        /// Any string: no panic; a parsed key's canonical name is a fixed point
+        /// with the same layer, module, factor and kind.
+        #[test]
+        fn parsing_is_total_and_canonical_is_a_fixed_point(
+            raw in "[a-z0-9_.]{0,12}(\\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B))?(\\.[a-z0-9]{1,7})?(\\.weight)?",
+        ) {
+            if let Some(key) = LoraKey::parse(&raw) {
+                let again = LoraKey::parse(key.canonical()).expect("canonical names parse");
+                prop_assert_eq!(again.canonical(), key.canonical());
+                prop_assert_eq!(again.layer(), key.layer());
+                prop_assert_eq!(again.module(), key.module());
+                prop_assert_eq!(again.module_path(), key.module_path());
+                prop_assert_eq!(again.factor(), key.factor());
+                prop_assert_eq!(again.kind(), key.kind());
+                prop_assert!(key.module_path().len() < key.canonical().len());
+            }
+        }
+    }
+}

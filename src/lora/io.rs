@@ -16,11 +16,11 @@ use std::io::Read;
 use std::path::Path;
 
 use half::{bf16, f16};
-use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, View};
 
 use crate::error::{Error, Result};
 use crate::lora::adapter::{LoraAdapter, LoraConfig, check_ranks};
+use crate::lora::header::{HeaderEntry, parse_header};
 use crate::lora::key::LoraKey;
 use crate::lora::source::TensorSource;
 use crate::lora::tensor::{ExtraTensor, LoraTensor};
@@ -67,6 +67,7 @@ impl StorageDtype {
 }
 
 struct ViewEntry<'data> {
+    raw: Cow<'data, str>,
     key: LoraKey,
     dtype: Dtype,
     shape: [usize; 2],
@@ -114,48 +115,47 @@ impl<'data> AdapterView<'data> {
 
     /// Parses and validates with explicit limits.
     pub fn parse_with(bytes: &'data [u8], limits: &ReadLimits) -> Result<Self> {
-        check_sizes(bytes, limits)?;
-        let (header_len, metadata) = SafeTensors::read_metadata(bytes)?;
-        let data = bytes
-            .get(8 + header_len..)
-            .ok_or(safetensors::SafeTensorError::MetadataIncompleteBuffer)?;
+        check_input_size(bytes, limits)?;
+        let header = parse_header(bytes, limits)?;
+        let metadata = header
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
         let mut view = AdapterView {
             entries: BTreeMap::new(),
             extras: BTreeMap::new(),
-            config: read_config(&metadata)?,
+            config: LoraConfig::from_metadata(metadata)?,
             adapter_name: None,
         };
-        let mut raw_names: BTreeMap<String, String> = BTreeMap::new();
-        let mut infos: Vec<(String, &TensorInfo)> = metadata.tensors().into_iter().collect();
-        infos.sort_by(|a, b| a.0.cmp(&b.0));
-        for (raw, info) in infos {
-            let bytes = tensor_bytes(&raw, info, data)?;
-            let Some(key) = LoraKey::parse(&raw) else {
-                let (dtype, shape) = (info.dtype, info.shape.clone());
-                view.extras.insert(
-                    raw,
-                    ExtraView {
-                        dtype,
-                        shape,
-                        bytes,
-                    },
-                );
-                continue;
-            };
-            note_adapter_name(&mut view.adapter_name, key.adapter_name())?;
-            let entry = view_entry(&raw, key, info, bytes)?;
-            let canonical = entry.key.canonical().to_owned();
-            if let Some(first) = raw_names.insert(canonical.clone(), raw.clone()) {
-                return Err(Error::DuplicateKey {
-                    canonical,
-                    first,
-                    second: raw,
-                });
-            }
-            view.entries.insert(canonical, entry);
+        for entry in header.entries {
+            view.add(entry)?;
         }
         check_ranks(view.entries.values().map(|e| (&e.key, e.shape)))?;
         Ok(view)
+    }
+
+    /// Files one header entry as a LoRA matrix or an extra tensor.
+    fn add(&mut self, entry: HeaderEntry<'data>) -> Result<()> {
+        let Some(key) = LoraKey::parse(&entry.name) else {
+            let extra = ExtraView {
+                dtype: entry.dtype,
+                shape: entry.shape,
+                bytes: entry.bytes,
+            };
+            self.extras.insert(entry.name.into_owned(), extra);
+            return Ok(());
+        };
+        note_adapter_name(&mut self.adapter_name, key.adapter_name())?;
+        let view_entry = view_entry(&entry.name, key, entry.dtype, &entry.shape, entry.bytes)?;
+        let canonical = view_entry.key.canonical().to_owned();
+        if let Some(first) = self.entries.insert(canonical.clone(), view_entry) {
+            return Err(Error::DuplicateKey {
+                canonical,
+                first: first.raw.into_owned(),
+                second: entry.name.into_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// The LoRA hyper-parameters recorded in the file's `__metadata__`.
@@ -223,7 +223,7 @@ impl TensorSource for AdapterView<'_> {
     }
 }
 
-fn check_sizes(bytes: &[u8], limits: &ReadLimits) -> Result<()> {
+fn check_input_size(bytes: &[u8], limits: &ReadLimits) -> Result<()> {
     let len = bytes.len() as u64;
     if len > limits.max_bytes {
         return Err(Error::InputTooLarge {
@@ -231,25 +231,7 @@ fn check_sizes(bytes: &[u8], limits: &ReadLimits) -> Result<()> {
             limit: limits.max_bytes,
         });
     }
-    if let Some(prefix) = bytes.get(..8) {
-        let mut arr = [0u8; 8];
-        arr.copy_from_slice(prefix);
-        let declared = u64::from_le_bytes(arr);
-        if declared > limits.max_header_bytes {
-            return Err(Error::HeaderTooLarge {
-                declared,
-                limit: limits.max_header_bytes,
-            });
-        }
-    }
     Ok(())
-}
-
-fn read_config(metadata: &Metadata) -> Result<LoraConfig> {
-    match metadata.metadata() {
-        Some(map) => LoraConfig::from_metadata(map.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-        None => Ok(LoraConfig::default()),
-    }
 }
 
 fn note_adapter_name(seen: &mut Option<String>, found: Option<&str>) -> Result<()> {
@@ -267,38 +249,32 @@ fn note_adapter_name(seen: &mut Option<String>, found: Option<&str>) -> Result<(
     }
 }
 
-fn tensor_bytes<'data>(raw: &str, info: &TensorInfo, data: &'data [u8]) -> Result<&'data [u8]> {
-    let (start, end) = info.data_offsets;
-    let bytes = data
-        .get(start..end)
-        .ok_or_else(|| safetensors::SafeTensorError::InvalidOffset(raw.to_owned()))?;
-    Ok(bytes)
-}
-
 fn view_entry<'data>(
-    raw: &str,
+    raw: &Cow<'data, str>,
     key: LoraKey,
-    info: &TensorInfo,
+    dtype: Dtype,
+    shape: &[usize],
     bytes: &'data [u8],
 ) -> Result<ViewEntry<'data>> {
-    let shape: [usize; 2] = match info.shape.as_slice() {
+    let shape: [usize; 2] = match shape {
         &[rows, cols] => [rows, cols],
         other => {
             return Err(Error::NotAMatrix {
-                tensor: raw.to_owned(),
+                tensor: raw.to_string(),
                 shape: other.to_vec(),
             });
         }
     };
-    if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+    if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(Error::UnsupportedDtype {
-            tensor: raw.to_owned(),
-            dtype: info.dtype.to_string(),
+            tensor: raw.to_string(),
+            dtype: dtype.to_string(),
         });
     }
     Ok(ViewEntry {
+        raw: raw.clone(),
         key,
-        dtype: info.dtype,
+        dtype,
         shape,
         bytes,
     })

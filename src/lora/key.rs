@@ -47,12 +47,15 @@ pub enum LoraKind {
 /// // The canonical name drops the adapter name, as PEFT does when saving.
 /// assert_eq!(key.canonical(), "base_model.model.model.layers.7.self_attn.v_proj.lora_B.weight");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LoraKey {
+    /// `{module_path}.lora_A.weight` or `{module_path}.lora_embedding_A`.
     canonical: String,
-    module_path: String,
+    /// `canonical[..module_path_end]` is the module path.
+    module_path_end: usize,
+    /// `canonical[module_start..module_path_end]` is the module.
+    module_start: usize,
     layer: Option<usize>,
-    module: String,
     factor: Factor,
     kind: LoraKind,
     adapter_name: Option<String>,
@@ -61,26 +64,24 @@ pub struct LoraKey {
 impl LoraKey {
     /// Parses a tensor name; `None` when the name is not a LoRA `A`/`B` matrix
     /// (a bias, a DoRA magnitude vector, a fully trained `modules_to_save` copy…).
+    ///
+    /// Works on byte offsets with one allocation for the canonical name (plus
+    /// one for an adapter name): a server parses every key of every upload.
     pub fn parse(raw: &str) -> Option<LoraKey> {
-        let segments: Vec<&str> = raw.split('.').collect();
-        let (lora_at, factor, kind) = segments
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| lora_segment(s).map(|(f, k)| (i, f, k)))?;
-        let before = segments.get(..lora_at)?;
-        let after = segments.get(lora_at + 1..)?;
-        let adapter_name = adapter_name_from_suffix(after, kind)?;
-        if before.is_empty() {
+        let (lora_start, lora_len, factor, kind) = find_lora_segment(raw)?;
+        // The module path ends at the dot before the LoRA segment.
+        let module_path = raw.get(..lora_start.checked_sub(1)?)?;
+        if module_path.is_empty() {
             return None;
         }
-        let module_path = before.join(".");
-        let (layer, module) = split_layer(before);
-        let canonical = canonical_name(&module_path, factor, kind);
+        let suffix = raw.get(lora_start + lora_len..)?;
+        let adapter_name = adapter_name_from_suffix(suffix, kind)?;
+        let (layer, module_start) = find_layer(module_path);
         Some(LoraKey {
-            canonical,
-            module_path,
+            canonical: canonical_name(module_path, factor, kind),
+            module_path_end: module_path.len(),
+            module_start,
             layer,
-            module,
             factor,
             kind,
             adapter_name: adapter_name.map(str::to_owned),
@@ -98,7 +99,9 @@ impl LoraKey {
     /// `base_model.model.model.layers.0.self_attn.q_proj`. The `A` and `B`
     /// tensors of one adapted module share it.
     pub fn module_path(&self) -> &str {
-        &self.module_path
+        self.canonical
+            .get(..self.module_path_end)
+            .unwrap_or_default()
     }
 
     /// The transformer layer index: the first all-digit segment of the path,
@@ -110,7 +113,9 @@ impl LoraKey {
     /// The module within its layer (`self_attn.q_proj`, `mlp.down_proj`,
     /// `attn.c_attn`); the whole path when there is no layer index.
     pub fn module(&self) -> &str {
-        &self.module
+        self.canonical
+            .get(self.module_start..self.module_path_end)
+            .unwrap_or_default()
     }
 
     /// `A` or `B`.
@@ -130,6 +135,22 @@ impl LoraKey {
     }
 }
 
+/// Serialised as its canonical name (the adapter name is not kept).
+impl Serialize for LoraKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.canonical)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        LoraKey::parse(&raw).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{raw}` is not a LoRA A/B tensor name"))
+        })
+    }
+}
+
 impl fmt::Display for LoraKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.canonical)
@@ -146,36 +167,55 @@ fn lora_segment(segment: &str) -> Option<(Factor, LoraKind)> {
     }
 }
 
-/// Reads what follows the LoRA segment. Accepted, with `N` an adapter name:
-/// linear `weight` or `N.weight`; embedding nothing or `N` (PEFT stores
-/// embedding factors as bare parameters). Returns `None` (not a LoRA matrix)
-/// for anything else, such as `lora_B.bias`.
-fn adapter_name_from_suffix<'a>(after: &[&'a str], kind: LoraKind) -> Option<Option<&'a str>> {
-    match (kind, after) {
-        (LoraKind::Linear, ["weight"]) => Some(None),
-        (LoraKind::Linear, [name, "weight"]) if is_adapter_name(name) => Some(Some(*name)),
-        (LoraKind::Embedding, []) => Some(None),
-        (LoraKind::Embedding, [name]) if is_adapter_name(name) => Some(Some(*name)),
+/// `(byte offset, length, factor, kind)` of the first LoRA segment.
+fn find_lora_segment(raw: &str) -> Option<(usize, usize, Factor, LoraKind)> {
+    segments(raw).find_map(|(at, seg)| lora_segment(seg).map(|(f, k)| (at, seg.len(), f, k)))
+}
+
+/// Dot-separated segments with their byte offsets. Splits bytes rather than
+/// chars: `.` is ASCII, so every piece is still valid UTF-8, and the byte
+/// loop is several times cheaper than the `char` pattern searcher.
+fn segments(s: &str) -> impl Iterator<Item = (usize, &str)> {
+    s.as_bytes()
+        .split(|&b| b == b'.')
+        .scan(0usize, move |at, piece| {
+            let start = *at;
+            *at += piece.len() + 1;
+            Some((start, s.get(start..start + piece.len()).unwrap_or_default()))
+        })
+}
+
+/// Reads what follows the LoRA segment (`suffix` starts at the dot, or is
+/// empty). Accepted, with `N` an adapter name: linear `.weight` or
+/// `.N.weight`; embedding nothing or `.N` (PEFT stores embedding factors as
+/// bare parameters). Returns `None` (not a LoRA matrix) for anything else,
+/// such as `lora_B.bias`.
+fn adapter_name_from_suffix(suffix: &str, kind: LoraKind) -> Option<Option<&str>> {
+    if suffix.is_empty() {
+        return (kind == LoraKind::Embedding).then_some(None);
+    }
+    let rest = suffix.strip_prefix('.')?;
+    match (kind, rest.split_once('.')) {
+        (LoraKind::Linear, None) if rest == "weight" => Some(None),
+        (LoraKind::Linear, Some((name, "weight"))) if is_adapter_name(name) => Some(Some(name)),
+        (LoraKind::Embedding, None) if is_adapter_name(rest) => Some(Some(rest)),
         _ => None,
     }
 }
 
 fn is_adapter_name(segment: &str) -> bool {
-    !segment.is_empty() && segment != "weight" && segment != "bias"
+    !segment.is_empty() && !segment.contains('.') && segment != "weight" && segment != "bias"
 }
 
-fn split_layer(before: &[&str]) -> (Option<usize>, String) {
-    let numbered = before
-        .iter()
-        .enumerate()
-        .find_map(|(i, s)| parse_layer_index(s).map(|n| (i, n)));
-    match numbered {
-        Some((i, n)) => {
-            let module = before.get(i + 1..).unwrap_or_default().join(".");
-            (Some(n), module)
-        }
-        None => (None, before.join(".")),
-    }
+/// The first all-digit segment of the module path as the layer, and where
+/// the module (what follows it) starts; without one, the whole path is the
+/// module.
+fn find_layer(module_path: &str) -> (Option<usize>, usize) {
+    segments(module_path)
+        .find_map(|(at, seg)| parse_layer_index(seg).map(|n| (Some(n), at + seg.len() + 1)))
+        .map_or((None, 0), |(layer, start)| {
+            (layer, start.min(module_path.len()))
+        })
 }
 
 fn parse_layer_index(segment: &str) -> Option<usize> {
@@ -191,8 +231,14 @@ fn canonical_name(module_path: &str, factor: Factor, kind: LoraKind) -> String {
         Factor::A => "A",
         Factor::B => "B",
     };
-    match kind {
-        LoraKind::Linear => format!("{module_path}.lora_{factor}.weight"),
-        LoraKind::Embedding => format!("{module_path}.lora_embedding_{factor}"),
-    }
+    let (infix, suffix) = match kind {
+        LoraKind::Linear => (".lora_", ".weight"),
+        LoraKind::Embedding => (".lora_embedding_", ""),
+    };
+    let mut name = String::with_capacity(module_path.len() + infix.len() + 1 + suffix.len());
+    name.push_str(module_path);
+    name.push_str(infix);
+    name.push_str(factor);
+    name.push_str(suffix);
+    name
 }

@@ -7,6 +7,7 @@
 
 mod adapter;
 mod delta;
+mod header;
 mod io;
 mod key;
 mod source;
