@@ -38,7 +38,8 @@ const TRAIN: usize = 2_000;
 const DIM: usize = 40_960;
 
 fn out_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     target.join("probe-bench")
 }
 
@@ -59,7 +60,12 @@ fn write_dataset(x: &Array2<f32>, labels: &[Label]) {
 }
 
 /// Fits once outside criterion to report iterations and held-out AUC.
-fn report_fit(name: &str, trainer: &impl Trainer, data: &Split<'_>, results: &mut serde_json::Map<String, serde_json::Value>) {
+fn report_fit(
+    name: &str,
+    trainer: &impl Trainer,
+    data: &Split<'_>,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+) {
     let start = Instant::now();
     let model = trainer.fit(data.train_x, data.train_y).unwrap();
     let seconds = start.elapsed().as_secs_f64();
@@ -104,10 +110,24 @@ fn bench_training(c: &mut Criterion) {
     report_fit("logistic-lbfgs-early-stopping", &early, &data, &mut results);
     #[cfg(feature = "linfa")]
     if std::env::var_os("PROBE_BENCH_LINFA").is_some() {
-        report_fit("linfa-logistic", &safe_fedllm::probe::LinfaLogistic::default(), &data, &mut results);
-        report_fit("linfa-svm", &safe_fedllm::probe::LinfaSvm::default(), &data, &mut results);
+        report_fit(
+            "linfa-logistic",
+            &safe_fedllm::probe::LinfaLogistic::default(),
+            &data,
+            &mut results,
+        );
+        report_fit(
+            "linfa-svm",
+            &safe_fedllm::probe::LinfaSvm::default(),
+            &data,
+            &mut results,
+        );
     }
-    std::fs::write(out_dir().join("rust_results.json"), serde_json::Value::Object(results).to_string()).unwrap();
+    std::fs::write(
+        out_dir().join("rust_results.json"),
+        serde_json::Value::Object(results).to_string(),
+    )
+    .unwrap();
 
     let mut group = c.benchmark_group("probe_train_2000x40960");
     group.sample_size(10);
@@ -176,13 +196,19 @@ fn bench_scoring(c: &mut Criterion) {
     for dtype in [StorageDtype::F32, StorageDtype::Bf16] {
         let bytes = update.to_bytes(dtype).unwrap();
         for selection in [Selection::FirstLayerB, Selection::AllLayers] {
-            let probe = probe_for(FeatureConfig::new(selection.clone()).fit(&[&delta]).unwrap());
+            let probe = probe_for(
+                FeatureConfig::new(selection.clone())
+                    .fit(&[&delta])
+                    .unwrap(),
+            );
             group.bench_function(format!("{selection}/{dtype:?}"), |b| {
                 b.iter(|| score_bytes(&probe, black_box(&bytes), &base_view))
             });
         }
     }
-    let spec = FeatureConfig::new(Selection::AllLayers).fit(&[&delta]).unwrap();
+    let spec = FeatureConfig::new(Selection::AllLayers)
+        .fit(&[&delta])
+        .unwrap();
     let features = spec.transform(&delta).unwrap().values;
     let sketch = SketchConfig::default().build(spec.dim()).unwrap();
     let mut out = vec![0.0f32; sketch.output_dim()];

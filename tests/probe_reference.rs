@@ -12,7 +12,11 @@ use safe_fedllm::probe::{ClassWeight, Label, LogisticParams, Trainer};
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/probe/logistic.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/probe/logistic.json"
+    ))
+    .unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -20,12 +24,22 @@ fn labels(v: &Value) -> Vec<Label> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|l| if l.as_u64() == Some(1) { Label::Malicious } else { Label::Benign })
+        .map(|l| {
+            if l.as_u64() == Some(1) {
+                Label::Malicious
+            } else {
+                Label::Benign
+            }
+        })
         .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn matrix(v: &Value) -> Array2<f32> {
@@ -55,14 +69,23 @@ fn default_trainer_matches_sklearn_logistic_regression() {
         let ours = model.probabilities(x.view()).unwrap();
         let reference = floats(&case["probabilities"]);
         for (i, (p, r)) in ours.iter().zip(&reference).enumerate() {
-            assert!((f64::from(*p) - r).abs() < 1e-4, "{name} row {i}: {p} vs sklearn {r}");
+            assert!(
+                (f64::from(*p) - r).abs() < 1e-4,
+                "{name} row {i}: {p} vs sklearn {r}"
+            );
         }
         for (w, r) in model.weights.iter().zip(floats(&case["coef"])) {
-            assert!((f64::from(*w) - r).abs() < 1e-3 * (1.0 + r.abs()), "{name}: weight {w} vs {r}");
+            assert!(
+                (f64::from(*w) - r).abs() < 1e-3 * (1.0 + r.abs()),
+                "{name}: weight {w} vs {r}"
+            );
         }
         assert!((f64::from(model.bias) - case["intercept"].as_f64().unwrap()).abs() < 1e-3);
         let auc = roc_auc(&ours, &y).unwrap();
-        assert!((auc - case["roc_auc"].as_f64().unwrap()).abs() < 1e-9, "{name}: AUC {auc}");
+        assert!(
+            (auc - case["roc_auc"].as_f64().unwrap()).abs() < 1e-9,
+            "{name}: AUC {auc}"
+        );
     }
 }
 

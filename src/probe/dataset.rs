@@ -102,9 +102,7 @@ impl Manifest {
             .map(|(i, l)| parse_line(i + 1, l, root))
             .collect::<Result<Vec<_>>>()?;
         if entries.is_empty() {
-            return Err(Error::Empty {
-                what: "manifest",
-            });
+            return Err(Error::Empty { what: "manifest" });
         }
         Ok(Manifest { entries })
     }
@@ -148,7 +146,11 @@ impl Manifest {
     }
 
     /// One feature row per entry (sketched when `sketch` is given).
-    pub fn feature_matrix(&self, spec: &FeatureSpec, sketch: Option<&Sketch>) -> Result<Array2<f32>> {
+    pub fn feature_matrix(
+        &self,
+        spec: &FeatureSpec,
+        sketch: Option<&Sketch>,
+    ) -> Result<Array2<f32>> {
         let width = sketch.map_or(spec.dim(), Sketch::output_dim);
         let mut x = Array2::<f32>::zeros((self.entries.len(), width));
         let mut scratch = vec![0.0f32; if sketch.is_some() { spec.dim() } else { 0 }];
@@ -157,7 +159,11 @@ impl Manifest {
             let row = row.as_slice_mut().ok_or(Error::Empty {
                 what: "contiguous feature row",
             })?;
-            let target: &mut [f32] = if sketch.is_some() { &mut scratch } else { row_ref(row) };
+            let target: &mut [f32] = if sketch.is_some() {
+                &mut scratch
+            } else {
+                row_ref(row)
+            };
             entry_features(entry, spec, &mut bases, target)?;
             if let Some(sketch) = sketch {
                 sketch.project(&scratch, row)?;
@@ -216,7 +222,12 @@ struct BaseCache {
     bytes: HashMap<PathBuf, Vec<u8>>,
 }
 
-fn entry_features(entry: &ManifestEntry, spec: &FeatureSpec, bases: &mut BaseCache, out: &mut [f32]) -> Result<()> {
+fn entry_features(
+    entry: &ManifestEntry,
+    spec: &FeatureSpec,
+    bases: &mut BaseCache,
+    out: &mut [f32],
+) -> Result<()> {
     let base_bytes = match &entry.base {
         None => None,
         Some(path) => {
@@ -248,7 +259,10 @@ impl KeyShapes {
         let keys: Vec<LoraKey> = view.lora_keys().cloned().collect();
         let shapes = keys
             .iter()
-            .filter_map(|k| view.shape_of(k.canonical()).map(|s| (k.canonical().to_owned(), s)))
+            .filter_map(|k| {
+                view.shape_of(k.canonical())
+                    .map(|s| (k.canonical().to_owned(), s))
+            })
             .collect();
         KeyShapes { keys, shapes }
     }

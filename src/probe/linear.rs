@@ -148,10 +148,26 @@ impl LinearProbe {
             });
         }
         let z = dot(&self.weights, features) + f64::from(self.bias);
-        if z.is_nan() {
-            return Err(nan_logit_error(features));
+        if z.is_finite() {
+            return Ok(z);
         }
-        Ok(z)
+        // Only now pay for a scan: a non-finite input is rejected; finite
+        // inputs so large that wᵀx overflows give ±∞ (score 1 or 0) or, for
+        // ∞ − ∞, an error.
+        match first_non_finite(features) {
+            Some((column, value)) => Err(Error::NonFiniteFeature {
+                what: "probe input",
+                row: 0,
+                column,
+                value,
+            }),
+            None if z.is_nan() => Err(Error::NumericalFailure {
+                solver: "probe scoring",
+                iteration: 0,
+                detail: "wᵀx overflowed to ∞ − ∞ (feature values too large for f32)".into(),
+            }),
+            None => Ok(z),
+        }
     }
 }
 
@@ -166,24 +182,6 @@ impl Probe for LinearProbe {
 
     fn score_features(&self, features: &[f32]) -> Result<f32> {
         self.logit(features).map(|z| sigmoid(z) as f32)
-    }
-}
-
-/// A NaN logit comes from a non-finite input (weights are checked at
-/// construction) or from ∞ − ∞ after an overflow of huge finite inputs.
-fn nan_logit_error(features: &[f32]) -> Error {
-    match first_non_finite(features) {
-        Some((column, value)) => Error::NonFiniteFeature {
-            what: "probe input",
-            row: 0,
-            column,
-            value,
-        },
-        None => Error::NumericalFailure {
-            solver: "probe scoring",
-            iteration: 0,
-            detail: "wᵀx overflowed to ∞ − ∞ (feature values too large for f32)".into(),
-        },
     }
 }
 

@@ -17,13 +17,16 @@
 //!   tests and benchmarks.
 //!
 //! ```
-//! use safe_fedllm::probe::{Label, LogisticParams, Probe, ProbeBuilder, synthetic::SyntheticConfig};
+//! use safe_fedllm::probe::eval::{select_threshold, roc_auc, ThresholdRule};
+//! use safe_fedllm::probe::{LogisticParams, Trainer, synthetic::SyntheticConfig};
 //!
-//! // 200 synthetic L2-normalised feature rows, 30 % malicious.
-//! let (x, labels) = SyntheticConfig::new(200, 64).seed(3).generate()?;
-//! let model = ProbeBuilder::new(LogisticParams::default()).fit_matrix(x.view(), &labels)?;
-//! let score = model.score_features(x.row(0).as_slice().unwrap_or_default())?;
-//! assert!((0.0..=1.0).contains(&score));
+//! // 300 synthetic L2-normalised feature rows, 30 % malicious.
+//! let (x, labels) = SyntheticConfig::new(300, 64).separation(3.0).seed(3).generate()?;
+//! let model = LogisticParams::default().c(10.0).fit(x.view(), &labels)?;
+//! let scores = model.probabilities(x.view())?; // P(malicious) per row
+//! assert!(roc_auc(&scores, &labels)? > 0.9);
+//! let choice = select_threshold(&scores, &labels, ThresholdRule::TargetFalsePositiveRate(0.05))?;
+//! assert!(choice.confusion.false_positive_rate() <= 0.05);
 //! # Ok::<(), safe_fedllm::Error>(())
 //! ```
 
@@ -48,12 +51,12 @@ pub use dataset::{Manifest, ManifestEntry};
 pub use linear::{LinearProbe, ProbeInfo, TrainingSummary};
 pub use persist::{PROBE_FORMAT, PROBE_FORMAT_VERSION};
 pub use sketch::{Sketch, SketchConfig};
-#[cfg(feature = "linfa")]
-pub use train::{LinfaLogistic, LinfaSvm};
 pub use train::{
     ClassWeight, EarlyStopping, FitReport, Intercept, LinearModel, LogisticParams, ProbeBuilder,
     StopReason, Trainer, TrainerInfo, ValidLogisticParams,
 };
+#[cfg(feature = "linfa")]
+pub use train::{LinfaLogistic, LinfaSvm};
 
 /// Default decision threshold τ: a step is harmful when its score is ≥ 0.8
 /// (Safe-FedLLM reference default).

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::FeatureSpec;
 use crate::lora::{ReadLimits, read_file};
-use crate::probe::linear::{LinearProbe, ProbeInfo};
 use crate::probe::Probe;
+use crate::probe::linear::{LinearProbe, ProbeInfo};
 
 /// The `format` field of a saved probe's metadata.
 pub const PROBE_FORMAT: &str = "safe-fedllm-linear-probe";
@@ -57,13 +57,21 @@ impl LinearProbe {
             feature_spec: self.feature_spec().clone(),
             info: self.info().clone(),
         };
-        let json = serde_json::to_string(&metadata).map_err(|e| invalid("metadata", "", &e.to_string()))?;
-        let weight_bytes: Vec<u8> = self.weights().iter().flat_map(|w| w.to_le_bytes()).collect();
+        let json = serde_json::to_string(&metadata)
+            .map_err(|e| invalid("metadata", "", &e.to_string()))?;
+        let weight_bytes: Vec<u8> = self
+            .weights()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         let bias_bytes = self.bias().to_le_bytes();
         let weight = TensorView::new(Dtype::F32, vec![self.weights().len()], &weight_bytes)?;
         let bias = TensorView::new(Dtype::F32, vec![1], &bias_bytes)?;
         let meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
-        Ok(safetensors::serialize([("weight", weight), ("bias", bias)], Some(meta))?)
+        Ok(safetensors::serialize(
+            [("weight", weight), ("bias", bias)],
+            Some(meta),
+        )?)
     }
 
     /// Parses and validates bytes written by [`LinearProbe::to_bytes`].
@@ -79,16 +87,30 @@ impl LinearProbe {
                 present_in: "a saved probe",
                 missing_from: "this file",
             })?;
-        let metadata: Metadata = serde_json::from_str(json).map_err(|e| invalid(METADATA_KEY, "<json>", &e.to_string()))?;
+        let metadata: Metadata = serde_json::from_str(json)
+            .map_err(|e| invalid(METADATA_KEY, "<json>", &e.to_string()))?;
         check_format(&metadata)?;
         check_spec(&metadata.feature_spec)?;
         let dim = metadata.feature_spec.dim();
         let weights = read_f32(&tensors, "weight", dim)?;
-        let bias = read_f32(&tensors, "bias", 1)?.first().copied().unwrap_or(f32::NAN);
+        let bias = read_f32(&tensors, "bias", 1)?
+            .first()
+            .copied()
+            .unwrap_or(f32::NAN);
         if tensors.len() != 2 {
-            return Err(invalid("tensors", &tensors.names().join(", "), "a probe holds exactly `weight` and `bias`"));
+            return Err(invalid(
+                "tensors",
+                &tensors.names().join(", "),
+                "a probe holds exactly `weight` and `bias`",
+            ));
         }
-        LinearProbe::with_info(metadata.feature_spec, weights, bias, metadata.threshold, metadata.info)
+        LinearProbe::with_info(
+            metadata.feature_spec,
+            weights,
+            bias,
+            metadata.threshold,
+            metadata.info,
+        )
     }
 
     /// Writes the probe to a `.safetensors` file.
@@ -120,7 +142,11 @@ fn invalid(field: &str, value: &str, reason: &str) -> Error {
 
 fn check_format(metadata: &Metadata) -> Result<()> {
     if metadata.format != PROBE_FORMAT {
-        return Err(invalid("format", &metadata.format, "not a safe-fedllm linear probe"));
+        return Err(invalid(
+            "format",
+            &metadata.format,
+            "not a safe-fedllm linear probe",
+        ));
     }
     if metadata.format_version != PROBE_FORMAT_VERSION {
         return Err(invalid(
@@ -141,11 +167,18 @@ fn check_spec(spec: &FeatureSpec) -> Result<()> {
             return Err(invalid(
                 "feature_spec.layout",
                 &block.key,
-                &format!("block starts at {} but the previous block ends at {offset}", block.offset),
+                &format!(
+                    "block starts at {} but the previous block ends at {offset}",
+                    block.offset
+                ),
             ));
         }
         if previous.is_some_and(|p| p >= block.key.as_str()) {
-            return Err(invalid("feature_spec.layout", &block.key, "keys must be sorted and unique"));
+            return Err(invalid(
+                "feature_spec.layout",
+                &block.key,
+                "keys must be sorted and unique",
+            ));
         }
         previous = Some(&block.key);
         offset = block.shape[0]

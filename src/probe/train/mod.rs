@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::{FeatureConfig, FeatureSpec};
 use crate::lora::TensorSource;
+use crate::probe::dataset::Manifest;
 use crate::probe::kernels::{default_threads, dot, sigmoid, split_ranges};
 use crate::probe::linear::{LinearProbe, ProbeInfo, TrainingSummary, check_threshold};
 use crate::probe::sketch::{Sketch, SketchConfig};
@@ -326,6 +327,16 @@ impl<T: Trainer> ProbeBuilder<T> {
                 self.train(spec, projected.view(), labels, Some(&sketch))
             }
         }
+    }
+
+    /// Trains on the labelled adapters of a manifest, streaming: the layout is
+    /// fitted from file headers, then each file becomes its (sketched) row.
+    pub fn fit_manifest(&self, manifest: &Manifest) -> Result<LinearProbe> {
+        check_threshold(self.threshold)?;
+        let spec = manifest.fit_spec(&self.features)?;
+        let sketch = self.build_sketch(spec.dim())?;
+        let x = manifest.feature_matrix(&spec, sketch.as_ref())?;
+        self.train(spec, x.view(), &manifest.labels(), sketch.as_ref())
     }
 
     fn build_sketch(&self, dim: usize) -> Result<Option<Sketch>> {
