@@ -2,9 +2,9 @@
 //! of distributed learning in Byzantium").
 
 use crate::aggregate::coordinate::{median_of_sorted, sorted_reduce};
-use crate::aggregate::engine::{gram, row, sq_distances};
-use crate::aggregate::krum::{ranking, scores};
-use crate::aggregate::round::Round;
+use crate::aggregate::engine::{finite, gram, row, sq_distances};
+use crate::aggregate::krum::{poisoned, ranking, scores};
+use crate::aggregate::round::with_scan;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -41,27 +41,32 @@ impl Aggregator for Bulyan {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        let f = self.f;
-        round.require("bulyan", 4 * f + 3, format!("n ≥ 4f + 3 with f = {f}"))?;
-        let all = round.all();
-        let n = all.len();
-        let dist = sq_distances(&gram(&round, &all), n);
-        let theta = n - 2 * f;
-        let beta = theta - 2 * f;
-        let (selected, last_scores) = select(&dist, n, f, theta);
-        for (i, score) in last_scores.iter().enumerate() {
-            if let Some(score) = score {
-                round.exclude(i, ExclusionReason::NotSelected { score: *score });
+        with_scan(global, updates, |mut round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-        }
-        let values = sorted_reduce(&round, &selected, |sorted, len, m, out| {
-            closest_to_median_mean(sorted, len, m, beta, out);
-        });
-        round.coordinate_wise(&selected, values)
+            let f = self.f;
+            round.require("bulyan", 4 * f + 3, format!("n ≥ 4f + 3 with f = {f}"))?;
+            let all = round.all();
+            let n = all.len();
+            let g = gram(&round, &all);
+            if !finite(&g) {
+                return poisoned(&round);
+            }
+            let dist = sq_distances(&g, n);
+            let theta = n - 2 * f;
+            let beta = theta - 2 * f;
+            let (selected, last_scores) = select(&dist, n, f, theta);
+            for (i, score) in last_scores.iter().enumerate() {
+                if let Some(score) = score {
+                    round.exclude(i, ExclusionReason::NotSelected { score: *score });
+                }
+            }
+            let values = sorted_reduce(&round, &selected, |sorted, len, m, out| {
+                closest_to_median_mean(sorted, len, m, beta, out);
+            });
+            round.coordinate_wise(&selected, values)
+        })
     }
 }
 

@@ -1,9 +1,10 @@
 //! Norm clipping (Sun, Kairouz, Suresh, McMahan 2019, "Can you really backdoor
 //! federated learning?").
 
-use crate::aggregate::engine::sq_norms;
+use crate::aggregate::engine::{finite, sq_norms};
+use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -69,20 +70,22 @@ impl Aggregator for NormClipping {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        let members = round.all();
-        let norms: Vec<f64> = sq_norms(&round, &members)
-            .iter()
-            .map(|s| s.sqrt())
-            .collect();
-        let bound = match self.bound {
-            ClipBound::Fixed(m) => m,
-            ClipBound::MedianNorm => median(&norms).unwrap_or(0.0),
-        };
-        let scales: Vec<f64> = norms.iter().map(|&n| clip_scale(n, bound)).collect();
-        round.weighted_mean(&members, self.weighting, &scales)
+        with_scan(global, updates, |round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+            }
+            let members = round.all();
+            let squares = sq_norms(&round, &members);
+            if !finite(&squares) {
+                return poisoned(&round);
+            }
+            let norms: Vec<f64> = squares.iter().map(|s| s.sqrt()).collect();
+            let bound = match self.bound {
+                ClipBound::Fixed(m) => m,
+                ClipBound::MedianNorm => median(&norms).unwrap_or(0.0),
+            };
+            let scales: Vec<f64> = norms.iter().map(|&n| clip_scale(n, bound)).collect();
+            round.weighted_mean(&members, self.weighting, &scales)
+        })
     }
 }

@@ -2,7 +2,7 @@
 //! "Byzantine-robust distributed learning: towards optimal statistical rates").
 
 use crate::aggregate::engine::{self, row, sort_columns, sorting_network};
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -37,15 +37,16 @@ impl Aggregator for CoordinateMedian {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        let members = round.all();
-        let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
-            median_of_sorted(sorted, len, m, out)
-        });
-        round.coordinate_wise(&members, values)
+        with_scan(global, updates, |round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+            }
+            let members = round.all();
+            let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
+                median_of_sorted(sorted, len, m, out)
+            });
+            round.coordinate_wise(&members, values)
+        })
     }
 }
 
@@ -71,7 +72,13 @@ where
     let network = sorting_network(m);
     engine::map(round, members, Vec::new, |buf, chunk, out| {
         let len = sort_columns(chunk, &network, buf);
-        reduce(buf, len, m, out);
+        // The network permutes values (NaN included), so checking after
+        // sorting is as good as before; a NaN output makes the round rescan.
+        if engine::all_finite(buf) {
+            reduce(buf, len, m, out);
+        } else {
+            out.iter_mut().for_each(|o| *o = f32::NAN);
+        }
     })
 }
 
@@ -134,28 +141,29 @@ impl Aggregator for TrimmedMean {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        let m = round.clients.len();
-        let k = self.per_side(m);
-        round.require(
-            "trimmed_mean",
-            2 * k + 1,
-            format!("n > 2k with k = {k} per side"),
-        )?;
-        let members = round.all();
-        let kept = (m - 2 * k) as f32;
-        let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for r in k..m - k {
-                for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
-                    *o += v;
-                }
+        with_scan(global, updates, |round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-            out.iter_mut().for_each(|o| *o /= kept);
-        });
-        round.coordinate_wise(&members, values)
+            let m = round.clients.len();
+            let k = self.per_side(m);
+            round.require(
+                "trimmed_mean",
+                2 * k + 1,
+                format!("n > 2k with k = {k} per side"),
+            )?;
+            let members = round.all();
+            let kept = (m - 2 * k) as f32;
+            let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
+                out.iter_mut().for_each(|o| *o = 0.0);
+                for r in k..m - k {
+                    for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
+                        *o += v;
+                    }
+                }
+                out.iter_mut().for_each(|o| *o /= kept);
+            });
+            round.coordinate_wise(&members, values)
+        })
     }
 }

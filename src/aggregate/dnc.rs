@@ -4,7 +4,7 @@
 
 use crate::aggregate::linalg::symmetric_eigen;
 use crate::aggregate::rng::SplitMix64;
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{Round, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -209,6 +209,6 @@ impl Aggregator for DnC {
                 None => members.push(i),
             }
         }
-        round.weighted_mean(&members, self.weighting, &[])
+        scanned(round.weighted_mean(&members, self.weighting, &[])?)
     }
 }

@@ -212,21 +212,6 @@ pub(crate) fn first_non_finite_per_client(
         .collect()
 }
 
-/// Dot product with independent accumulators so it vectorises.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
-    let (b_main, b_tail) = b.split_at(b.len().min(a_main.len()));
-    for (x, y) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for k in 0..LANES {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Copies the chunk's updates Δᵢ = xᵢ − g into `buf` (m rows of `len`).
 pub(crate) fn deltas_into(chunk: &ChunkRef<'_>, buf: &mut Vec<f32>) {
     let len = chunk.len();
@@ -273,17 +258,7 @@ pub(crate) fn symmetric_total<'a>(parts: impl Iterator<Item = &'a [f64]>, m: usi
     total
 }
 
-/// Adds the lower triangle of one chunk's Gram matrix to `acc`.
-pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
-    let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
-    for (i, a) in rows.iter().enumerate() {
-        for (j, b) in rows.iter().enumerate().take(i + 1) {
-            if let Some(slot) = acc.get_mut(i * m + j) {
-                *slot += f64::from(dot(a, b));
-            }
-        }
-    }
-}
+pub(crate) use super::simd::gram_chunk;
 
 /// Squared norms ‖Δᵢ‖² of the selected clients' updates (one pass).
 pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
@@ -318,6 +293,11 @@ pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
         total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
     }
     total
+}
+
+/// True when every entry of a matrix is finite.
+pub(crate) fn finite(values: &[f64]) -> bool {
+    values.iter().all(|v| v.is_finite())
 }
 
 /// Squared Euclidean distances from a Gram matrix: ‖Δᵢ − Δⱼ‖² = Gᵢᵢ + Gⱼⱼ − 2Gᵢⱼ
@@ -421,18 +401,13 @@ pub(crate) fn sort_columns(
     for row in &chunk.rows {
         buf.extend_from_slice(row);
     }
-    for &(a, b) in network {
-        let (low, high) = buf.split_at_mut(b * len);
-        if let (Some(ra), Some(rb)) = (low.get_mut(a * len..(a + 1) * len), high.get_mut(..len)) {
-            for (x, y) in ra.iter_mut().zip(rb.iter_mut()) {
-                let (p, q) = (*x, *y);
-                let swap = q < p;
-                *x = if swap { q } else { p };
-                *y = if swap { p } else { q };
-            }
-        }
-    }
+    super::simd::sort_network(buf, len, network);
     len
+}
+
+/// True when every value is finite (a branch-free fold, so it vectorises).
+pub(crate) fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 /// Row `r` (of `len`) of a column-sorted buffer.
@@ -468,13 +443,5 @@ mod tests {
                 assert_eq!(v, expected, "m = {m}");
             }
         }
-    }
-
-    #[test]
-    fn dot_matches_naive() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.25).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-3);
     }
 }

@@ -1,6 +1,6 @@
 //! Security-weighted FedAvg with the Safe-FedLLM safety gate.
 
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -109,11 +109,14 @@ impl Aggregator for FedAvg {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let round = Round::prepare(global, updates)?;
-        if let Some(reason) = safety_gate(&round, self.skip_avg_weight) {
-            return Ok(round.skip(reason));
-        }
-        let members = round.all();
-        round.weighted_mean(&members, self.weighting, &[])
+        with_scan(global, updates, |round| {
+            if let Some(reason) = safety_gate(&round, self.skip_avg_weight) {
+                // Unscanned, the mean counts non-finite updates at their
+                // factor: rescan so the report lists them.
+                return Ok((!round.deferred).then(|| round.skip(reason)));
+            }
+            let members = round.all();
+            round.weighted_mean(&members, self.weighting, &[])
+        })
     }
 }

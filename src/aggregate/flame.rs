@@ -3,9 +3,10 @@
 
 use crate::aggregate::clipping::clip_scale;
 use crate::aggregate::engine::{self, gram};
+use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
 use crate::aggregate::rng::{gaussian_at, mix};
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, Outcome, SkipReason, Weighting,
 };
@@ -178,55 +179,61 @@ impl Aggregator for Flame {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        let all = round.all();
-        let m = all.len();
-        let g = gram(&round, &all);
-        let norms: Vec<f64> = (0..m)
-            .map(|i| g.get(i * m + i).copied().unwrap_or(0.0).max(0.0).sqrt())
-            .collect();
-        let mut cosine_distance = vec![0.0; m * m];
-        for i in 0..m {
-            for j in 0..m {
-                let denom = norms[i] * norms[j];
-                let cos = if denom > 0.0 {
-                    g.get(i * m + j).copied().unwrap_or(0.0) / denom
+        with_scan(global, updates, |mut round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+            }
+            let all = round.all();
+            let m = all.len();
+            let g = gram(&round, &all);
+            if !engine::finite(&g) {
+                return poisoned(&round);
+            }
+            let norms: Vec<f64> = (0..m)
+                .map(|i| g.get(i * m + i).copied().unwrap_or(0.0).max(0.0).sqrt())
+                .collect();
+            let mut cosine_distance = vec![0.0; m * m];
+            for i in 0..m {
+                for j in 0..m {
+                    let denom = norms[i] * norms[j];
+                    let cos = if denom > 0.0 {
+                        g.get(i * m + j).copied().unwrap_or(0.0) / denom
+                    } else {
+                        0.0
+                    };
+                    cosine_distance[i * m + j] = if i == j { 0.0 } else { 1.0 - cos };
+                }
+            }
+            let (admitted, link) = majority_cluster(&cosine_distance, m);
+            let bound = median(&norms).unwrap_or(0.0);
+            let mut members = Vec::new();
+            let mut scales = Vec::new();
+            for i in 0..m {
+                if admitted[i] {
+                    members.push(i);
+                    scales.push(clip_scale(norms[i], bound));
                 } else {
-                    0.0
-                };
-                cosine_distance[i * m + j] = if i == j { 0.0 } else { 1.0 - cos };
+                    round.exclude(
+                        i,
+                        ExclusionReason::OutsideMajorityCluster {
+                            link_distance: link[i],
+                        },
+                    );
+                }
             }
-        }
-        let (admitted, link) = majority_cluster(&cosine_distance, m);
-        let bound = median(&norms).unwrap_or(0.0);
-        let mut members = Vec::new();
-        let mut scales = Vec::new();
-        for i in 0..m {
-            if admitted[i] {
-                members.push(i);
-                scales.push(clip_scale(norms[i], bound));
-            } else {
-                round.exclude(
-                    i,
-                    ExclusionReason::OutsideMajorityCluster {
-                        link_distance: link[i],
-                    },
-                );
+            let Some(mut result) = round.weighted_mean(&members, self.weighting, &scales)? else {
+                return Ok(None);
+            };
+            let round_seed = mix(self.seed ^ mix(self.rounds));
+            self.rounds += 1;
+            let sigma = self.noise_lambda * bound;
+            if sigma > 0.0
+                && let Outcome::Updated(adapter) = &mut result.outcome
+            {
+                add_noise(adapter, sigma, round_seed);
             }
-        }
-        let mut result = round.weighted_mean(&members, self.weighting, &scales)?;
-        let round_seed = mix(self.seed ^ mix(self.rounds));
-        self.rounds += 1;
-        let sigma = self.noise_lambda * bound;
-        if sigma > 0.0
-            && let Outcome::Updated(adapter) = &mut result.outcome
-        {
-            add_noise(adapter, sigma, round_seed);
-        }
-        Ok(result)
+            Ok(Some(result))
+        })
     }
 }
 

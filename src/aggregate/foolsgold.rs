@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::engine::{self, deltas_into, gram_chunk, spans};
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::round::{Round, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -189,7 +189,7 @@ impl Aggregator for FoolsGold {
         }
         weights.iter_mut().for_each(|w| *w /= total);
         // Σ wᵢ = 1 and no scaling: the mean of Δ added to g equals Σ wᵢxᵢ.
-        round.combination(&kept, &weights, &[])
+        scanned(round.combination(&kept, &weights, &[])?)
     }
 }
 

@@ -2,8 +2,9 @@
 //! Harchaoui, IEEE Trans. Signal Processing 2022, "Robust aggregation for
 //! federated learning").
 
-use crate::aggregate::engine::gram;
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::engine::{finite, gram};
+use crate::aggregate::krum::poisoned;
+use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -160,28 +161,32 @@ impl Aggregator for GeometricMedian {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
-        let mut members = Vec::new();
-        let mut alpha = Vec::new();
-        for i in round.all() {
-            let a = round.raw_weight(i, self.weighting);
-            if a > 0.0 {
-                members.push(i);
-                alpha.push(a);
-            } else {
-                round.exclude(i, ExclusionReason::ZeroWeight);
+        with_scan(global, updates, |mut round| {
+            let mut members = Vec::new();
+            let mut alpha = Vec::new();
+            for i in round.all() {
+                let a = round.raw_weight(i, self.weighting);
+                if a > 0.0 {
+                    members.push(i);
+                    alpha.push(a);
+                } else {
+                    round.exclude(i, ExclusionReason::ZeroWeight);
+                }
             }
-        }
-        if members.is_empty() {
-            let reason = if round.clients.is_empty() {
-                SkipReason::NoClientLeft
-            } else {
-                SkipReason::ZeroTotalWeight
-            };
-            return Ok(round.skip(reason));
-        }
-        let g = gram(&round, &members);
-        let c = self.solve(&g, &alpha);
-        round.combination(&members, &c, &[])
+            if members.is_empty() {
+                let reason = if round.clients.is_empty() {
+                    SkipReason::NoClientLeft
+                } else {
+                    SkipReason::ZeroTotalWeight
+                };
+                return Ok(Some(round.skip(reason)));
+            }
+            let g = gram(&round, &members);
+            if !finite(&g) {
+                return poisoned(&round);
+            }
+            let c = self.solve(&g, &alpha);
+            round.combination(&members, &c, &[])
+        })
     }
 }

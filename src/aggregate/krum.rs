@@ -1,8 +1,8 @@
 //! Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017,
 //! "Machine learning with adversaries: Byzantine tolerant gradient descent").
 
-use crate::aggregate::engine::{gram, sq_distances};
-use crate::aggregate::round::{Round, param_error};
+use crate::aggregate::engine::{finite, gram, sq_distances};
+use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -115,18 +115,36 @@ pub(crate) fn ranking(scores: &[f64]) -> Vec<usize> {
     order
 }
 
+/// A first pass met a non-finite value: rescan (deferred) or report the
+/// overflow of finite inputs (scanned).
+pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
+    if round.deferred {
+        Ok(None)
+    } else {
+        Err(crate::Error::NonFinite {
+            tensor: "Gram matrix of the updates".into(),
+            index: 0,
+            value: f32::INFINITY,
+        })
+    }
+}
+
 fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
     round.require(rule, 2 * f + 3, format!("n ≥ 2f + 3 with f = {f}"))
 }
 
-/// Scores every usable client; returns (scores, ranking, distance matrix).
-fn score_round(round: &Round<'_>, f: usize) -> (Vec<f64>, Vec<usize>, Vec<f64>) {
+/// Scores every usable client; `None` when the Gram matrix is not finite.
+fn score_round(round: &Round<'_>, f: usize) -> Option<(Vec<f64>, Vec<usize>, Vec<f64>)> {
     let members = round.all();
     let n = members.len();
-    let dist = sq_distances(&gram(round, &members), n);
+    let g = gram(round, &members);
+    if !finite(&g) {
+        return None;
+    }
+    let dist = sq_distances(&g, n);
     let s = scores(&dist, n, n.saturating_sub(f + 2).max(1));
     let order = ranking(&s);
-    (s, order, dist)
+    Some((s, order, dist))
 }
 
 impl Aggregator for Krum {
@@ -139,41 +157,44 @@ impl Aggregator for Krum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        check_n(&round, "krum", self.f)?;
-        let (s, order, dist) = score_round(&round, self.f);
-        let n = s.len();
-        let Some(&winner) = order.first() else {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        };
-        let members = match self.variant {
-            KrumVariant::Paper => vec![winner],
-            KrumVariant::WinnerNeighbourhood => {
-                let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
-                near.sort_by(|&a, &b| {
-                    let d = |j: usize| dist.get(winner * n + j).copied().unwrap_or(0.0);
-                    d(a).total_cmp(&d(b))
-                });
-                near.truncate(n.saturating_sub(self.f + 2).max(1));
-                near.insert(0, winner);
-                near.sort_unstable();
-                near
+        with_scan(global, updates, |mut round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-        };
-        for i in 0..n {
-            if !members.contains(&i) {
-                round.exclude(
-                    i,
-                    ExclusionReason::NotSelected {
-                        score: s.get(i).copied().unwrap_or(0.0),
-                    },
-                );
+            check_n(&round, "krum", self.f)?;
+            let Some((s, order, dist)) = score_round(&round, self.f) else {
+                return poisoned(&round);
+            };
+            let n = s.len();
+            let Some(&winner) = order.first() else {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+            };
+            let members = match self.variant {
+                KrumVariant::Paper => vec![winner],
+                KrumVariant::WinnerNeighbourhood => {
+                    let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
+                    near.sort_by(|&a, &b| {
+                        let d = |j: usize| dist.get(winner * n + j).copied().unwrap_or(0.0);
+                        d(a).total_cmp(&d(b))
+                    });
+                    near.truncate(n.saturating_sub(self.f + 2).max(1));
+                    near.insert(0, winner);
+                    near.sort_unstable();
+                    near
+                }
+            };
+            for i in 0..n {
+                if !members.contains(&i) {
+                    round.exclude(
+                        i,
+                        ExclusionReason::NotSelected {
+                            score: s.get(i).copied().unwrap_or(0.0),
+                        },
+                    );
+                }
             }
-        }
-        round.weighted_mean(&members, Weighting::Uniform, &[])
+            round.weighted_mean(&members, Weighting::Uniform, &[])
+        })
     }
 }
 
@@ -187,23 +208,26 @@ impl Aggregator for MultiKrum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
-        if round.clients.is_empty() {
-            return Ok(round.skip(SkipReason::NoClientLeft));
-        }
-        check_n(&round, "multi_krum", self.f)?;
-        round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
-        let (s, order, _) = score_round(&round, self.f);
-        let mut members: Vec<usize> = order.iter().take(self.m).copied().collect();
-        members.sort_unstable();
-        for &i in order.iter().skip(self.m) {
-            round.exclude(
-                i,
-                ExclusionReason::NotSelected {
-                    score: s.get(i).copied().unwrap_or(0.0),
-                },
-            );
-        }
-        round.weighted_mean(&members, self.weighting, &[])
+        with_scan(global, updates, |mut round| {
+            if round.clients.is_empty() {
+                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+            }
+            check_n(&round, "multi_krum", self.f)?;
+            round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
+            let Some((s, order, _)) = score_round(&round, self.f) else {
+                return poisoned(&round);
+            };
+            let mut members: Vec<usize> = order.iter().take(self.m).copied().collect();
+            members.sort_unstable();
+            for &i in order.iter().skip(self.m) {
+                round.exclude(
+                    i,
+                    ExclusionReason::NotSelected {
+                        score: s.get(i).copied().unwrap_or(0.0),
+                    },
+                );
+            }
+            round.weighted_mean(&members, self.weighting, &[])
+        })
     }
 }

@@ -107,6 +107,7 @@ mod krum;
 mod linalg;
 mod rng;
 mod round;
+mod simd;
 
 pub use bulyan::Bulyan;
 pub use clipping::{ClipBound, NormClipping};

@@ -97,6 +97,35 @@ pub(crate) struct Round<'a> {
     pub factor_sum: f64,
     /// Number of submitted clients.
     pub submitted: usize,
+    /// True when the updates were not scanned for non-finite values yet: the
+    /// rule's first pass detects them instead (see [`with_scan`]).
+    pub deferred: bool,
+}
+
+/// Runs a rule with a deferred non-finite scan.
+///
+/// Scanning every update for NaN/∞ before aggregating costs a full read of
+/// the inputs, as much as FedAvg itself. Instead the rule runs on an unscanned
+/// round; its first pass notices non-finite inputs (a non-finite Gram
+/// diagonal, output or sorted chunk) and returns `None`; only then are the
+/// updates scanned one by one, the offenders excluded, and the rule rerun.
+/// Results never contain a value computed from a non-finite input.
+pub(crate) fn with_scan<'a, F>(
+    global: &'a LoraAdapter,
+    updates: &[ClientUpdate<'a>],
+    mut run: F,
+) -> Result<crate::aggregate::Aggregation>
+where
+    F: FnMut(Round<'a>) -> Result<Option<crate::aggregate::Aggregation>>,
+{
+    if let Some(done) = run(Round::prepare_deferred(global, updates)?)? {
+        return Ok(done);
+    }
+    run(Round::prepare(global, updates)?)?.ok_or(Error::NonFinite {
+        tensor: "aggregation result".into(),
+        index: 0,
+        value: f32::NAN,
+    })
 }
 
 /// Checks what can be checked without reading tensor values: a non-empty
@@ -160,6 +189,16 @@ fn check_layout(global: &LoraAdapter, update: &ClientUpdate<'_>) -> Result<()> {
 impl<'a> Round<'a> {
     /// Validates the round and sets aside non-finite updates.
     pub fn prepare(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>]) -> Result<Self> {
+        Self::build(global, updates, true)
+    }
+
+    /// Validates headers only; every client is taken as usable and the rule
+    /// must detect non-finite values in its first pass (see [`with_scan`]).
+    pub fn prepare_deferred(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>]) -> Result<Self> {
+        Self::build(global, updates, false)
+    }
+
+    fn build(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>], scan: bool) -> Result<Self> {
         validate_headers(global, updates)?;
         global.check_finite()?;
         let mut offsets = Vec::with_capacity(global.len());
@@ -177,8 +216,13 @@ impl<'a> Round<'a> {
             exclusions: Vec::new(),
             factor_sum: 0.0,
             submitted: updates.len(),
+            deferred: !scan,
         };
-        let verdicts = super::engine::first_non_finite_per_client(global, updates);
+        let verdicts = if scan {
+            super::engine::first_non_finite_per_client(global, updates)
+        } else {
+            vec![None; updates.len()]
+        };
         for (update, verdict) in updates.iter().zip(verdicts) {
             match verdict {
                 Some((tensor, index, value)) => round.exclusions.push(Exclusion {
@@ -244,13 +288,29 @@ impl<'a> Round<'a> {
     }
 
     /// Builds the new global adapter from one value vector per segment.
-    pub fn assemble(&self, segments: Vec<Vec<f32>>) -> Result<LoraAdapter> {
+    ///
+    /// `None` when the values are not all finite in deferred mode (the rule
+    /// must rerun after a scan); in scanned mode a non-finite result (an f32
+    /// overflow of finite inputs) is [`Error::NonFinite`].
+    pub fn assemble(&self, segments: Vec<Vec<f32>>) -> Result<Option<LoraAdapter>> {
+        for (entry, values) in self.template.iter().zip(&segments) {
+            if let Some((index, value)) = crate::lora::tensor::first_non_finite(values) {
+                if self.deferred {
+                    return Ok(None);
+                }
+                return Err(Error::NonFinite {
+                    tensor: format!("aggregated {}", entry.key.canonical()),
+                    index,
+                    value,
+                });
+            }
+        }
         let mut out = empty_like(self.template);
         for (entry, values) in self.template.iter().zip(segments) {
             let tensor = LoraTensor::new(entry.key.canonical(), entry.tensor.shape(), values)?;
             out.insert_parsed(entry.key.clone(), tensor);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
@@ -274,10 +334,10 @@ impl Round<'_> {
         members: &[usize],
         weighting: Weighting,
         scales: &[f64],
-    ) -> Result<crate::aggregate::Aggregation> {
+    ) -> Result<Option<crate::aggregate::Aggregation>> {
         use crate::aggregate::SkipReason;
         if members.is_empty() {
-            return Ok(self.skip(SkipReason::NoClientLeft));
+            return Ok(Some(self.skip(SkipReason::NoClientLeft)));
         }
         let raw: Vec<f64> = members
             .iter()
@@ -297,7 +357,7 @@ impl Round<'_> {
             }
         }
         if kept.is_empty() || !(total > 0.0 && total.is_finite()) {
-            return Ok(self.skip(SkipReason::ZeroTotalWeight));
+            return Ok(Some(self.skip(SkipReason::ZeroTotalWeight)));
         }
         self.combination(&kept, &weights, &kept_scales)
     }
@@ -309,7 +369,7 @@ impl Round<'_> {
         members: &[usize],
         weights: &[f64],
         scales: &[f64],
-    ) -> Result<crate::aggregate::Aggregation> {
+    ) -> Result<Option<crate::aggregate::Aggregation>> {
         use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
         let scale = |k: usize| scales.get(k).copied().unwrap_or(1.0);
         let coefs: Vec<f32> = weights
@@ -330,7 +390,9 @@ impl Round<'_> {
                 .sum::<f64>()) as f32
         };
         let values = super::engine::combine(&self, members, &coefs, g_coef);
-        let adapter = self.assemble(values)?;
+        let Some(adapter) = self.assemble(values)? else {
+            return Ok(None);
+        };
         let contributions = members
             .iter()
             .zip(weights)
@@ -342,11 +404,11 @@ impl Round<'_> {
                 scale: scale(k),
             })
             .collect();
-        Ok(Aggregation {
+        Ok(Some(Aggregation {
             outcome: Outcome::Updated(adapter),
             contributions,
             exclusions: self.exclusions,
-        })
+        }))
     }
 
     /// Wraps coordinate-wise values computed over `members` into an aggregation
@@ -355,9 +417,11 @@ impl Round<'_> {
         self,
         members: &[usize],
         values: Vec<Vec<f32>>,
-    ) -> Result<crate::aggregate::Aggregation> {
+    ) -> Result<Option<crate::aggregate::Aggregation>> {
         use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
-        let adapter = self.assemble(values)?;
+        let Some(adapter) = self.assemble(values)? else {
+            return Ok(None);
+        };
         let weight = 1.0 / members.len().max(1) as f64;
         let contributions = members
             .iter()
@@ -368,11 +432,11 @@ impl Round<'_> {
                 scale: 1.0,
             })
             .collect();
-        Ok(Aggregation {
+        Ok(Some(Aggregation {
             outcome: Outcome::Updated(adapter),
             contributions,
             exclusions: self.exclusions,
-        })
+        }))
     }
 
     /// Fails with [`Error::TooFewClients`] unless at least `required` clients are usable.
@@ -387,6 +451,18 @@ impl Round<'_> {
         }
         Ok(())
     }
+}
+
+/// Unwraps the result of a rule run on a scanned round (where `None` cannot
+/// occur: [`Round::assemble`] reports a non-finite result as an error).
+pub(crate) fn scanned(
+    result: Option<crate::aggregate::Aggregation>,
+) -> Result<crate::aggregate::Aggregation> {
+    result.ok_or(Error::NonFinite {
+        tensor: "aggregation result".into(),
+        index: 0,
+        value: f32::NAN,
+    })
 }
 
 /// A rule parameter error.
