@@ -56,7 +56,9 @@ impl Aggregator for Bulyan {
             let dist = sq_distances(&g, n);
             let theta = n - 2 * f;
             let beta = theta - 2 * f;
-            let (selected, last_scores) = select(&dist, n, f, theta);
+            let ids: Vec<&crate::aggregate::ClientId> =
+                round.clients.iter().map(|c| &c.id).collect();
+            let (selected, last_scores) = select(&dist, &ids, f, theta);
             for (i, score) in last_scores.iter().enumerate() {
                 if let Some(score) = score {
                     round.exclude(i, ExclusionReason::NotSelected { score: *score });
@@ -72,7 +74,13 @@ impl Aggregator for Bulyan {
 
 /// Recursive Krum: θ picks from n; returns the picks (sorted) and, for
 /// clients never picked, their score in the last step.
-fn select(dist: &[f64], n: usize, f: usize, theta: usize) -> (Vec<usize>, Vec<Option<f64>>) {
+fn select<K: Ord>(
+    dist: &[f64],
+    keys: &[K],
+    f: usize,
+    theta: usize,
+) -> (Vec<usize>, Vec<Option<f64>>) {
+    let n = keys.len();
     let mut remaining: Vec<usize> = (0..n).collect();
     let mut picked = Vec::with_capacity(theta);
     let mut last = vec![None; n];
@@ -89,7 +97,8 @@ fn select(dist: &[f64], n: usize, f: usize, theta: usize) -> (Vec<usize>, Vec<Op
                 *slot = s.get(k).copied();
             }
         }
-        let Some(&best) = ranking(&s).first() else {
+        let sub_keys: Vec<&K> = remaining.iter().filter_map(|&i| keys.get(i)).collect();
+        let Some(&best) = ranking(&s, &sub_keys).first() else {
             break;
         };
         picked.push(remaining.remove(best));

@@ -4,7 +4,7 @@
 use crate::aggregate::engine::{finite, gram, sq_distances};
 use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{
-    Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
+    Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -104,13 +104,17 @@ pub(crate) fn scores(dist: &[f64], m: usize, closest: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Member positions sorted by ascending score (ties: earlier first).
-pub(crate) fn ranking(scores: &[f64]) -> Vec<usize> {
+/// Member positions sorted by ascending score. Exact ties (common: two
+/// mutual nearest neighbours with one neighbour counted have equal scores)
+/// go to the smaller key, the client id, so the choice does not depend on
+/// the order in which updates arrive.
+pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| {
         let (sa, sb) = (scores.get(a), scores.get(b));
         sa.zip(sb)
             .map_or(std::cmp::Ordering::Equal, |(x, y)| x.total_cmp(y))
+            .then_with(|| keys.get(a).cmp(&keys.get(b)))
     });
     order
 }
@@ -143,7 +147,8 @@ fn score_round(round: &Round<'_>, f: usize) -> Option<(Vec<f64>, Vec<usize>, Vec
     }
     let dist = sq_distances(&g, n);
     let s = scores(&dist, n, n.saturating_sub(f + 2).max(1));
-    let order = ranking(&s);
+    let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
+    let order = ranking(&s, &ids);
     Some((s, order, dist))
 }
 

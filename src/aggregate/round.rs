@@ -118,8 +118,12 @@ pub(crate) fn with_scan<'a, F>(
 where
     F: FnMut(Round<'a>) -> Result<Option<crate::aggregate::Aggregation>>,
 {
-    if let Some(done) = run(Round::prepare_deferred(global, updates)?)? {
-        return Ok(done);
+    match run(Round::prepare_deferred(global, updates)?) {
+        Ok(Some(done)) => return Ok(done),
+        // Unscanned, non-finite updates still count towards the rule's size
+        // constraint; only a scanned round may fail it.
+        Ok(None) | Err(Error::TooFewClients { .. }) => {}
+        Err(other) => return Err(other),
     }
     run(Round::prepare(global, updates)?)?.ok_or(Error::NonFinite {
         tensor: "aggregation result".into(),
