@@ -26,9 +26,12 @@ use crate::error::{Error, Result};
 /// override the last score with [`with_last_step_score`](Self::with_last_step_score)
 /// and [`with_shadow_last_score`](Self::with_shadow_last_score).
 ///
+/// Absent fields deserialise to their defaults (no scores, 0 samples).
+///
 /// Which of these evidence fields the server can verify is discussed in the
 /// [`trail`](super::trail) module.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClientEvidence {
     /// Samples the client trained on this round (`len(sub_dataset)`).
     pub samples: u64,
