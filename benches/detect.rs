@@ -17,8 +17,8 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use safe_fedllm::aggregate::FedAvg;
 use safe_fedllm::detect::{
-    AnyDetector, ClientEvidence, ClientId, ClientLevel, ClientReport, DefendedRound,
-    DefenseLevel, Detector, StepRecorder,
+    AnyDetector, ClientEvidence, ClientId, ClientLevel, ClientReport, DefendedRound, DefenseLevel,
+    Detector, StepRecorder,
 };
 use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
@@ -71,7 +71,9 @@ fn probe(base: &LoraAdapter, sample: &LoraAdapter) -> LinearProbe {
 
 fn bench_step_scoring(c: &mut Criterion) {
     let base = llama8b_adapter(1);
-    let steps: Vec<LoraAdapter> = (0..STEPS as u64).map(|i| llama8b_adapter(100 + i)).collect();
+    let steps: Vec<LoraAdapter> = (0..STEPS as u64)
+        .map(|i| llama8b_adapter(100 + i))
+        .collect();
     let probe = probe(&base, &steps[0]);
     let mut group = c.benchmark_group("detect_step_scoring");
     group.sample_size(10);
