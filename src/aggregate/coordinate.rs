@@ -1,7 +1,7 @@
 //! Coordinate-wise rules: median and trimmed mean (Yin et al., ICML 2018,
 //! "Byzantine-robust distributed learning: towards optimal statistical rates").
 
-use crate::aggregate::engine::{self, row, sort_columns, sorting_network};
+use crate::aggregate::engine::{self, pruned_network, row, sort_columns, sorting_network};
 use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
 use crate::error::Result;
@@ -42,9 +42,13 @@ impl Aggregator for CoordinateMedian {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             let members = round.all();
-            let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
-                median_of_sorted(sorted, len, m, out)
-            });
+            let m = members.len();
+            let values = sorted_reduce(
+                &round,
+                &members,
+                (m - 1) / 2..m / 2 + 1,
+                |sorted, len, m, out| median_of_sorted(sorted, len, m, out),
+            );
             round.coordinate_wise(&members, values)
         })
     }
@@ -63,13 +67,18 @@ pub(crate) fn median_of_sorted(sorted: &[f32], len: usize, m: usize, out: &mut [
 }
 
 /// Maps `reduce(sorted_buffer, len, m, out)` over chunks whose columns were
-/// sorted across the `members`.
-pub(crate) fn sorted_reduce<F>(round: &Round<'_>, members: &[usize], reduce: F) -> Vec<Vec<f32>>
+/// sorted across the `members` (only sorted rows `rows` are reliable).
+pub(crate) fn sorted_reduce<F>(
+    round: &Round<'_>,
+    members: &[usize],
+    rows: std::ops::Range<usize>,
+    reduce: F,
+) -> Vec<Vec<f32>>
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
 {
     let m = members.len();
-    let network = sorting_network(m);
+    let network = pruned_network(&sorting_network(m), rows);
     engine::map(round, members, Vec::new, |buf, chunk, out| {
         let len = sort_columns(chunk, &network, buf);
         // The network permutes values (NaN included), so checking after
@@ -154,7 +163,7 @@ impl Aggregator for TrimmedMean {
             )?;
             let members = round.all();
             let kept = (m - 2 * k) as f32;
-            let values = sorted_reduce(&round, &members, |sorted, len, m, out| {
+            let values = sorted_reduce(&round, &members, k..m - k, |sorted, len, m, out| {
                 out.iter_mut().for_each(|o| *o = 0.0);
                 for r in k..m - k {
                     for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {

@@ -388,6 +388,38 @@ pub(crate) fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// The comparators of `network` that can affect output rows `rows`: walking
+/// backwards, a comparator is kept when one of its rows is needed, and then
+/// both become needed. The median needs two rows of m and drops ~20% of
+/// Batcher's comparators; rows outside `rows` end up in arbitrary order.
+pub(crate) fn pruned_network(
+    network: &[(usize, usize)],
+    rows: std::ops::Range<usize>,
+) -> Vec<(usize, usize)> {
+    let size = network
+        .iter()
+        .map(|&(_, b)| b + 1)
+        .max()
+        .unwrap_or(0)
+        .max(rows.end);
+    let mut needed: Vec<bool> = (0..size).map(|r| rows.contains(&r)).collect();
+    let mut kept = Vec::with_capacity(network.len());
+    for &(a, b) in network.iter().rev() {
+        let hit =
+            needed.get(a).copied().unwrap_or(false) || needed.get(b).copied().unwrap_or(false);
+        if hit {
+            kept.push((a, b));
+            for r in [a, b] {
+                if let Some(slot) = needed.get_mut(r) {
+                    *slot = true;
+                }
+            }
+        }
+    }
+    kept.reverse();
+    kept
+}
+
 /// Copies the chunk's rows into `buf` (m rows of `len`) and sorts every column
 /// (coordinate) with the network: afterwards row r holds each coordinate's
 /// r-th smallest value. Branch-free min/max over whole rows, so it vectorises.
@@ -418,6 +450,32 @@ pub(crate) fn row(buf: &[f32], len: usize, r: usize) -> &[f32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruned_network_still_places_the_needed_rows() {
+        let mut state = 99u64;
+        for m in 2..=30 {
+            let rows = (m - 1) / 2..m / 2 + 1;
+            let net = pruned_network(&sorting_network(m), rows.clone());
+            assert!(net.len() <= sorting_network(m).len());
+            for _ in 0..20 {
+                let mut v: Vec<f32> = (0..m)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        ((state >> 40) % 11) as f32
+                    })
+                    .collect();
+                let mut expected = v.clone();
+                expected.sort_by(f32::total_cmp);
+                for &(a, b) in &net {
+                    if v[b] < v[a] {
+                        v.swap(a, b);
+                    }
+                }
+                assert_eq!(v[rows.clone()], expected[rows.clone()], "m = {m}");
+            }
+        }
+    }
 
     #[test]
     fn network_sorts_every_size() {
