@@ -43,12 +43,7 @@ impl Aggregator for CoordinateMedian {
             }
             let members = round.all();
             let m = members.len();
-            let values = sorted_reduce(
-                &round,
-                &members,
-                (m - 1) / 2..m / 2 + 1,
-                |sorted, len, m, out| median_of_sorted(sorted, len, m, out),
-            );
+            let values = sorted_reduce(&round, &members, (m - 1) / 2..m / 2 + 1, median_of_sorted);
             round.coordinate_wise(&members, values)
         })
     }
