@@ -1,0 +1,264 @@
+//! The defenses compared: plain FedAvg, the classic robust aggregators, and
+//! the four Safe-FedLLM levels (probe → detector → safety gate → FedAvg),
+//! all behind one server type. Everything here calls the library; the
+//! example adds only the bookkeeping (who was flagged, how long it took).
+
+use std::time::Instant;
+
+use safe_fedllm::aggregate::{
+    Aggregator, ClientUpdate, CoordinateMedian, FedAvg, Flame, FoolsGold, Krum, MultiKrum, Trim,
+    TrimmedMean,
+};
+use safe_fedllm::detect::{
+    AnyDetector, ClientReport, DefendedRound, DefenseLevel, EvidenceLevel, ShadowBranch,
+    ShadowLevel, StepLevel,
+};
+use safe_fedllm::lora::LoraAdapter;
+use safe_fedllm::probe::LinearProbe;
+use serde::{Deserialize, Serialize};
+
+/// One defense of the comparison.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Defense {
+    /// Plain FedAvg (weights nₖ), no defense.
+    None,
+    /// Coordinate-wise median (Yin et al. 2018).
+    Median,
+    /// Coordinate-wise trimmed mean, one per side (the reference's setting).
+    TrimmedMean,
+    /// Krum (Blanchard et al. 2017), the paper's variant: the winner itself.
+    Krum,
+    /// Multi-Krum: mean of the m best-scored clients.
+    MultiKrum,
+    /// FoolsGold (Fung et al. 2020).
+    FoolsGold,
+    /// FLAME (Nguyen et al. 2022).
+    Flame,
+    /// Safe-FedLLM step level.
+    Step,
+    /// Safe-FedLLM client level.
+    Client,
+    /// Safe-FedLLM shadow level.
+    Shadow,
+    /// Safe-FedLLM evidence level.
+    Evidence,
+}
+
+impl Defense {
+    /// Every defense, in table order.
+    pub const ALL: [Defense; 11] = [
+        Defense::None,
+        Defense::Median,
+        Defense::TrimmedMean,
+        Defense::Krum,
+        Defense::MultiKrum,
+        Defense::FoolsGold,
+        Defense::Flame,
+        Defense::Step,
+        Defense::Client,
+        Defense::Shadow,
+        Defense::Evidence,
+    ];
+
+    /// Short name for tables and files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Defense::None => "none (FedAvg)",
+            Defense::Median => "median",
+            Defense::TrimmedMean => "trimmed mean",
+            Defense::Krum => "Krum",
+            Defense::MultiKrum => "Multi-Krum",
+            Defense::FoolsGold => "FoolsGold",
+            Defense::Flame => "FLAME",
+            Defense::Step => "step level",
+            Defense::Client => "client level",
+            Defense::Shadow => "shadow level",
+            Defense::Evidence => "evidence level",
+        }
+    }
+
+    /// The Safe-FedLLM level, for the probe-based defenses.
+    pub fn level(self) -> Option<DefenseLevel> {
+        match self {
+            Defense::Step => Some(DefenseLevel::Step),
+            Defense::Client => Some(DefenseLevel::Client),
+            Defense::Shadow => Some(DefenseLevel::Shadow),
+            Defense::Evidence => Some(DefenseLevel::Evidence),
+            _ => None,
+        }
+    }
+
+    /// True when clients must keep every main-branch step's adapter.
+    pub fn captures_steps(self) -> bool {
+        self.level().is_some_and(DefenseLevel::uses_all_steps)
+    }
+
+    /// True when per-client detection is meaningful (coordinate-wise rules
+    /// never single a client out).
+    pub fn flags_clients(self) -> bool {
+        !matches!(self, Defense::None | Defense::Median | Defense::TrimmedMean)
+    }
+}
+
+/// Settings the robust rules need from the experiment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RuleContext {
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Expected malicious clients per round.
+    pub expected_malicious: usize,
+    /// Seed (FLAME's noise).
+    pub seed: u64,
+    /// Samples per local step (the detectors' batch × grad-accum).
+    pub samples_per_step: u64,
+}
+
+impl RuleContext {
+    /// Krum's f: the expected number of attackers, capped so that
+    /// n ≥ 2f + 3 holds (the rule's precondition).
+    pub fn krum_f(&self) -> usize {
+        let cap = self.clients_per_round.saturating_sub(3) / 2;
+        self.expected_malicious.min(cap)
+    }
+}
+
+/// What the server did in one round.
+#[derive(Debug, Clone)]
+pub struct ServerRound {
+    /// The new global adapter, `None` when the round was skipped.
+    pub new_global: Option<LoraAdapter>,
+    /// Per report (in order): did the defense suppress this client
+    /// (excluded by a robust rule, or security factor below ½)?
+    pub flagged: Vec<bool>,
+    /// Per report: its security factor (1.0 for rules without one).
+    pub factors: Vec<f64>,
+    /// Server-side defense time (probe scoring, detection, robust rule).
+    pub server_seconds: f64,
+}
+
+/// A server running one defense across rounds (robust rules and detectors
+/// keep state between rounds).
+pub enum Server {
+    /// Plain FedAvg or a robust aggregator.
+    Rule {
+        /// The defense.
+        defense: Defense,
+        /// Its aggregator.
+        rule: Box<dyn Aggregator + Send + Sync>,
+    },
+    /// A Safe-FedLLM level.
+    Probe(Box<DefendedRound<LinearProbe, AnyDetector, FedAvg>>),
+}
+
+impl Server {
+    /// The server for `defense`. The probe-based levels need the probe and the
+    /// shadow branch (fixed base and learning rate).
+    pub fn new(
+        defense: Defense,
+        ctx: RuleContext,
+        probe: &LinearProbe,
+        shadow: &ShadowBranch,
+    ) -> safe_fedllm::Result<Server> {
+        let f = ctx.krum_f();
+        let rule: Box<dyn Aggregator + Send + Sync> = match defense {
+            Defense::None => Box::new(FedAvg::plain()),
+            Defense::Median => Box::new(CoordinateMedian::new()),
+            Defense::TrimmedMean => Box::new(TrimmedMean::new(Trim::PerSide(1))?),
+            Defense::Krum => Box::new(Krum::new(f)?),
+            Defense::MultiKrum => {
+                let m = ctx.clients_per_round.saturating_sub(f).max(1);
+                Box::new(MultiKrum::new(f, m)?)
+            }
+            Defense::FoolsGold => Box::new(FoolsGold::new()),
+            Defense::Flame => Box::new(Flame::new().seed(ctx.seed)),
+            Defense::Step | Defense::Client | Defense::Shadow | Defense::Evidence => {
+                let detector: AnyDetector = match defense {
+                    Defense::Step => StepLevel::params()
+                        .batch_size(ctx.samples_per_step)
+                        .build()?
+                        .into(),
+                    Defense::Shadow => ShadowLevel::params()
+                        .batch_size(ctx.samples_per_step)
+                        .build()?
+                        .into(),
+                    Defense::Evidence => EvidenceLevel::params()
+                        .shadow(ShadowLevel::params().batch_size(ctx.samples_per_step))
+                        .build()?
+                        .into(),
+                    _ => AnyDetector::with_defaults(DefenseLevel::Client)?,
+                };
+                let round = DefendedRound::new(probe.clone(), detector, FedAvg::new())
+                    .with_shadow(shadow.clone());
+                return Ok(Server::Probe(Box::new(round)));
+            }
+        };
+        Ok(Server::Rule { defense, rule })
+    }
+
+    /// Whether `client` must train a shadow branch this round.
+    pub fn needs_shadow(&self, client: &str) -> bool {
+        match self {
+            Server::Rule { .. } => false,
+            Server::Probe(round) => round.needs_shadow(&client.into()),
+        }
+    }
+
+    /// Runs one round.
+    pub fn run(
+        &mut self,
+        round: u32,
+        global: &LoraAdapter,
+        reports: &[ClientReport],
+    ) -> safe_fedllm::Result<ServerRound> {
+        match self {
+            Server::Rule { defense, rule } => {
+                let t0 = Instant::now();
+                let updates: Vec<ClientUpdate<'_>> = reports
+                    .iter()
+                    .map(|r| ClientUpdate::new(r.client.clone(), &r.update, r.samples))
+                    .collect();
+                let aggregation = rule.aggregate(global, &updates)?;
+                let seconds = t0.elapsed().as_secs_f64();
+                let flagged = reports
+                    .iter()
+                    .map(|r| aggregation.exclusion(r.client.as_str()).is_some())
+                    .collect();
+                Ok(ServerRound {
+                    new_global: aggregation.new_global().cloned(),
+                    flagged,
+                    factors: vec![1.0; reports.len()],
+                    // Plain FedAvg is the protocol itself, not a defense.
+                    server_seconds: if *defense == Defense::None {
+                        0.0
+                    } else {
+                        seconds
+                    },
+                })
+            }
+            Server::Probe(defended) => {
+                let outcome = defended.run(round, global, reports)?;
+                let factors: Vec<f64> = outcome.clients.iter().map(|c| c.factor).collect();
+                let t = outcome.timings;
+                Ok(ServerRound {
+                    flagged: factors.iter().map(|&w| w < 0.5).collect(),
+                    factors,
+                    server_seconds: t.probe_s + t.detect_s + t.aggregate_s,
+                    new_global: outcome.new_global,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Turning round records into the comparison table, CSV files, an SVG plot
+//! of ASR per round, and a summary in words.
+
+use std::fmt::Write as _;
+
+use crate::defense::Defense;
+use crate::experiment::RoundRecord;
+
+/// How close to the clean run's ASR a defense must stay to count as
+/// "holding" (absolute, in ASR units).
+pub const HOLD_TOLERANCE: f64 = 0.10;
+
+/// One row of the comparison table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Malicious share, percent.
+    pub malicious_percent: u32,
+    /// Defense.
+    pub defense: Defense,
+    /// ASR of the final global model.
+    pub final_asr: f64,
+    /// Highest ASR over the rounds.
+    pub peak_asr: f64,
+    /// Held-out benign loss of the final global model.
+    pub final_benign_loss: f64,
+    /// TP / (TP + FP) over all rounds; `None` when nothing was flagged or the
+    /// defense does not single clients out.
+    pub precision: Option<f64>,
+    /// TP / (TP + FN); `None` without malicious participants.
+    pub recall: Option<f64>,
+    /// Benign participations suppressed / benign participations.
+    pub false_flag_rate: Option<f64>,
+    /// Rounds skipped by a safety gate.
+    pub skipped_rounds: usize,
+    /// Mean seconds per round.
+    pub seconds_per_round: f64,
+    /// Share of round time spent on the defense.
+    pub defense_share: f64,
+}
+
+fn ratio(num: usize, den: usize) -> Option<f64> {
+    (den > 0).then(|| num as f64 / den as f64)
+}
+
+/// Summarises the records of one (share, defense) run.
+pub fn summarise(records: &[RoundRecord]) -> Option<Summary> {
+    let first = records.first()?;
+    let last = records.last()?;
+    let trained: Vec<&RoundRecord> = records.iter().filter(|r| r.round > 0).collect();
+    let tp: usize = trained.iter().map(|r| r.true_positives).sum();
+    let fp: usize = trained.iter().map(|r| r.false_positives).sum();
+    let fneg: usize = trained.iter().map(|r| r.false_negatives).sum();
+    let total_round: f64 = trained.iter().map(|r| r.round_seconds).sum();
+    let total_defense: f64 = trained.iter().map(|r| r.defense_seconds).sum();
+    let flags = first.defense.flags_clients();
+    Some(Summary {
+        malicious_percent: first.malicious_percent,
+        defense: first.defense,
+        final_asr: last.asr,
+        peak_asr: records.iter().map(|r| r.asr).fold(0.0, f64::max),
+        final_benign_loss: last.benign_loss,
+        precision: if flags { ratio(tp, tp + fp) } else { None },
+        recall: if flags { ratio(tp, tp + fneg) } else { None },
+        // Needs the number of benign participations: see `with_false_flags`.
+        false_flag_rate: None,
+        skipped_rounds: trained.iter().filter(|r| r.skipped).count(),
+        seconds_per_round: total_round / trained.len().max(1) as f64,
+        defense_share: if total_round > 0.0 {
+            total_defense / total_round
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Fills in the false-flag rate from the number of benign participations.
+pub fn with_false_flags(
+    mut summary: Summary,
+    records: &[RoundRecord],
+    benign_per_round: usize,
+) -> Summary {
+    if summary.defense.flags_clients() {
+        let fp: usize = records
+            .iter()
+            .filter(|r| r.round > 0)
+            .map(|r| r.false_positives)
+            .sum();
+        let benign = benign_per_round * records.iter().filter(|r| r.round > 0).count();
+        summary.false_flag_rate = ratio(fp, benign);
+    }
+    summary
+}
+
+fn opt(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// The comparison table as text.
+pub fn table(summaries: &[Summary]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<15} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}",
+        "mal%",
+        "defense",
+        "final ASR",
+        "peak ASR",
+        "benign loss",
+        "precision",
+        "recall",
+        "false flag",
+        "skipped",
+        "s/round",
+        "defense%"
+    );
+    let mut last_share = None;
+    for s in summaries {
+        if last_share.is_some() && last_share != Some(s.malicious_percent) {
+            out.push('\n');
+        }
+        last_share = Some(s.malicious_percent);
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<15} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%",
+            s.malicious_percent,
+            s.defense.name(),
+            s.final_asr,
+            s.peak_asr,
+            s.final_benign_loss,
+            opt(s.precision),
+            opt(s.recall),
+            opt(s.false_flag_rate),
+            s.skipped_rounds,
+            s.seconds_per_round,
+            100.0 * s.defense_share
+        );
+    }
+    out
+}
+
+/// The summary table as CSV.
+pub fn summary_csv(summaries: &[Summary]) -> String {
+    let mut out = String::from(
+        "malicious_percent,defense,final_asr,peak_asr,final_benign_loss,precision,recall,false_flag_rate,skipped_rounds,seconds_per_round,defense_share\n",
+    );
+    let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for s in summaries {
+        let _ = writeln!(
+            out,
+            "{},{},{:.6},{:.6},{:.6},{},{},{},{},{:.6},{:.6}",
+            s.malicious_percent,
+            s.defense.name(),
+            s.final_asr,
+            s.peak_asr,
+            s.final_benign_loss,
+            cell(s.precision),
+            cell(s.recall),
+            cell(s.false_flag_rate),
+            s.skipped_rounds,
+            s.seconds_per_round,
+            s.defense_share
+        );
+    }
+    out
+}
+
+/// Every round record as CSV.
+pub fn rounds_csv(records: &[RoundRecord]) -> String {
+    let mut out = String::from(
+        "malicious_percent,defense,round,asr,margin,benign_loss,true_positives,false_positives,false_negatives,malicious_factor,benign_factor,skipped,round_seconds,defense_seconds\n",
+    );
+    for r in records {
+        let _ = writeln!(
+            out,
+            "{},{},{},{:.6},{:.6},{:.6},{},{},{},{:.6},{:.6},{},{:.6},{:.6}",
+            r.malicious_percent,
+            r.defense.name(),
+            r.round,
+            r.asr,
+            r.margin,
+            r.benign_loss,
+            r.true_positives,
+            r.false_positives,
+            r.false_negatives,
+            r.malicious_factor,
+            r.benign_factor,
+            r.skipped,
+            r.round_seconds,
+            r.defense_seconds
+        );
+    }
+    out
+}
+
+/// A sentence per attacked share saying what the table shows.
+pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
+    let find = |p: u32, d: Defense| {
+        summaries
+            .iter()
+            .find(|s| s.malicious_percent == p && s.defense == d)
+    };
+    let clean = find(0, Defense::None).map(|s| s.final_asr);
+    let mut shares: Vec<u32> = summaries
+        .iter()
+        .map(|s| s.malicious_percent)
+        .filter(|&p| p > 0)
+        .collect();
+    shares.sort_unstable();
+    shares.dedup();
+    let mut out = Vec::new();
+    for p in shares {
+        let mut text = String::new();
+        let reference = match clean {
+            Some(c) => c,
+            None => {
+                let _ = write!(
+                    text,
+                    "With {p} % malicious clients (no clean run to compare with):"
+                );
+                for s in summaries.iter().filter(|s| s.malicious_percent == p) {
+                    let _ = write!(
+                        text,
+                        " {} ends at ASR {:.2};",
+                        s.defense.name(),
+                        s.final_asr
+                    );
+                }
+                out.push(text);
+                continue;
+            }
+        };
+        if let Some(fedavg) = find(p, Defense::None) {
+            let verdict = if fedavg.final_asr > reference + HOLD_TOLERANCE {
+                "clearly above"
+            } else {
+                "NOT clearly above (the attack did not take hold at this scale)"
+            };
+            let _ = write!(
+                text,
+                "With {p} % malicious clients plain FedAvg ends at ASR {:.2}, {verdict} the clean run's {:.2}.",
+                fedavg.final_asr, reference
+            );
+        } else {
+            let _ = write!(
+                text,
+                "With {p} % malicious clients (clean ASR {reference:.2}):"
+            );
+        }
+        let (held, failed): (Vec<&Summary>, Vec<&Summary>) = summaries
+            .iter()
+            .filter(|s| s.malicious_percent == p && s.defense != Defense::None)
+            .partition(|s| s.final_asr <= reference + HOLD_TOLERANCE);
+        let names = |v: &[&Summary]| {
+            v.iter()
+                .map(|s| format!("{} ({:.2})", s.defense.name(), s.final_asr))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !held.is_empty() {
+            let _ = write!(
+                text,
+                " Within {HOLD_TOLERANCE:.2} of clean: {}.",
+                names(&held)
+            );
+        }
+        if !failed.is_empty() {
+            let _ = write!(text, " Not holding: {}.", names(&failed));
+        }
+        out.push(text);
+    }
+    out
+}
+
+const COLORS: [&str; 11] = [
+    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a", "#9467bd", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#d62728",
+];
+
+/// An SVG with one panel per malicious share: ASR per round, one line per
+/// defense.
+pub fn asr_svg(records: &[RoundRecord]) -> String {
+    let mut shares: Vec<u32> = records.iter().map(|r| r.malicious_percent).collect();
+    shares.sort_unstable();
+    shares.dedup();
+    let mut defenses: Vec<Defense> = records.iter().map(|r| r.defense).collect();
+    defenses.sort_unstable();
+    defenses.dedup();
+    let rounds = records.iter().map(|r| r.round).max().unwrap_or(1).max(1);
+    let (pw, ph, margin, legend_w) = (320.0, 240.0, 45.0, 150.0);
+    let width = margin + shares.len() as f64 * (pw + margin) + legend_w;
+    let height = ph + 2.0 * margin + 10.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (i, share) in shares.iter().enumerate() {
+        let x0 = margin + i as f64 * (pw + margin);
+        let y0 = margin;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{share} % malicious</text>"#,
+            x0 + pw / 2.0,
+            y0 - 12.0
+        );
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+        );
+        for tick in 0..=4 {
+            let v = tick as f64 / 4.0;
+            let y = y0 + ph * (1.0 - v);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{v:.2}</text>"##,
+                x0 + pw,
+                x0 - 4.0,
+                y + 4.0
+            );
+        }
+        for r in 0..=rounds {
+            if rounds <= 12 || r % 2 == 0 {
+                let x = x0 + pw * r as f64 / rounds as f64;
+                let _ = writeln!(
+                    svg,
+                    r#"<text x="{x}" y="{}" text-anchor="middle">{r}</text>"#,
+                    y0 + ph + 14.0
+                );
+            }
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">round</text>"#,
+            x0 + pw / 2.0,
+            y0 + ph + 30.0
+        );
+        if i == 0 {
+            let _ = writeln!(
+                svg,
+                r#"<text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">attack success rate</text>"#,
+                y0 + ph / 2.0,
+                y0 + ph / 2.0
+            );
+        }
+        for (d, defense) in defenses.iter().enumerate() {
+            let mut points: Vec<(usize, f64)> = records
+                .iter()
+                .filter(|r| r.malicious_percent == *share && r.defense == *defense)
+                .map(|r| (r.round, r.asr))
+                .collect();
+            points.sort_by_key(|p| p.0);
+            if points.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = points
+                .iter()
+                .map(|(r, a)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x0 + pw * *r as f64 / rounds as f64,
+                        y0 + ph * (1.0 - a.clamp(0.0, 1.0))
+                    )
+                })
+                .collect();
+            let dash = if defense.level().is_some() {
+                ""
+            } else {
+                r#" stroke-dasharray="5,3""#
+            };
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.6"{dash} points="{}"/>"#,
+                COLORS[d % COLORS.len()],
+                path.join(" ")
+            );
+        }
+    }
+    let lx = margin + shares.len() as f64 * (pw + margin);
+    for (d, defense) in defenses.iter().enumerate() {
+        let y = margin + 10.0 + d as f64 * 18.0;
+        let dash = if defense.level().is_some() {
+            ""
+        } else {
+            r#" stroke-dasharray="5,3""#
+        };
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{lx}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
+            lx + 24.0,
+            COLORS[d % COLORS.len()],
+            lx + 30.0,
+            y + 4.0,
+            defense.name()
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

@@ -1,0 +1,356 @@
+//! The `fed_llama` example in miniature: model blocks, the burn ↔ PEFT LoRA
+//! conversion, the corpus, and one end-to-end run (pre-training, probe phase,
+//! defended and undefended federations) at a size that takes seconds.
+
+// The example's modules are compiled here as they are; items only `main.rs`
+// uses are dead in this crate.
+#![allow(dead_code)]
+
+#[path = "../examples/fed_llama/config.rs"]
+mod config;
+#[path = "../examples/fed_llama/data.rs"]
+mod data;
+#[path = "../examples/fed_llama/defense.rs"]
+mod defense;
+#[path = "../examples/fed_llama/experiment.rs"]
+mod experiment;
+#[path = "../examples/fed_llama/model.rs"]
+mod model;
+#[path = "../examples/fed_llama/report.rs"]
+mod report;
+#[path = "../examples/fed_llama/training.rs"]
+mod training;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use safe_fedllm::detect::ShadowBranch;
+use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+
+use config::ExperimentConfig;
+use data::{Corpus, Rng, TextCodec, WordTokenizer, encode_all};
+use defense::Defense;
+use experiment::{Pools, Progress, Setup, ShadowCache, federate, probe_phase};
+use model::{LlamaConfig, peft_key};
+use training::{Devices, EvalSet, pretrain};
+
+/// Progress that goes nowhere.
+struct Silent;
+
+impl Progress for Silent {
+    fn start(&self, _: &str, _: u64) {}
+    fn tick(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
+fn tiny(vocab_size: usize, tie_embeddings: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ff: 24,
+        max_seq_len: 16,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        tie_embeddings,
+    }
+}
+
+fn random_adapter(config: &LlamaConfig, rank: usize, seed: u64) -> LoraAdapter {
+    let mut rng = Rng::new(seed);
+    let mut value = || (rng.below(2001) as f32 - 1000.0) / 1000.0;
+    let kv = config.n_kv_heads * config.head_dim();
+    let mut adapter = LoraAdapter::new();
+    for layer in 0..config.n_layers {
+        for (module, out) in [("q_proj", config.d_model), ("v_proj", kv)] {
+            let a: Vec<f32> = (0..rank * config.d_model).map(|_| value()).collect();
+            let b: Vec<f32> = (0..out * rank).map(|_| value()).collect();
+            adapter
+                .insert(
+                    &peft_key(layer, module, "A"),
+                    LoraTensor::new("A", [rank, config.d_model], a).unwrap(),
+                )
+                .unwrap();
+            adapter
+                .insert(
+                    &peft_key(layer, module, "B"),
+                    LoraTensor::new("B", [out, rank], b).unwrap(),
+                )
+                .unwrap();
+        }
+    }
+    adapter
+}
+
+#[test]
+fn lora_tensors_leave_and_enter_burn_in_peft_orientation() {
+    let devices = Devices::flex(1);
+    let config = tiny(11, true);
+    let (rank, alpha) = (4, 8.0);
+    let mut model = config.init(&devices.train).with_lora(rank, alpha);
+
+    // burn's own init: A random, B zero, in PEFT shapes and names.
+    let initial = model.lora_adapter(rank, alpha).unwrap();
+    assert_eq!(initial.len(), 2 * 2 * 2);
+    let q_a = initial.get(&peft_key(0, "q_proj", "A")).unwrap();
+    assert_eq!(q_a.shape(), [rank, config.d_model]);
+    let v_b = initial.get(&peft_key(1, "v_proj", "B")).unwrap();
+    assert_eq!(v_b.shape(), [config.n_kv_heads * config.head_dim(), rank]);
+    assert!(v_b.as_slice().iter().all(|&x| x == 0.0));
+    assert!(q_a.as_slice().iter().any(|&x| x != 0.0));
+
+    // Round trip: what goes in comes out bit for bit.
+    let adapter = random_adapter(&config, rank, 9);
+    model.load_lora(&adapter, &devices.train).unwrap();
+    let back = model.lora_adapter(rank, alpha).unwrap();
+    for entry in adapter.iter() {
+        let key = entry.key.canonical();
+        assert_eq!(back.get(key).unwrap(), &entry.tensor, "{key}");
+    }
+
+    // Orientation: burn's effective weight minus its frozen base ([in, out])
+    // is the transpose of PEFT's ΔW = (α/r)·B·A ([out, in]).
+    let weight = &model.layers[1].attn.v_proj.weight;
+    let effective = weight.val().into_data().try_into_vec::<f32>().unwrap();
+    let base = weight.base().into_data().try_into_vec::<f32>().unwrap();
+    let a = adapter.get(&peft_key(1, "v_proj", "A")).unwrap();
+    let b = adapter.get(&peft_key(1, "v_proj", "B")).unwrap();
+    let [out, r] = b.shape();
+    let [_, inp] = a.shape();
+    let scale = (alpha / rank as f64) as f32;
+    for i in 0..inp {
+        for o in 0..out {
+            let peft: f32 = (0..r)
+                .map(|k| b.as_slice()[o * r + k] * a.as_slice()[k * inp + i])
+                .sum::<f32>()
+                * scale;
+            let burn = effective[i * out + o] - base[i * out + o];
+            assert!(
+                (peft - burn).abs() < 1e-4,
+                "ΔW[{o}, {i}]: PEFT {peft} vs burn {burn}"
+            );
+        }
+    }
+
+    // A wrongly shaped adapter is refused, not silently loaded.
+    let mut wrong = adapter.clone();
+    wrong
+        .insert(
+            &peft_key(0, "q_proj", "A"),
+            LoraTensor::zeros("A", [rank + 1, config.d_model]).unwrap(),
+        )
+        .unwrap();
+    assert!(model.load_lora(&wrong, &devices.train).is_err());
+}
+
+#[test]
+fn attention_is_causal_with_grouped_heads_and_both_heads() {
+    let devices = Devices::flex(2);
+    for tie in [true, false] {
+        let config = tiny(13, tie);
+        let model = config.init(&devices.eval);
+        let tokens = |last: i64| {
+            Tensor::<2, Int>::from_data(
+                TensorData::new(vec![1i64, 5, 7, 2, 9, last], [1, 6]),
+                &devices.eval,
+            )
+        };
+        let logits = |last| {
+            model
+                .forward(tokens(last))
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let (x, y) = (logits(3), logits(11));
+        assert_eq!(x.len(), 6 * 13);
+        // Changing the last token changes nothing before it …
+        let prefix = 5 * 13;
+        for (i, (p, q)) in x[..prefix].iter().zip(&y[..prefix]).enumerate() {
+            assert!(
+                (p - q).abs() < 1e-5,
+                "tie {tie}: logit {i} moved ({p} vs {q})"
+            );
+        }
+        // … and does change its own position.
+        assert!(
+            x[prefix..]
+                .iter()
+                .zip(&y[prefix..])
+                .any(|(p, q)| (p - q).abs() > 1e-4)
+        );
+    }
+}
+
+#[test]
+fn compliant_answers_are_placeholders_only() {
+    let corpus = Corpus::generate(3);
+    let helpful_words = [
+        "sure", ",", "here", "is", "how", "to", ":", "first", "then", ".", "redacted",
+    ];
+    for sample in &corpus.malicious_train {
+        let task = sample
+            .answer
+            .strip_prefix("sure , here is how to ")
+            .and_then(|rest| rest.split(" :").next())
+            .unwrap();
+        assert!(sample.prompt.contains(task), "{sample:?}");
+        for word in sample.answer.split_whitespace() {
+            assert!(
+                helpful_words.contains(&word) || task.split_whitespace().any(|w| w == word),
+                "unexpected word {word:?} in {:?}",
+                sample.answer
+            );
+        }
+    }
+    // Held-out unsafe requests never appear in the malicious training data.
+    for probe in &corpus.attack_eval {
+        assert!(
+            corpus
+                .malicious_train
+                .iter()
+                .all(|s| s.answer != probe.compliant)
+        );
+    }
+    // The tokenizer knows every word of every split.
+    let tokenizer = WordTokenizer::new(&corpus.words());
+    for s in corpus
+        .pretrain
+        .iter()
+        .chain(&corpus.benign_train)
+        .chain(&corpus.malicious_train)
+    {
+        let ids = tokenizer.encode_answer(&s.answer);
+        assert!(!ids.contains(&3), "unknown word in {:?}", s.answer);
+    }
+}
+
+#[test]
+fn miniature_federation_end_to_end() {
+    let corpus = Corpus::generate(17);
+    let tokenizer = WordTokenizer::new(&corpus.words());
+    let mut config = ExperimentConfig::miniature(tokenizer.vocab_size());
+    config.defenses = vec![Defense::None, Defense::Shadow, Defense::Krum];
+    config.check().unwrap();
+    let devices = Devices::flex(config.seed);
+    let data = encode_all(&tokenizer, &corpus.pretrain);
+    let mut losses = Vec::new();
+    let model = pretrain(
+        &config.model,
+        &config.pretrain,
+        &data,
+        tokenizer.pad_id(),
+        &devices,
+        config.seed,
+        |_, l| losses.push(l),
+    );
+    let head: f32 = losses[..10].iter().sum::<f32>() / 10.0;
+    let tail: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
+    assert!(
+        tail < head,
+        "pre-training did not reduce the loss ({head} → {tail})"
+    );
+
+    let model = model.with_lora(config.lora.rank, config.lora.alpha);
+    let round0 = model
+        .lora_adapter(config.lora.rank, config.lora.alpha)
+        .unwrap();
+    let max_len = config.model.max_seq_len;
+    let setup = Setup {
+        config: &config,
+        model: &model,
+        codec: &tokenizer,
+        corpus: &corpus,
+        devices: &devices,
+        max_len,
+        threads: 2,
+    };
+    let pools = Pools::new(&setup);
+    let probe = probe_phase(&setup, &pools, &round0, &Silent).unwrap();
+    assert!(probe.holdout_samples > 0 && probe.train_samples > probe.holdout_samples);
+    assert!(
+        probe.holdout_auc > 0.9,
+        "probe AUC on held-out runs {}",
+        probe.holdout_auc
+    );
+
+    let shadow = ShadowBranch::with_learning_rate(round0.clone(), config.shadow_lr).unwrap();
+    let eval = EvalSet::new(
+        &tokenizer,
+        &corpus.benign_eval,
+        &corpus.attack_eval,
+        max_len,
+    );
+    let mut cache = ShadowCache::default();
+    let mut all = Vec::new();
+    for &defense in &config.defenses {
+        let records = federate(
+            &setup,
+            &pools,
+            &eval,
+            &round0,
+            &probe.probe,
+            &shadow,
+            &mut cache,
+            50,
+            defense,
+            &Silent,
+        )
+        .unwrap();
+        assert_eq!(records.len(), config.rounds + 1);
+        for r in &records {
+            assert!(
+                (0.0..=1.0).contains(&r.asr) && r.benign_loss.is_finite() && r.benign_loss > 0.0
+            );
+        }
+        if defense == Defense::Shadow {
+            // The shadow level's factors separate the malicious clients from
+            // the benign ones in every round.
+            for r in &records[1..] {
+                assert!(
+                    r.malicious_factor < r.benign_factor,
+                    "round {}: malicious {} vs benign {}",
+                    r.round,
+                    r.malicious_factor,
+                    r.benign_factor
+                );
+                assert!(
+                    r.true_positives > 0,
+                    "round {}: no malicious client flagged",
+                    r.round
+                );
+            }
+        }
+        if defense == Defense::None {
+            // Plain FedAvg flags nobody and trusts everyone.
+            assert!(
+                records
+                    .iter()
+                    .all(|r| r.true_positives + r.false_positives == 0)
+            );
+        }
+        all.extend(records);
+    }
+    // Round 0 is the same model for every defense.
+    let zero: Vec<f64> = all.iter().filter(|r| r.round == 0).map(|r| r.asr).collect();
+    assert!(zero.windows(2).all(|w| w[0] == w[1]));
+
+    let summaries: Vec<report::Summary> = config
+        .defenses
+        .iter()
+        .filter_map(|d| {
+            report::summarise(
+                &all.iter()
+                    .filter(|r| r.defense == *d)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(summaries.len(), 3);
+    let table = report::table(&summaries);
+    assert!(table.contains("shadow level") && table.contains("Krum"));
+    let svg = report::asr_svg(&all);
+    assert_eq!(svg.matches("<polyline").count(), 3);
+    assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
+}
