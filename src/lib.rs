@@ -11,3 +11,11 @@ mod parallel;
 pub mod probe;
 
 pub use error::{Error, Result};
+
+/// The crate's traits, for `use safe_fedllm::prelude::*`.
+pub mod prelude {
+    pub use crate::aggregate::Aggregator;
+    pub use crate::detect::Detector;
+    pub use crate::lora::TensorSource;
+    pub use crate::probe::Probe;
+}
