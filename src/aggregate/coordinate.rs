@@ -68,7 +68,7 @@ pub(crate) fn sorted_reduce<F>(
     members: &[usize],
     rows: std::ops::Range<usize>,
     reduce: F,
-) -> Vec<Vec<f32>>
+) -> engine::Mapped
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
 {

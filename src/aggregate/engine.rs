@@ -34,10 +34,19 @@ pub(crate) struct ChunkRef<'a> {
     pub global: &'a [f32],
 }
 
-impl ChunkRef<'_> {
+impl<'a> ChunkRef<'a> {
     /// Number of coordinates.
     pub fn len(&self) -> usize {
         self.global.len()
+    }
+
+    /// The sub-chunk of coordinates `range` (clamped to the chunk).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> ChunkRef<'a> {
+        let cut = |s: &'a [f32]| -> &'a [f32] { s.get(range.clone()).unwrap_or_default() };
+        ChunkRef {
+            rows: self.rows.iter().map(|r| cut(r)).collect(),
+            global: cut(self.global),
+        }
     }
 }
 
@@ -140,15 +149,21 @@ where
     })
 }
 
-/// Maps a kernel over every chunk, writing one output value per coordinate;
-/// returns the output as one vector per segment (tensor). `init` makes
-/// per-thread scratch space.
+/// The output of [`map`]: one vector per segment (tensor), and whether every
+/// value is finite (checked per chunk while it is still in cache).
+pub(crate) struct Mapped {
+    pub segments: Vec<Vec<f32>>,
+    pub finite: bool,
+}
+
+/// Maps a kernel over every chunk, writing one output value per coordinate.
+/// `init` makes per-thread scratch space.
 pub(crate) fn map<S, Init, Kernel>(
     round: &Round<'_>,
     members: &[usize],
     init: Init,
     kernel: Kernel,
-) -> Vec<Vec<f32>>
+) -> Mapped
 where
     S: Send,
     Init: Fn() -> S + Sync,
@@ -164,10 +179,18 @@ where
             start += len;
         }
     }
-    drive(items, init, |scratch, (span, out)| {
-        kernel(scratch, &chunk_at(round, members, span), out)
-    });
-    outputs
+    let states = drive(
+        items,
+        || (init(), true),
+        |(scratch, finite), (span, out)| {
+            kernel(scratch, &chunk_at(round, members, span), out);
+            *finite &= all_finite(out);
+        },
+    );
+    Mapped {
+        segments: outputs,
+        finite: states.iter().all(|(_, finite)| *finite),
+    }
 }
 
 /// For each update, the first non-finite value as `(tensor, index, value)`.
@@ -224,6 +247,9 @@ pub(crate) fn deltas_into(chunk: &ChunkRef<'_>, buf: &mut Vec<f32>) {
     }
 }
 
+/// Columns per Gram sub-block (m rows × 512 × 4 B = 40 KB for m = 20).
+const GRAM_BLOCK: usize = 512;
+
 /// The m × m Gram matrix of the selected clients' updates, G[i][j] = ⟨Δᵢ, Δⱼ⟩,
 /// row-major, accumulated chunk by chunk (f32 within a chunk, f64 across).
 pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
@@ -233,8 +259,16 @@ pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
         members,
         || (vec![0.0f64; m * m], Vec::new()),
         |(acc, buf), chunk| {
-            deltas_into(chunk, buf);
-            gram_chunk(buf, m, chunk.len(), acc);
+            // Sub-blocks small enough that the m rows of Δ stay in L1 while
+            // the m(m+1)/2 dot products run over them.
+            let mut start = 0;
+            while start < chunk.len() {
+                let end = (start + GRAM_BLOCK).min(chunk.len());
+                let block = chunk.slice(start..end);
+                deltas_into(&block, buf);
+                gram_chunk(buf, m, end - start, acc);
+                start = end;
+            }
         },
     );
     symmetric_total(states.iter().map(|(acc, _)| acc.as_slice()), m)
@@ -322,12 +356,7 @@ pub(crate) fn sq_distances(gram: &[f64], m: usize) -> Vec<f64> {
 ///
 /// With `g_coef = 1 − Σ coefs` this is `g + Σ coefs[i]·(xᵢ − g)`: averaging
 /// (clipped) updates costs one pass over the inputs, no Δ is materialised.
-pub(crate) fn combine(
-    round: &Round<'_>,
-    members: &[usize],
-    coefs: &[f32],
-    g_coef: f32,
-) -> Vec<Vec<f32>> {
+pub(crate) fn combine(round: &Round<'_>, members: &[usize], coefs: &[f32], g_coef: f32) -> Mapped {
     map(
         round,
         members,

@@ -296,17 +296,20 @@ impl<'a> Round<'a> {
     /// `None` when the values are not all finite in deferred mode (the rule
     /// must rerun after a scan); in scanned mode a non-finite result (an f32
     /// overflow of finite inputs) is [`Error::NonFinite`].
-    pub fn assemble(&self, segments: Vec<Vec<f32>>) -> Result<Option<LoraAdapter>> {
-        for (entry, values) in self.template.iter().zip(&segments) {
-            if let Some((index, value)) = crate::lora::tensor::first_non_finite(values) {
-                if self.deferred {
-                    return Ok(None);
+    pub fn assemble(&self, mapped: super::engine::Mapped) -> Result<Option<LoraAdapter>> {
+        let segments = mapped.segments;
+        if !mapped.finite {
+            if self.deferred {
+                return Ok(None);
+            }
+            for (entry, values) in self.template.iter().zip(&segments) {
+                if let Some((index, value)) = crate::lora::tensor::first_non_finite(values) {
+                    return Err(Error::NonFinite {
+                        tensor: format!("aggregated {}", entry.key.canonical()),
+                        index,
+                        value,
+                    });
                 }
-                return Err(Error::NonFinite {
-                    tensor: format!("aggregated {}", entry.key.canonical()),
-                    index,
-                    value,
-                });
             }
         }
         let mut out = empty_like(self.template);
@@ -420,7 +423,7 @@ impl Round<'_> {
     pub fn coordinate_wise(
         self,
         members: &[usize],
-        values: Vec<Vec<f32>>,
+        values: super::engine::Mapped,
     ) -> Result<Option<crate::aggregate::Aggregation>> {
         use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
         let Some(adapter) = self.assemble(values)? else {
