@@ -230,7 +230,7 @@ fn miniature_federation_end_to_end() {
     let corpus = Corpus::generate(17);
     let tokenizer = WordTokenizer::new(&corpus.words());
     let mut config = ExperimentConfig::miniature(tokenizer.vocab_size());
-    config.defenses = vec![Defense::None, Defense::Shadow, Defense::Krum];
+    config.defenses = vec![Defense::None, Defense::Shadow];
     config.check().unwrap();
     let devices = Devices::flex(config.seed);
     let data = encode_all(&tokenizer, &corpus.pretrain);
@@ -275,10 +275,11 @@ fn miniature_federation_end_to_end() {
     );
 
     let shadow = ShadowBranch::with_learning_rate(round0.clone(), config.shadow_lr).unwrap();
+    // A slice of the held-out sets keeps evaluation cheap in debug builds.
     let eval = EvalSet::new(
         &tokenizer,
-        &corpus.benign_eval,
-        &corpus.attack_eval,
+        &corpus.benign_eval[..8],
+        &corpus.attack_eval[..16],
         max_len,
     );
     let mut cache = ShadowCache::default();
@@ -304,8 +305,8 @@ fn miniature_federation_end_to_end() {
             );
         }
         if defense == Defense::Shadow {
-            // The shadow level's factors separate the malicious clients from
-            // the benign ones in every round.
+            // The shadow level trusts every malicious client less than the
+            // benign ones, in every round, and never flags a benign client.
             for r in &records[1..] {
                 assert!(
                     r.malicious_factor < r.benign_factor,
@@ -314,11 +315,8 @@ fn miniature_federation_end_to_end() {
                     r.malicious_factor,
                     r.benign_factor
                 );
-                assert!(
-                    r.true_positives > 0,
-                    "round {}: no malicious client flagged",
-                    r.round
-                );
+                assert!(r.true_positives > 0, "round {}: nobody flagged", r.round);
+                assert_eq!(r.false_positives, 0, "round {}", r.round);
             }
         }
         if defense == Defense::None {
@@ -347,10 +345,10 @@ fn miniature_federation_end_to_end() {
             )
         })
         .collect();
-    assert_eq!(summaries.len(), 3);
+    assert_eq!(summaries.len(), 2);
     let table = report::table(&summaries);
-    assert!(table.contains("shadow level") && table.contains("Krum"));
+    assert!(table.contains("shadow level") && table.contains("none (FedAvg)"));
     let svg = report::asr_svg(&all);
-    assert_eq!(svg.matches("<polyline").count(), 3);
+    assert_eq!(svg.matches("<polyline").count(), 2);
     assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
 }

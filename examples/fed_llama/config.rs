@@ -86,9 +86,9 @@ impl ExperimentConfig {
             local_steps: 6,
             batch_size: 8,
             samples_per_client: 40,
-            lr: 5e-3,
-            min_lr: 5e-4,
-            shadow_lr: 5e-3,
+            lr: 3e-2,
+            min_lr: 2e-3,
+            shadow_lr: 3e-2,
             malicious_percent: vec![0, 30, 50],
             defenses: Defense::ALL.to_vec(),
             probe_runs: 16,
@@ -104,7 +104,7 @@ impl ExperimentConfig {
         cfg.model.n_heads = 2;
         cfg.model.n_kv_heads = 1;
         cfg.model.d_ff = 64;
-        cfg.pretrain.steps = 60;
+        cfg.pretrain.steps = 25;
         cfg.pretrain.batch = 16;
         cfg.clients = 6;
         cfg.clients_per_round = 6;
@@ -116,8 +116,8 @@ impl ExperimentConfig {
         cfg.min_lr = 2e-3;
         cfg.shadow_lr = 2e-2;
         cfg.malicious_percent = vec![50];
-        cfg.probe_runs = 6;
-        cfg.probe_holdout = 0.34;
+        cfg.probe_runs = 10;
+        cfg.probe_holdout = 0.3;
         cfg
     }
 

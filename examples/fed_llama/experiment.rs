@@ -15,7 +15,7 @@ use crate::data::{Corpus, Encoded, Rng, TextCodec, encode_all};
 use crate::defense::{Defense, RuleContext, Server};
 use crate::model::Llama;
 use crate::training::{
-    Capture, ClientData, Devices, EvalSet, LocalRun, Metrics, local_train, round_lr,
+    BatchPlan, Capture, ClientData, Devices, EvalSet, LocalRun, Metrics, local_train, round_lr,
 };
 
 /// Receives progress: a phase starts with a length, ticks, and finishes.
@@ -44,6 +44,19 @@ pub struct Setup<'a> {
     pub max_len: usize,
     /// Clients trained in parallel.
     pub threads: usize,
+}
+
+impl Setup<'_> {
+    /// The batch plan of a local run, with the data-order seed `seed`.
+    pub fn plan(&self, seed: u64) -> BatchPlan {
+        BatchPlan {
+            steps: self.config.local_steps,
+            batch: self.config.batch_size,
+            pad: self.codec.pad_id(),
+            max_len: self.max_len,
+            seed,
+        }
+    }
 }
 
 /// What the probe phase produced.
@@ -113,7 +126,7 @@ pub fn malicious_set(clients: usize, malicious: usize, seed: u64) -> Vec<bool> {
 pub fn selection(config: &ExperimentConfig, round: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..config.clients).collect();
     if config.clients_per_round < config.clients {
-        Rng::derive(config.seed, &[0x5345_4C, round as u64]).shuffle(&mut order);
+        Rng::derive(config.seed, &[0x0053_454C, round as u64]).shuffle(&mut order);
         order.truncate(config.clients_per_round);
         order.sort_unstable();
     }
@@ -192,16 +205,8 @@ pub fn probe_phase(
                 cfg.samples_per_client,
                 cfg.seed ^ 0x0050_524F,
             );
-            let data = ClientData::new(vec![pool]);
-            let batches = data.round_batches(
-                0,
-                0,
-                cfg.local_steps,
-                cfg.batch_size,
-                setup.codec.pad_id(),
-                setup.max_len,
-                cfg.seed ^ id,
-            );
+            let data = ClientData::new(vec![pool], setup.plan(cfg.seed ^ id));
+            let batches = data.round_batches(0, 0);
             local_train(
                 setup.model,
                 round0,
@@ -315,6 +320,7 @@ pub fn federate(
                 )
             })
             .collect(),
+        setup.plan(cfg.seed),
     );
     let ctx = RuleContext {
         clients_per_round: cfg.clients_per_round,
@@ -342,18 +348,7 @@ pub fn federate(
     for round in 0..cfg.rounds {
         let lr = round_lr(cfg.lr, cfg.min_lr, round, cfg.rounds);
         let chosen = selection(cfg, round);
-        let pad = setup.codec.pad_id();
-        let batches_of = |k: usize| {
-            data.round_batches(
-                k,
-                round,
-                cfg.local_steps,
-                cfg.batch_size,
-                pad,
-                setup.max_len,
-                cfg.seed,
-            )
-        };
+        let batches_of = |k: usize| data.round_batches(k, round);
         // Shadow branches this round's clients need and the cache lacks.
         let shadow_keys: Vec<(bool, usize, usize)> = chosen
             .iter()

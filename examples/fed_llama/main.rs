@@ -97,13 +97,13 @@ struct Args {
     /// Rows in each client's private pool [default: 40].
     #[arg(long)]
     samples_per_client: Option<usize>,
-    /// Initial local learning rate, cosine-decayed per round [default: 5e-3].
+    /// Initial local learning rate, cosine-decayed per round [default: 3e-2].
     #[arg(long)]
     lr: Option<f64>,
-    /// Final learning rate of the cosine decay [default: 5e-4].
+    /// Final learning rate of the cosine decay [default: 2e-3].
     #[arg(long)]
     min_lr: Option<f64>,
-    /// Fixed learning rate of the shadow branch and the probe runs [default: 5e-3].
+    /// Fixed learning rate of the shadow branch and the probe runs [default: 3e-2].
     #[arg(long)]
     shadow_lr: Option<f64>,
     /// Labelled local runs per class in the probe phase [default: 16].

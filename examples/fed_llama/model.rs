@@ -53,19 +53,19 @@ impl LlamaConfig {
 
     /// Rejects shapes the blocks cannot be built with.
     pub fn check(&self) -> Result<(), String> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "d_model {} must be a multiple of n_heads {}",
                 self.d_model, self.n_heads
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "n_heads {} must be a multiple of n_kv_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim {} must be even (RoPE)", self.head_dim()));
         }
         Ok(())

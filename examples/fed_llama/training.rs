@@ -353,38 +353,47 @@ impl EvalSet {
     }
 }
 
+/// How a local run's batches are cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Optimiser steps (one batch each).
+    pub steps: usize,
+    /// Rows per batch.
+    pub batch: usize,
+    /// Padding id.
+    pub pad: u32,
+    /// Longest sequence.
+    pub max_len: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+}
+
 /// Per-client data pools and deterministic per-round batches.
 #[derive(Debug, Clone)]
 pub struct ClientData {
     pools: BTreeMap<usize, Vec<Encoded>>,
+    plan: BatchPlan,
 }
 
 impl ClientData {
     /// Client `k`'s pool is `pools[k]`.
-    pub fn new(pools: Vec<Vec<Encoded>>) -> Self {
+    pub fn new(pools: Vec<Vec<Encoded>>, plan: BatchPlan) -> Self {
         ClientData {
             pools: pools.into_iter().enumerate().collect(),
+            plan,
         }
     }
 
     /// The batches client `k` trains on in `round`: the same for every defense
     /// and for both of its branches (main and shadow).
-    pub fn round_batches(
-        &self,
-        client: usize,
-        round: usize,
-        steps: usize,
-        batch: usize,
-        pad: u32,
-        max_len: usize,
-        seed: u64,
-    ) -> Vec<Batch> {
+    pub fn round_batches(&self, client: usize, round: usize) -> Vec<Batch> {
+        let plan = self.plan;
         let empty = Vec::new();
         let pool = self.pools.get(&client).unwrap_or(&empty);
-        let mut rng = Rng::derive(seed, &[client as u64, round as u64, 0xBA7C]);
-        draw_batches(pool, batch, steps, &mut rng)
+        let mut rng = Rng::derive(plan.seed, &[client as u64, round as u64, 0xBA7C]);
+        draw_batches(pool, plan.batch, plan.steps, &mut rng)
             .iter()
-            .map(|rows| make_batch(rows, pad, max_len))
+            .map(|rows| make_batch(rows, plan.pad, plan.max_len))
             .collect()
     }
 }
