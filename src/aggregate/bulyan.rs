@@ -64,9 +64,14 @@ impl Aggregator for Bulyan {
                     round.exclude(i, ExclusionReason::NotSelected { score: *score });
                 }
             }
-            let values = sorted_reduce(&round, &selected, 0..theta, |sorted, len, m, out| {
-                closest_to_median_mean(sorted, len, m, beta, out);
-            });
+            let values = sorted_reduce(
+                &round,
+                &selected,
+                |_| true,
+                |sorted, len, m, out| {
+                    closest_to_median_mean(sorted, len, m, beta, out);
+                },
+            );
             round.coordinate_wise(&selected, values)
         })
     }

@@ -43,7 +43,12 @@ impl Aggregator for CoordinateMedian {
             }
             let members = round.all();
             let m = members.len();
-            let values = sorted_reduce(&round, &members, (m - 1) / 2..m / 2 + 1, median_of_sorted);
+            let values = sorted_reduce(
+                &round,
+                &members,
+                |r| (m - 1) / 2 <= r && r <= m / 2,
+                median_of_sorted,
+            );
             round.coordinate_wise(&members, values)
         })
     }
@@ -62,18 +67,18 @@ pub(crate) fn median_of_sorted(sorted: &[f32], len: usize, m: usize, out: &mut [
 }
 
 /// Maps `reduce(sorted_buffer, len, m, out)` over chunks whose columns were
-/// sorted across the `members` (only sorted rows `rows` are reliable).
+/// sorted across the `members` (only the needed rows are in sorted place).
 pub(crate) fn sorted_reduce<F>(
     round: &Round<'_>,
     members: &[usize],
-    rows: std::ops::Range<usize>,
+    needed_rows: impl Fn(usize) -> bool,
     reduce: F,
 ) -> engine::Mapped
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
 {
     let m = members.len();
-    let network = pruned_network(&sorting_network(m), rows);
+    let network = pruned_network(&sorting_network(m), needed_rows);
     engine::map(round, members, Vec::new, |buf, chunk, out| {
         let len = sort_columns(chunk, &network, buf);
         // The network permutes values (NaN included), so checking after
@@ -158,15 +163,22 @@ impl Aggregator for TrimmedMean {
             )?;
             let members = round.all();
             let kept = (m - 2 * k) as f32;
-            let values = sorted_reduce(&round, &members, k..m - k, |sorted, len, m, out| {
-                out.iter_mut().for_each(|o| *o = 0.0);
-                for r in k..m - k {
-                    for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
-                        *o += v;
+            // Only the k smallest and k largest must be put in place: the
+            // middle rows then hold exactly the kept values, in some order.
+            let values = sorted_reduce(
+                &round,
+                &members,
+                |r| r < k || r >= m - k,
+                |sorted, len, m, out| {
+                    out.iter_mut().for_each(|o| *o = 0.0);
+                    for r in k..m - k {
+                        for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
+                            *o += v;
+                        }
                     }
-                }
-                out.iter_mut().for_each(|o| *o /= kept);
-            });
+                    out.iter_mut().for_each(|o| *o /= kept);
+                },
+            );
             round.coordinate_wise(&members, values)
         })
     }
