@@ -1,7 +1,9 @@
 //! Coordinate-wise rules: median and trimmed mean (Yin et al., ICML 2018,
 //! "Byzantine-robust distributed learning: towards optimal statistical rates").
 
-use crate::aggregate::engine::{self, pruned_network, row, sort_columns, sorting_network};
+use crate::aggregate::engine::{
+    self, extremes_network, pruned_network, row, sort_columns, sorting_network,
+};
 use crate::aggregate::round::{Round, param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
 use crate::error::Result;
@@ -77,10 +79,24 @@ pub(crate) fn sorted_reduce<F>(
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
 {
+    let network = pruned_network(&sorting_network(members.len()), needed_rows);
+    reduce_with_network(round, members, &network, reduce)
+}
+
+/// Maps `reduce(buffer, len, m, out)` over chunks after applying `network`
+/// to the columns of the `members`' values.
+pub(crate) fn reduce_with_network<F>(
+    round: &Round<'_>,
+    members: &[usize],
+    network: &[(usize, usize)],
+    reduce: F,
+) -> engine::Mapped
+where
+    F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
+{
     let m = members.len();
-    let network = pruned_network(&sorting_network(m), needed_rows);
     engine::map(round, members, Vec::new, |buf, chunk, out| {
-        let len = sort_columns(chunk, &network, buf);
+        let len = sort_columns(chunk, network, buf);
         // The network permutes values (NaN included), so checking after
         // sorting is as good as before; a NaN output makes the round rescan.
         if engine::all_finite(buf) {

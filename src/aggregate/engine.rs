@@ -417,6 +417,25 @@ pub(crate) fn sorting_network(m: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// Compare-exchanges that put the k smallest values of m in rows 0..k and the
+/// k largest in rows m−k..m (bubble passes, about 2k·m comparators; the
+/// middle rows keep the other values in some order). Cheaper than a full
+/// sorting network when k is small, as in the trimmed mean.
+pub(crate) fn extremes_network(m: usize, k: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for p in 0..k.min(m) {
+        for r in (p + 1..m).rev() {
+            out.push((r - 1, r));
+        }
+    }
+    for p in 0..k.min(m.saturating_sub(k)) {
+        for r in k..m.saturating_sub(p + 1) {
+            out.push((r, r + 1));
+        }
+    }
+    out
+}
+
 /// The comparators of `network` that can affect the output rows for which
 /// `needed_rows` holds: walking
 /// backwards, a comparator is kept when one of its rows is needed, and then
@@ -500,6 +519,36 @@ mod tests {
                     }
                 }
                 assert_eq!(v[rows.clone()], expected[rows.clone()], "m = {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn extremes_network_places_the_k_smallest_and_largest() {
+        let mut state = 5u64;
+        for m in 1..=25 {
+            for k in 0..=(m - 1) / 2 {
+                let net = extremes_network(m, k);
+                for _ in 0..10 {
+                    let mut v: Vec<f32> = (0..m)
+                        .map(|_| {
+                            state = state.wrapping_mul(6364136223846793005).wrapping_add(7);
+                            ((state >> 40) % 9) as f32
+                        })
+                        .collect();
+                    let mut expected = v.clone();
+                    expected.sort_by(f32::total_cmp);
+                    for &(a, b) in &net {
+                        if v[b] < v[a] {
+                            v.swap(a, b);
+                        }
+                    }
+                    assert_eq!(v[..k], expected[..k], "m = {m}, k = {k}");
+                    assert_eq!(v[m - k..], expected[m - k..], "m = {m}, k = {k}");
+                    let mut middle = v[k..m - k].to_vec();
+                    middle.sort_by(f32::total_cmp);
+                    assert_eq!(middle, expected[k..m - k]);
+                }
             }
         }
     }

@@ -138,10 +138,12 @@ fn sort_network_impl(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
 
 /// Element-wise `(a, b) ← (min(a, b), max(a, b))`.
 ///
-/// Computed into temporaries and stored unconditionally, in blocks, so the
-/// compiler emits packed min/max instructions; a conditional swap compiles to
-/// branches (10× slower). Inputs are finite (checked before sorting), so NaN
-/// ordering does not arise.
+/// Computed into temporaries with `f32::min`/`max` and stored
+/// unconditionally, in blocks, so the compiler emits packed min/max. A
+/// conditional swap compiles to branches (10× slower), and `if q < p { q }
+/// else { p }` to a masked store, which is microcoded on AMD CPUs (5× slower).
+/// Inputs are finite (checked after sorting; a NaN only poisons the output,
+/// which triggers the rescan), so NaN ordering does not matter.
 #[inline(always)]
 fn compare_exchange(a: &mut [f32], b: &mut [f32]) {
     const W: usize = 16;
@@ -152,8 +154,8 @@ fn compare_exchange(a: &mut [f32], b: &mut [f32]) {
         let mut hi = [0.0f32; W];
         for k in 0..W {
             let (p, q) = (xa[k], xb[k]);
-            lo[k] = if q < p { q } else { p };
-            hi[k] = if q < p { p } else { q };
+            lo[k] = p.min(q);
+            hi[k] = p.max(q);
         }
         xa.copy_from_slice(&lo);
         xb.copy_from_slice(&hi);
