@@ -181,20 +181,22 @@ impl Aggregator for TrimmedMean {
             let kept = (m - 2 * k) as f32;
             // Only the k smallest and k largest must be put in place: the
             // middle rows then hold exactly the kept values, in some order.
-            let values = sorted_reduce(
-                &round,
-                &members,
-                |r| r < k || r >= m - k,
-                |sorted, len, m, out| {
-                    out.iter_mut().for_each(|o| *o = 0.0);
-                    for r in k..m - k {
-                        for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
-                            *o += v;
-                        }
+            let pruned = pruned_network(&sorting_network(m), |r| r < k || r >= m - k);
+            let bubbles = extremes_network(m, k);
+            let network = if bubbles.len() < pruned.len() {
+                bubbles
+            } else {
+                pruned
+            };
+            let values = reduce_with_network(&round, &members, &network, |sorted, len, m, out| {
+                out.iter_mut().for_each(|o| *o = 0.0);
+                for r in k..m - k {
+                    for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
+                        *o += v;
                     }
-                    out.iter_mut().for_each(|o| *o /= kept);
-                },
-            );
+                }
+                out.iter_mut().for_each(|o| *o /= kept);
+            });
             round.coordinate_wise(&members, values)
         })
     }
