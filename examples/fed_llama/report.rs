@@ -368,9 +368,16 @@ pub fn asr_svg(records: &[RoundRecord]) -> String {
             } else {
                 r#" stroke-dasharray="5,3""#
             };
+            // Shadow and evidence level often coincide: draw the shadow line
+            // wider so it stays visible under the evidence line.
+            let width = if *defense == Defense::Shadow {
+                4.0
+            } else {
+                1.6
+            };
             let _ = writeln!(
                 svg,
-                r#"<polyline fill="none" stroke="{}" stroke-width="1.6"{dash} points="{}"/>"#,
+                r#"<polyline fill="none" stroke="{}" stroke-width="{width}"{dash} points="{}"/>"#,
                 COLORS[d % COLORS.len()],
                 path.join(" ")
             );
