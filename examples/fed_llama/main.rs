@@ -63,7 +63,7 @@ use training::{Devices, EvalSet, PretrainConfig, cache_path, load_model, pretrai
 
 /// Federated LoRA fine-tuning of a LLaMA model under attack: every defense compared.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Output directory (table as CSV, ASR plot, config.json).
     #[arg(long, default_value = "target/fed_llama")]
@@ -83,13 +83,13 @@ struct Args {
     /// Start from the miniature configuration of the end-to-end test.
     #[arg(long)]
     miniature: bool,
-    /// Seed of everything random.
+    /// Seed of everything random [default: 17].
     #[arg(long)]
     seed: Option<u64>,
-    /// Malicious shares to compare, in percent.
+    /// Malicious shares to compare, in percent [default: 0,30,50].
     #[arg(long, value_delimiter = ',')]
     malicious: Option<Vec<u32>>,
-    /// Defenses to compare.
+    /// Defenses to compare [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     defenses: Option<Vec<Defense>>,
     /// Clients in the federation [default: 10].
@@ -220,8 +220,8 @@ fn run() -> Result<(), String> {
     let bars = Bars {
         bar: std::cell::RefCell::new(None),
     };
-    let probe_seed = args.seed.unwrap_or(17);
-    let corpus = Corpus::generate(probe_seed);
+    let seed = args.seed.unwrap_or(17);
+    let corpus = Corpus::generate(seed);
     let (model, codec, config, max_len, model_label): (
         model::Llama,
         Box<dyn TextCodec>,
@@ -231,7 +231,7 @@ fn run() -> Result<(), String> {
     ) = match &args.gguf {
         Some(path) => {
             let t0 = Instant::now();
-            let loaded = gguf::load(path, &Devices::flex(probe_seed).train)?;
+            let loaded = gguf::load(path, &Devices::flex(seed).train)?;
             let config = args.config(loaded.config.vocab_size);
             let label = format!(
                 "{} ({} layers, d {}, {} heads / {} KV, vocab {}) loaded in {:.1} s",
