@@ -53,7 +53,7 @@ pub use persist::{PROBE_FORMAT, PROBE_FORMAT_VERSION};
 pub use sketch::{Sketch, SketchConfig};
 pub use train::{
     ClassWeight, EarlyStopping, FitReport, Intercept, LinearModel, LogisticParams, ProbeBuilder,
-    StopReason, Trainer, TrainerInfo, ValidLogisticParams,
+    StopReason, Trainer, TrainerInfo, ValidLogisticParams, check_training_set,
 };
 #[cfg(feature = "linfa")]
 pub use train::{LinfaLogistic, LinfaSvm};
