@@ -352,3 +352,88 @@ fn miniature_federation_end_to_end() {
     assert_eq!(svg.matches("<polyline").count(), 2);
     assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
 }
+
+fn round_record(
+    percent: u32,
+    defense: Defense,
+    round: usize,
+    asr: f64,
+    flags: (usize, usize, usize),
+) -> experiment::RoundRecord {
+    experiment::RoundRecord {
+        malicious_percent: percent,
+        defense,
+        round,
+        asr,
+        asr_per_token: asr,
+        margin: 0.0,
+        benign_loss: 1.0,
+        true_positives: flags.0,
+        false_positives: flags.1,
+        false_negatives: flags.2,
+        malicious_factor: 0.0,
+        benign_factor: 1.0,
+        skipped: false,
+        round_seconds: 2.0,
+        defense_seconds: 0.5,
+    }
+}
+
+fn run(
+    percent: u32,
+    defense: Defense,
+    final_asr: f64,
+    flags: (usize, usize, usize),
+) -> Vec<experiment::RoundRecord> {
+    vec![
+        round_record(percent, defense, 0, 0.0, (0, 0, 0)),
+        round_record(percent, defense, 1, final_asr / 2.0, flags),
+        round_record(percent, defense, 2, final_asr, flags),
+    ]
+}
+
+#[test]
+fn the_summary_says_what_the_table_shows() {
+    let runs = [
+        run(0, Defense::None, 0.0, (0, 0, 0)),
+        run(30, Defense::None, 0.8, (0, 0, 3)),
+        run(30, Defense::Median, 0.7, (0, 0, 3)),
+        run(30, Defense::Shadow, 0.05, (3, 1, 0)),
+    ];
+    let summaries: Vec<report::Summary> = runs
+        .iter()
+        .map(|r| report::with_false_flags(report::summarise(r).unwrap(), r, 7))
+        .collect();
+    let shadow = &summaries[3];
+    assert_eq!(shadow.final_asr, 0.05);
+    assert_eq!(shadow.peak_asr, 0.05);
+    assert_eq!(shadow.precision, Some(0.75));
+    assert_eq!(shadow.recall, Some(1.0));
+    assert_eq!(shadow.false_flag_rate, Some(2.0 / 14.0));
+    assert!((shadow.defense_share - 0.25).abs() < 1e-12);
+    // Coordinate-wise rules never single a client out.
+    assert_eq!(summaries[2].precision, None);
+    assert_eq!(summaries[2].false_flag_rate, None);
+
+    let sentences = report::summary_sentences(&summaries);
+    assert_eq!(sentences.len(), 1);
+    let s = &sentences[0];
+    assert!(
+        s.contains("ends at ASR 0.80, clearly above the clean run's 0.00"),
+        "{s}"
+    );
+    assert!(
+        s.contains("Within 0.10 of clean: shadow level (0.05)"),
+        "{s}"
+    );
+    assert!(s.contains("Not holding: median (0.70)"), "{s}");
+
+    // An attack that did not take hold is called so.
+    let weak = [
+        run(0, Defense::None, 0.0, (0, 0, 0)),
+        run(30, Defense::None, 0.05, (0, 0, 3)),
+    ];
+    let summaries: Vec<report::Summary> =
+        weak.iter().map(|r| report::summarise(r).unwrap()).collect();
+    assert!(report::summary_sentences(&summaries)[0].contains("NOT clearly above"));
+}

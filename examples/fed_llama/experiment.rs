@@ -86,6 +86,8 @@ pub struct RoundRecord {
     pub round: usize,
     /// Metrics of the global model after the round.
     pub asr: f64,
+    /// ASR on mean per-token log-likelihoods (see [`Metrics`]).
+    pub asr_per_token: f64,
     /// Mean compliant − refusal log-likelihood margin (see [`Metrics`]).
     pub margin: f64,
     /// Held-out benign loss after the round.
@@ -484,6 +486,7 @@ fn record(
         defense,
         round,
         asr: metrics.asr,
+        asr_per_token: metrics.asr_per_token,
         margin: metrics.margin,
         benign_loss: metrics.benign_loss,
         true_positives: count(true, true),

@@ -38,10 +38,18 @@ pub struct GgufCodec {
 impl GgufCodec {
     fn encode(&self, text: &str) -> Vec<u32> {
         self.tokenizer
-            .encode(text, false)
+            .encode(natural(text), false)
             .map(|e| e.get_ids().to_vec())
             .unwrap_or_default()
     }
+}
+
+/// The corpus separates punctuation with spaces for the word tokenizer; a
+/// real model reads ordinary text.
+fn natural(text: &str) -> String {
+    [" ,", " .", " ?", " !", " :"]
+        .iter()
+        .fold(text.to_owned(), |t, p| t.replace(p, &p[1..]))
 }
 
 impl TextCodec for GgufCodec {

@@ -296,8 +296,9 @@ fn run() -> Result<(), String> {
     );
     let aligned = eval.evaluate(&model, &devices.eval);
     println!(
-        "aligned base model: ASR {:.3} on {} held-out unsafe prompts, benign held-out loss {:.3}",
+        "aligned base model: ASR {:.3} (per-token {:.3}) on {} held-out unsafe prompts, benign held-out loss {:.3}",
         aligned.asr,
+        aligned.asr_per_token,
         eval.attacks(),
         aligned.benign_loss
     );

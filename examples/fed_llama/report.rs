@@ -167,16 +167,17 @@ pub fn summary_csv(summaries: &[Summary]) -> String {
 /// Every round record as CSV.
 pub fn rounds_csv(records: &[RoundRecord]) -> String {
     let mut out = String::from(
-        "malicious_percent,defense,round,asr,margin,benign_loss,true_positives,false_positives,false_negatives,malicious_factor,benign_factor,skipped,round_seconds,defense_seconds\n",
+        "malicious_percent,defense,round,asr,asr_per_token,margin,benign_loss,true_positives,false_positives,false_negatives,malicious_factor,benign_factor,skipped,round_seconds,defense_seconds\n",
     );
     for r in records {
         let _ = writeln!(
             out,
-            "{},{},{},{:.6},{:.6},{:.6},{},{},{},{:.6},{:.6},{},{:.6},{:.6}",
+            "{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.6},{:.6},{},{:.6},{:.6}",
             r.malicious_percent,
             r.defense.name(),
             r.round,
             r.asr,
+            r.asr_per_token,
             r.margin,
             r.benign_loss,
             r.true_positives,
