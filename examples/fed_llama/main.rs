@@ -2,7 +2,7 @@
 //! defense of `safe-fedllm` compared side by side.
 //!
 //! ```text
-//! cargo run --release --example fed_llama              # embedded tiny LLaMA, ≈ 4 min on 2 cores
+//! cargo run --release --example fed_llama              # embedded tiny LLaMA, ≈ 3 min on 2 cores
 //! cargo run --release --example fed_llama -- --help    # every flag
 //! ```
 //!
