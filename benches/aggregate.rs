@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use safe_fedllm::aggregate::{
-    Aggregator, Bulyan, ClipBound, ClientUpdate, CoordinateMedian, DnC, FedAvg, Flame, FoolsGold,
+    Aggregator, Bulyan, ClientUpdate, ClipBound, CoordinateMedian, DnC, FedAvg, Flame, FoolsGold,
     GeometricMedian, Krum, MultiKrum, NormClipping, Trim, TrimmedMean,
 };
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
@@ -81,7 +81,8 @@ fn adapter(layers: usize, stream: u64, global: Option<&LoraAdapter>) -> LoraAdap
         let values: Vec<f32> = (0..len)
             .map(|k| value(stream, offset + k as u64) + base.map_or(0.0, |b| b[k]))
             .collect();
-        out.insert(&key, LoraTensor::new(&key, shape, values).unwrap()).unwrap();
+        out.insert(&key, LoraTensor::new(&key, shape, values).unwrap())
+            .unwrap();
         offset += len as u64;
     }
     out
@@ -95,7 +96,9 @@ struct Round {
 impl Round {
     fn new(n: usize, layers: usize) -> Round {
         let global = adapter(layers, 0, None);
-        let clients = (0..n).map(|c| adapter(layers, c as u64 + 1, Some(&global))).collect();
+        let clients = (0..n)
+            .map(|c| adapter(layers, c as u64 + 1, Some(&global)))
+            .collect();
         Round { global, clients }
     }
 
@@ -117,12 +120,18 @@ fn rules(n: usize) -> Vec<(&'static str, Box<dyn Aggregator>)> {
     vec![
         ("fedavg", Box::new(FedAvg::new())),
         ("median", Box::new(CoordinateMedian::new())),
-        ("trimmed_mean", Box::new(TrimmedMean::new(Trim::Fraction(0.1)).unwrap())),
+        (
+            "trimmed_mean",
+            Box::new(TrimmedMean::new(Trim::Fraction(0.1)).unwrap()),
+        ),
         ("krum", Box::new(Krum::new(f).unwrap())),
         ("multi_krum", Box::new(MultiKrum::new(f, n - f).unwrap())),
         ("bulyan", Box::new(Bulyan::new(f).unwrap())),
         ("geometric_median", Box::new(GeometricMedian::new())),
-        ("norm_clipping", Box::new(NormClipping::new(ClipBound::MedianNorm).unwrap())),
+        (
+            "norm_clipping",
+            Box::new(NormClipping::new(ClipBound::MedianNorm).unwrap()),
+        ),
         ("foolsgold", Box::new(FoolsGold::new())),
         ("flame", Box::new(Flame::new())),
         ("dnc", Box::new(DnC::new(f).unwrap())),

@@ -326,7 +326,9 @@ pub enum Error {
 
     /// A round has too few usable clients for a rule's robustness guarantee
     /// (for example Krum's n ≥ 2f + 3).
-    #[error("aggregator {rule} needs {constraint} (at least {required} usable clients), found {found}")]
+    #[error(
+        "aggregator {rule} needs {constraint} (at least {required} usable clients), found {found}"
+    )]
     TooFewClients {
         /// The rule.
         rule: &'static str,
@@ -366,7 +368,9 @@ pub enum Error {
     },
 
     /// A client's tensor has a different shape than the global adapter's.
-    #[error("client `{client}`: tensor `{tensor}` has shape {found:?}, the global adapter {expected:?}")]
+    #[error(
+        "client `{client}`: tensor `{tensor}` has shape {found:?}, the global adapter {expected:?}"
+    )]
     ClientShapeMismatch {
         /// The client.
         client: String,

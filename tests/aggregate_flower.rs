@@ -8,8 +8,8 @@
 //! compute in f32, summing in a different order).
 
 use safe_fedllm::aggregate::{
-    Aggregation, Aggregator, Bulyan, ClientUpdate, CoordinateMedian, FedAvg, Krum, MultiKrum,
-    Trim, TrimmedMean, Weighting, flatten,
+    Aggregation, Aggregator, Bulyan, ClientUpdate, CoordinateMedian, FedAvg, Krum, MultiKrum, Trim,
+    TrimmedMean, Weighting, flatten,
 };
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use serde_json::Value;
@@ -34,11 +34,18 @@ fn adapter(keys: &[String], shapes: &[[usize; 2]], values: &[f32]) -> LoraAdapte
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn load(name: &str) -> Fixture {
-    let path = format!("{}/fixtures/aggregate/flower_{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/fixtures/aggregate/flower_{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let keys: Vec<String> = json["keys"]
         .as_array()
@@ -50,7 +57,12 @@ fn load(name: &str) -> Fixture {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| [s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize])
+        .map(|s| {
+            [
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            ]
+        })
         .collect();
     let global = adapter(&keys, &shapes, &floats(&json["global"]));
     let clients = json["clients"]
@@ -111,14 +123,22 @@ fn fedavg_matches_flower_aggregate() {
 #[test]
 fn security_weighted_fedavg_with_unit_factors_is_flower_aggregate() {
     let fx = load("n8_even");
-    assert_close(&fx.run(&mut FedAvg::new()), &fx.json["expected"]["fedavg"], "fedavg");
+    assert_close(
+        &fx.run(&mut FedAvg::new()),
+        &fx.json["expected"]["fedavg"],
+        "fedavg",
+    );
 }
 
 #[test]
 fn median_matches_flower_aggregate_median() {
     for name in SCENARIOS {
         let fx = load(name);
-        assert_close(&fx.run(&mut CoordinateMedian::new()), &fx.json["expected"]["median"], name);
+        assert_close(
+            &fx.run(&mut CoordinateMedian::new()),
+            &fx.json["expected"]["median"],
+            name,
+        );
     }
 }
 
@@ -143,7 +163,10 @@ fn krum_matches_flower_aggregate_krum() {
         assert_close(&result, &case["values"], name);
         let selected = case["selected"].as_u64().unwrap() as usize;
         assert_eq!(result.contributions.len(), 1);
-        assert_eq!(result.contributions[0].client.as_str(), fx.clients[selected].0);
+        assert_eq!(
+            result.contributions[0].client.as_str(),
+            fx.clients[selected].0
+        );
         assert_eq!(result.exclusions.len(), fx.clients.len() - 1);
     }
 }
@@ -180,5 +203,8 @@ fn attackers_are_not_krum_winners() {
     let fx = load("n11_attack");
     let result = fx.run(&mut Krum::new(2).unwrap());
     let winner = result.contributions[0].client.as_str();
-    assert!(winner != "client-9" && winner != "client-10", "winner {winner}");
+    assert!(
+        winner != "client-9" && winner != "client-10",
+        "winner {winner}"
+    );
 }
