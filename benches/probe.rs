@@ -18,15 +18,19 @@
 //! With `--features linfa` and `PROBE_BENCH_LINFA=1` it also fits linfa-logistic
 //! and linfa-svm once each (minutes) and reports their time and AUC.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use common::{llama8b_adapter, values};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::{Array2, ArrayView2, s};
 use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
-use safe_fedllm::lora::{AdapterView, LazyDelta, LoraAdapter, LoraDelta, LoraTensor, StorageDtype};
+use safe_fedllm::lora::{AdapterView, LazyDelta, LoraDelta, StorageDtype};
 use safe_fedllm::probe::eval::roc_auc;
 use safe_fedllm::probe::synthetic::SyntheticConfig;
 use safe_fedllm::probe::{
@@ -138,40 +142,6 @@ fn bench_training(c: &mut Criterion) {
         b.iter(|| early.fit(black_box(data.train_x), data.train_y).unwrap())
     });
     group.finish();
-}
-
-const LAYERS: usize = 32;
-const HIDDEN: usize = 4096;
-const KV: usize = 1024;
-const RANK: usize = 8;
-
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
-fn llama8b_adapter(seed: u64) -> LoraAdapter {
-    let mut adapter = LoraAdapter::new();
-    for layer in 0..LAYERS {
-        for (module, out) in [("q_proj", HIDDEN), ("v_proj", KV)] {
-            let path = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
-            let s = seed + (layer as u64) * 4;
-            let a = LoraTensor::new("a", [RANK, HIDDEN], values(s, RANK * HIDDEN, 0.02)).unwrap();
-            let b = LoraTensor::new("b", [out, RANK], values(s + 1, out * RANK, 0.02)).unwrap();
-            adapter.insert(&format!("{path}.lora_A.weight"), a).unwrap();
-            adapter.insert(&format!("{path}.lora_B.weight"), b).unwrap();
-        }
-    }
-    adapter
 }
 
 fn probe_for(spec: FeatureSpec) -> LinearProbe {
