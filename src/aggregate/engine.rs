@@ -18,6 +18,13 @@ use crate::lora::tensor::first_non_finite;
 /// Coordinates per work item.
 pub(crate) const CHUNK: usize = 4096;
 
+/// Coordinates per work item for single-pass kernels ([`combine`]): each
+/// client's slice of a chunk is one sequential read, and longer reads let the
+/// hardware prefetcher run ahead on each of the n input streams (FedAvg,
+/// n = 20, d = 3.4 M: 23.1 → 20.6 ms against 4096). Kernels that revisit a
+/// chunk (Gram matrix, sorting networks) keep [`CHUNK`] so it stays in L2.
+pub(crate) const STREAM_CHUNK: usize = 16384;
+
 /// One chunk of the flat vector: `len` coordinates of segment `seg` from `start`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Span {
@@ -169,11 +176,27 @@ where
     Init: Fn() -> S + Sync,
     Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync,
 {
+    map_in_chunks(round, members, CHUNK, init, kernel)
+}
+
+/// [`map`] with an explicit chunk length.
+fn map_in_chunks<S, Init, Kernel>(
+    round: &Round<'_>,
+    members: &[usize],
+    chunk_len: usize,
+    init: Init,
+    kernel: Kernel,
+) -> Mapped
+where
+    S: Send,
+    Init: Fn() -> S + Sync,
+    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync,
+{
     let mut outputs: Vec<Vec<f32>> = round.global.iter().map(|g| vec![0.0; g.len()]).collect();
     let mut items = Vec::with_capacity(round.dim / CHUNK + outputs.len());
     for (seg, out) in outputs.iter_mut().enumerate() {
         let mut start = 0;
-        for piece in out.chunks_mut(CHUNK) {
+        for piece in out.chunks_mut(chunk_len.max(1)) {
             let len = piece.len();
             items.push((Span { seg, start, len }, piece));
             start += len;
@@ -357,9 +380,10 @@ pub(crate) fn sq_distances(gram: &[f64], m: usize) -> Vec<f64> {
 /// With `g_coef = 1 − Σ coefs` this is `g + Σ coefs[i]·(xᵢ − g)`: averaging
 /// (clipped) updates costs one pass over the inputs, no Δ is materialised.
 pub(crate) fn combine(round: &Round<'_>, members: &[usize], coefs: &[f32], g_coef: f32) -> Mapped {
-    map(
+    map_in_chunks(
         round,
         members,
+        STREAM_CHUNK,
         || (),
         |_, chunk, out| {
             if g_coef == 0.0 {
@@ -369,17 +393,18 @@ pub(crate) fn combine(round: &Round<'_>, members: &[usize], coefs: &[f32], g_coe
                     .zip(chunk.global)
                     .for_each(|(o, g)| *o = g_coef * g);
             }
-            // Two clients per pass halves the read-modify-write traffic on `out`.
-            let mut pairs = chunk.rows.chunks_exact(2);
-            let mut cs = coefs.chunks_exact(2);
-            for (rows, c) in (&mut pairs).zip(&mut cs) {
-                if let ([a, b], [ca, cb]) = (rows, c) {
-                    for ((o, x), y) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
-                        *o += ca * x + cb * y;
+            // Four clients per pass quarters the read-modify-write traffic on `out`.
+            let mut quads = chunk.rows.chunks_exact(4);
+            let mut cs = coefs.chunks_exact(4);
+            for (rows, c) in (&mut quads).zip(&mut cs) {
+                if let ([a, b, x, y], [ca, cb, cx, cy]) = (rows, c) {
+                    let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
+                    for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
+                        *o += (ca * va + cb * vb) + (cx * vx + cy * vy);
                     }
                 }
             }
-            for (row, c) in pairs.remainder().iter().zip(cs.remainder()) {
+            for (row, c) in quads.remainder().iter().zip(cs.remainder()) {
                 for (o, x) in out.iter_mut().zip(row.iter()) {
                     *o += c * x;
                 }
