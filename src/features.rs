@@ -259,7 +259,7 @@ impl FeatureSpec {
     }
 
     /// Builds one feature vector.
-    pub fn transform(&self, delta: &impl TensorSource) -> Result<Features> {
+    pub fn transform(&self, delta: &(impl TensorSource + ?Sized)) -> Result<Features> {
         let mut values = vec![0.0f32; self.dim];
         let report = self.transform_into(delta, &mut values)?;
         Ok(Features { values, report })
@@ -268,7 +268,7 @@ impl FeatureSpec {
     /// Builds one feature vector into `out` (length [`FeatureSpec::dim`]).
     pub fn transform_into(
         &self,
-        delta: &impl TensorSource,
+        delta: &(impl TensorSource + ?Sized),
         out: &mut [f32],
     ) -> Result<TransformReport> {
         if out.len() != self.dim {
@@ -318,7 +318,7 @@ impl FeatureSpec {
         Ok((matrix, reports))
     }
 
-    fn ignored_keys(&self, delta: &impl TensorSource) -> Vec<String> {
+    fn ignored_keys(&self, delta: &(impl TensorSource + ?Sized)) -> Vec<String> {
         let rule = Rule {
             selection: &self.selection,
             layer: self.layer,
@@ -373,7 +373,7 @@ fn split_for_workers<'a, 'o>(
 /// Copies each block into its part of the output. Returns the part's sum of
 /// squares and the blocks the delta lacked (zero-filled).
 fn fill_blocks(
-    delta: &impl TensorSource,
+    delta: &(impl TensorSource + ?Sized),
     blocks: &[FeatureBlock],
     part: &mut [f32],
 ) -> Result<(f64, Vec<String>)> {

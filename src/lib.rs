@@ -3,6 +3,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;
+mod client;
 pub mod detect;
 pub mod error;
 pub mod features;
@@ -10,6 +11,7 @@ pub mod lora;
 mod parallel;
 pub mod probe;
 
+pub use client::ClientId;
 pub use error::{Error, Result};
 
 /// The crate's traits, for `use safe_fedllm::prelude::*`.

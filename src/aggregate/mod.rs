@@ -86,8 +86,6 @@
 //! # Ok::<(), safe_fedllm::Error>(())
 //! ```
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -121,35 +119,7 @@ pub use geomed::GeometricMedian;
 pub use krum::{Krum, KrumVariant, MultiKrum};
 pub use round::{flatten, unflatten};
 
-/// A client's identity, as the server names it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ClientId(pub String);
-
-impl ClientId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for ClientId {
-    fn from(s: &str) -> Self {
-        ClientId(s.to_owned())
-    }
-}
-
-impl From<String> for ClientId {
-    fn from(s: String) -> Self {
-        ClientId(s)
-    }
-}
+pub use crate::client::ClientId;
 
 /// One client's contribution to a round: its local adapter (full weights, not
 /// a delta), how many samples it trained on, and its security factor.

@@ -18,8 +18,8 @@ use super::DEFAULT_SHADOW_LEARNING_RATE;
 /// selects are read.
 fn score_step<P: Probe + ?Sized>(
     probe: &P,
-    base: &impl TensorSource,
-    step: &impl TensorSource,
+    base: &(impl TensorSource + ?Sized),
+    step: &(impl TensorSource + ?Sized),
 ) -> Result<f32> {
     let delta = LazyDelta::new(step, base)?;
     let features = probe.feature_spec().transform(&delta)?;
@@ -62,7 +62,7 @@ fn score_step<P: Probe + ?Sized>(
 /// ```
 pub fn score_steps<P: Probe + ?Sized, S: TensorSource>(
     probe: &P,
-    base: &impl TensorSource,
+    base: &(impl TensorSource + ?Sized),
     steps: &[S],
 ) -> Result<Vec<f32>> {
     steps.iter().map(|s| score_step(probe, base, s)).collect()
@@ -119,7 +119,7 @@ impl<'a, P: Probe + ?Sized, B: TensorSource> StepRecorder<'a, P, B> {
     }
 
     /// Scores the adapter after one local step; returns the score.
-    pub fn record(&mut self, step: &impl TensorSource) -> Result<f32> {
+    pub fn record(&mut self, step: &(impl TensorSource + ?Sized)) -> Result<f32> {
         let score = score_step(self.probe, self.base, step)?;
         self.scores.push(score);
         Ok(score)

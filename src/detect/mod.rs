@@ -100,27 +100,7 @@ pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
 /// Reference safety gate: skip the round when the mean factor is below this.
 pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
 
-/// Client ids are the aggregators' [`ClientId`]
-/// (a string); integer ids convert with `From` (implemented here).
-pub use crate::aggregate::ClientId;
-
-impl From<u64> for ClientId {
-    fn from(id: u64) -> Self {
-        ClientId(id.to_string())
-    }
-}
-
-impl From<usize> for ClientId {
-    fn from(id: usize) -> Self {
-        ClientId(id.to_string())
-    }
-}
-
-impl From<u32> for ClientId {
-    fn from(id: u32) -> Self {
-        ClientId(id.to_string())
-    }
-}
+pub use crate::client::ClientId;
 
 /// Which Safe-FedLLM defence level a detector implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -81,8 +81,8 @@ impl TrailStatus {
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 pub fn check_trail(
-    last_step: &impl TensorSource,
-    update: &impl TensorSource,
+    last_step: &(impl TensorSource + ?Sized),
+    update: &(impl TensorSource + ?Sized),
     check: TrailCheck,
 ) -> Result<TrailStatus> {
     let tolerance = match check {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::key::LoraKey;
-use crate::lora::source::TensorSource;
+use crate::lora::source::{TensorSource, checked_range};
 use crate::lora::tensor::LoraTensor;
 
 /// What to do when the update and the base do not hold the same LoRA keys.
@@ -60,15 +60,18 @@ pub struct LoraDelta {
 
 impl LoraDelta {
     /// `update − base` under [`KeyPolicy::Strict`].
-    pub fn between(update: &impl TensorSource, base: &impl TensorSource) -> Result<Self> {
+    pub fn between(
+        update: &(impl TensorSource + ?Sized),
+        base: &(impl TensorSource + ?Sized),
+    ) -> Result<Self> {
         Self::between_with(update, base, KeyPolicy::Strict).map(|(delta, _)| delta)
     }
 
     /// `update − base` under an explicit key policy, with a report of the keys
     /// left out. Shapes must agree on every shared key.
     pub fn between_with(
-        update: &impl TensorSource,
-        base: &impl TensorSource,
+        update: &(impl TensorSource + ?Sized),
+        base: &(impl TensorSource + ?Sized),
         policy: KeyPolicy,
     ) -> Result<(Self, DeltaReport)> {
         let report = match_keys(update, base, policy)?;
@@ -121,7 +124,7 @@ impl LoraDelta {
 }
 
 impl TensorSource for LoraDelta {
-    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &LoraKey> + '_> {
         self.adapter.lora_keys()
     }
 
@@ -129,12 +132,12 @@ impl TensorSource for LoraDelta {
         self.adapter.shape_of(canonical)
     }
 
-    fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
-        self.adapter.copy_into(canonical, out)
+    fn read_range(&self, canonical: &str, offset: usize, out: &mut [f32]) -> Result<()> {
+        self.adapter.read_range(canonical, offset, out)
     }
 
-    fn subtract_from(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
-        self.adapter.subtract_from(canonical, out)
+    fn as_f32(&self, canonical: &str) -> Option<&[f32]> {
+        self.adapter.as_f32(canonical)
     }
 }
 
@@ -143,12 +146,12 @@ impl TensorSource for LoraDelta {
 /// Feeding this to [`FeatureSpec::transform`](crate::features::FeatureSpec::transform)
 /// computes probe features straight from an upload's bytes: only the selected
 /// tensors are decoded, and each value is touched once.
-pub struct LazyDelta<'a, U, B> {
+pub struct LazyDelta<'a, U: ?Sized, B: ?Sized> {
     update: &'a U,
     base: &'a B,
 }
 
-impl<'a, U: TensorSource, B: TensorSource> LazyDelta<'a, U, B> {
+impl<'a, U: TensorSource + ?Sized, B: TensorSource + ?Sized> LazyDelta<'a, U, B> {
     /// Pairs an update with its base, checking keys and shapes strictly
     /// (headers only, no tensor is read).
     pub fn new(update: &'a U, base: &'a B) -> Result<Self> {
@@ -157,13 +160,27 @@ impl<'a, U: TensorSource, B: TensorSource> LazyDelta<'a, U, B> {
     }
 }
 
-impl<U: TensorSource, B: TensorSource> TensorSource for LazyDelta<'_, U, B> {
-    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
+impl<U: TensorSource + ?Sized, B: TensorSource + ?Sized> TensorSource for LazyDelta<'_, U, B> {
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &LoraKey> + '_> {
         self.update.lora_keys()
     }
 
     fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
         self.update.shape_of(canonical)
+    }
+
+    fn read_range(&self, canonical: &str, offset: usize, out: &mut [f32]) -> Result<()> {
+        self.update.read_range(canonical, offset, out)?;
+        let range = checked_range(self.base, canonical, offset, out.len())?;
+        match self.base.as_f32(canonical).and_then(|b| b.get(range)) {
+            Some(base) => out.iter_mut().zip(base).for_each(|(o, b)| *o -= b),
+            None => {
+                let mut base = vec![0.0f32; out.len()];
+                self.base.read_range(canonical, offset, &mut base)?;
+                out.iter_mut().zip(&base).for_each(|(o, b)| *o -= b);
+            }
+        }
+        Ok(())
     }
 
     fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
@@ -175,8 +192,8 @@ impl<U: TensorSource, B: TensorSource> TensorSource for LazyDelta<'_, U, B> {
 /// Matches the keys of two sources from their headers; fails on a shape
 /// mismatch, and on a one-sided key under [`KeyPolicy::Strict`].
 fn match_keys(
-    update: &impl TensorSource,
-    base: &impl TensorSource,
+    update: &(impl TensorSource + ?Sized),
+    base: &(impl TensorSource + ?Sized),
     policy: KeyPolicy,
 ) -> Result<DeltaReport> {
     let mut report = DeltaReport::default();

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::lora::adapter::{LoraAdapter, LoraConfig, check_ranks};
 use crate::lora::header::{HeaderEntry, parse_header};
 use crate::lora::key::LoraKey;
-use crate::lora::source::TensorSource;
+use crate::lora::source::{TensorSource, checked_range};
 use crate::lora::tensor::{ExtraTensor, LoraTensor};
 
 /// Size limits applied before parsing untrusted bytes.
@@ -202,15 +202,16 @@ impl<'data> AdapterView<'data> {
 }
 
 impl TensorSource for AdapterView<'_> {
-    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
-        self.entries.values().map(|e| &e.key)
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &LoraKey> + '_> {
+        Box::new(self.entries.values().map(|e| &e.key))
     }
 
     fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
         self.entries.get(canonical).map(|e| e.shape)
     }
 
-    fn copy_into(&self, canonical: &str, out: &mut [f32]) -> Result<()> {
+    fn read_range(&self, canonical: &str, offset: usize, out: &mut [f32]) -> Result<()> {
+        let range = checked_range(self, canonical, offset, out.len())?;
         let entry = self
             .entries
             .get(canonical)
@@ -219,7 +220,41 @@ impl TensorSource for AdapterView<'_> {
                 present_in: "requested",
                 missing_from: "viewed",
             })?;
-        decode_into(canonical, entry.dtype, entry.bytes, out)
+        let width = dtype_width(canonical, entry.dtype)?;
+        // The header check guarantees bytes.len() == elements × width, and
+        // `range` lies inside the elements, so the byte range is in bounds.
+        let bytes = entry
+            .bytes
+            .get(range.start * width..range.end * width)
+            .ok_or_else(|| Error::DataLength {
+                tensor: canonical.to_owned(),
+                shape: entry.shape.to_vec(),
+                expected: entry.bytes.len() / width,
+                found: range.end,
+            })?;
+        decode_into(canonical, entry.dtype, bytes, out)
+    }
+
+    fn as_f32(&self, canonical: &str) -> Option<&[f32]> {
+        // Zero-copy only when the bytes are f32, aligned and the host is
+        // little-endian; otherwise readers convert ranges.
+        let entry = self.entries.get(canonical)?;
+        if entry.dtype != Dtype::F32 || cfg!(target_endian = "big") {
+            return None;
+        }
+        bytemuck::try_cast_slice(entry.bytes).ok()
+    }
+}
+
+/// Bytes per element of the supported storage dtypes.
+fn dtype_width(name: &str, dtype: Dtype) -> Result<usize> {
+    match dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::F16 | Dtype::BF16 => Ok(2),
+        other => Err(Error::UnsupportedDtype {
+            tensor: name.to_owned(),
+            dtype: other.to_string(),
+        }),
     }
 }
 
@@ -282,16 +317,7 @@ fn view_entry<'data>(
 
 /// Converts little-endian `F32`/`F16`/`BF16` bytes into `out`, one pass.
 pub(crate) fn decode_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    let width = match dtype {
-        Dtype::F32 => 4,
-        Dtype::F16 | Dtype::BF16 => 2,
-        other => {
-            return Err(Error::UnsupportedDtype {
-                tensor: name.to_owned(),
-                dtype: other.to_string(),
-            });
-        }
-    };
+    let width = dtype_width(name, dtype)?;
     if bytes.len() != out.len() * width {
         return Err(Error::DataLength {
             tensor: name.to_owned(),

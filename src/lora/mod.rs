@@ -17,5 +17,5 @@ pub use adapter::{LoraAdapter, LoraConfig, LoraEntry};
 pub use delta::{DeltaReport, KeyPolicy, LazyDelta, LoraDelta};
 pub use io::{AdapterView, ReadLimits, StorageDtype, read_file};
 pub use key::{Factor, LoraKey, LoraKind};
-pub use source::TensorSource;
+pub use source::{TensorSource, checked_range, element_count};
 pub use tensor::{ExtraTensor, LoraTensor};

@@ -269,15 +269,15 @@ impl KeyShapes {
 }
 
 impl TensorSource for KeyShapes {
-    fn lora_keys(&self) -> impl Iterator<Item = &LoraKey> {
-        self.keys.iter()
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &LoraKey> + '_> {
+        Box::new(self.keys.iter())
     }
 
     fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
         self.shapes.get(canonical).copied()
     }
 
-    fn copy_into(&self, canonical: &str, _out: &mut [f32]) -> Result<()> {
+    fn read_range(&self, canonical: &str, _offset: usize, _out: &mut [f32]) -> Result<()> {
         Err(Error::MissingKey {
             tensor: canonical.to_owned(),
             present_in: "file header",

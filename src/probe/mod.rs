@@ -109,7 +109,7 @@ pub trait Probe: Send + Sync {
     fn score_features(&self, features: &[f32]) -> Result<f32>;
 
     /// P(malicious) for one delta.
-    fn score<S: TensorSource>(&self, delta: &S) -> Result<f32>
+    fn score<S: TensorSource + ?Sized>(&self, delta: &S) -> Result<f32>
     where
         Self: Sized,
     {
