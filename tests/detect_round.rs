@@ -226,7 +226,9 @@ fn a_trail_mismatch_zeroes_the_factor_and_keeps_the_update_out() {
 #[test]
 fn unusable_reports_are_rejected_without_stopping_the_round() {
     let mut round =
-        DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new());
+        DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new())
+            .with_params(RoundParams::default().accept_self_reported(true))
+            .unwrap();
     let mut wrong_shape = LoraAdapter::new();
     wrong_shape
         .insert(B, LoraTensor::new("b", [1, 2], vec![0.0, 1.0]).unwrap())
@@ -325,7 +327,11 @@ fn shadow_adapters_are_scored_against_the_shadow_base() {
 fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
     let detector = EvidenceLevel::params().build().unwrap();
     let mut round = DefendedRound::new(probe(), detector, FactorGate::new(FedAvg::plain()))
-        .with_params(RoundParams::default().skip_avg_weight(0.0))
+        .with_params(
+            RoundParams::default()
+                .skip_avg_weight(0.0)
+                .accept_self_reported(true),
+        )
         .unwrap();
     let harmful = StepsReport::Scores(vec![0.9, 0.95]);
     let clean = StepsReport::Scores(vec![0.1, 0.2]);

@@ -183,11 +183,14 @@ pub fn borrow_reports(reports: &[OwnedReport]) -> Vec<ClientReport<'_>> {
 /// | [`skip_avg_weight`](Self::skip_avg_weight) | 0.2 | `prefilter_skip_avg_weight` |
 /// | [`trail`](Self::trail) | [`TrailCheck::Exact`] | (none: the reference trusts its own files) |
 /// | [`admission`](Self::admission) | [`Admission::default`] (fails closed) | [`Admission::reference`] |
+/// | [`accept_self_reported`](Self::accept_self_reported) | `false` | (the reference's clients compute nothing) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundParams {
     skip_avg_weight: f64,
     trail: TrailCheck,
     admission: Admission,
+    #[serde(default)]
+    accept_self_reported: bool,
 }
 
 impl Default for RoundParams {
@@ -196,6 +199,7 @@ impl Default for RoundParams {
             skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
             trail: TrailCheck::Exact,
             admission: Admission::default(),
+            accept_self_reported: false,
         }
     }
 }
@@ -215,6 +219,16 @@ impl RoundParams {
         self
     }
 
+    /// Whether client-computed scores ([`StepsReport::Scores`]) are read.
+    /// Default `false`: such a report is rejected
+    /// ([`Rejection::InvalidEvidence`]), because a client that scores itself
+    /// can claim anything. Enable for simulations or trusted client code;
+    /// the audit then marks them [`Provenance::SelfReported`].
+    pub fn accept_self_reported(mut self, accept: bool) -> Self {
+        self.accept_self_reported = accept;
+        self
+    }
+
     /// The admission policy.
     pub fn admission(mut self, admission: Admission) -> Self {
         self.admission = admission;
@@ -228,6 +242,7 @@ impl RoundParams {
             skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
             trail: TrailCheck::Off,
             admission: Admission::reference(),
+            accept_self_reported: true,
         }
     }
 
@@ -552,9 +567,20 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
                 );
             }
         };
+        let reads_steps = level.uses_all_steps();
+        let reads_shadow = level.uses_shadow() && self.detector.needs_shadow(report.client);
+        let self_reported = (reads_steps && matches!(report.steps, StepsReport::Scores(_)))
+            || (reads_shadow && matches!(report.shadow, StepsReport::Scores(_)));
+        if self_reported && !self.params.accept_self_reported {
+            return rejected(
+                "client-computed scores are not accepted (RoundParams::accept_self_reported)"
+                    .to_owned(),
+                trail,
+            );
+        }
         let mut evidence = ClientEvidence::new(samples).with_last_step_score(Some(update_score));
         let mut steps = Provenance::Absent;
-        if level.uses_all_steps() {
+        if reads_steps {
             match self.main_scores(global, &report.steps) {
                 Ok(scores) => {
                     steps = provenance(&report.steps, &trail);
@@ -564,7 +590,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             }
         }
         let mut shadow = Provenance::Absent;
-        if level.uses_shadow() && self.detector.needs_shadow(report.client) {
+        if reads_shadow {
             match self.shadow_scores(&report.shadow) {
                 Ok(scores) => {
                     shadow = match &report.shadow {
