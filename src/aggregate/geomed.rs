@@ -46,6 +46,9 @@ impl Default for GeometricMedian {
 }
 
 impl GeometricMedian {
+    /// Largest accepted [`max_iterations`](Self::max_iterations).
+    pub const MAX_ITERATIONS: usize = 100_000;
+
     /// The rule with RFA's defaults.
     pub fn new() -> Self {
         Self::default()
@@ -85,14 +88,16 @@ impl GeometricMedian {
         Ok(self)
     }
 
-    /// Sets the iteration cap (≥ 1).
+    /// Sets the iteration cap, 1 ≤ cap ≤ [`GeometricMedian::MAX_ITERATIONS`]
+    /// (each iteration is O(n²) on the coefficients; RFA reports that 3
+    /// suffice, and an unbounded cap would let a stalled round hang).
     pub fn max_iterations(mut self, max_iterations: usize) -> Result<Self> {
-        if max_iterations == 0 {
+        if max_iterations == 0 || max_iterations > Self::MAX_ITERATIONS {
             return Err(param_error(
                 "geometric_median",
                 "max_iterations",
-                0,
-                "at least 1",
+                max_iterations,
+                "1 ≤ max_iterations ≤ 100000 (GeometricMedian::MAX_ITERATIONS)",
             ));
         }
         self.max_iterations = max_iterations;
@@ -181,7 +186,7 @@ impl Aggregator for GeometricMedian {
                 };
                 return Ok(Some(round.skip(reason)));
             }
-            let g = gram(&round, &members);
+            let g = gram(&round, &members)?;
             if !finite(&g) {
                 return poisoned(&round);
             }

@@ -596,7 +596,7 @@ impl<P: Probe, D: Detector, A: Aggregator> DefendedRound<P, D, A> {
             .filter(|(_, c)| c.disposition == Disposition::Assessed)
             .map(|(r, c)| {
                 ClientUpdate::new(r.client.clone(), &r.update, r.samples)
-                    .with_security_factor((c.factor as f32).clamp(0.0, 1.0))
+                    .with_security_factor(c.factor.clamp(0.0, 1.0))
             })
             .collect();
         if updates.is_empty() {
