@@ -372,13 +372,11 @@ pub(crate) fn first_non_finite_per_client(
                 }
                 None => &[],
             };
-            if let Some((i, v)) = first_non_finite(values) {
-                if let Some(slot) = w.state.get_mut(k) {
-                    let better = slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx));
-                    if better {
-                        *slot = Some((seg, start + i, v));
-                    }
-                }
+            if let Some((i, v)) = first_non_finite(values)
+                && let Some(slot) = w.state.get_mut(k)
+                && slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx))
+            {
+                *slot = Some((seg, start + i, v));
             }
         },
     );
