@@ -166,7 +166,7 @@ impl ShadowRatio {
 /// *initial* adapter, and the global adapter drifts away from it over rounds,
 /// so every client also trains a **shadow branch**: the same local steps on
 /// the same data, from a fixed shadow base (the round-0 adapter) at a fixed
-/// learning rate (5e-5; see [`ShadowBranch`](super::ShadowBranch)). The probe
+/// learning rate (5e-5; see [`ShadowBranch`](crate::round::ShadowBranch)). The probe
 /// scores each shadow step's delta from the shadow base;
 /// r = harmful samples / samples and w = (1 − r)^η (η = 7). Stateless: it runs
 /// every round.

@@ -177,7 +177,7 @@ pub struct StepClientState {
 /// one probe evaluation per local step (cheap, a dot product) but the server
 /// must see every step's adapter (or trust client-computed scores).
 /// **Threat model:** intermediate steps are self-reported; only the last one
-/// can be checked against the submitted update (the [`trail`](super::trail)
+/// can be checked against the submitted update (the [`trail`](crate::round::trail)
 /// check). A client can fabricate benign-looking intermediate steps as long
 /// as the final update scores benign too — and the last step is what the
 /// probe sees at client level anyway.

@@ -73,7 +73,7 @@ pub fn score_steps<P: Probe + ?Sized, S: TensorSource>(
 /// Create one per client and branch at the start of local training with the
 /// adapter the steps start from; call [`record`](Self::record) after every
 /// optimiser step with the current adapter; [`finish`](Self::finish) returns
-/// the scores for [`ClientEvidence`](super::ClientEvidence).
+/// the scores for [`ClientEvidence`](crate::detect::ClientEvidence).
 ///
 /// ```
 /// # use safe_fedllm::features::{FeatureConfig, Selection};
