@@ -510,7 +510,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             outcome.skipped = true;
             outcome.skip_reason = Some(SkipReason::LowMeanSecurityFactor {
                 mean: mean_factor,
-                threshold: threshold as f32,
+                threshold,
             });
         } else {
             let aggregate_start = Instant::now();
@@ -665,7 +665,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             .iter()
             .map(|(c, adapter)| {
                 ClientUpdate::new(c.client.clone(), adapter, c.samples)
-                    .with_security_factor((c.factor as f32).clamp(0.0, 1.0))
+                    .with_security_factor(c.factor.clamp(0.0, 1.0))
             })
             .collect();
         if updates.is_empty() {
