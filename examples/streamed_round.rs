@@ -98,7 +98,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The value after `name`, if given.
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1))
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
 }
 
 /// Writes the uploads once (BF16, as clients would send them).
@@ -134,7 +136,8 @@ fn client_update(global: &LoraAdapter, seed: u64) -> LoraAdapter {
 
 fn probe(global: &LoraAdapter) -> safe_fedllm::Result<LinearProbe> {
     let sample = client_update(global, 0);
-    let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[LoraDelta::between(&sample, global)?])?;
+    let spec =
+        FeatureConfig::new(Selection::FirstLayerB).fit(&[LoraDelta::between(&sample, global)?])?;
     let weights = common::values(99, spec.dim(), 2.0);
     LinearProbe::new(spec, weights, 0.1)
 }
@@ -181,7 +184,10 @@ impl AnonSampler {
 /// (resident − shared) pages × page size, from /proc/self/statm.
 fn anon_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let fields: Vec<u64> = statm.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<u64> = statm
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
     match (fields.get(1), fields.get(2)) {
         (Some(resident), Some(shared)) => resident.saturating_sub(*shared) * 4096,
         _ => 0,
