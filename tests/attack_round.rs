@@ -628,3 +628,21 @@ fn invalid_admission_settings_are_typed_errors() {
     .unwrap();
     assert!(bad.check().is_err());
 }
+
+#[test]
+fn huge_sketch_settings_are_typed_errors_not_aborts() {
+    use safe_fedllm::probe::SketchConfig;
+    for (dim, nnz) in [
+        (2_147_483_648usize, 1usize),
+        (usize::MAX, 1),
+        (1 << 20, 1 << 20),
+    ] {
+        let mut config = SketchConfig::new(dim, 7);
+        config.nnz_per_column = nnz;
+        assert!(config.build(40_960).is_err(), "dim {dim} nnz {nnz}");
+    }
+    // A table of input_dim × nnz entries that cannot be allocated.
+    let mut config = SketchConfig::new(1 << 10, 7);
+    config.nnz_per_column = 64;
+    assert!(config.build(usize::MAX / 2).is_err());
+}

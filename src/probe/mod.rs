@@ -50,7 +50,7 @@ mod train;
 pub use dataset::{Manifest, ManifestEntry};
 pub use linear::{LinearProbe, ProbeInfo, TrainingSummary};
 pub use persist::{PROBE_FORMAT, PROBE_FORMAT_VERSION};
-pub use sketch::{Sketch, SketchConfig};
+pub use sketch::{MAX_NNZ_PER_COLUMN, Sketch, SketchConfig};
 pub use train::{
     ClassWeight, EarlyStopping, FitReport, Intercept, LinearModel, LogisticParams, ProbeBuilder,
     StopReason, Trainer, TrainerInfo, ValidLogisticParams, check_training_set,
