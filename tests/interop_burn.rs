@@ -280,7 +280,7 @@ fn a_missing_tensor_is_a_typed_error_naming_it() {
     }
     let err = rejected(&mut model, &without, &BurnNames::llama());
     assert!(
-        matches!(&err, Error::MissingKey { tensor, present_in: "burn module", missing_from: "source" } if *tensor == gone),
+        matches!(&err, Error::MissingKey { tensor, present_in: "burn", missing_from: "source" } if *tensor == gone),
         "{err}"
     );
     // Sanity: the complete adapter is accepted.
@@ -300,7 +300,7 @@ fn an_extra_or_renamed_tensor_is_a_typed_error_naming_it() {
         .unwrap();
     let err = rejected(&mut model, &global, &BurnNames::llama());
     assert!(
-        matches!(&err, Error::MissingKey { tensor, present_in: "source", missing_from: "burn module" } if tensor == extra),
+        matches!(&err, Error::MissingKey { tensor, present_in: "source", missing_from: "burn" } if tensor == extra),
         "{err}"
     );
 
@@ -438,4 +438,14 @@ fn a_module_without_lora_is_refused_both_ways() {
         write_lora(&mut bare, &peft_adapter(1), &BurnNames::llama()),
         Err(Error::Empty { .. })
     ));
+}
+
+#[test]
+fn the_public_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<BurnLora>();
+    shared::<BurnNames>();
+    let boxed: Box<dyn TensorSource + Send> =
+        Box::new(BurnLora::from_module(&tiny(), &BurnNames::llama()).unwrap());
+    assert_eq!(boxed.lora_keys().count(), 12);
 }

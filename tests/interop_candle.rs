@@ -252,7 +252,7 @@ fn missing_extra_and_misshaped_tensors_are_typed_errors_naming_them() {
         }
         let err = rejected(&mut lora, &missing);
         assert!(
-            matches!(&err, Error::MissingKey { tensor, present_in: "candle tensors", .. } if *tensor == gone),
+            matches!(&err, Error::MissingKey { tensor, present_in: "candle", .. } if *tensor == gone),
             "{err}"
         );
 
@@ -382,4 +382,24 @@ fn bits(adapter: &LoraAdapter) -> Vec<(String, Vec<u32>)> {
             )
         })
         .collect()
+}
+
+#[test]
+fn the_public_type_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<CandleLora>();
+    let lora = CandleLora::from_tensors(tensors(10, DType::F16)).unwrap();
+    let whole = lora.to_adapter().unwrap();
+    // Read concurrently from two threads through `&dyn TensorSource`.
+    let source: &dyn TensorSource = &lora;
+    std::thread::scope(|s| {
+        for entry in whole.iter() {
+            s.spawn(move || {
+                let key = entry.key.canonical();
+                let mut out = vec![0.0f32; entry.tensor.len()];
+                source.copy_into(key, &mut out).unwrap();
+                assert_eq!(out, entry.tensor.as_slice(), "{key}");
+            });
+        }
+    });
 }

@@ -370,7 +370,7 @@ impl TensorSource for BurnLora {
 /// Before anything is written, the key sets must match exactly and every
 /// shape must be the transpose of the module's:
 /// - a module factor without a source tensor is [`Error::MissingKey`]
-///   (`present_in: "burn module"`), a source tensor without a module factor is
+///   (`present_in: "burn"`), a source tensor without a module factor is
 ///   [`Error::MissingKey`] (`present_in: "source"`);
 /// - a wrong shape is [`Error::ShapeMismatch`] with both shapes in PEFT
 ///   orientation;
@@ -414,7 +414,7 @@ pub fn write_lora<M: Module, S: TensorSource + ?Sized>(
             .shape_of(canonical)
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "burn module",
+                present_in: "burn",
                 missing_from: "source",
             })?;
         if found != *peft_shape {
@@ -432,7 +432,7 @@ pub fn write_lora<M: Module, S: TensorSource + ?Sized>(
         return Err(Error::MissingKey {
             tensor: extra.canonical().to_owned(),
             present_in: "source",
-            missing_from: "burn module",
+            missing_from: "burn",
         });
     }
     // Pass 2: convert everything, still without touching the module.

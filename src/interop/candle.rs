@@ -209,7 +209,7 @@ impl CandleLora {
     /// its own device: variables are set in place, plain tensors replaced.
     ///
     /// The key sets must match exactly (a held tensor without a source tensor
-    /// is [`Error::MissingKey`] with `present_in: "candle tensors"`, a source
+    /// is [`Error::MissingKey`] with `present_in: "candle"`, a source
     /// tensor without a held one `present_in: "source"`) and every shape must
     /// match ([`Error::ShapeMismatch`]). All values are converted before any
     /// tensor changes, so on an error nothing is written. Values are written
@@ -220,7 +220,7 @@ impl CandleLora {
                 .shape_of(canonical)
                 .ok_or_else(|| Error::MissingKey {
                     tensor: canonical.clone(),
-                    present_in: "candle tensors",
+                    present_in: "candle",
                     missing_from: "source",
                 })?;
             if found != entry.shape {
@@ -238,7 +238,7 @@ impl CandleLora {
             return Err(Error::MissingKey {
                 tensor: extra.canonical().to_owned(),
                 present_in: "source",
-                missing_from: "candle tensors",
+                missing_from: "candle",
             });
         }
         let mut converted = Vec::with_capacity(self.entries.len());
