@@ -11,6 +11,7 @@ pub mod interop;
 pub mod lora;
 mod parallel;
 pub mod probe;
+pub mod round;
 
 pub use client::ClientId;
 pub use error::{Error, Result};
