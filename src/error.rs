@@ -393,6 +393,30 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
+
+    // --- added by interop ---
+    /// A tensor of another library (burn, candle) has a name the interop name
+    /// map does not translate to a PEFT LoRA key (a renamed or extra tensor).
+    #[error("{library} tensor `{tensor}` has no PEFT LoRA name under the {map} name map")]
+    UnmappedTensor {
+        /// The library (`"burn"` or `"candle"`).
+        library: &'static str,
+        /// The tensor's name in that library (burn record path, candle map key).
+        tensor: String,
+        /// The name map used (`"llama"`, `"table"`, a custom label).
+        map: String,
+    },
+
+    /// Another library (burn, candle) failed to read, convert or write a tensor.
+    #[error("{library} tensor `{tensor}`: {reason}")]
+    InteropFailed {
+        /// The library (`"burn"` or `"candle"`).
+        library: &'static str,
+        /// The tensor's name (PEFT key when known, else the library's name).
+        tensor: String,
+        /// The library's own message.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -7,6 +7,7 @@ mod client;
 pub mod detect;
 pub mod error;
 pub mod features;
+pub mod interop;
 pub mod lora;
 mod parallel;
 pub mod probe;
