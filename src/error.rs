@@ -409,6 +409,17 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+
+    /// The benign updates given to an attack helper do not line up.
+    #[error("benign update {index}: tensor `{tensor}` {reason}")]
+    AttackInput {
+        /// Position of the offending update in the slice.
+        index: usize,
+        /// The tensor key.
+        tensor: String,
+        /// What differs.
+        reason: &'static str,
+    },
 }
 
 impl Error {
