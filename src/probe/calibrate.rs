@@ -627,7 +627,7 @@ impl Trainer for CalibratedParams {
         iterations += report.iterations;
 
         let platt = Platt::fit(z, labels)?;
-        if !(platt.a > 0.0) {
+        if platt.a <= 0.0 || platt.a.is_nan() {
             return Err(Error::CalibrationFailed {
                 detail: format!(
                     "out-of-fold decision values do not rise with maliciousness (Platt slope a = {:.3e} at C = {c}); \
