@@ -1,57 +1,5 @@
-//! Calibrated probes: the regularisation chosen by group cross-validation,
-//! probabilities calibrated on out-of-fold scores, and a threshold chosen in
-//! the terms a server operator cares about.
-//!
-//! # Why
-//!
-//! A logistic probe that separates benign from malicious updates perfectly
-//! (ROC AUC 1.0) can still flag only half of the malicious ones at τ = 0.8:
-//! with a strong L2 penalty its scores are squeezed towards 0.5, so "0.8"
-//! means nothing in particular. [`CalibratedParams`] fixes the meaning of the
-//! score instead of asking every user to hand-tune `C` and τ:
-//!
-//! 1. **C by group k-fold.** For each C of a grid, each of `k` folds from
-//!    [`stratified_group_k_fold`] (no run or client straddles folds) is fitted
-//!    with the default L-BFGS trainer ([`LogisticParams`], warm-started along
-//!    the grid as scikit-learn's `LogisticRegressionCV` does), giving an
-//!    out-of-fold (OOF) decision value zᵢ for every sample. The C with the
-//!    lowest OOF log loss wins (ties: the smaller C).
-//! 2. **Refit** on all samples at that C.
-//! 3. **Platt scaling** (Platt 1999, with the Newton method of Lin, Lin and
-//!    Weng 2007 and Platt's smoothed targets, as scikit-learn's
-//!    `CalibratedClassifierCV(method="sigmoid")`): fit a, b so that
-//!    σ(a·zᵢ + b) matches the labels on the OOF decision values — values of
-//!    samples the fold model never saw, so the map corrects the
-//!    over- or under-confidence the refit model will show on new updates.
-//! 4. **Fold the map into the model.** σ(a·(wᵀx + b₀) + b) = σ((a·w)ᵀx +
-//!    (a·b₀ + b)): the result is a plain linear model, so scoring,
-//!    persistence and every caller of [`LinearProbe`](crate::probe::LinearProbe)
-//!    are unchanged.
-//! 5. **Threshold** by a [`Threshold`] policy on the calibrated OOF scores,
-//!    reported with the OOF false-positive rate, recall and the margin
-//!    (distance from τ to the nearest OOF score).
-//!
-//! The [`CalibrationReport`] (saved with the probe) holds the grid, the
-//! chosen C, a and b, the threshold report and the OOF ROC AUC, ECE (before
-//! and after calibration) and Brier score. The OOF figures are the honest
-//! held-out estimate available at training time; the Platt map is fitted on
-//! the same OOF scores it is reported on (two parameters, so the optimism is
-//! small, but an independent test set remains the real check).
-//!
-//! ```
-//! use safe_fedllm::probe::{CalibratedParams, Threshold, Trainer, synthetic::SyntheticConfig};
-//!
-//! let (x, labels) = SyntheticConfig::new(400, 32).separation(2.0).seed(4).generate()?;
-//! // Ten consecutive samples form one run: runs never straddle folds.
-//! let groups: Vec<usize> = (0..400).map(|i| i / 10).collect();
-//! let model = CalibratedParams::default()
-//!     .threshold(Threshold::TargetFpr(0.05))
-//!     .fit_grouped(x.view(), &labels, Some(&groups))?;
-//! let report = model.calibration.as_ref().expect("calibrated fit");
-//! assert!(report.threshold.false_positive_rate <= 0.05);
-//! assert!(report.oof_roc_auc > 0.9);
-//! # Ok::<(), safe_fedllm::Error>(())
-//! ```
+//! Calibrated probes: C by group k-fold, Platt scaling folded into the
+//! weights, threshold policies (documented on [`CalibratedParams`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -420,9 +368,62 @@ pub struct CalibrationReport {
     pub iterations: usize,
 }
 
-/// The calibrated default trainer: C by group k-fold over a grid, refit,
-/// Platt scaling on OOF decision values folded into the weights, threshold by
-/// policy (see the [module docs](self)).
+/// Calibrated probes: the regularisation chosen by group cross-validation,
+/// probabilities calibrated on out-of-fold scores, and a threshold chosen in
+/// the terms a server operator cares about.
+///
+/// # Why
+///
+/// A logistic probe that separates benign from malicious updates perfectly
+/// (ROC AUC 1.0) can still flag only half of the malicious ones at τ = 0.8:
+/// with a strong L2 penalty its scores are squeezed towards 0.5, so "0.8"
+/// means nothing in particular. [`CalibratedParams`] fixes the meaning of the
+/// score instead of asking every user to hand-tune `C` and τ:
+///
+/// 1. **C by group k-fold.** For each C of a grid, each of `k` folds from
+///    [`stratified_group_k_fold`] (no run or client straddles folds) is fitted
+///    with the default L-BFGS trainer ([`LogisticParams`], warm-started along
+///    the grid as scikit-learn's `LogisticRegressionCV` does), giving an
+///    out-of-fold (OOF) decision value zᵢ for every sample. The C with the
+///    lowest OOF log loss wins (ties: the smaller C).
+/// 2. **Refit** on all samples at that C.
+/// 3. **Platt scaling** (Platt 1999, with the Newton method of Lin, Lin and
+///    Weng 2007 and Platt's smoothed targets, as scikit-learn's
+///    `CalibratedClassifierCV(method="sigmoid")`): fit a, b so that
+///    σ(a·zᵢ + b) matches the labels on the OOF decision values — values of
+///    samples the fold model never saw, so the map corrects the
+///    over- or under-confidence the refit model will show on new updates.
+/// 4. **Fold the map into the model.** σ(a·(wᵀx + b₀) + b) = σ((a·w)ᵀx +
+///    (a·b₀ + b)): the result is a plain linear model, so scoring,
+///    persistence and every caller of [`LinearProbe`](crate::probe::LinearProbe)
+///    are unchanged.
+/// 5. **Threshold** by a [`Threshold`] policy on the calibrated OOF scores,
+///    reported with the OOF false-positive rate, recall and the margin
+///    (distance from τ to the nearest OOF score).
+///
+/// The [`CalibrationReport`] (saved with the probe) holds the grid, the
+/// chosen C, a and b, the threshold report and the OOF ROC AUC, ECE (before
+/// and after calibration) and Brier score. The OOF figures are the honest
+/// held-out estimate available at training time; the Platt map is fitted on
+/// the same OOF scores it is reported on (two parameters, so the optimism is
+/// small, but an independent test set remains the real check).
+///
+/// ```
+/// use safe_fedllm::probe::{CalibratedParams, Threshold, Trainer, synthetic::SyntheticConfig};
+///
+/// let (x, labels) = SyntheticConfig::new(400, 32).separation(2.0).seed(4).generate()?;
+/// // Ten consecutive samples form one run: runs never straddle folds.
+/// let groups: Vec<usize> = (0..400).map(|i| i / 10).collect();
+/// let model = CalibratedParams::default()
+///     .threshold(Threshold::TargetFpr(0.05))
+///     .fit_grouped(x.view(), &labels, Some(&groups))?;
+/// let report = model.calibration.as_ref().expect("calibrated fit");
+/// assert!(report.threshold.false_positive_rate <= 0.05);
+/// assert!(report.oof_roc_auc > 0.9);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+///
+/// # Settings
 ///
 /// | setting | default | valid |
 /// |---|---|---|
