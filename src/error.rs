@@ -417,6 +417,45 @@ pub enum Error {
         /// The library's own message.
         reason: String,
     },
+
+    // --- added by calib ---
+    /// Cross-validated calibration of a probe could not be done (for example
+    /// the out-of-fold scores are not positively associated with the
+    /// malicious label, so no increasing map turns them into probabilities).
+    #[error("probe calibration failed: {detail}")]
+    CalibrationFailed {
+        /// What went wrong, with the figures involved.
+        detail: String,
+    },
+
+    /// A sample of a manifest could not be read or used. Relative paths in a
+    /// manifest are resolved against the manifest's own folder, not the
+    /// working directory; the message says which folder.
+    #[error(
+        "manifest line {line}: sample `{path}` (relative paths in a manifest resolve against its folder `{root}`): {source}"
+    )]
+    ManifestSample {
+        /// 1-based line number.
+        line: usize,
+        /// The resolved path of the file that failed.
+        path: PathBuf,
+        /// The folder relative paths were resolved against.
+        root: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The benign updates given to an attack helper do not line up.
+    #[error("benign update {index}: tensor `{tensor}` {reason}")]
+    AttackInput {
+        /// Position of the offending update in the slice.
+        index: usize,
+        /// The tensor key.
+        tensor: String,
+        /// What differs.
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -428,12 +467,13 @@ impl Error {
         }
     }
 
-    /// The innermost error, looking through [`Error::InFile`] wrappers.
+    /// The innermost error, looking through [`Error::InFile`] and
+    /// [`Error::ManifestSample`] wrappers.
     ///
     /// Handy for matching on the variant without caring which file it came from.
     pub fn root(&self) -> &Error {
         match self {
-            Error::InFile { source, .. } => source.root(),
+            Error::InFile { source, .. } | Error::ManifestSample { source, .. } => source.root(),
             other => other,
         }
     }

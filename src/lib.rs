@@ -3,6 +3,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;
+pub mod attack;
 mod client;
 pub mod detect;
 pub mod error;
