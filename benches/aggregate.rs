@@ -19,6 +19,7 @@ use safe_fedllm::aggregate::{
     GeometricMedian, Krum, MultiKrum, NormClipping, Trim, TrimmedMean,
 };
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+use safe_fedllm::rng::mix64;
 
 struct Counting;
 
@@ -49,17 +50,10 @@ const HIDDEN: usize = 4096;
 const KV: usize = 1024;
 const RANK: usize = 8;
 
-/// SplitMix64's finaliser.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Value `i` (flat index in sorted key order) of stream `s`: uniform in
 /// [-0.01, 0.01). `scripts/bench_aggregate_flower.py` computes the same.
 fn value(s: u64, i: u64) -> f32 {
-    ((mix((s << 32) + i) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+    ((mix64((s << 32) + i) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
 }
 
 /// Stream 0 is the global adapter; client c adds stream c + 1 to it.

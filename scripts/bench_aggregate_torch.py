@@ -27,10 +27,13 @@ import numpy as np
 import torch
 
 HIDDEN, KV, RANK = 4096, 1024, 8
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
 C1, C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def mix(z):
+    """safe_fedllm::rng::mix64 (SplitMix64's output for counter z)."""
+    z = z + GAMMA
     z = (z ^ (z >> np.uint64(30))) * C1
     z = (z ^ (z >> np.uint64(27))) * C2
     return z ^ (z >> np.uint64(31))

@@ -45,8 +45,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::Normalization;
 use crate::lora::{LoraAdapter, LoraDelta};
-use crate::probe::rng::Rng;
 use crate::probe::{LinearProbe, Probe};
+use crate::rng::Rng;
 
 /// −Δ: the update pushed the other way.
 pub fn sign_flip(delta: &LoraDelta) -> Result<LoraDelta> {

@@ -12,6 +12,8 @@ pub mod interop;
 pub mod lora;
 mod parallel;
 pub mod probe;
+#[doc(hidden)]
+pub mod rng;
 pub mod round;
 
 pub use client::ClientId;

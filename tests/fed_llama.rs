@@ -58,7 +58,7 @@ fn tiny(vocab_size: usize, tie_embeddings: bool) -> LlamaConfig {
 
 fn random_adapter(config: &LlamaConfig, rank: usize, seed: u64) -> LoraAdapter {
     let mut rng = Rng::new(seed);
-    let mut value = || (rng.below(2001) as f32 - 1000.0) / 1000.0;
+    let mut value = || (rng.index(2001) as f32 - 1000.0) / 1000.0;
     let kv = config.n_kv_heads * config.head_dim();
     let mut adapter = LoraAdapter::new();
     for layer in 0..config.n_layers {

@@ -1,10 +1,11 @@
 //! Shared bench inputs: a Llama-3.1-8B-shaped LoRA adapter (32 layers, q_proj
 //! 4096→4096 and v_proj 4096→1024, r = 8: 3,407,872 parameters) filled with
-//! deterministic pseudo-random values, so benches need no RNG crate.
+//! deterministic pseudo-random values from the crate's own generator.
 
 #![allow(dead_code)] // each bench uses a different subset
 
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+use safe_fedllm::rng::Rng;
 
 /// Transformer layers.
 pub const LAYERS: usize = 32;
@@ -15,18 +16,11 @@ pub const KV: usize = 1024;
 /// LoRA rank.
 pub const RANK: usize = 8;
 
-/// `n` values uniform in `[-scale/2, scale/2)` from SplitMix64 seeded with `seed`.
+/// `n` values uniform in `[-scale/2, scale/2)` from the crate's generator seeded with `seed`.
 pub fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed;
+    let mut rng = Rng::new(seed);
     (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
         .collect()
 }
 

@@ -354,9 +354,9 @@ impl Corpus {
         // (and, through the tied head, every output row) is trained.
         let drills = words.len() / 2 + 60;
         for i in 0..drills {
-            let len = 3 + rng.below(4);
+            let len = 3 + rng.index(4);
             let mut line: Vec<&str> = (0..len)
-                .map(|_| words[rng.below(words.len())].as_str())
+                .map(|_| words[rng.index(words.len())].as_str())
                 .collect();
             line[0] = words[(2 * i) % words.len()].as_str();
             let text = line.join(" ");
@@ -529,48 +529,9 @@ pub fn make_batch(rows: &[&Encoded], pad: u32, max_len: usize) -> Batch {
     }
 }
 
-/// SplitMix64: a tiny, seedable, portable generator (so runs reproduce on
-/// every platform without a rand dependency).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// A generator for a (seed, stream…) tuple.
-    pub fn derive(seed: u64, streams: &[u64]) -> Self {
-        let mut rng = Rng::new(seed);
-        for &s in streams {
-            rng = Rng::new(rng.next_u64() ^ s.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
-        rng
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-
-    /// Fisher–Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i + 1);
-            items.swap(i, j);
-        }
-    }
-}
+/// The crate's seeded generator (xoshiro256++), shared with its benches so
+/// runs reproduce on every platform without a rand dependency.
+pub use safe_fedllm::rng::Rng;
 
 /// `count` batches of `batch` rows drawn without replacement (reshuffling
 /// the pool when it runs out) from `pool`.

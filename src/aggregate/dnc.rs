@@ -4,13 +4,13 @@
 
 use crate::aggregate::engine::client_read_error;
 use crate::aggregate::linalg::symmetric_eigen;
-use crate::aggregate::rng::SplitMix64;
 use crate::aggregate::round::{Round, Seg, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+use crate::rng::Rng;
 
 /// DnC: repeatedly project the centred updates on their top singular
 /// direction over a random subset of coordinates, and drop the clients with
@@ -123,13 +123,13 @@ impl DnC {
 }
 
 /// b distinct flat indices of 0..d, sorted (Floyd's algorithm); all of them when b ≥ d.
-fn sample_indices(rng: &mut SplitMix64, d: usize, b: usize) -> Vec<usize> {
+fn sample_indices(rng: &mut Rng, d: usize, b: usize) -> Vec<usize> {
     if b >= d {
         return (0..d).collect();
     }
     let mut chosen = std::collections::BTreeSet::new();
     for j in d - b..d {
-        let t = rng.below(j as u64 + 1) as usize;
+        let t = rng.index(j + 1);
         if !chosen.insert(t) {
             chosen.insert(j);
         }
@@ -234,7 +234,7 @@ impl Aggregator for DnC {
             format!("n > ⌊c·f⌋ = {removed}"),
         )?;
         let m = round.clients.len();
-        let mut rng = SplitMix64::new(self.seed);
+        let mut rng = Rng::new(self.seed);
         let mut flagged: Vec<Option<f64>> = vec![None; m];
         for _ in 0..self.iterations {
             let indices = sample_indices(&mut rng, round.dim, self.subsample_dim);

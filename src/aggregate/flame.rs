@@ -5,13 +5,13 @@ use crate::aggregate::clipping::clip_scale;
 use crate::aggregate::engine::{self, gram};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
-use crate::aggregate::rng::{gaussian_at, mix};
 use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, Outcome, SkipReason, Weighting,
 };
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+use crate::rng::{gaussian_at, mix64};
 
 /// FLAME: filter by clustering, bound by clipping, then (optionally) add noise.
 ///
@@ -224,7 +224,7 @@ impl Aggregator for Flame {
             let Some(mut result) = round.weighted_mean(&members, self.weighting, &scales)? else {
                 return Ok(None);
             };
-            let round_seed = mix(self.seed ^ mix(self.rounds));
+            let round_seed = mix64(self.seed ^ mix64(self.rounds));
             // A seed counter: wrapping after 2⁶⁴ rounds only repeats noise.
             self.rounds = self.rounds.wrapping_add(1);
             let sigma = self.noise_lambda * bound;

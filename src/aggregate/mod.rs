@@ -122,7 +122,6 @@ mod gate;
 mod geomed;
 mod krum;
 mod linalg;
-mod rng;
 mod round;
 mod simd;
 

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::probe::Label;
-use crate::probe::rng::Rng;
 use crate::probe::train::{Trainer, check_both_classes};
+use crate::rng::Rng;
 
 /// Counts of a binary decision against the truth (positive = malicious).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,7 +48,6 @@ pub mod eval;
 pub(crate) mod kernels;
 mod linear;
 mod persist;
-pub(crate) mod rng;
 mod sketch;
 pub mod synthetic;
 mod train;

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::probe::rng::{below, mix64};
+use crate::rng::{below, mix64};
 
 /// Largest number of non-zeros per input column of a count-sketch.
 pub const MAX_NNZ_PER_COLUMN: usize = 64;

@@ -25,7 +25,7 @@ use ndarray::Array2;
 use crate::error::{Error, Result};
 use crate::features::l2_normalise;
 use crate::probe::Label;
-use crate::probe::rng::Rng;
+use crate::rng::Rng;
 
 /// Settings of the generator (see the module docs).
 #[derive(Debug, Clone, PartialEq)]

@@ -52,11 +52,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::probe::Label;
 use crate::probe::kernels::{axpy, default_threads, dot, logistic_loss, sigmoid, split_ranges};
-use crate::probe::rng::Rng;
 use crate::probe::train::{
     FitReport, LinearModel, StopReason, Trainer, TrainerInfo, check_both_classes,
     check_training_set, class_counts,
 };
+use crate::rng::Rng;
 
 const SOLVER: &str = "logistic L-BFGS";
 /// scikit-learn's `ftol` for lbfgs: 64 machine epsilons.
