@@ -456,6 +456,17 @@ pub enum Error {
         /// What differs.
         reason: &'static str,
     },
+    // --- added by hygiene ---
+    /// A path given as input is not a regular file (a FIFO, a device such as
+    /// `/dev/zero`, a directory or a socket). Refused before opening, since
+    /// opening a FIFO blocks and a device can stream without end.
+    #[error("{path} is not a regular file (it is a {kind}); give the path of a file")]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead: "directory", "FIFO", "socket", "character device", ….
+        kind: &'static str,
+    },
 }
 
 impl Error {

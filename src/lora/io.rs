@@ -26,20 +26,45 @@ use crate::lora::source::{TensorSource, checked_range};
 use crate::lora::tensor::{ExtraTensor, LoraTensor};
 
 /// Size limits applied before parsing untrusted bytes.
+///
+/// The defaults are sized for LoRA uploads, not for base models:
+///
+/// | adapter (LoRA on q, k, v, o, gate, up, down) | parameters | f32 bytes |
+/// |---|---|---|
+/// | Llama-3.1-8B, r = 8 | 21.0 M | 84 MB |
+/// | Llama-3-70B, r = 8 | 103.5 M | 414 MB |
+/// | Llama-3.1-405B, r = 8 | 311.7 M | 1.25 GB |
+/// | Llama-3-70B, r = 32 | 414.2 M | 1.66 GB |
+///
+/// (per layer and module r·(in + out) values; 70B: 80 layers, hidden 8,192,
+/// FFN 28,672, 8 KV heads × 128; 405B: 126 layers, hidden 16,384, FFN 53,248.)
+/// So [`ReadLimits::DEFAULT_MAX_BYTES`] = 2 GiB admits every rank-8 f32 adapter
+/// of the largest open LLaMA and rank 32 on 70B, while a wrong path (a base
+/// model, `/dev/zero`, a growing log) fails fast instead of allocating up to
+/// the old 16 GiB. Raise it with `ReadLimits { max_bytes, ..Default::default() }`
+/// for high-rank adapters of very large models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadLimits {
-    /// Largest accepted input (file or buffer), in bytes. Default 16 GiB.
+    /// Largest accepted input (file or buffer), in bytes. Default
+    /// [`ReadLimits::DEFAULT_MAX_BYTES`] (2 GiB).
     pub max_bytes: u64,
     /// Largest accepted JSON header, in bytes. Default 16 MiB: an adapter of
     /// 10,000 tensors needs well under 2 MiB.
     pub max_header_bytes: u64,
 }
 
+impl ReadLimits {
+    /// Default [`ReadLimits::max_bytes`]: 2 GiB (see the table above).
+    pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
+    /// Default [`ReadLimits::max_header_bytes`]: 16 MiB.
+    pub const DEFAULT_MAX_HEADER_BYTES: u64 = 16 << 20;
+}
+
 impl Default for ReadLimits {
     fn default() -> Self {
         ReadLimits {
-            max_bytes: 16 << 30,
-            max_header_bytes: 16 << 20,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            max_header_bytes: Self::DEFAULT_MAX_HEADER_BYTES,
         }
     }
 }
@@ -466,27 +491,85 @@ impl LoraAdapter {
     }
 }
 
-/// Reads a whole file after checking its size against the limit, so a huge
-/// file is refused before it is read.
+/// Reads a whole file of outside data (adapter, probe, manifest, checkpoint)
+/// within `limits.max_bytes`, promptly.
+///
+/// - The path must name a regular file: a FIFO, device (`/dev/zero`),
+///   directory or socket is [`Error::NotAFile`] *before* opening, since
+///   opening a FIFO blocks until a writer appears and a device can stream
+///   without end. (A path swapped for a FIFO between the check and the open
+///   can still block; the opened handle is checked again.)
+/// - A file whose size is above the limit is [`Error::InputTooLarge`] before a
+///   byte is read; at most `max_bytes + 1` bytes are ever read, so a file that
+///   grows while being read fails with the same error instead of exhausting
+///   memory.
+///
+/// Size errors come wrapped in [`Error::InFile`] with the path.
 pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Vec<u8>> {
     let io = |source| Error::Io {
         path: path.to_owned(),
         source,
     };
+    check_regular(path, &std::fs::metadata(path).map_err(io)?)?;
     let file = std::fs::File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
-    if len > limits.max_bytes {
-        return Err(Error::in_file(
+    let metadata = file.metadata().map_err(io)?;
+    check_regular(path, &metadata)?;
+    let too_large = |found| {
+        Error::in_file(
             path,
             Error::InputTooLarge {
-                found: len,
+                found,
                 limit: limits.max_bytes,
             },
-        ));
+        )
+    };
+    let len = metadata.len();
+    if len > limits.max_bytes {
+        return Err(too_large(len));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.take(limits.max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(io)?;
+    let read = bytes.len() as u64;
+    if read > limits.max_bytes {
+        return Err(too_large(read));
+    }
     Ok(bytes)
+}
+
+/// [`Error::NotAFile`] unless `metadata` describes a regular file.
+fn check_regular(path: &Path, metadata: &std::fs::Metadata) -> Result<()> {
+    let kind = metadata.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    Err(Error::NotAFile {
+        path: path.to_owned(),
+        kind: file_kind(&kind),
+    })
+}
+
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "FIFO";
+        }
+        if kind.is_socket() {
+            return "socket";
+        }
+        if kind.is_char_device() {
+            return "character device";
+        }
+        if kind.is_block_device() {
+            return "block device";
+        }
+    }
+    if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
 }
