@@ -54,7 +54,7 @@ pub enum Error {
     /// The bytes are not a valid safetensors file (truncated, bad JSON,
     /// overlapping offsets, trailing bytes, ...).
     #[error("malformed safetensors data: {0}")]
-    Malformed(#[from] safetensors::SafeTensorError),
+    Malformed(MalformedSafetensors),
 
     /// A LoRA tensor is stored in a dtype this crate does not convert.
     #[error("tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
@@ -469,7 +469,100 @@ pub enum Error {
     },
 }
 
+/// What is wrong with bytes that are not a valid safetensors file.
+///
+/// The checks are the `safetensors` crate's own (the parser every PyTorch and
+/// PEFT loader uses, so the server and the ecosystem read a file the same
+/// way); its error enum is mapped here so that no foreign error type is part
+/// of this crate's API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MalformedSafetensors {
+    /// Fewer than the 8 bytes of the header-length prefix.
+    #[error("fewer than 8 bytes: no header-length prefix")]
+    HeaderTooSmall,
+    /// The declared header length runs past the end of the input.
+    #[error("the declared header length runs past the end of the input")]
+    InvalidHeaderLength,
+    /// The declared header is above the `safetensors` crate's own 100 MB cap
+    /// (the tighter [`crate::lora::ReadLimits::max_header_bytes`] is checked first).
+    #[error("the declared header is above the safetensors format's 100 MB cap")]
+    HeaderTooLarge,
+    /// The header is not UTF-8.
+    #[error("the header is not UTF-8 (valid up to byte {valid_up_to})")]
+    InvalidHeader {
+        /// Bytes of the header that are valid UTF-8.
+        valid_up_to: usize,
+    },
+    /// The header is not the expected JSON object.
+    #[error("the header is not a valid safetensors JSON object: {detail}")]
+    InvalidHeaderDeserialization {
+        /// The JSON parser's message (with line and column).
+        detail: String,
+    },
+    /// A tensor's byte range does not start where the previous one ends
+    /// (a gap, an overlap, or a reversed range).
+    #[error("tensor `{tensor}`: its data offsets leave a gap or overlap")]
+    InvalidOffset {
+        /// The tensor whose range is wrong.
+        tensor: String,
+    },
+    /// A tensor's byte range disagrees with its shape and dtype.
+    #[error("a tensor's byte range disagrees with its shape and dtype")]
+    TensorInvalidInfo,
+    /// The tensors' byte ranges do not cover the data section exactly
+    /// (missing or trailing bytes).
+    #[error("the tensors' byte ranges do not cover the data section exactly")]
+    MetadataIncompleteBuffer,
+    /// A shape's element count or byte size overflows.
+    #[error("a tensor's element count or byte size overflows")]
+    ValidationOverflow,
+    /// A sub-byte dtype's size is not a whole number of bytes.
+    #[error("a tensor of a sub-byte dtype does not fill whole bytes")]
+    MisalignedSlice,
+    /// Any other failure the `safetensors` crate reports.
+    #[error("{detail}")]
+    Other {
+        /// The `safetensors` crate's message.
+        detail: String,
+    },
+}
+
+impl MalformedSafetensors {
+    /// Maps the `safetensors` crate's error (kept crate-private so the foreign
+    /// type stays out of the API).
+    pub(crate) fn from_safetensors(err: safetensors::SafeTensorError) -> Self {
+        use safetensors::SafeTensorError as E;
+        match err {
+            E::HeaderTooSmall => Self::HeaderTooSmall,
+            E::InvalidHeaderLength => Self::InvalidHeaderLength,
+            E::HeaderTooLarge => Self::HeaderTooLarge,
+            E::InvalidHeader(e) => Self::InvalidHeader {
+                valid_up_to: e.valid_up_to(),
+            },
+            E::InvalidHeaderDeserialization(e) | E::JsonError(e) => {
+                Self::InvalidHeaderDeserialization {
+                    detail: e.to_string(),
+                }
+            }
+            E::InvalidOffset(tensor) => Self::InvalidOffset { tensor },
+            E::TensorInvalidInfo => Self::TensorInvalidInfo,
+            E::MetadataIncompleteBuffer => Self::MetadataIncompleteBuffer,
+            E::ValidationOverflow => Self::ValidationOverflow,
+            E::MisalignedSlice => Self::MisalignedSlice,
+            other => Self::Other {
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 impl Error {
+    /// [`Error::Malformed`] from the `safetensors` crate's error.
+    pub(crate) fn malformed(err: safetensors::SafeTensorError) -> Self {
+        Error::Malformed(MalformedSafetensors::from_safetensors(err))
+    }
+
     /// Wraps a content error with the path of the file it came from.
     pub(crate) fn in_file(path: impl Into<PathBuf>, source: Error) -> Self {
         Error::InFile {

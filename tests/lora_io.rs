@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use safe_fedllm::Error;
+use safe_fedllm::error::MalformedSafetensors;
 use safe_fedllm::lora::{
     AdapterView, LoraAdapter, LoraConfig, LoraKind, LoraTensor, ReadLimits, StorageDtype,
     TensorSource,
@@ -199,7 +200,7 @@ fn load_broken(name: &str) -> Error {
 fn truncated_file_is_malformed() {
     assert!(matches!(
         load_broken("truncated.safetensors"),
-        Error::Malformed(safetensors::SafeTensorError::MetadataIncompleteBuffer)
+        Error::Malformed(MalformedSafetensors::MetadataIncompleteBuffer)
     ));
 }
 
@@ -207,7 +208,7 @@ fn truncated_file_is_malformed() {
 fn too_short_file_is_malformed() {
     assert!(matches!(
         load_broken("too_short.safetensors"),
-        Error::Malformed(safetensors::SafeTensorError::HeaderTooSmall)
+        Error::Malformed(MalformedSafetensors::HeaderTooSmall)
     ));
 }
 
@@ -247,9 +248,7 @@ fn input_over_the_size_limit_is_refused() {
 fn bad_json_header_is_malformed() {
     assert!(matches!(
         load_broken("bad_json.safetensors"),
-        Error::Malformed(safetensors::SafeTensorError::InvalidHeaderDeserialization(
-            _
-        ))
+        Error::Malformed(MalformedSafetensors::InvalidHeaderDeserialization { .. })
     ));
 }
 
@@ -257,7 +256,7 @@ fn bad_json_header_is_malformed() {
 fn trailing_bytes_are_malformed() {
     assert!(matches!(
         load_broken("trailing_bytes.safetensors"),
-        Error::Malformed(safetensors::SafeTensorError::MetadataIncompleteBuffer)
+        Error::Malformed(MalformedSafetensors::MetadataIncompleteBuffer)
     ));
 }
 
@@ -265,7 +264,7 @@ fn trailing_bytes_are_malformed() {
 fn overlapping_offsets_are_malformed() {
     assert!(matches!(
         load_broken("overlapping_offsets.safetensors"),
-        Error::Malformed(_)
+        Error::Malformed(MalformedSafetensors::InvalidOffset { .. })
     ));
 }
 
@@ -405,4 +404,97 @@ fn peft_adapter_config_json_is_read() {
         LoraConfig::from_peft_json("not json"),
         Err(Error::InvalidMetadata { .. })
     ));
+}
+
+// Rejections of the header layer (formerly unit tests of the crate's own
+// header parser, now answered by the `safetensors` crate's parser and mapped
+// to `MalformedSafetensors`).
+
+fn header_bytes(json: &str, data_len: usize) -> Vec<u8> {
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes.resize(bytes.len() + data_len, 0);
+    bytes
+}
+
+fn parse_err(bytes: &[u8]) -> Error {
+    match AdapterView::parse(bytes) {
+        Ok(_) => panic!("accepted"),
+        Err(err) => err,
+    }
+}
+
+#[test]
+fn a_name_given_twice_with_two_ranges_is_refused() {
+    let json = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    assert!(matches!(
+        parse_err(&header_bytes(json, 8)),
+        Error::Malformed(MalformedSafetensors::InvalidOffset { .. })
+    ));
+}
+
+#[test]
+fn names_with_escapes_are_decoded() {
+    let name = "model.layers.0.q_proj.lora_B.weight";
+    let escaped = name.replace('.', "\\u002e");
+    let json = format!(r#"{{"{escaped}":{{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}}}"#);
+    let bytes = header_bytes(&json, 4);
+    let view = AdapterView::parse(&bytes).unwrap();
+    assert_eq!(view.shape_of(name), Some([1, 1]));
+}
+
+#[test]
+fn a_gap_between_tensors_is_refused() {
+    let json = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+    match parse_err(&header_bytes(json, 12)) {
+        Error::Malformed(MalformedSafetensors::InvalidOffset { tensor }) => assert_eq!(tensor, "b"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_size_that_disagrees_with_the_shape_is_refused() {
+    let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
+    assert!(matches!(
+        parse_err(&header_bytes(json, 4)),
+        Error::Malformed(MalformedSafetensors::TensorInvalidInfo)
+    ));
+}
+
+#[test]
+fn an_overflowing_shape_is_refused() {
+    let json = r#"{"a":{"dtype":"F32","shape":[18446744073709551615,4],"data_offsets":[0,4]}}"#;
+    assert!(matches!(
+        parse_err(&header_bytes(json, 4)),
+        Error::Malformed(MalformedSafetensors::ValidationOverflow)
+    ));
+}
+
+#[test]
+fn a_header_that_is_not_utf8_is_refused() {
+    let mut bytes = header_bytes("{\"a\":1}", 0);
+    bytes[9] = 0xFF;
+    assert!(matches!(
+        parse_err(&bytes),
+        Error::Malformed(MalformedSafetensors::InvalidHeader { valid_up_to: 1 })
+    ));
+}
+
+#[test]
+fn a_header_longer_than_the_input_is_refused() {
+    let mut bytes = header_bytes("{}", 0);
+    bytes[0] = 200;
+    assert!(matches!(
+        parse_err(&bytes),
+        Error::Malformed(MalformedSafetensors::InvalidHeaderLength)
+    ));
+}
+
+#[test]
+fn malformed_errors_are_our_own_type_with_a_message() {
+    let err = parse_err(b"short");
+    assert_eq!(
+        err.to_string(),
+        "malformed safetensors data: fewer than 8 bytes: no header-length prefix"
+    );
 }

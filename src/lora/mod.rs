@@ -7,7 +7,6 @@
 
 mod adapter;
 mod delta;
-mod header;
 mod io;
 mod key;
 mod source;

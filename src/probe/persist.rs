@@ -65,19 +65,18 @@ impl LinearProbe {
             .flat_map(|w| w.to_le_bytes())
             .collect();
         let bias_bytes = self.bias().to_le_bytes();
-        let weight = TensorView::new(Dtype::F32, vec![self.weights().len()], &weight_bytes)?;
-        let bias = TensorView::new(Dtype::F32, vec![1], &bias_bytes)?;
+        let weight = TensorView::new(Dtype::F32, vec![self.weights().len()], &weight_bytes)
+            .map_err(Error::malformed)?;
+        let bias = TensorView::new(Dtype::F32, vec![1], &bias_bytes).map_err(Error::malformed)?;
         let meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
-        Ok(safetensors::serialize(
-            [("weight", weight), ("bias", bias)],
-            Some(meta),
-        )?)
+        safetensors::serialize([("weight", weight), ("bias", bias)], Some(meta))
+            .map_err(Error::malformed)
     }
 
     /// Parses and validates bytes written by [`LinearProbe::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let tensors = SafeTensors::deserialize(bytes)?;
-        let (_, header) = SafeTensors::read_metadata(bytes)?;
+        let tensors = SafeTensors::deserialize(bytes).map_err(Error::malformed)?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(Error::malformed)?;
         let json = header
             .metadata()
             .as_ref()
