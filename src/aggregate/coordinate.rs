@@ -19,6 +19,30 @@ use crate::lora::LoraAdapter;
 ///
 /// Each chunk of coordinates is sorted with a branch-free sorting network over
 /// the clients, which vectorises across coordinates.
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// let round = CoordinateMedian::new().aggregate(&global, &updates)?;
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CoordinateMedian;
 
@@ -160,6 +184,31 @@ pub enum Trim {
 /// Safe-FedLLM reference code always trims one value per side
 /// ([`Trim::PerSide`]`(1)`), which is the paper's rule only when β·m rounds
 /// down to 1. Unweighted, like the median.
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// // Drop the largest and smallest value of every coordinate, average the rest.
+/// let round = TrimmedMean::new(Trim::PerSide(1))?.aggregate(&global, &updates)?;
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrimmedMean {
     trim: Trim,

@@ -41,6 +41,31 @@ use crate::rng::{gaussian_at, mix64};
 /// computes distances on the local models rather than the updates; the two
 /// differ only by the shared global adapter, which dominates LoRA weights and
 /// would hide the differences between clients.
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// let mut flame = Flame::new().seed(7); // seeded noise: a round replays bit for bit
+/// let round = flame.aggregate(&global, &updates)?;
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Flame {
     noise_lambda: f64,

@@ -145,6 +145,34 @@ impl Admit {
 /// [`Weighting::SamplesTimesFactor`](crate::aggregate::Weighting::SamplesTimesFactor);
 /// the two compose (a gated Multi-Krum weighting its average by nₖ·wₖ).
 /// See the [module docs](crate::aggregate) for an example.
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// // The detector flagged c7 (factor 0); the gate drops it before a rule that ignores factors.
+/// let updates: Vec<ClientUpdate> =
+///     updates.into_iter().map(|u| if u.client.as_str() == "c7" { u.with_security_factor(0.0) } else { u }).collect();
+/// let round = FactorGate::new(CoordinateMedian::new()).aggregate(&global, &updates)?;
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// assert!(round.exclusion("c7").is_some());
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct FactorGate<A> {
     inner: A,

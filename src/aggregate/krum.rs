@@ -28,6 +28,31 @@ pub enum KrumVariant {
 ///
 /// Distances come from the n × n Gram matrix of the updates, computed in one
 /// blocked pass; ties in the score go to the earlier client.
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// let round = Krum::new(1)?.aggregate(&global, &updates)?; // n = 8 ≥ 2f + 3
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// assert!(round.exclusion("c7").is_some()); // only the winner is kept
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Krum {
     f: usize,
@@ -58,6 +83,32 @@ impl Krum {
 /// The paper averages uniformly ([`Weighting::Uniform`], the default);
 /// Flower's `aggregate_krum(…, to_keep = m)` weights the average by sample
 /// counts ([`Weighting::Samples`]).
+///
+/// ```
+/// # use safe_fedllm::aggregate::*;
+/// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+/// #     let mut a = LoraAdapter::new();
+/// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![x, y])?)?;
+/// #     Ok(a)
+/// # };
+/// # let global = adapter(0.0, 0.0)?;
+/// # let value = |a: &Aggregation| a.new_global().map(|g| g.get(key).unwrap().as_slice().to_vec());
+/// // Seven honest clients near (1, 1) and one attacker far away.
+/// let clients: Vec<LoraAdapter> = [(1.0, 1.1), (1.2, 0.9), (0.8, 1.0), (1.1, 1.2), (0.9, 0.8), (1.0, 0.9), (0.95, 1.05), (60.0, -40.0)]
+///     .into_iter()
+///     .map(|(x, y)| adapter(x, y))
+///     .collect::<Result<_, _>>()?;
+/// let updates: Vec<ClientUpdate> =
+///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+/// let round = MultiKrum::new(1, 4)?.aggregate(&global, &updates)?; // mean of the 4 best-scored
+/// let [x, y] = value(&round).unwrap()[..] else { unreachable!() };
+/// assert!((x - 1.0).abs() < 0.3 && (y - 1.0).abs() < 0.3, "({x}, {y})");
+/// assert_eq!(round.contributions.len(), 4);
+/// assert!(round.contribution("c7").is_none());
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MultiKrum {
     f: usize,

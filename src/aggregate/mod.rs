@@ -360,6 +360,62 @@ pub enum ExclusionReason {
 ///
 /// `&mut self` because some rules (FoolsGold) keep per-client state across
 /// rounds; stateless rules simply ignore it.
+///
+/// An outside rule reads each client through its [`TensorSource`] (an owned
+/// adapter, a zero-copy view of the upload, a burn or candle module) and
+/// reports who contributed:
+///
+/// ```
+/// use safe_fedllm::aggregate::{Aggregation, Aggregator, ClientUpdate, Contribution, Outcome, Share, SkipReason};
+/// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+///
+/// /// An outside rule: the unweighted mean of the clients' adapters.
+/// struct PlainMean;
+///
+/// impl Aggregator for PlainMean {
+///     fn name(&self) -> &'static str {
+///         "plain_mean"
+///     }
+///     fn aggregate(
+///         &mut self,
+///         global: &LoraAdapter,
+///         updates: &[ClientUpdate<'_>],
+///     ) -> safe_fedllm::Result<Aggregation> {
+///         if updates.is_empty() {
+///             let outcome = Outcome::Skipped { reason: SkipReason::NoClientLeft };
+///             return Ok(Aggregation { outcome, contributions: vec![], exclusions: vec![] });
+///         }
+///         let mut new = global.clone();
+///         let n = updates.len() as f32;
+///         for (key, tensor) in new.iter_mut() {
+///             let values = tensor.as_mut_slice();
+///             values.fill(0.0);
+///             let mut buffer = vec![0.0f32; values.len()];
+///             for update in updates {
+///                 update.adapter.copy_into(key.canonical(), &mut buffer)?;
+///                 values.iter_mut().zip(&buffer).for_each(|(v, x)| *v += x / n);
+///             }
+///         }
+///         let contributions = updates
+///             .iter()
+///             .map(|u| Contribution { client: u.client.clone(), weight: 1.0 / f64::from(n), share: Share::Exact, scale: 1.0 })
+///             .collect();
+///         Ok(Aggregation { outcome: Outcome::Updated(new), contributions, exclusions: vec![] })
+///     }
+/// }
+///
+/// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// let adapter = |v: f32| -> safe_fedllm::Result<LoraAdapter> {
+///     let mut a = LoraAdapter::new();
+///     a.insert(key, LoraTensor::new("b", [1, 2], vec![v, -v])?)?;
+///     Ok(a)
+/// };
+/// let (global, a, b) = (adapter(0.0)?, adapter(1.0)?, adapter(3.0)?);
+/// let updates = [ClientUpdate::new("a", &a, 10), ClientUpdate::new("b", &b, 30)];
+/// let round = PlainMean.aggregate(&global, &updates)?;
+/// assert_eq!(round.new_global().unwrap().get(key).unwrap().as_slice(), [2.0, -2.0]);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 pub trait Aggregator {
     /// Short rule name for reports and errors (`"fedavg"`, `"krum"`, …).
     fn name(&self) -> &'static str;

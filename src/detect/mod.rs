@@ -286,6 +286,48 @@ impl Assessment {
 /// Rounds are numbered from 0 (the reference's `round_num`). Call
 /// [`Detector::assess`] once per participating client per round, in any
 /// client order: the state of one client never influences another's factor.
+///
+/// An outside detector only needs [`Detector::assess`] (plus its level and
+/// threshold); [`DefendedRound`](crate::round::DefendedRound) runs it like the
+/// built-in levels:
+///
+/// ```
+/// use safe_fedllm::ClientId;
+/// use safe_fedllm::detect::{Assessment, ClientEvidence, DefenseLevel, Detector, Verdict};
+///
+/// /// An outside detector without memory: factor 1 − (last-step score).
+/// #[derive(Clone)]
+/// struct OneMinusScore;
+///
+/// impl Detector for OneMinusScore {
+///     fn level(&self) -> DefenseLevel {
+///         DefenseLevel::Client
+///     }
+///     fn threshold(&self) -> f64 {
+///         0.8
+///     }
+///     fn assess(
+///         &mut self,
+///         _round: u32,
+///         _client: &ClientId,
+///         evidence: &ClientEvidence,
+///     ) -> safe_fedllm::Result<Assessment> {
+///         // A missing score counts as malicious (the safe choice).
+///         let s = f64::from(evidence.last_step_score.unwrap_or(1.0)).clamp(0.0, 1.0);
+///         let verdict = if s >= self.threshold() { Verdict::Malicious } else { Verdict::Benign };
+///         Ok(Assessment { factor: 1.0 - s, verdict, reason: format!("1 - s, s = {s}") })
+///     }
+/// }
+///
+/// let mut detector = OneMinusScore;
+/// let client = ClientId::from("c1");
+/// let evidence = ClientEvidence::new(64).with_last_step_score(Some(0.9));
+/// let assessment = detector.assess(0, &client, &evidence)?;
+/// assert_eq!(assessment.verdict, Verdict::Malicious);
+/// assert!((assessment.factor - 0.1).abs() < 1e-6);
+/// assert_eq!(detector.assess(1, &client, &ClientEvidence::new(64))?.factor, 0.0);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 pub trait Detector: Send + Sync {
     /// The level this detector implements.
     fn level(&self) -> DefenseLevel;

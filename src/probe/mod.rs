@@ -107,6 +107,42 @@ impl Label {
 ///
 /// The positive class is always *malicious*: a score of 1.0 means "certainly
 /// malicious", whatever the trainer's own label convention was.
+///
+/// Implement it to plug an outside classifier into the defended round; only
+/// the feature layout, the threshold and the score of one feature vector are
+/// required:
+///
+/// ```
+/// use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
+/// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+/// use safe_fedllm::probe::Probe;
+///
+/// /// An outside probe: a steep logistic on the first feature.
+/// struct FirstFeature {
+///     spec: FeatureSpec,
+/// }
+///
+/// impl Probe for FirstFeature {
+///     fn feature_spec(&self) -> &FeatureSpec {
+///         &self.spec
+///     }
+///     fn threshold(&self) -> f32 {
+///         0.5
+///     }
+///     fn score_features(&self, features: &[f32]) -> safe_fedllm::Result<f32> {
+///         let x = features.first().copied().unwrap_or(0.0);
+///         Ok(1.0 / (1.0 + (-10.0 * x).exp()))
+///     }
+/// }
+///
+/// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// let mut delta = LoraAdapter::new();
+/// delta.insert(key, LoraTensor::new("b", [2, 1], vec![0.8, 0.6])?)?;
+/// let probe = FirstFeature { spec: FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta])? };
+/// let score = probe.score(&delta)?; // features L2-normalised: (0.8, 0.6)
+/// assert!(probe.is_harmful(score));
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
 pub trait Probe: Send + Sync {
     /// The frozen feature layout the probe was trained on.
     fn feature_spec(&self) -> &FeatureSpec;

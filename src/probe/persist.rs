@@ -47,6 +47,28 @@ struct Metadata {
 }
 
 impl LinearProbe {
+    /// Saves and loads round-trip bit for bit (file or bytes):
+    ///
+    /// ```
+    /// use safe_fedllm::features::{FeatureConfig, Selection};
+    /// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+    /// use safe_fedllm::probe::{LinearProbe, Probe};
+    ///
+    /// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    /// let mut delta = LoraAdapter::new();
+    /// delta.insert(key, LoraTensor::new("b", [2, 1], vec![0.8, 0.6])?)?;
+    /// let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta])?;
+    /// let probe = LinearProbe::new(spec, vec![4.0, -1.5], 0.25)?;
+    ///
+    /// let path = std::env::temp_dir().join(format!("probe-doc-{}.safetensors", std::process::id()));
+    /// probe.save(&path)?;
+    /// let loaded = LinearProbe::load(&path)?;
+    /// assert_eq!(loaded.score(&delta)?.to_bits(), probe.score(&delta)?.to_bits());
+    /// assert_eq!(LinearProbe::from_bytes(&probe.to_bytes()?)?.feature_spec(), probe.feature_spec());
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok::<(), safe_fedllm::Error>(())
+    /// ```
+    ///
     /// Serialises to safetensors bytes with the JSON metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let metadata = Metadata {
