@@ -58,7 +58,9 @@ fuzz_target!(|data: &[u8]| {
         .zip(&counts)
         .map(|((id, u), &c)| ClientReport::new(id, u, c))
         .collect();
-    let outcome = round.run(0, &global, &reports).expect("per-client faults never fail a round");
+    let outcome = round
+        .run(0, &global, &reports)
+        .expect("per-client faults never fail a round");
 
     let g = flat(&global);
     let norms: Vec<f64> = updates

@@ -12,21 +12,40 @@ use safe_fedllm::aggregate::{
 };
 use safe_fedllm::lora::LoraAdapter;
 
-fn check(rule: &mut dyn Aggregator, global: &LoraAdapter, all: &[ClientUpdate<'_>], finite: &[ClientUpdate<'_>]) {
+fn check(
+    rule: &mut dyn Aggregator,
+    global: &LoraAdapter,
+    all: &[ClientUpdate<'_>],
+    finite: &[ClientUpdate<'_>],
+) {
     let with = rule.aggregate(global, all);
-    let without = if finite.is_empty() { None } else { Some(rule.aggregate(global, finite)) };
+    let without = if finite.is_empty() {
+        None
+    } else {
+        Some(rule.aggregate(global, finite))
+    };
     let Ok(with) = with else {
         // An error must not depend on the non-finite clients either.
         if let Some(without) = without {
-            assert!(without.is_err(), "error only with non-finite clients: {with:?}");
+            assert!(
+                without.is_err(),
+                "error only with non-finite clients: {with:?}"
+            );
         }
         return;
     };
     for u in all {
         if !finite.iter().any(|f| f.client == u.client) {
-            assert!(with.contribution(u.client.as_str()).is_none(), "{} contributed", u.client);
+            assert!(
+                with.contribution(u.client.as_str()).is_none(),
+                "{} contributed",
+                u.client
+            );
             let exclusion = with.exclusion(u.client.as_str()).expect("excluded");
-            assert!(matches!(exclusion.reason, ExclusionReason::NonFinite { .. }));
+            assert!(matches!(
+                exclusion.reason,
+                ExclusionReason::NonFinite { .. }
+            ));
         }
     }
     let Some(without) = without else {
@@ -58,7 +77,9 @@ fuzz_target!(|data: &[u8]| {
     let all: Vec<ClientUpdate> = adapters
         .iter()
         .enumerate()
-        .map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, samples[i]).with_security_factor(factors[i]))
+        .map(|(i, a)| {
+            ClientUpdate::new(format!("c{i}"), a, samples[i]).with_security_factor(factors[i])
+        })
         .collect();
     let finite: Vec<ClientUpdate> = all
         .iter()
