@@ -89,16 +89,28 @@ impl RuleSpec {
             .ok_or_else(|| bad("f", "None", "the number of Byzantine clients to tolerate"))
     }
 
+    /// The spec for use inside a defended round, which applies the safety
+    /// gate itself (over every report): FedAvg's own gate is turned off
+    /// unless it was set explicitly.
+    pub fn for_round(&self) -> RuleSpec {
+        let mut spec = self.clone();
+        if spec.rule == "fedavg" && spec.skip_avg_weight.is_none() {
+            spec.skip_avg_weight = Some(0.0);
+        }
+        spec
+    }
+
     /// Builds the rule (validated by the crate's constructors).
     pub fn build(&self) -> PyResult<BoxedRule> {
         let w = |d| self.weighting(d);
         let inner: BoxedRule = match self.rule.as_str() {
-            "fedavg" => Box::new(
-                FedAvg::new()
-                    .weighting(w(Weighting::SamplesTimesFactor)?)
-                    .skip_avg_weight(self.skip_avg_weight)
-                    .py()?,
-            ),
+            "fedavg" => {
+                let mut r = FedAvg::new().weighting(w(Weighting::SamplesTimesFactor)?);
+                if let Some(t) = self.skip_avg_weight {
+                    r = r.skip_avg_weight(Some(t)).py()?;
+                }
+                Box::new(r)
+            }
             "median" | "coordinate_median" => Box::new(CoordinateMedian::new()),
             "trimmed_mean" => {
                 let trim = match (self.beta, self.per_side) {

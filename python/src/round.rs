@@ -150,7 +150,7 @@ impl DefendedRound {
         let mut inner = CoreRound::new(
             probe.inner.clone(),
             detector.inner.clone(),
-            aggregator.spec.build()?,
+            aggregator.spec.for_round().build()?,
         )
         .with_params(params)
         .py()?;
