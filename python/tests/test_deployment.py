@@ -33,9 +33,13 @@ MALICIOUS = {0, 1}
 ROUNDS = 3
 RUN_TIMEOUT = 300
 
+_SEARCH = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+_FOUND = shutil.which("flower-superlink", path=_SEARCH) is not None
+if os.environ.get("SAFE_FEDLLM_REQUIRE_DEPLOYMENT") == "1" and not _FOUND:
+    raise RuntimeError("SAFE_FEDLLM_REQUIRE_DEPLOYMENT=1 but flower-superlink is not installed")
 pytestmark = pytest.mark.skipif(
-    shutil.which("flower-superlink") is None or os.environ.get("SAFE_FEDLLM_SKIP_DEPLOYMENT") == "1",
-    reason="needs Flower's flower-superlink on PATH",
+    not _FOUND or os.environ.get("SAFE_FEDLLM_SKIP_DEPLOYMENT") == "1",
+    reason="needs Flower's flower-superlink (pip install flwr)",
 )
 
 
