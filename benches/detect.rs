@@ -21,12 +21,12 @@ use common::{llama8b_adapter, values};
 use criterion::{Criterion, criterion_group, criterion_main};
 use safe_fedllm::aggregate::FedAvg;
 use safe_fedllm::detect::{
-    AnyDetector, ClientEvidence, ClientId, ClientLevel, ClientReport, DefendedRound, DefenseLevel,
-    Detector, StepRecorder,
+    AnyDetector, ClientEvidence, ClientId, ClientLevel, DefenseLevel, Detector,
 };
 use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta};
 use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{DefendedRound, OwnedReport, StepRecorder, borrow_reports};
 
 const STEPS: usize = 10;
 const CLIENTS: usize = 20;
@@ -92,8 +92,8 @@ fn bench_assess(c: &mut Criterion) {
 
 fn bench_round(c: &mut Criterion) {
     let global = llama8b_adapter(1);
-    let reports: Vec<ClientReport> = (0..CLIENTS as u64)
-        .map(|i| ClientReport::new(format!("c{i}"), llama8b_adapter(1000 + i), 160))
+    let reports: Vec<OwnedReport> = (0..CLIENTS as u64)
+        .map(|i| OwnedReport::new(format!("c{i}"), llama8b_adapter(1000 + i), 160))
         .collect();
     let probe = probe(&global, &reports[0].update);
     let detector = ClientLevel::params().build().unwrap();
@@ -101,10 +101,10 @@ fn bench_round(c: &mut Criterion) {
     let mut group = c.benchmark_group("detect_round");
     group.sample_size(10);
     group.bench_function("client_level_fedavg_20", |b| {
-        b.iter(|| black_box(round.run(0, &global, &reports).unwrap()))
+        b.iter(|| black_box(round.run(0, &global, &borrow_reports(&reports)).unwrap()))
     });
     group.finish();
-    let out = round.run(0, &global, &reports).unwrap();
+    let out = round.run(0, &global, &borrow_reports(&reports)).unwrap();
     eprintln!(
         "one round: probe {:.4} s, detect {:.6} s, aggregate {:.4} s, total {:.4} s",
         out.timings.probe_s, out.timings.detect_s, out.timings.aggregate_s, out.timings.total_s

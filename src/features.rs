@@ -219,10 +219,19 @@ pub struct Features {
     pub report: TransformReport,
 }
 
+/// Largest feature dimension a deserialised spec may declare (2²⁸ values,
+/// 1 GiB of `f32` per vector): far above any LoRA probe layout, far below
+/// what would abort the process on allocation.
+pub const MAX_FEATURE_DIM: usize = 1 << 28;
+
 /// A frozen feature layout: the result of [`FeatureConfig::fit`].
 ///
-/// Serialisable, so a trained probe can carry it.
+/// Serialisable, so a trained probe can carry it. Deserialisation re-checks
+/// the layout (blocks contiguous from 0, element counts without overflow,
+/// `dim` their sum and at most [`MAX_FEATURE_DIM`]): a spec read from a file
+/// is outside data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "FeatureSpecRepr")]
 pub struct FeatureSpec {
     selection: Selection,
     normalization: Normalization,
@@ -230,6 +239,55 @@ pub struct FeatureSpec {
     layer: Option<usize>,
     layout: Vec<FeatureBlock>,
     dim: usize,
+}
+
+/// The unchecked serde form of [`FeatureSpec`].
+#[derive(Deserialize)]
+struct FeatureSpecRepr {
+    selection: Selection,
+    normalization: Normalization,
+    layer: Option<usize>,
+    layout: Vec<FeatureBlock>,
+    dim: usize,
+}
+
+impl TryFrom<FeatureSpecRepr> for FeatureSpec {
+    type Error = Error;
+
+    fn try_from(repr: FeatureSpecRepr) -> Result<Self> {
+        let invalid = |why: String| Error::InvalidMetadata {
+            field: "feature spec".into(),
+            value: format!("dim {}", repr.dim),
+            reason: why,
+        };
+        let mut offset = 0usize;
+        for block in &repr.layout {
+            let [rows, cols] = block.shape;
+            let len = rows
+                .checked_mul(cols)
+                .ok_or_else(|| invalid(format!("block `{}` {rows}×{cols} overflows", block.key)))?;
+            if block.offset != offset {
+                return Err(invalid(format!(
+                    "block `{}` starts at {}, expected {offset}",
+                    block.key, block.offset
+                )));
+            }
+            offset = offset
+                .checked_add(len)
+                .filter(|&o| o <= MAX_FEATURE_DIM)
+                .ok_or_else(|| invalid(format!("layout exceeds {MAX_FEATURE_DIM} values")))?;
+        }
+        if offset != repr.dim {
+            return Err(invalid(format!("blocks hold {offset} values")));
+        }
+        Ok(FeatureSpec {
+            selection: repr.selection,
+            normalization: repr.normalization,
+            layer: repr.layer,
+            layout: repr.layout,
+            dim: repr.dim,
+        })
+    }
 }
 
 impl FeatureSpec {

@@ -10,6 +10,7 @@ pub mod features;
 pub mod lora;
 mod parallel;
 pub mod probe;
+pub mod round;
 
 pub use client::ClientId;
 pub use error::{Error, Result};

@@ -3,15 +3,18 @@
 //! reports, shadow scoring, evidence-level shadow skipping and the audit line.
 
 use safe_fedllm::Error;
-use safe_fedllm::aggregate::{FactorGate, FedAvg};
+use safe_fedllm::aggregate::{FactorGate, FedAvg, SkipReason};
 use safe_fedllm::detect::{
-    ClientEvidence, ClientId, ClientLevel, ClientReport, DefendedRound, Detector, Disposition,
-    EvidenceLevel, EvidenceStatus, RoundOutcome, RoundParams, ShadowBranch, ShadowLevel, StepLevel,
-    StepsReport, TrailCheck, TrailStatus, Verdict, score_steps,
+    ClientEvidence, ClientId, ClientLevel, Detector, EvidenceLevel, EvidenceStatus, ShadowLevel,
+    StepLevel, Verdict,
 };
 use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
 use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{
+    DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport, Rejection,
+    RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports, score_steps,
+};
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
 const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
@@ -63,7 +66,7 @@ fn client_level_round_weights_each_update_by_samples_times_factor() {
         ClientReport::new("c", benign(0.2), 80),
         ClientReport::new("evil", malicious(1.0), 120),
     ];
-    let out = round.run(0, &global(), &reports).unwrap();
+    let out = round.run(0, &global(), &borrow_reports(&reports)).unwrap();
     assert!(!out.skipped);
     let evil = out.client("evil").unwrap();
     assert_eq!(evil.verdict, Verdict::Malicious);
@@ -113,16 +116,14 @@ fn safety_gate_skips_a_mostly_malicious_round() {
         ClientReport::new("m4", malicious(0.9), 100),
         ClientReport::new("m5", malicious(0.8), 100),
     ];
-    let out = round.run(3, &global(), &reports).unwrap();
+    let out = round.run(3, &global(), &borrow_reports(&reports)).unwrap();
     assert!(out.mean_factor < 0.2, "{}", out.mean_factor);
     assert!(out.skipped);
     assert!(out.new_global.is_none());
-    assert!(
-        out.skip_reason
-            .as_deref()
-            .unwrap()
-            .contains("skip_avg_weight")
-    );
+    assert!(matches!(
+        out.skip_reason,
+        Some(SkipReason::LowMeanSecurityFactor { mean, .. }) if mean < 0.2
+    ));
     assert_eq!(out.timings.aggregate_s, 0.0);
     assert!(out.clients.iter().all(|c| c.aggregation_weight.is_none()));
 
@@ -134,7 +135,12 @@ fn safety_gate_skips_a_mostly_malicious_round() {
     )
     .with_params(RoundParams::default().skip_avg_weight(0.0))
     .unwrap();
-    assert!(!open.run(3, &global(), &reports).unwrap().skipped);
+    assert!(
+        !open
+            .run(3, &global(), &borrow_reports(&reports))
+            .unwrap()
+            .skipped
+    );
 }
 
 #[test]
@@ -148,7 +154,7 @@ fn step_level_scores_every_reported_step_against_the_global_adapter() {
     let steps = vec![benign(0.3), malicious(0.5), update.clone()];
     let report =
         ClientReport::new("s", update, 12).with_steps(StepsReport::Adapters(steps.clone()));
-    let out = round.run(0, &global(), &[report]).unwrap();
+    let out = round.run(0, &global(), &borrow_reports(&[report])).unwrap();
     let c = out.client("s").unwrap();
     assert_eq!(c.trail, TrailStatus::Verified);
 
@@ -176,16 +182,18 @@ fn a_trail_mismatch_zeroes_the_factor_and_keeps_the_update_out() {
         .with_steps(StepsReport::Adapters(vec![benign(0.2), benign(0.4)]));
     let honest = ClientReport::new("honest", benign(1.0), 32)
         .with_steps(StepsReport::Adapters(vec![benign(0.5), benign(1.0)]));
-    let out = round.run(0, &global(), &[liar, honest]).unwrap();
+    let out = round
+        .run(0, &global(), &borrow_reports(&[liar, honest]))
+        .unwrap();
     let liar = out.client("liar").unwrap();
     assert_eq!(liar.disposition, Disposition::TrailMismatch);
     assert_eq!(liar.factor, 0.0);
     assert_eq!(liar.verdict, Verdict::Malicious);
     assert!(liar.trail.is_mismatch());
     assert!(
-        liar.reason.contains("trail check failed"),
+        liar.detail.contains("trail check failed"),
         "{}",
-        liar.reason
+        liar.detail
     );
     assert!(liar.aggregation_weight.is_none());
     assert!(
@@ -204,7 +212,9 @@ fn a_trail_mismatch_zeroes_the_factor_and_keeps_the_update_out() {
             .unwrap();
     let near = ClientReport::new("n", benign(1.0), 32)
         .with_steps(StepsReport::Adapters(vec![adapter(0.0, 1.001, 1.5)]));
-    let out = tolerant.run(0, &global(), &[near]).unwrap();
+    let out = tolerant
+        .run(0, &global(), &borrow_reports(&[near]))
+        .unwrap();
     assert_eq!(out.clients[0].trail, TrailStatus::Verified);
     assert!(
         DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new())
@@ -216,7 +226,9 @@ fn a_trail_mismatch_zeroes_the_factor_and_keeps_the_update_out() {
 #[test]
 fn unusable_reports_are_rejected_without_stopping_the_round() {
     let mut round =
-        DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new());
+        DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new())
+            .with_params(RoundParams::default().accept_self_reported(true))
+            .unwrap();
     let mut wrong_shape = LoraAdapter::new();
     wrong_shape
         .insert(B, LoraTensor::new("b", [1, 2], vec![0.0, 1.0]).unwrap())
@@ -233,7 +245,7 @@ fn unusable_reports_are_rejected_without_stopping_the_round() {
             .with_steps(StepsReport::Scores(vec![0.1, f32::NAN])),
         ClientReport::new("ok", benign(1.0), 10),
     ];
-    let out = round.run(0, &global(), &reports).unwrap();
+    let out = round.run(0, &global(), &borrow_reports(&reports)).unwrap();
     for id in ["shape", "nan", "fake"] {
         let c = out.client(id).unwrap();
         assert_eq!(c.disposition, Disposition::Rejected, "{id}");
@@ -242,18 +254,18 @@ fn unusable_reports_are_rejected_without_stopping_the_round() {
         assert!(c.aggregation_weight.is_none());
         assert!(round.detector().client_state(&ClientId::from(id)).is_none());
     }
-    assert!(
-        out.client("shape")
-            .unwrap()
-            .reason
-            .contains("update rejected")
-    );
-    assert!(
-        out.client("fake")
-            .unwrap()
-            .reason
-            .contains("invalid evidence")
-    );
+    assert!(matches!(
+        out.client("shape").unwrap().admission.rejection(),
+        Some(Rejection::ShapeMismatch { tensors }) if tensors.len() == 1 && tensors[0].tensor == B
+    ));
+    assert!(matches!(
+        out.client("nan").unwrap().admission.rejection(),
+        Some(Rejection::NonFinite { tensor, index: 0, .. }) if tensor == B
+    ));
+    assert!(matches!(
+        out.client("fake").unwrap().admission.rejection(),
+        Some(Rejection::InvalidEvidence { detail }) if detail.contains("invalid evidence")
+    ));
     // Rejected reports count 0 in the gate's mean: 1 accepted of 4 → mean ≈ 0.24.
     assert!((out.mean_factor - out.client("ok").unwrap().factor / 4.0).abs() < 1e-12);
     assert_eq!(out.new_global.unwrap(), benign(1.0));
@@ -275,7 +287,7 @@ fn round_level_faults_are_errors() {
         ClientReport::new("x", benign(0.5), 1),
     ];
     assert!(matches!(
-        round.run(0, &global(), &twice),
+        round.run(0, &global(), &borrow_reports(&twice)),
         Err(Error::DuplicateClient { client }) if client == "x"
     ));
 }
@@ -293,11 +305,9 @@ fn shadow_adapters_are_scored_against_the_shadow_base() {
         ShadowLevel::params().build().unwrap(),
         FedAvg::plain(),
     );
-    let out = bare
-        .run(0, &global(), std::slice::from_ref(&report))
-        .unwrap();
+    let out = bare.run(0, &global(), &[report.as_report()]).unwrap();
     assert_eq!(out.clients[0].disposition, Disposition::Rejected);
-    assert!(out.clients[0].reason.contains("shadow_branch"));
+    assert!(out.clients[0].detail.contains("shadow_branch"));
 
     let shadow = ShadowBranch::new(shadow_base.clone()).unwrap();
     let mut round = DefendedRound::new(
@@ -306,7 +316,7 @@ fn shadow_adapters_are_scored_against_the_shadow_base() {
         FedAvg::new(),
     )
     .with_shadow(shadow);
-    let out = round.run(0, &global(), &[report]).unwrap();
+    let out = round.run(0, &global(), &borrow_reports(&[report])).unwrap();
     // One of two 16-sample shadow steps harmful: r = 0.5.
     assert!((out.clients[0].factor - 0.5f64.powi(7)).abs() < 1e-12);
     let scores = score_steps(&probe(), &shadow_base, &shadow_steps).unwrap();
@@ -317,7 +327,11 @@ fn shadow_adapters_are_scored_against_the_shadow_base() {
 fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
     let detector = EvidenceLevel::params().build().unwrap();
     let mut round = DefendedRound::new(probe(), detector, FactorGate::new(FedAvg::plain()))
-        .with_params(RoundParams::default().skip_avg_weight(0.0))
+        .with_params(
+            RoundParams::default()
+                .skip_avg_weight(0.0)
+                .accept_self_reported(true),
+        )
         .unwrap();
     let harmful = StepsReport::Scores(vec![0.9, 0.95]);
     let clean = StepsReport::Scores(vec![0.1, 0.2]);
@@ -327,7 +341,7 @@ fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
             ClientReport::new("b", benign(1.0), 32).with_shadow(clean.clone()),
             ClientReport::new("c", benign(0.9), 32).with_shadow(clean.clone()),
         ];
-        round.run(r, &global(), &reports).unwrap();
+        round.run(r, &global(), &borrow_reports(&reports)).unwrap();
     }
     let m = ClientId::from("m");
     let status = |id: &ClientId| round.detector().client_state(id).map(|s| s.status.clone());
@@ -339,7 +353,7 @@ fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
         ClientReport::new("b", benign(1.0), 32),
         ClientReport::new("c", benign(0.9), 32),
     ];
-    let out = round.run(3, &global(), &reports).unwrap();
+    let out = round.run(3, &global(), &borrow_reports(&reports)).unwrap();
     let mc = out.client("m").unwrap();
     assert_eq!(mc.disposition, Disposition::Assessed);
     assert_eq!(mc.factor, 0.0);
@@ -359,7 +373,7 @@ fn the_audit_record_is_one_json_line_that_reads_back() {
         ClientReport::new("a", benign(1.0), 10),
         ClientReport::new("evil", malicious(1.0), 10),
     ];
-    let out = round.run(7, &global(), &reports).unwrap();
+    let out = round.run(7, &global(), &borrow_reports(&reports)).unwrap();
     let mut log = Vec::new();
     out.write_json_line(&mut log).unwrap();
     out.write_json_line(&mut log).unwrap();

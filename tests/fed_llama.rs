@@ -22,8 +22,8 @@ mod report;
 mod training;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use safe_fedllm::detect::ShadowBranch;
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+use safe_fedllm::round::ShadowBranch;
 
 use config::ExperimentConfig;
 use data::{Corpus, Rng, TextCodec, WordTokenizer, encode_all};

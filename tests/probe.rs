@@ -307,11 +307,14 @@ fn load_rejects_bad_threshold_and_inconsistent_layout() {
             ..
         })
     ));
+    // A spec whose dim disagrees with its own layout is refused while the
+    // spec is read, before the weights are compared with it.
     let bytes = with_metadata(&probe, |m| m["feature_spec"]["dim"] = 17.into());
-    assert!(matches!(
-        LinearProbe::from_bytes(&bytes),
-        Err(Error::DimensionMismatch { .. })
-    ));
+    let err = LinearProbe::from_bytes(&bytes).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidMetadata { reason, .. } if reason.contains("blocks hold")),
+        "{err:?}"
+    );
     let bytes = with_metadata(&probe, |m| {
         m["feature_spec"]["layout"][1]["offset"] = 3.into()
     });

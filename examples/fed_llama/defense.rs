@@ -9,12 +9,10 @@ use safe_fedllm::aggregate::{
     Aggregator, ClientUpdate, CoordinateMedian, FedAvg, Flame, FoolsGold, Krum, MultiKrum, Trim,
     TrimmedMean,
 };
-use safe_fedllm::detect::{
-    AnyDetector, ClientReport, DefendedRound, DefenseLevel, EvidenceLevel, ShadowBranch,
-    ShadowLevel, StepLevel,
-};
+use safe_fedllm::detect::{AnyDetector, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel};
 use safe_fedllm::lora::LoraAdapter;
 use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{DefendedRound, OwnedReport, ShadowBranch, borrow_reports};
 use serde::{Deserialize, Serialize};
 
 /// One defense of the comparison.
@@ -221,7 +219,7 @@ impl Server {
         &mut self,
         round: u32,
         global: &LoraAdapter,
-        reports: &[ClientReport],
+        reports: &[OwnedReport],
     ) -> safe_fedllm::Result<ServerRound> {
         match self {
             Server::Rule { defense, rule } => {
@@ -249,13 +247,13 @@ impl Server {
                 })
             }
             Server::Probe(defended) => {
-                let outcome = defended.run(round, global, reports)?;
+                let outcome = defended.run(round, global, &borrow_reports(reports))?;
                 let factors: Vec<f64> = outcome.clients.iter().map(|c| c.factor).collect();
                 let t = outcome.timings;
                 Ok(ServerRound {
                     flagged: factors.iter().map(|&w| w < 0.5).collect(),
                     factors,
-                    server_seconds: t.probe_s + t.detect_s + t.aggregate_s,
+                    server_seconds: t.admission_s + t.probe_s + t.detect_s + t.aggregate_s,
                     new_global: outcome.new_global,
                 })
             }

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use safe_fedllm::detect::{ClientReport, ShadowBranch, StepsReport};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta};
 use safe_fedllm::probe::eval::{Confusion, roc_auc};
 use safe_fedllm::probe::{Label, LinearProbe, LogisticParams, Probe, ProbeBuilder};
+use safe_fedllm::round::{OwnedReport as ClientReport, OwnedSteps as StepsReport, ShadowBranch};
 use serde::Serialize;
 
 use crate::config::ExperimentConfig;

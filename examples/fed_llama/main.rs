@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use safe_fedllm::detect::ShadowBranch;
+use safe_fedllm::round::ShadowBranch;
 
 use config::ExperimentConfig;
 use data::{Corpus, TextCodec, WordTokenizer, encode_all};

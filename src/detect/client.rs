@@ -184,6 +184,9 @@ impl TryFrom<ClientLevelRepr> for ClientLevel {
         for state in repr.clients.values() {
             let ok = (0.0..=1.0).contains(&state.mean);
             check_state("running mean", ok, state.mean)?;
+            // Rounds are u32: no client can have been averaged over more.
+            let ok = state.rounds <= u64::from(u32::MAX);
+            check_state("rounds averaged", ok, state.rounds)?;
         }
         Ok(ClientLevel {
             params: repr.params,
@@ -254,7 +257,7 @@ impl Detector for ClientLevel {
             });
         let n = state.rounds as f64;
         state.mean = (state.mean * n + raw) / (n + 1.0);
-        state.rounds += 1;
+        state.rounds = state.rounds.saturating_add(1);
         let verdict = if score >= p.threshold {
             Verdict::Malicious
         } else {

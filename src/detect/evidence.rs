@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 /// Absent fields deserialise to their defaults (no scores, 0 samples).
 ///
 /// Which of these evidence fields the server can verify is discussed in the
-/// [`trail`](super::trail) module.
+/// [`trail`](crate::round::trail) module.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClientEvidence {

@@ -19,14 +19,12 @@
 //! [`AnyDetector`] wraps the four levels in one serialisable enum for servers
 //! that choose the level at run time.
 //!
+//! Detectors are pure: scores and step counts in, a factor out. They never see
+//! an update, a file or a sample count a client could inflate: the defended
+//! round ([`crate::round`]) admits each client's message, computes or
+//! collects the scores, and hands the detector only what survived admission.
 //! What each level can verify, and what a client could fake, is documented
-//! in `docs/detectors.md` and on each level. In short: the server can always
-//! recompute the *last* step (it is the submitted update); intermediate steps
-//! only when the client sends them and they pass the [`trail`] check; the
-//! shadow branch never fully (the client trains it on its own data).
-//!
-//! The defended round ([`DefendedRound`]) strings probe, detector, safety gate
-//! and an aggregator together and emits one JSON audit line per round.
+//! in `docs/detectors.md`, `docs/threat-model.md` and on each level.
 //!
 //! ```
 //! use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, StepLevel, Verdict};
@@ -49,11 +47,8 @@ mod any;
 mod client;
 mod evidence;
 mod evidence_level;
-mod helpers;
-mod round;
 mod shadow;
 mod step;
-pub mod trail;
 
 use std::fmt;
 
@@ -65,14 +60,78 @@ pub use any::AnyDetector;
 pub use client::{ClientLevel, ClientLevelParams};
 pub use evidence::ClientEvidence;
 pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
-pub use helpers::{ShadowBranch, StepRecorder, score_steps};
-pub use round::{
-    ClientOutcome, ClientReport, DefendedRound, Disposition, RoundOutcome, RoundParams,
-    RoundTimings, StepsReport,
-};
 pub use shadow::{ShadowLevel, ShadowLevelParams};
 pub use step::{StepLevel, StepLevelParams};
-pub use trail::{TrailCheck, TrailStatus};
+
+/// Harmful and benign sample counts of one branch's steps under `counting`.
+///
+/// `missing` (no scores at all) is counted per `policy`: one step's worth
+/// under [`SampleCounting::Steps`], the declared count under the reference.
+pub(crate) fn branch_counts(
+    counting: SampleCounting,
+    scores: &[f32],
+    threshold: f64,
+    samples_per_step: u64,
+    declared: u64,
+    policy: MissingEvidence,
+) -> BranchCounts {
+    let harmful_steps = count_harmful(scores, threshold);
+    let (missing, harmful, benign) = match counting {
+        SampleCounting::Steps => {
+            let missing = scores.is_empty();
+            let steps = u64::try_from(scores.len()).unwrap_or(u64::MAX);
+            let bad = u64::try_from(harmful_steps).unwrap_or(u64::MAX);
+            match (missing, policy) {
+                (true, MissingEvidence::Malicious) => (true, samples_per_step, 0),
+                (true, MissingEvidence::Benign) => (true, 0, samples_per_step),
+                (false, _) => (
+                    false,
+                    bad.saturating_mul(samples_per_step),
+                    steps.saturating_sub(bad).saturating_mul(samples_per_step),
+                ),
+            }
+        }
+        SampleCounting::Reference => {
+            let missing = scores.is_empty() && declared > 0;
+            let harmful = match (missing, policy) {
+                (true, MissingEvidence::Malicious) => declared,
+                _ => harmful_samples(harmful_steps, samples_per_step, declared),
+            };
+            (missing, harmful, declared - harmful)
+        }
+    };
+    BranchCounts {
+        harmful_steps,
+        harmful,
+        benign,
+        missing,
+    }
+}
+
+/// One branch's steps as harmful and benign sample counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BranchCounts {
+    /// Steps scored ≥ τ.
+    pub harmful_steps: usize,
+    /// Harmful samples.
+    pub harmful: u64,
+    /// Benign samples.
+    pub benign: u64,
+    /// True when the branch reported no scores.
+    pub missing: bool,
+}
+
+impl BranchCounts {
+    /// harmful / (harmful + benign), 0 when both are 0.
+    pub fn ratio(&self) -> f64 {
+        let total = self.harmful as f64 + self.benign as f64;
+        if total > 0.0 {
+            (self.harmful as f64 / total).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+}
 
 /// Reference decay γ of the step-level Beta trust.
 pub const DEFAULT_DECAY: f64 = 0.95;
@@ -161,6 +220,27 @@ impl fmt::Display for Verdict {
             Verdict::Undecided => "undecided",
         })
     }
+}
+
+/// How the step and shadow levels turn step verdicts into a harmful share.
+///
+/// The reference multiplies harmful steps by the batch size and subtracts
+/// them from the client's *declared* sample count: a client that declares
+/// 10⁹ samples dilutes any number of harmful steps to a harmful share of ~0
+/// (factor ≈ 1), and one that declares 0 samples has no harmful share at all.
+/// [`SampleCounting::Steps`], the default, takes the share from the steps
+/// alone, so no declared count can change a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleCounting {
+    /// Harmful = harmful steps × samples per step, benign = benign steps ×
+    /// samples per step; the declared count is never read. The default.
+    #[default]
+    Steps,
+    /// The reference: harmful = harmful steps × samples per step capped at
+    /// the declared count, benign = declared count − harmful. **Unsafe
+    /// against lying clients**; for reproducing the paper only.
+    Reference,
 }
 
 /// How a level treats evidence the client did not provide.

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_BATCH_SIZE, DEFAULT_ETA, DEFAULT_GRAD_ACCUM,
-    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_finite,
-    check_positive_int, check_unit, count_harmful, harmful_samples,
+    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, SampleCounting, Verdict,
+    branch_counts, check_positive_finite, check_positive_int, check_unit,
 };
 use crate::error::{Error, Result};
 
@@ -28,6 +28,8 @@ pub struct ShadowLevelParams {
     pub(crate) threshold: f64,
     pub(crate) min_weight: f64,
     pub(crate) missing_steps: MissingEvidence,
+    #[serde(default)]
+    pub(crate) counting: SampleCounting,
 }
 
 impl Default for ShadowLevelParams {
@@ -39,6 +41,7 @@ impl Default for ShadowLevelParams {
             threshold: DEFAULT_THRESHOLD,
             min_weight: 0.0,
             missing_steps: MissingEvidence::Benign,
+            counting: SampleCounting::Steps,
         }
     }
 }
@@ -83,6 +86,14 @@ impl ShadowLevelParams {
         self
     }
 
+    /// How the harmful share r is counted. Default [`SampleCounting::Steps`]
+    /// (r = harmful shadow steps / shadow steps: no declared count can
+    /// dilute it); [`SampleCounting::Reference`] reproduces the paper.
+    pub fn counting(mut self, counting: SampleCounting) -> Self {
+        self.counting = counting;
+        self
+    }
+
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         check_positive_finite("eta", self.eta)?;
@@ -101,31 +112,21 @@ impl ShadowLevelParams {
     /// The harmful share r of this round's shadow steps and whether the
     /// steps were missing.
     pub(crate) fn harmful_ratio(&self, evidence: &ClientEvidence) -> ShadowRatio {
-        let samples = evidence.samples;
-        let missing = evidence.shadow_scores.is_empty() && samples > 0;
-        if missing && self.missing_steps == MissingEvidence::Malicious {
-            return ShadowRatio {
-                harmful_steps: 0,
-                harmful: samples,
-                samples,
-                ratio: 1.0,
-                missing,
-            };
-        }
-        let harmful_steps = count_harmful(&evidence.shadow_scores, self.threshold);
         let per_step = self.batch_size.saturating_mul(self.grad_accum);
-        let harmful = harmful_samples(harmful_steps, per_step, samples);
-        let ratio = if samples > 0 {
-            (harmful as f64 / samples as f64).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let counts = branch_counts(
+            self.counting,
+            &evidence.shadow_scores,
+            self.threshold,
+            per_step,
+            evidence.samples,
+            self.missing_steps,
+        );
         ShadowRatio {
-            harmful_steps,
-            harmful,
-            samples,
-            ratio,
-            missing,
+            harmful_steps: counts.harmful_steps,
+            harmful: counts.harmful,
+            samples: counts.harmful.saturating_add(counts.benign),
+            ratio: counts.ratio(),
+            missing: counts.missing,
         }
     }
 
@@ -165,7 +166,7 @@ impl ShadowRatio {
 /// *initial* adapter, and the global adapter drifts away from it over rounds,
 /// so every client also trains a **shadow branch**: the same local steps on
 /// the same data, from a fixed shadow base (the round-0 adapter) at a fixed
-/// learning rate (5e-5; see [`ShadowBranch`](super::ShadowBranch)). The probe
+/// learning rate (5e-5; see [`ShadowBranch`](crate::round::ShadowBranch)). The probe
 /// scores each shadow step's delta from the shadow base;
 /// r = harmful samples / samples and w = (1 − r)^η (η = 7). Stateless: it runs
 /// every round.
@@ -255,11 +256,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_samples_give_factor_one() {
+    fn zero_declared_samples_cannot_hide_harmful_shadow_steps() {
+        let e = ClientEvidence::new(0).with_shadow_steps(vec![0.99, 0.1]);
         let mut d = ShadowLevel::params().build().unwrap();
-        let e = ClientEvidence::new(0).with_shadow_steps(vec![0.99]);
         let a = d.assess(0, &ClientId::from("c"), &e).unwrap();
-        assert_eq!(a.factor, 1.0);
+        assert!((a.factor - 0.5f64.powi(7)).abs() < 1e-12, "{}", a.factor);
+        assert_eq!(a.verdict, Verdict::Malicious);
+        // The reference divides by the declared count: 0 samples, factor 1.
+        let mut reference = ShadowLevel::params()
+            .counting(SampleCounting::Reference)
+            .build()
+            .unwrap();
+        assert_eq!(
+            reference
+                .assess(0, &ClientId::from("c"), &e)
+                .unwrap()
+                .factor,
+            1.0
+        );
+    }
+
+    #[test]
+    fn a_huge_declared_count_cannot_dilute_the_shadow_share() {
+        let e = ClientEvidence::new(u64::MAX).with_shadow_steps(vec![0.99; 4]);
+        let mut d = ShadowLevel::params().build().unwrap();
+        assert_eq!(d.assess(0, &ClientId::from("c"), &e).unwrap().factor, 0.0);
+        let mut reference = ShadowLevel::params()
+            .counting(SampleCounting::Reference)
+            .build()
+            .unwrap();
+        assert!(
+            reference
+                .assess(0, &ClientId::from("c"), &e)
+                .unwrap()
+                .factor
+                > 0.999
+        );
     }
 
     #[test]

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::detect::{
-    Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE, DEFAULT_DECAY,
-    DEFAULT_GRAD_ACCUM, DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Verdict,
-    apply_min_weight, check_positive_int, check_state, check_unit, count_harmful, harmful_samples,
-    invalid_param,
+    Assessment, BranchCounts, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE,
+    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence,
+    SampleCounting, Verdict, apply_min_weight, branch_counts, check_positive_int, check_state,
+    check_unit, invalid_param,
 };
 use crate::error::{Error, Result};
 
@@ -34,6 +34,8 @@ pub struct StepLevelParams {
     min_weight: f64,
     prior: (f64, f64),
     missing_steps: MissingEvidence,
+    #[serde(default)]
+    counting: SampleCounting,
 }
 
 impl Default for StepLevelParams {
@@ -47,6 +49,7 @@ impl Default for StepLevelParams {
             min_weight: 0.0,
             prior: (1.0, 1.0),
             missing_steps: MissingEvidence::Benign,
+            counting: SampleCounting::Steps,
         }
     }
 }
@@ -104,6 +107,14 @@ impl StepLevelParams {
     /// recorded, so zero harmful samples).
     pub fn missing_steps(mut self, policy: MissingEvidence) -> Self {
         self.missing_steps = policy;
+        self
+    }
+
+    /// How harmful and benign samples are counted. Default
+    /// [`SampleCounting::Steps`] (no declared count can dilute a verdict);
+    /// [`SampleCounting::Reference`] reproduces the paper.
+    pub fn counting(mut self, counting: SampleCounting) -> Self {
+        self.counting = counting;
         self
     }
 
@@ -166,7 +177,7 @@ pub struct StepClientState {
 /// one probe evaluation per local step (cheap, a dot product) but the server
 /// must see every step's adapter (or trust client-computed scores).
 /// **Threat model:** intermediate steps are self-reported; only the last one
-/// can be checked against the submitted update (the [`trail`](super::trail)
+/// can be checked against the submitted update (the [`trail`](crate::round::trail)
 /// check). A client can fabricate benign-looking intermediate steps as long
 /// as the final update scores benign too — and the last step is what the
 /// probe sees at client level anyway.
@@ -287,15 +298,20 @@ impl Detector for StepLevel {
         }
         let p = &self.params;
         let samples = evidence.samples;
-        let missing = evidence.step_scores.is_empty() && samples > 0;
-        let (harmful_steps, harmful) = match (missing, p.missing_steps) {
-            (true, MissingEvidence::Malicious) => (0, samples),
-            _ => {
-                let steps = count_harmful(&evidence.step_scores, p.threshold);
-                (steps, harmful_samples(steps, p.samples_per_step(), samples))
-            }
-        };
-        let benign = samples - harmful;
+        let counts = branch_counts(
+            p.counting,
+            &evidence.step_scores,
+            p.threshold,
+            p.samples_per_step(),
+            samples,
+            p.missing_steps,
+        );
+        let BranchCounts {
+            harmful_steps,
+            harmful,
+            benign,
+            missing,
+        } = counts;
         let (a0, b0) = p.prior;
         let state = self
             .clients
@@ -322,10 +338,11 @@ impl Detector for StepLevel {
             )
         } else {
             format!(
-                "{harmful_steps}/{} steps scored ≥ {}: {harmful}/{samples} harmful samples; \
-                 Beta trust α={:.4} β={:.4}",
+                "{harmful_steps}/{} steps scored ≥ {}: {harmful} harmful, {benign} benign samples \
+                 ({:?} counting); Beta trust α={:.4} β={:.4}",
                 evidence.step_scores.len(),
                 p.threshold,
+                p.counting,
                 state.alpha,
                 state.beta
             )
@@ -366,17 +383,43 @@ mod tests {
     #[test]
     fn missing_steps_policy_changes_the_count() {
         let e = ClientEvidence::new(32);
-        let mut reference = StepLevel::params().build().unwrap();
+        let mut reference = StepLevel::params()
+            .counting(SampleCounting::Reference)
+            .build()
+            .unwrap();
         let a = reference.assess(0, &id("a"), &e).unwrap();
         assert!((a.factor - 32.95 / 33.9).abs() < 1e-12);
         assert_eq!(a.verdict, Verdict::Undecided);
         let mut safer = StepLevel::params()
+            .counting(SampleCounting::Reference)
             .missing_steps(MissingEvidence::Malicious)
             .build()
             .unwrap();
         let b = safer.assess(0, &id("a"), &e).unwrap();
         assert!((b.factor - 0.95 / 33.9).abs() < 1e-12);
         assert_eq!(b.verdict, Verdict::Malicious);
+        // Counting from steps, a missing trail is worth one step (16 samples).
+        let mut steps = StepLevel::params()
+            .missing_steps(MissingEvidence::Malicious)
+            .build()
+            .unwrap();
+        let c = steps.assess(0, &id("a"), &e).unwrap();
+        assert!((c.factor - 0.95 / 17.9).abs() < 1e-12, "{}", c.factor);
+    }
+
+    #[test]
+    fn a_huge_declared_count_cannot_dilute_harmful_steps() {
+        let e = ClientEvidence::new(1_000_000_000).with_steps(vec![0.99; 10]);
+        let mut safe = StepLevel::params().build().unwrap();
+        let a = safe.assess(0, &id("liar"), &e).unwrap();
+        // β = 0.95 + 160, α = 0.95: factor ≈ 0.006.
+        assert!((a.factor - 0.95 / 161.9).abs() < 1e-12, "{}", a.factor);
+        let mut reference = StepLevel::params()
+            .counting(SampleCounting::Reference)
+            .build()
+            .unwrap();
+        let b = reference.assess(0, &id("liar"), &e).unwrap();
+        assert!(b.factor > 0.9999, "the reference is diluted: {}", b.factor);
     }
 
     #[test]

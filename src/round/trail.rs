@@ -67,7 +67,7 @@ impl TrailStatus {
 /// come from reading the sources. A NaN never matches.
 ///
 /// ```
-/// use safe_fedllm::detect::trail::{check_trail, TrailCheck, TrailStatus};
+/// use safe_fedllm::round::{check_trail, TrailCheck, TrailStatus};
 /// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 ///
 /// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";

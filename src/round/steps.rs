@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::lora::{LazyDelta, LoraAdapter, TensorSource};
 use crate::probe::Probe;
 
-use super::DEFAULT_SHADOW_LEARNING_RATE;
+use crate::detect::DEFAULT_SHADOW_LEARNING_RATE;
 
 /// P(malicious) of a single step: the probe's score of `step − base`.
 ///
@@ -42,7 +42,7 @@ fn score_step<P: Probe + ?Sized>(
 /// # use safe_fedllm::features::{FeatureConfig, Selection};
 /// # use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
 /// # use safe_fedllm::probe::LinearProbe;
-/// use safe_fedllm::detect::score_steps;
+/// use safe_fedllm::round::score_steps;
 ///
 /// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
 /// let adapter = |v: f32| -> safe_fedllm::Result<LoraAdapter> {
@@ -73,13 +73,14 @@ pub fn score_steps<P: Probe + ?Sized, S: TensorSource>(
 /// Create one per client and branch at the start of local training with the
 /// adapter the steps start from; call [`record`](Self::record) after every
 /// optimiser step with the current adapter; [`finish`](Self::finish) returns
-/// the scores for [`ClientEvidence`](super::ClientEvidence).
+/// the scores for [`ClientEvidence`](crate::detect::ClientEvidence).
 ///
 /// ```
 /// # use safe_fedllm::features::{FeatureConfig, Selection};
 /// # use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
 /// # use safe_fedllm::probe::LinearProbe;
-/// use safe_fedllm::detect::{ClientEvidence, StepRecorder};
+/// use safe_fedllm::detect::ClientEvidence;
+/// use safe_fedllm::round::StepRecorder;
 ///
 /// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
 /// # let adapter = |v: f32| -> safe_fedllm::Result<LoraAdapter> {
@@ -102,13 +103,13 @@ pub fn score_steps<P: Probe + ?Sized, S: TensorSource>(
 /// assert_eq!(evidence.step_scores.len(), 3);
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
-pub struct StepRecorder<'a, P: Probe + ?Sized, B: TensorSource> {
+pub struct StepRecorder<'a, P: Probe + ?Sized, B: TensorSource + ?Sized> {
     probe: &'a P,
     base: &'a B,
     scores: Vec<f32>,
 }
 
-impl<'a, P: Probe + ?Sized, B: TensorSource> StepRecorder<'a, P, B> {
+impl<'a, P: Probe + ?Sized, B: TensorSource + ?Sized> StepRecorder<'a, P, B> {
     /// A recorder scoring steps against `base`.
     pub fn new(probe: &'a P, base: &'a B) -> Self {
         StepRecorder {
@@ -154,7 +155,7 @@ impl<'a, P: Probe + ?Sized, B: TensorSource> StepRecorder<'a, P, B> {
 /// whole run; persist its base with the adapter I/O if the server restarts.
 ///
 /// ```
-/// use safe_fedllm::detect::ShadowBranch;
+/// use safe_fedllm::round::ShadowBranch;
 /// use safe_fedllm::lora::LoraAdapter;
 ///
 /// let shadow = ShadowBranch::new(LoraAdapter::new())?; // reference lr 5e-5
@@ -177,7 +178,13 @@ impl ShadowBranch {
     /// A shadow branch from `base` at a fixed learning rate (finite, > 0).
     /// The base must be finite: every shadow delta is taken from it.
     pub fn with_learning_rate(base: LoraAdapter, learning_rate: f64) -> Result<Self> {
-        super::check_positive_finite("learning_rate", learning_rate)?;
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(Error::InvalidDetectorParam {
+                param: "learning_rate",
+                value: learning_rate.to_string(),
+                expected: "a finite number > 0",
+            });
+        }
         base.check_finite()?;
         Ok(ShadowBranch {
             base,

@@ -1,0 +1,609 @@
+//! Admission: every client message is checked once, before any probe,
+//! detector or aggregation rule sees it.
+//!
+//! A client controls every value of its upload, which keys it holds, and the
+//! sample count it declares (its FedAvg weight). Admission turns that hostile
+//! message into one of three outcomes, with a typed, serialisable reason:
+//!
+//! * **admitted** as sent;
+//! * **clipped**: its update `Δ = update − global` is scaled down to the norm
+//!   bound (only under [`OverBound::Clip`]);
+//! * **rejected**: it reaches no detector and no rule, and counts as factor 0
+//!   in the round's safety gate.
+//!
+//! The checks, in order (a client fails at the first stage it does not pass):
+//!
+//! | stage | check | always on? |
+//! |---|---|---|
+//! | structure | exactly the global's LoRA keys, each with the global's shape (every mismatch listed) | yes |
+//! | values | every value finite; ‖Δ‖₂ computed in f64 in the same pass | yes |
+//! | probe keys | every tensor the probe's feature layout reads is present | default on |
+//! | samples | declared count under the [`SamplePolicy`]; 0 is rejected | policy |
+//! | magnitude | ‖Δ‖₂ against the [`NormBound`]: excluded or clipped per [`OverBound`] | policy |
+//!
+//! Defaults fail closed: counts capped at 2 × the round's median, updates
+//! beyond 10 × the round's median norm excluded, missing probe keys rejected.
+//! [`Admission::reference`] reproduces the reference implementation (trust
+//! the count, no magnitude bound, zero-fill missing probe keys) for
+//! reproducing the paper; it is documented as unsafe.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientId;
+use crate::error::{Error, Result};
+use crate::lora::{LoraAdapter, TensorSource};
+
+/// How a client's declared sample count becomes its aggregation count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy", content = "value")]
+pub enum SamplePolicy {
+    /// Use the declared count as is (the reference). **Unsafe**: a client that
+    /// declares 10⁹ samples becomes the new global adapter under FedAvg.
+    Trust,
+    /// Cap every count at this maximum (≥ 1), e.g. the largest local dataset
+    /// the server knows a client can hold.
+    CapAt(u64),
+    /// Cap every count at this multiple (≥ 1) of the round's median declared
+    /// count (over the clients that passed the structure and value checks).
+    /// The default, with multiple 2: one liar can at most double its weight
+    /// relative to a typical client.
+    CapAtMedianMultiple(f64),
+    /// Ignore declared counts: every admitted client counts 1.
+    Uniform,
+}
+
+impl Default for SamplePolicy {
+    fn default() -> Self {
+        SamplePolicy::CapAtMedianMultiple(2.0)
+    }
+}
+
+/// The bound on ‖update − global‖₂.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "bound", content = "value")]
+pub enum NormBound {
+    /// No bound (the reference). Rules still compute in f64, so no value can
+    /// overflow them, but one huge update dominates any mean.
+    Unbounded,
+    /// A fixed bound (finite, > 0).
+    Absolute(f64),
+    /// A multiple (≥ 1) of the round's median update norm. The default, with
+    /// multiple 10. A majority of colluding clients can raise the median: use
+    /// [`NormBound::Absolute`] too when the server knows typical norms.
+    MedianMultiple(f64),
+}
+
+impl Default for NormBound {
+    fn default() -> Self {
+        NormBound::MedianMultiple(10.0)
+    }
+}
+
+/// What happens to an update beyond the [`NormBound`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverBound {
+    /// Reject the client (default: an update that large is not a fine-tuning step).
+    #[default]
+    Exclude,
+    /// Scale Δ down to the bound and admit the client (norm clipping).
+    Clip,
+}
+
+/// The admission policy of a defended round. See the [module docs](self).
+///
+/// ```
+/// use safe_fedllm::round::{Admission, NormBound, OverBound, SamplePolicy};
+///
+/// let strict = Admission::default()
+///     .samples(SamplePolicy::CapAt(512))?
+///     .norm_bound(NormBound::Absolute(5.0))?
+///     .over_bound(OverBound::Clip);
+/// assert_eq!(strict.sample_policy(), SamplePolicy::CapAt(512));
+/// assert!(Admission::default().samples(SamplePolicy::CapAtMedianMultiple(0.5)).is_err());
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Admission {
+    samples: SamplePolicy,
+    norm_bound: NormBound,
+    over_bound: OverBound,
+    require_probe_keys: bool,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            samples: SamplePolicy::default(),
+            norm_bound: NormBound::default(),
+            over_bound: OverBound::default(),
+            require_probe_keys: true,
+        }
+    }
+}
+
+impl Admission {
+    /// The reference implementation's (absent) admission: trust the count, no
+    /// norm bound, zero-fill missing probe keys. Structure and finiteness are
+    /// still checked: nothing non-finite reaches a rule in any mode.
+    ///
+    /// **Unsafe against lying clients**; for reproducing the paper only.
+    pub fn reference() -> Self {
+        Admission {
+            samples: SamplePolicy::Trust,
+            norm_bound: NormBound::Unbounded,
+            over_bound: OverBound::Exclude,
+            require_probe_keys: false,
+        }
+    }
+
+    /// Sets the sample-count policy (validated).
+    pub fn samples(mut self, policy: SamplePolicy) -> Result<Self> {
+        match policy {
+            SamplePolicy::CapAt(0) => return Err(param("samples", "CapAt(0)", "a cap ≥ 1")),
+            SamplePolicy::CapAtMedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
+                return Err(param("samples", k, "a finite multiple ≥ 1"));
+            }
+            _ => {}
+        }
+        self.samples = policy;
+        Ok(self)
+    }
+
+    /// Sets the norm bound (validated).
+    pub fn norm_bound(mut self, bound: NormBound) -> Result<Self> {
+        match bound {
+            NormBound::Absolute(b) if !(b.is_finite() && b > 0.0) => {
+                return Err(param("norm_bound", b, "a finite bound > 0"));
+            }
+            NormBound::MedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
+                return Err(param("norm_bound", k, "a finite multiple ≥ 1"));
+            }
+            _ => {}
+        }
+        self.norm_bound = bound;
+        Ok(self)
+    }
+
+    /// Sets what happens beyond the norm bound.
+    pub fn over_bound(mut self, action: OverBound) -> Self {
+        self.over_bound = action;
+        self
+    }
+
+    /// Whether a client lacking a tensor the probe reads is rejected (default
+    /// `true`). `false` zero-fills it, as the reference does — which lets a
+    /// client evade the probe by omitting the probed layer.
+    pub fn require_probe_keys(mut self, require: bool) -> Self {
+        self.require_probe_keys = require;
+        self
+    }
+
+    /// The sample-count policy.
+    pub fn sample_policy(&self) -> SamplePolicy {
+        self.samples
+    }
+
+    /// The norm bound.
+    pub fn bound(&self) -> NormBound {
+        self.norm_bound
+    }
+
+    /// What happens beyond the norm bound.
+    pub fn over_bound_action(&self) -> OverBound {
+        self.over_bound
+    }
+
+    /// Whether missing probe keys are rejected.
+    pub fn requires_probe_keys(&self) -> bool {
+        self.require_probe_keys
+    }
+
+    /// Re-validates a policy that came from outside (a deserialised config).
+    pub fn check(&self) -> Result<()> {
+        self.clone()
+            .samples(self.samples)?
+            .norm_bound(self.norm_bound)?;
+        Ok(())
+    }
+
+    /// Admits a round's messages against `global`. `probe_keys` are the
+    /// tensors the probe reads (its feature layout's keys).
+    ///
+    /// Per-client problems are never errors: they are [`Rejection`]s in the
+    /// returned list (one entry per message, in order). Errors are reserved
+    /// for the server's own inputs (a non-finite global adapter).
+    pub fn admit(
+        &self,
+        global: &LoraAdapter,
+        probe_keys: &[&str],
+        messages: &[(&ClientId, &dyn TensorSource, u64)],
+    ) -> Result<Vec<AdmissionDecision>> {
+        self.check()?;
+        if let Some(entry) = global
+            .iter()
+            .find(|e| e.tensor.first_non_finite().is_some())
+        {
+            let (index, value) = entry.tensor.first_non_finite().unwrap_or((0, f32::NAN));
+            return Err(Error::NonFinite {
+                tensor: format!("global adapter: {}", entry.key.canonical()),
+                index,
+                value,
+            });
+        }
+        let inspected: Vec<Inspection> = messages
+            .iter()
+            .map(|(_, update, _)| inspect(global, probe_keys, *update, self.require_probe_keys))
+            .collect();
+        let declared: Vec<u64> = messages.iter().map(|(_, _, n)| *n).collect();
+        let stats = RoundStats::of(&inspected, &declared);
+        let decisions = messages
+            .iter()
+            .zip(inspected)
+            .map(|((client, _, declared), inspection)| AdmissionDecision {
+                client: (*client).clone(),
+                declared_samples: *declared,
+                status: self.decide(inspection, *declared, &stats),
+            })
+            .collect();
+        Ok(decisions)
+    }
+
+    fn decide(&self, inspection: Inspection, declared: u64, stats: &RoundStats) -> Admitted {
+        let norm = match inspection {
+            Inspection::Rejected(reason) => return Admitted::Rejected(reason),
+            Inspection::Sound { norm } => norm,
+        };
+        if declared == 0 && self.samples != SamplePolicy::Uniform {
+            return Admitted::Rejected(Rejection::ZeroSamples);
+        }
+        let samples = self.aggregation_samples(declared, stats);
+        match self.norm_limit(stats) {
+            Some(bound) if norm > bound => match self.over_bound {
+                OverBound::Exclude => Admitted::Rejected(Rejection::NormAboveBound { norm, bound }),
+                OverBound::Clip => Admitted::Clipped {
+                    samples,
+                    norm,
+                    scale: bound / norm,
+                },
+            },
+            _ => Admitted::Admitted { samples, norm },
+        }
+    }
+
+    /// The count a client aggregates with, under the policy.
+    fn aggregation_samples(&self, declared: u64, stats: &RoundStats) -> u64 {
+        match self.samples {
+            SamplePolicy::Trust => declared,
+            SamplePolicy::CapAt(cap) => declared.min(cap),
+            SamplePolicy::CapAtMedianMultiple(k) => {
+                // f64 → u64 saturates; the cap is at least 1.
+                let cap = (stats.median_samples * k).floor().max(1.0) as u64;
+                declared.min(cap)
+            }
+            SamplePolicy::Uniform => 1,
+        }
+    }
+
+    /// The round's norm bound, `None` when unbounded.
+    fn norm_limit(&self, stats: &RoundStats) -> Option<f64> {
+        match self.norm_bound {
+            NormBound::Unbounded => None,
+            NormBound::Absolute(b) => Some(b),
+            NormBound::MedianMultiple(k) => Some(stats.median_norm * k),
+        }
+    }
+}
+
+/// One client's admission result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmissionDecision {
+    /// The client.
+    pub client: ClientId,
+    /// The sample count it declared.
+    pub declared_samples: u64,
+    /// What admission made of it.
+    pub status: Admitted,
+}
+
+/// What admission made of one message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Admitted {
+    /// Admitted as sent.
+    Admitted {
+        /// The sample count it aggregates with (after the policy).
+        samples: u64,
+        /// ‖update − global‖₂.
+        norm: f64,
+    },
+    /// Admitted with Δ scaled by `scale` < 1 to the norm bound.
+    Clipped {
+        /// The sample count it aggregates with.
+        samples: u64,
+        /// ‖update − global‖₂ as sent.
+        norm: f64,
+        /// The factor Δ is scaled by.
+        scale: f64,
+    },
+    /// Rejected: reaches no detector and no rule.
+    Rejected(Rejection),
+}
+
+impl Admitted {
+    /// The aggregation sample count, `None` when rejected.
+    pub fn samples(&self) -> Option<u64> {
+        match self {
+            Admitted::Admitted { samples, .. } | Admitted::Clipped { samples, .. } => {
+                Some(*samples)
+            }
+            Admitted::Rejected(_) => None,
+        }
+    }
+
+    /// The rejection, if rejected.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Admitted::Rejected(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor whose shape differs from the global adapter's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeDifference {
+    /// Canonical key.
+    pub tensor: String,
+    /// The global adapter's shape.
+    pub expected: [usize; 2],
+    /// The client's shape.
+    pub found: [usize; 2],
+}
+
+/// Why a client's message was rejected (before or during the round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum Rejection {
+    /// The update's keys differ from the global adapter's.
+    KeyMismatch {
+        /// Global keys the update lacks.
+        missing: Vec<String>,
+        /// Update keys the global lacks.
+        extra: Vec<String>,
+    },
+    /// Tensors whose shape differs from the global's (every one listed).
+    ShapeMismatch {
+        /// The differences.
+        tensors: Vec<ShapeDifference>,
+    },
+    /// A value is NaN or infinite.
+    NonFinite {
+        /// Tensor key.
+        tensor: String,
+        /// Row-major index of the first offending value.
+        index: usize,
+        /// The value, as text (`NaN`, `inf`, `-inf`): JSON has no such numbers.
+        value: String,
+    },
+    /// The update lacks tensors the probe reads (evasion by omission).
+    MissingProbeKeys {
+        /// The probed keys it lacks.
+        keys: Vec<String>,
+    },
+    /// The client declared 0 samples.
+    ZeroSamples,
+    /// ‖update − global‖₂ is above the round's bound.
+    NormAboveBound {
+        /// The update's norm.
+        norm: f64,
+        /// The bound.
+        bound: f64,
+    },
+    /// Reading the update failed (a source error).
+    Unreadable {
+        /// The error, as text.
+        error: String,
+    },
+    /// The step trail or shadow report could not be used (unreadable step
+    /// adapters, non-finite or missing scores, a shadow report without a
+    /// shadow base).
+    InvalidEvidence {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// The result of the structure and value stages.
+enum Inspection {
+    Rejected(Rejection),
+    Sound { norm: f64 },
+}
+
+/// Medians over the clients that passed the structure and value stages.
+struct RoundStats {
+    median_norm: f64,
+    median_samples: f64,
+}
+
+impl RoundStats {
+    /// Norms over every sound update; counts over sound updates that
+    /// declared at least one sample (a 0 is rejected, not averaged in).
+    fn of(inspected: &[Inspection], declared: &[u64]) -> Self {
+        let sound = || {
+            inspected.iter().zip(declared).filter_map(|(i, n)| match i {
+                Inspection::Sound { norm } => Some((*norm, *n)),
+                Inspection::Rejected(_) => None,
+            })
+        };
+        RoundStats {
+            median_norm: median(sound().map(|(norm, _)| norm).collect()),
+            median_samples: median(
+                sound()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(_, n)| n as f64)
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The median (mean of the middle two for an even count); 0 when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match (
+        values.get(n / 2),
+        n.checked_sub(1).and_then(|i| values.get(i / 2)),
+    ) {
+        (Some(hi), Some(lo)) if n.is_multiple_of(2) => (hi + lo) / 2.0,
+        (Some(mid), _) => *mid,
+        _ => 0.0,
+    }
+}
+
+/// Structure, probe keys and values (with the norm) of one update.
+fn inspect(
+    global: &LoraAdapter,
+    probe_keys: &[&str],
+    update: &dyn TensorSource,
+    require_probe_keys: bool,
+) -> Inspection {
+    if let Some(rejection) = structure(global, update) {
+        return Inspection::Rejected(rejection);
+    }
+    if require_probe_keys {
+        let missing: Vec<String> = probe_keys
+            .iter()
+            .filter(|k| update.shape_of(k).is_none())
+            .map(|k| (*k).to_owned())
+            .collect();
+        if !missing.is_empty() {
+            return Inspection::Rejected(Rejection::MissingProbeKeys { keys: missing });
+        }
+    }
+    match delta_norm(global, update) {
+        Ok(Ok(norm)) => Inspection::Sound { norm },
+        Ok(Err(rejection)) => Inspection::Rejected(rejection),
+        Err(e) => Inspection::Rejected(Rejection::Unreadable {
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Keys and shapes against the global; every difference is listed.
+fn structure(global: &LoraAdapter, update: &dyn TensorSource) -> Option<Rejection> {
+    let update_keys: BTreeSet<&str> = update.lora_keys().map(|k| k.canonical()).collect();
+    let missing: Vec<String> = global
+        .keys()
+        .filter(|k| !update_keys.contains(k))
+        .map(str::to_owned)
+        .collect();
+    let extra: Vec<String> = update_keys
+        .iter()
+        .filter(|k| global.get(k).is_none())
+        .map(|k| (*k).to_owned())
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        return Some(Rejection::KeyMismatch { missing, extra });
+    }
+    let tensors: Vec<ShapeDifference> = global
+        .iter()
+        .filter_map(|entry| {
+            let expected = entry.tensor.shape();
+            let found = update.shape_of(entry.key.canonical())?;
+            (found != expected).then(|| ShapeDifference {
+                tensor: entry.key.canonical().to_owned(),
+                expected,
+                found,
+            })
+        })
+        .collect();
+    (!tensors.is_empty()).then_some(Rejection::ShapeMismatch { tensors })
+}
+
+/// Values read per step when a source has no `f32` slices.
+const READ_CHUNK: usize = 16_384;
+
+/// ‖update − global‖₂ in f64, scanning every value for NaN/∞ in the same
+/// pass. The inner `Err` is a non-finite value; the outer one a read failure.
+fn delta_norm(
+    global: &LoraAdapter,
+    update: &dyn TensorSource,
+) -> Result<std::result::Result<f64, Rejection>> {
+    let mut sum = 0.0f64;
+    let mut scratch = Vec::new();
+    for entry in global.iter() {
+        let name = entry.key.canonical();
+        let base = entry.tensor.as_slice();
+        if let Some(values) = update.as_f32(name).filter(|v| v.len() == base.len()) {
+            match squared_distance(values, base, 0) {
+                Ok(s) => sum += s,
+                Err((index, value)) => return Ok(Err(non_finite(name, index, value))),
+            }
+            continue;
+        }
+        for (piece, start) in base.chunks(READ_CHUNK).zip((0..).step_by(READ_CHUNK)) {
+            scratch.resize(piece.len(), 0.0);
+            update.read_range(name, start, &mut scratch)?;
+            match squared_distance(&scratch, piece, start) {
+                Ok(s) => sum += s,
+                Err((index, value)) => return Ok(Err(non_finite(name, index, value))),
+            }
+        }
+    }
+    Ok(Ok(sum.sqrt()))
+}
+
+/// Σ (x − y)² in f64 over a slice, or the first non-finite `x` (index offset
+/// by `start`). Lanes of eight keep the loop vectorised; the finiteness test
+/// rides along on the same values.
+fn squared_distance(
+    values: &[f32],
+    base: &[f32],
+    start: usize,
+) -> std::result::Result<f64, (usize, f32)> {
+    let mut lanes = [0.0f64; 8];
+    let mut finite = true;
+    let mut xs = values.chunks_exact(8);
+    let mut ys = base.chunks_exact(8);
+    for (x, y) in (&mut xs).zip(&mut ys) {
+        for ((lane, a), b) in lanes.iter_mut().zip(x).zip(y) {
+            finite &= a.is_finite();
+            let d = f64::from(*a) - f64::from(*b);
+            *lane += d * d;
+        }
+    }
+    for (a, b) in xs.remainder().iter().zip(ys.remainder()) {
+        finite &= a.is_finite();
+        let d = f64::from(*a) - f64::from(*b);
+        lanes[0] += d * d;
+    }
+    if finite {
+        return Ok(lanes.iter().sum());
+    }
+    let (index, value) = values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+        .map_or((0, f32::NAN), |(i, v)| (i, *v));
+    Err((start + index, value))
+}
+
+fn non_finite(tensor: &str, index: usize, value: f32) -> Rejection {
+    Rejection::NonFinite {
+        tensor: tensor.to_owned(),
+        index,
+        value: value.to_string(),
+    }
+}
+
+fn param(name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Error {
+    Error::InvalidParameter {
+        name,
+        value: value.to_string(),
+        expected,
+    }
+}

@@ -1,0 +1,149 @@
+//! The audit record of a defended round: one JSON line, typed reasons.
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientId;
+use crate::aggregate::{ExclusionReason, SkipReason};
+use crate::detect::{DefenseLevel, Verdict};
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::round::admission::Admitted;
+use crate::round::trail::TrailStatus;
+
+/// What happened to a report before aggregation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    /// Admitted, scored and assessed by the detector; handed to the aggregator.
+    Assessed,
+    /// The last reported step differs from the update: factor 0, not
+    /// aggregated, detector state untouched.
+    TrailMismatch,
+    /// Rejected by admission or because its evidence could not be used:
+    /// factor 0, not aggregated, detector state untouched.
+    Rejected,
+}
+
+/// Where a piece of evidence came from, so an auditor knows what was proven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// The level does not read this evidence, or the client sent none.
+    Absent,
+    /// Scored by the server from data it verified (the update itself; a step
+    /// trail whose last step matched the update).
+    Verified,
+    /// Scored by the server from adapters the client sent that cannot be
+    /// verified (intermediate steps of an unchecked trail; any shadow branch:
+    /// the client trains it alone).
+    ServerScoredUnverified,
+    /// Scores the client computed itself: nothing about them is proven.
+    SelfReported,
+}
+
+/// One client's line in the round's audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientOutcome {
+    /// The client.
+    pub client: ClientId,
+    /// The sample count it declared.
+    pub declared_samples: u64,
+    /// The sample count it aggregated with (after the admission policy; 0
+    /// when rejected).
+    pub samples: u64,
+    /// What admission made of its message.
+    pub admission: Admitted,
+    /// Assessed, trail mismatch, or rejected.
+    pub disposition: Disposition,
+    /// Its security factor in [0, 1] (0 unless assessed).
+    pub factor: f64,
+    /// `samples × factor`: the effective sample count.
+    pub effective_weight: f64,
+    /// Its normalised weight in the aggregate, when it contributed.
+    pub aggregation_weight: Option<f64>,
+    /// The detector's verdict ([`Verdict::Malicious`] for a failed trail
+    /// check, [`Verdict::Undecided`] for a rejected report).
+    pub verdict: Verdict,
+    /// The detector's explanation (the numbers behind the factor), or what
+    /// made the evidence unusable.
+    pub detail: String,
+    /// The probe's score of `update − global` (the last step), when computed.
+    /// Always server-computed.
+    pub update_score: Option<f32>,
+    /// The trail check's result.
+    pub trail: TrailStatus,
+    /// Provenance of the main-branch step scores the detector read.
+    pub step_evidence: Provenance,
+    /// Provenance of the shadow-branch scores the detector read.
+    pub shadow_evidence: Provenance,
+    /// Why the aggregator left the client out, if it did.
+    pub excluded: Option<ExclusionReason>,
+}
+
+/// Wall-clock time spent in each stage, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundTimings {
+    /// Admission (structure, values, norms, counts).
+    pub admission_s: f64,
+    /// Probe scoring (update, steps, shadow steps) and trail checks.
+    pub probe_s: f64,
+    /// Detector assessments.
+    pub detect_s: f64,
+    /// The aggregator (0 when the round was skipped).
+    pub aggregate_s: f64,
+    /// The whole round.
+    pub total_s: f64,
+}
+
+/// The result of one defended round; serialises to one JSON line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundOutcome {
+    /// Round number (0-based).
+    pub round: u32,
+    /// The detector's level.
+    pub level: DefenseLevel,
+    /// The aggregator's name.
+    pub aggregator: String,
+    /// One entry per report, in report order.
+    pub clients: Vec<ClientOutcome>,
+    /// Mean factor over every report (rejected ones count 0).
+    pub mean_factor: f64,
+    /// The safety gate's threshold.
+    pub skip_avg_weight: f64,
+    /// True when the global adapter stays unchanged.
+    pub skipped: bool,
+    /// Why the round was skipped.
+    pub skip_reason: Option<SkipReason>,
+    /// Stage timings.
+    pub timings: RoundTimings,
+    /// The new global adapter (`None` when skipped). Not part of the audit line.
+    #[serde(skip)]
+    pub new_global: Option<LoraAdapter>,
+}
+
+impl RoundOutcome {
+    /// The audit record as one line of JSON (no trailing newline).
+    pub fn to_json_line(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::InvalidMetadata {
+            field: "round outcome".into(),
+            value: format!("round {}", self.round),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Appends the audit record and a newline to `out` (an audit log).
+    pub fn write_json_line(&self, mut out: impl Write) -> Result<()> {
+        let line = self.to_json_line()?;
+        writeln!(out, "{line}").map_err(|source| Error::Io {
+            path: "<audit log>".into(),
+            source,
+        })
+    }
+
+    /// The outcome of one client.
+    pub fn client(&self, client: &str) -> Option<&ClientOutcome> {
+        self.clients.iter().find(|c| c.client.as_str() == client)
+    }
+}

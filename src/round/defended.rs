@@ -1,0 +1,906 @@
+//! The defended round: admission → probe → detector → safety gate →
+//! aggregator, with an audit record.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientId;
+use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
+use crate::detect::{ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Verdict};
+use crate::error::{Error, Result};
+use crate::lora::{LazyDelta, LoraAdapter, LoraKey, TensorSource, checked_range};
+use crate::probe::Probe;
+use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection};
+use crate::round::audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
+use crate::round::steps::{ShadowBranch, score_steps};
+use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
+
+/// A branch's step evidence as a client reports it.
+#[derive(Clone, Default)]
+pub enum StepsReport<'a> {
+    /// Nothing reported.
+    #[default]
+    None,
+    /// The adapter after every local step, in order. The server scores each
+    /// against the branch's base (the round's global adapter for the main
+    /// branch, the [`ShadowBranch`] base for the shadow branch) and, for the
+    /// main branch, checks that the last one equals the update
+    /// ([`check_trail`]).
+    Adapters(Vec<&'a dyn TensorSource>),
+    /// Scores the client computed itself. Unverifiable: marked
+    /// [`Provenance::SelfReported`] in the audit. Use in simulations or with
+    /// trusted client code only.
+    Scores(&'a [f32]),
+}
+
+impl std::fmt::Debug for StepsReport<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepsReport::None => f.write_str("None"),
+            StepsReport::Adapters(a) => write!(f, "Adapters({} steps)", a.len()),
+            StepsReport::Scores(s) => f.debug_tuple("Scores").field(s).finish(),
+        }
+    }
+}
+
+/// What one client sends the server at the end of a round, borrowed from
+/// wherever the server keeps it (owned adapters, validated views over
+/// upload bytes or an mmap, numpy arrays behind Python).
+#[derive(Clone, Debug)]
+pub struct ClientReport<'a> {
+    /// Who sent it.
+    pub client: &'a ClientId,
+    /// Its adapter after local training (full weights, not a delta).
+    pub update: &'a dyn TensorSource,
+    /// The sample count it declares. Admission decides what it is worth.
+    pub samples: u64,
+    /// Main-branch step evidence (read by [`StepLevel`](crate::detect::StepLevel)).
+    pub steps: StepsReport<'a>,
+    /// Shadow-branch step evidence (read by the shadow and evidence levels).
+    pub shadow: StepsReport<'a>,
+}
+
+impl std::fmt::Debug for dyn TensorSource + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self.lora_keys().map(LoraKey::canonical).collect();
+        write!(f, "TensorSource({} tensors)", keys.len())
+    }
+}
+
+impl<'a> ClientReport<'a> {
+    /// A report with an update and declared sample count, and no step evidence.
+    pub fn new(client: &'a ClientId, update: &'a dyn TensorSource, samples: u64) -> Self {
+        ClientReport {
+            client,
+            update,
+            samples,
+            steps: StepsReport::None,
+            shadow: StepsReport::None,
+        }
+    }
+
+    /// Sets the main-branch step evidence.
+    pub fn with_steps(mut self, steps: StepsReport<'a>) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Sets the shadow-branch step evidence.
+    pub fn with_shadow(mut self, shadow: StepsReport<'a>) -> Self {
+        self.shadow = shadow;
+        self
+    }
+}
+
+/// Owned step evidence, for [`OwnedReport`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OwnedSteps {
+    /// Nothing reported.
+    #[default]
+    None,
+    /// The adapter after every local step, in order.
+    Adapters(Vec<LoraAdapter>),
+    /// Scores the client computed itself (self-reported).
+    Scores(Vec<f32>),
+}
+
+impl OwnedSteps {
+    fn borrow(&self) -> StepsReport<'_> {
+        match self {
+            OwnedSteps::None => StepsReport::None,
+            OwnedSteps::Adapters(a) => {
+                StepsReport::Adapters(a.iter().map(|x| x as &dyn TensorSource).collect())
+            }
+            OwnedSteps::Scores(s) => StepsReport::Scores(s),
+        }
+    }
+}
+
+/// A client message that owns its tensors (simulations, tests, servers that
+/// decode uploads into [`LoraAdapter`]s); [`OwnedReport::as_report`] lends it
+/// to [`DefendedRound::run`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedReport {
+    /// Who sent it.
+    pub client: ClientId,
+    /// Its adapter after local training.
+    pub update: LoraAdapter,
+    /// The sample count it declares.
+    pub samples: u64,
+    /// Main-branch step evidence.
+    pub steps: OwnedSteps,
+    /// Shadow-branch step evidence.
+    pub shadow: OwnedSteps,
+}
+
+impl OwnedReport {
+    /// A report with an update and declared sample count, and no step evidence.
+    pub fn new(client: impl Into<ClientId>, update: LoraAdapter, samples: u64) -> Self {
+        OwnedReport {
+            client: client.into(),
+            update,
+            samples,
+            steps: OwnedSteps::None,
+            shadow: OwnedSteps::None,
+        }
+    }
+
+    /// Sets the main-branch step evidence.
+    pub fn with_steps(mut self, steps: OwnedSteps) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Sets the shadow-branch step evidence.
+    pub fn with_shadow(mut self, shadow: OwnedSteps) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// The borrowed form [`DefendedRound::run`] reads.
+    pub fn as_report(&self) -> ClientReport<'_> {
+        ClientReport {
+            client: &self.client,
+            update: &self.update,
+            samples: self.samples,
+            steps: self.steps.borrow(),
+            shadow: self.shadow.borrow(),
+        }
+    }
+}
+
+/// Borrows a slice of owned reports for [`DefendedRound::run`].
+pub fn borrow_reports(reports: &[OwnedReport]) -> Vec<ClientReport<'_>> {
+    reports.iter().map(OwnedReport::as_report).collect()
+}
+
+/// Settings of the defended round.
+///
+/// | setting | default | reference |
+/// |---|---|---|
+/// | [`skip_avg_weight`](Self::skip_avg_weight) | 0.2 | `prefilter_skip_avg_weight` |
+/// | [`trail`](Self::trail) | [`TrailCheck::Exact`] | (none: the reference trusts its own files) |
+/// | [`admission`](Self::admission) | [`Admission::default`] (fails closed) | [`Admission::reference`] |
+/// | [`accept_self_reported`](Self::accept_self_reported) | `false` | (the reference's clients compute nothing) |
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundParams {
+    skip_avg_weight: f64,
+    trail: TrailCheck,
+    admission: Admission,
+    #[serde(default)]
+    accept_self_reported: bool,
+}
+
+impl Default for RoundParams {
+    fn default() -> Self {
+        RoundParams {
+            skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
+            trail: TrailCheck::Exact,
+            admission: Admission::default(),
+            accept_self_reported: false,
+        }
+    }
+}
+
+impl RoundParams {
+    /// The safety gate: skip the round (global adapter unchanged) when the
+    /// mean factor over the round's clients is *below* this value ∈ [0, 1].
+    /// A mean exactly at the threshold is applied; 0 never skips.
+    pub fn skip_avg_weight(mut self, threshold: f64) -> Self {
+        self.skip_avg_weight = threshold;
+        self
+    }
+
+    /// How the last reported main-branch step is compared with the update.
+    pub fn trail(mut self, check: TrailCheck) -> Self {
+        self.trail = check;
+        self
+    }
+
+    /// Whether client-computed scores ([`StepsReport::Scores`]) are read.
+    /// Default `false`: such a report is rejected
+    /// ([`Rejection::InvalidEvidence`]), because a client that scores itself
+    /// can claim anything. Enable for simulations or trusted client code;
+    /// the audit then marks them [`Provenance::SelfReported`].
+    pub fn accept_self_reported(mut self, accept: bool) -> Self {
+        self.accept_self_reported = accept;
+        self
+    }
+
+    /// The admission policy.
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
+    }
+
+    /// The settings the reference implementation uses: its gate, no trail
+    /// check, [`Admission::reference`]. **Unsafe against lying clients.**
+    pub fn reference() -> Self {
+        RoundParams {
+            skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
+            trail: TrailCheck::Off,
+            admission: Admission::reference(),
+            accept_self_reported: true,
+        }
+    }
+
+    /// The gate's threshold.
+    pub fn gate_threshold(&self) -> f64 {
+        self.skip_avg_weight
+    }
+
+    /// The admission policy.
+    pub fn admission_policy(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Validates the settings.
+    pub fn check(&self) -> Result<()> {
+        let t = self.skip_avg_weight;
+        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+            return Err(Error::InvalidParameter {
+                name: "skip_avg_weight",
+                value: t.to_string(),
+                expected: "a finite number in [0, 1]",
+            });
+        }
+        if let TrailCheck::MaxAbs(t) = self.trail
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(Error::InvalidParameter {
+                name: "trail",
+                value: t.to_string(),
+                expected: "a finite tolerance ≥ 0",
+            });
+        }
+        self.admission.check()
+    }
+}
+
+/// One entry point for a defended round: admit each message, score it with
+/// the probe, check the step trail, assess each client with the detector,
+/// apply the safety gate once and hand the weighted updates to an
+/// [`Aggregator`].
+///
+/// **Per-client faults never abort the round.** A message that fails
+/// admission ([`Rejection`]) or whose evidence cannot be used is
+/// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`], not
+/// aggregated, detector state untouched); a message whose last step differs
+/// from its update is [`Disposition::TrailMismatch`] (factor 0,
+/// [`Verdict::Malicious`]). Round-level faults are errors: no reports, a
+/// repeated client id, a non-finite global adapter, an aggregator error.
+///
+/// **A failed round changes nothing**: the detector assesses a copy of its
+/// state, committed only when the round completes (applied or skipped), so a
+/// server can retry a round that returned an error.
+///
+/// **One gate.** The mean factor over *all* reports (rejected ones count 0,
+/// stricter than the reference, which never rejects) below
+/// `skip_avg_weight` skips the round. The aggregator should not gate again
+/// (`FedAvg::new()` does not); it receives every assessed client with its
+/// factor, and weighted FedAvg weighs (admitted count)·factor. Rules that
+/// ignore factors (Krum, median, …) should be wrapped in
+/// [`FactorGate`](crate::aggregate::FactorGate) to drop factor-0 clients.
+///
+/// ```
+/// use safe_fedllm::ClientId;
+/// use safe_fedllm::aggregate::FedAvg;
+/// use safe_fedllm::detect::{ClientLevel, Verdict};
+/// use safe_fedllm::features::{FeatureConfig, Selection};
+/// use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+/// use safe_fedllm::probe::LinearProbe;
+/// use safe_fedllm::round::{ClientReport, DefendedRound};
+///
+/// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+/// let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+///     let mut a = LoraAdapter::new();
+///     a.insert(key, LoraTensor::new("b", [2, 1], vec![x, y])?)?;
+///     Ok(a)
+/// };
+/// let global = adapter(0.0, 0.0)?;
+/// let spec = FeatureConfig::new(Selection::FirstLayerB)
+///     .fit(&[LoraDelta::between(&adapter(1.0, 0.0)?, &global)?])?;
+/// // A toy probe: updates along +x are malicious.
+/// let probe = LinearProbe::new(spec, vec![20.0, 0.0], -10.0)?;
+///
+/// let mut round = DefendedRound::new(probe, ClientLevel::params().build()?, FedAvg::new());
+/// let ids = [ClientId::from("a"), ClientId::from("b"), ClientId::from("evil")];
+/// let updates = [adapter(0.0, 1.0)?, adapter(0.0, 0.5)?, adapter(1.0, 0.0)?];
+/// let reports: Vec<ClientReport> =
+///     ids.iter().zip(&updates).map(|(id, u)| ClientReport::new(id, u, 100)).collect();
+/// let outcome = round.run(0, &global, &reports)?;
+/// assert!(!outcome.skipped);
+/// let evil = outcome.client("evil").unwrap();
+/// assert_eq!(evil.verdict, Verdict::Malicious);
+/// assert!(evil.factor < 0.01);
+/// let line = outcome.to_json_line()?; // one audit line per round
+/// assert!(line.starts_with(r#"{"round":0,"level":"client""#));
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+pub struct DefendedRound<P, D, A> {
+    probe: P,
+    detector: D,
+    aggregator: A,
+    params: RoundParams,
+    shadow: Option<ShadowBranch>,
+}
+
+/// What the probe stage produced for one admitted client.
+enum Scored {
+    Accepted {
+        evidence: ClientEvidence,
+        trail: TrailStatus,
+        steps: Provenance,
+        shadow: Provenance,
+    },
+    Rejected {
+        rejection: Rejection,
+        update_score: Option<f32>,
+        trail: TrailStatus,
+    },
+}
+
+/// One report after admission and scoring.
+struct Staged {
+    decision: AdmissionDecision,
+    scored: Scored,
+}
+
+impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
+    /// A round with the safe default settings ([`RoundParams::default`]) and
+    /// no shadow branch.
+    pub fn new(probe: P, detector: D, aggregator: A) -> Self {
+        DefendedRound {
+            probe,
+            detector,
+            aggregator,
+            params: RoundParams::default(),
+            shadow: None,
+        }
+    }
+
+    /// Replaces the settings (validated).
+    pub fn with_params(mut self, params: RoundParams) -> Result<Self> {
+        params.check()?;
+        self.params = params;
+        Ok(self)
+    }
+
+    /// Sets the shadow branch whose base shadow-step adapters are scored
+    /// against (needed when clients report [`StepsReport::Adapters`] for
+    /// their shadow branch).
+    pub fn with_shadow(mut self, shadow: ShadowBranch) -> Self {
+        self.shadow = Some(shadow);
+        self
+    }
+
+    /// The settings.
+    pub fn params(&self) -> &RoundParams {
+        &self.params
+    }
+
+    /// The detector (for checkpointing its state).
+    pub fn detector(&self) -> &D {
+        &self.detector
+    }
+
+    /// The detector, mutable (for restoring a checkpoint).
+    pub fn detector_mut(&mut self) -> &mut D {
+        &mut self.detector
+    }
+
+    /// The aggregator.
+    pub fn aggregator(&self) -> &A {
+        &self.aggregator
+    }
+
+    /// The aggregator, mutable (for checkpointing a stateful rule).
+    pub fn aggregator_mut(&mut self) -> &mut A {
+        &mut self.aggregator
+    }
+
+    /// The probe.
+    pub fn probe(&self) -> &P {
+        &self.probe
+    }
+
+    /// The shadow branch, if set.
+    pub fn shadow(&self) -> Option<&ShadowBranch> {
+        self.shadow.as_ref()
+    }
+
+    /// Whether `client` should train a shadow branch this round (tell the
+    /// client before local training; see [`Detector::needs_shadow`]).
+    pub fn needs_shadow(&self, client: &ClientId) -> bool {
+        self.detector.needs_shadow(client)
+    }
+
+    /// Runs one round. `global` is the adapter the clients started from.
+    pub fn run(
+        &mut self,
+        round: u32,
+        global: &LoraAdapter,
+        reports: &[ClientReport<'_>],
+    ) -> Result<RoundOutcome> {
+        let start = Instant::now();
+        check_reports(reports)?;
+        let level = self.detector.level();
+
+        let admission_start = Instant::now();
+        let probe_keys: Vec<&str> = self
+            .probe
+            .feature_spec()
+            .layout()
+            .iter()
+            .map(|b| b.key.as_str())
+            .collect();
+        let messages: Vec<(&ClientId, &dyn TensorSource, u64)> = reports
+            .iter()
+            .map(|r| (r.client, r.update, r.samples))
+            .collect();
+        let decisions = self
+            .params
+            .admission
+            .admit(global, &probe_keys, &messages)?;
+        let admission_s = admission_start.elapsed().as_secs_f64();
+
+        let probe_start = Instant::now();
+        let staged: Vec<Staged> = reports
+            .iter()
+            .zip(decisions)
+            .map(|(report, decision)| {
+                let scored = self.score_report(round, global, report, &decision, level);
+                Staged { decision, scored }
+            })
+            .collect();
+        let probe_s = probe_start.elapsed().as_secs_f64();
+
+        // The detector assesses a copy: the real state changes only when the
+        // round completes.
+        let detect_start = Instant::now();
+        let mut detector = self.detector.clone();
+        let mut clients = Vec::with_capacity(reports.len());
+        for (report, staged) in reports.iter().zip(staged) {
+            clients.push(assess(&mut detector, round, report, staged)?);
+        }
+        let detect_s = detect_start.elapsed().as_secs_f64();
+
+        let mean_factor = clients.iter().map(|c| c.factor).sum::<f64>() / clients.len() as f64;
+        let threshold = self.params.skip_avg_weight;
+        let mut outcome = RoundOutcome {
+            round,
+            level,
+            aggregator: self.aggregator.name().to_owned(),
+            clients,
+            mean_factor,
+            skip_avg_weight: threshold,
+            skipped: false,
+            skip_reason: None,
+            timings: RoundTimings {
+                admission_s,
+                probe_s,
+                detect_s,
+                ..RoundTimings::default()
+            },
+            new_global: None,
+        };
+        if mean_factor < threshold {
+            outcome.skipped = true;
+            outcome.skip_reason = Some(SkipReason::LowMeanSecurityFactor {
+                mean: mean_factor,
+                threshold: threshold as f32,
+            });
+        } else {
+            let aggregate_start = Instant::now();
+            let aggregation = self.aggregate(global, reports, &outcome.clients)?;
+            outcome.timings.aggregate_s = aggregate_start.elapsed().as_secs_f64();
+            record_aggregation(&mut outcome, aggregation);
+        }
+        self.detector = detector;
+        outcome.timings.total_s = start.elapsed().as_secs_f64();
+        Ok(outcome)
+    }
+
+    fn score_report(
+        &self,
+        round: u32,
+        global: &LoraAdapter,
+        report: &ClientReport<'_>,
+        decision: &AdmissionDecision,
+        level: DefenseLevel,
+    ) -> Scored {
+        let samples = match &decision.status {
+            Admitted::Rejected(rejection) => {
+                return Scored::Rejected {
+                    rejection: rejection.clone(),
+                    update_score: None,
+                    trail: TrailStatus::NotChecked,
+                };
+            }
+            admitted => admitted.samples().unwrap_or(0),
+        };
+        let update_score = match score_update(&self.probe, global, report.update) {
+            Ok(s) => s,
+            Err(e) => {
+                return Scored::Rejected {
+                    rejection: Rejection::Unreadable {
+                        error: e.to_string(),
+                    },
+                    update_score: None,
+                    trail: TrailStatus::NotChecked,
+                };
+            }
+        };
+        let rejected = |detail: String, trail: TrailStatus| Scored::Rejected {
+            rejection: Rejection::InvalidEvidence { detail },
+            update_score: Some(update_score),
+            trail,
+        };
+        let trail = match self.check_trail(report) {
+            Ok(t) => t,
+            Err(e) => {
+                return rejected(
+                    format!("step trail unreadable: {e}"),
+                    TrailStatus::NotChecked,
+                );
+            }
+        };
+        let reads_steps = level.uses_all_steps();
+        let reads_shadow = level.uses_shadow() && self.detector.needs_shadow(report.client);
+        let self_reported = (reads_steps && matches!(report.steps, StepsReport::Scores(_)))
+            || (reads_shadow && matches!(report.shadow, StepsReport::Scores(_)));
+        if self_reported && !self.params.accept_self_reported {
+            return rejected(
+                "client-computed scores are not accepted (RoundParams::accept_self_reported)"
+                    .to_owned(),
+                trail,
+            );
+        }
+        let mut evidence = ClientEvidence::new(samples).with_last_step_score(Some(update_score));
+        let mut steps = Provenance::Absent;
+        if reads_steps {
+            match self.main_scores(global, &report.steps) {
+                Ok(scores) => {
+                    steps = provenance(&report.steps, &trail);
+                    evidence.step_scores = scores;
+                }
+                Err(e) => return rejected(format!("step adapters rejected: {e}"), trail),
+            }
+        }
+        let mut shadow = Provenance::Absent;
+        if reads_shadow {
+            match self.shadow_scores(&report.shadow) {
+                Ok(scores) => {
+                    shadow = match &report.shadow {
+                        StepsReport::None => Provenance::Absent,
+                        StepsReport::Scores(_) => Provenance::SelfReported,
+                        StepsReport::Adapters(_) => Provenance::ServerScoredUnverified,
+                    };
+                    evidence = evidence.with_shadow_steps(scores);
+                }
+                Err(e) => return rejected(format!("shadow steps rejected: {e}"), trail),
+            }
+        }
+        if let Err(e) = evidence.validate(round, report.client) {
+            return rejected(e.to_string(), trail);
+        }
+        Scored::Accepted {
+            evidence,
+            trail,
+            steps,
+            shadow,
+        }
+    }
+
+    fn check_trail(&self, report: &ClientReport<'_>) -> Result<TrailStatus> {
+        match &report.steps {
+            StepsReport::Adapters(steps) => match steps.last() {
+                Some(last) => check_trail(*last, report.update, self.params.trail),
+                None => Ok(TrailStatus::NotChecked),
+            },
+            StepsReport::None | StepsReport::Scores(_) => Ok(TrailStatus::NotChecked),
+        }
+    }
+
+    fn main_scores(&self, global: &LoraAdapter, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+        match steps {
+            StepsReport::None => Ok(Vec::new()),
+            StepsReport::Scores(s) => Ok(s.to_vec()),
+            StepsReport::Adapters(a) => score_steps(&self.probe, global, a),
+        }
+    }
+
+    fn shadow_scores(&self, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+        match (steps, &self.shadow) {
+            (StepsReport::None, _) => Ok(Vec::new()),
+            (StepsReport::Scores(s), _) => Ok(s.to_vec()),
+            (StepsReport::Adapters(a), Some(shadow)) => shadow.score_steps(&self.probe, a),
+            (StepsReport::Adapters(_), None) => Err(Error::InvalidParameter {
+                name: "shadow_branch",
+                value: "none".into(),
+                expected: "a ShadowBranch (DefendedRound::with_shadow) to score shadow adapters against",
+            }),
+        }
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &LoraAdapter,
+        reports: &[ClientReport<'_>],
+        clients: &[ClientOutcome],
+    ) -> Result<Aggregation> {
+        let sources: Vec<(&ClientOutcome, Clipped<'_>)> = reports
+            .iter()
+            .zip(clients)
+            .filter(|(_, c)| c.disposition == Disposition::Assessed)
+            .map(|(r, c)| (c, Clipped::new(r.update, global, &c.admission)))
+            .collect();
+        let owned: Vec<(&ClientOutcome, LoraAdapter)> = sources
+            .iter()
+            .map(|(c, s)| Ok((*c, materialise(s, global)?)))
+            .collect::<Result<_>>()?;
+        let updates: Vec<ClientUpdate<'_>> = owned
+            .iter()
+            .map(|(c, adapter)| {
+                ClientUpdate::new(c.client.clone(), adapter, c.samples)
+                    .with_security_factor((c.factor as f32).clamp(0.0, 1.0))
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(Aggregation {
+                outcome: crate::aggregate::Outcome::Skipped {
+                    reason: SkipReason::NoClientLeft,
+                },
+                contributions: Vec::new(),
+                exclusions: Vec::new(),
+            });
+        }
+        self.aggregator.aggregate(global, &updates)
+    }
+}
+
+/// A temporary owned copy until aggregators read `&dyn TensorSource`.
+fn materialise(source: &dyn TensorSource, template: &LoraAdapter) -> Result<LoraAdapter> {
+    let mut out = template.clone();
+    for (key, tensor) in out.iter_mut() {
+        source.copy_into(key.canonical(), tensor.as_mut_slice())?;
+    }
+    Ok(out)
+}
+
+/// Provenance of main-branch step scores.
+fn provenance(steps: &StepsReport<'_>, trail: &TrailStatus) -> Provenance {
+    match (steps, trail) {
+        (StepsReport::None, _) => Provenance::Absent,
+        (StepsReport::Scores(_), _) => Provenance::SelfReported,
+        (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::Verified,
+        (StepsReport::Adapters(_), _) => Provenance::ServerScoredUnverified,
+    }
+}
+
+/// P(malicious) of `update − global`, computed by the server.
+fn score_update<P: Probe>(
+    probe: &P,
+    global: &LoraAdapter,
+    update: &dyn TensorSource,
+) -> Result<f32> {
+    let delta = LazyDelta::new(update, global)?;
+    let features = probe.feature_spec().transform(&delta)?;
+    let score = probe.score_features(&features.values)?;
+    if score.is_finite() {
+        Ok(score)
+    } else {
+        Err(Error::NonFinite {
+            tensor: "probe score of the update".into(),
+            index: 0,
+            value: score,
+        })
+    }
+}
+
+/// Assesses one staged report with the (copied) detector.
+fn assess<D: Detector>(
+    detector: &mut D,
+    round: u32,
+    report: &ClientReport<'_>,
+    staged: Staged,
+) -> Result<ClientOutcome> {
+    let Staged { decision, scored } = staged;
+    let samples = decision.status.samples().unwrap_or(0);
+    let outcome = |disposition, factor: f64, verdict, detail, update_score, trail| ClientOutcome {
+        client: report.client.clone(),
+        declared_samples: decision.declared_samples,
+        samples: if disposition == Disposition::Assessed {
+            samples
+        } else {
+            0
+        },
+        admission: decision.status.clone(),
+        disposition,
+        factor,
+        effective_weight: samples as f64 * factor,
+        aggregation_weight: None,
+        verdict,
+        detail,
+        update_score,
+        trail,
+        step_evidence: Provenance::Absent,
+        shadow_evidence: Provenance::Absent,
+        excluded: None,
+    };
+    Ok(match scored {
+        Scored::Rejected {
+            rejection,
+            update_score,
+            trail,
+        } => {
+            let detail = serde_json::to_string(&rejection).unwrap_or_else(|e| e.to_string());
+            let mut o = outcome(
+                Disposition::Rejected,
+                0.0,
+                Verdict::Undecided,
+                detail,
+                update_score,
+                trail,
+            );
+            if !matches!(decision.status, Admitted::Rejected(_)) {
+                o.admission = Admitted::Rejected(rejection);
+            }
+            o
+        }
+        Scored::Accepted {
+            evidence,
+            trail: trail @ TrailStatus::Mismatch { .. },
+            ..
+        } => {
+            let detail = match &trail {
+                TrailStatus::Mismatch { reason } => format!("trail check failed: {reason}"),
+                _ => String::new(),
+            };
+            outcome(
+                Disposition::TrailMismatch,
+                0.0,
+                Verdict::Malicious,
+                detail,
+                evidence.last_step_score,
+                trail,
+            )
+        }
+        Scored::Accepted {
+            evidence,
+            trail,
+            steps,
+            shadow,
+        } => {
+            let a = detector.assess(round, report.client, &evidence)?;
+            let mut o = outcome(
+                Disposition::Assessed,
+                a.factor,
+                a.verdict,
+                a.reason,
+                evidence.last_step_score,
+                trail,
+            );
+            o.step_evidence = steps;
+            o.shadow_evidence = shadow;
+            o
+        }
+    })
+}
+
+fn record_aggregation(outcome: &mut RoundOutcome, aggregation: Aggregation) {
+    for c in &mut outcome.clients {
+        if let Some(contribution) = aggregation.contribution(c.client.as_str()) {
+            c.aggregation_weight = Some(contribution.weight);
+        }
+        if let Some(exclusion) = aggregation.exclusion(c.client.as_str()) {
+            c.excluded = Some(exclusion.reason.clone());
+        }
+    }
+    match aggregation.outcome {
+        crate::aggregate::Outcome::Updated(adapter) => outcome.new_global = Some(adapter),
+        crate::aggregate::Outcome::Skipped { reason } => {
+            outcome.skipped = true;
+            outcome.skip_reason = Some(reason);
+        }
+    }
+}
+
+fn check_reports(reports: &[ClientReport<'_>]) -> Result<()> {
+    if reports.is_empty() {
+        return Err(Error::Empty {
+            what: "the round's client reports",
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for r in reports {
+        if !seen.insert(r.client) {
+            return Err(Error::DuplicateClient {
+                client: r.client.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An admitted update as the aggregator sees it: as sent, or with its delta
+/// scaled to the norm bound (`global + scale·(update − global)`).
+struct Clipped<'a> {
+    update: &'a dyn TensorSource,
+    global: &'a LoraAdapter,
+    scale: Option<f32>,
+}
+
+impl<'a> Clipped<'a> {
+    fn new(update: &'a dyn TensorSource, global: &'a LoraAdapter, admitted: &Admitted) -> Self {
+        let scale = match admitted {
+            Admitted::Clipped { scale, .. } => Some(*scale as f32),
+            _ => None,
+        };
+        Clipped {
+            update,
+            global,
+            scale,
+        }
+    }
+}
+
+impl TensorSource for Clipped<'_> {
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &LoraKey> + '_> {
+        self.update.lora_keys()
+    }
+
+    fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
+        self.update.shape_of(canonical)
+    }
+
+    fn read_range(&self, canonical: &str, offset: usize, out: &mut [f32]) -> Result<()> {
+        self.update.read_range(canonical, offset, out)?;
+        let Some(scale) = self.scale else {
+            return Ok(());
+        };
+        let range = checked_range(self.global, canonical, offset, out.len())?;
+        let base = self
+            .global
+            .as_f32(canonical)
+            .and_then(|b| b.get(range))
+            .ok_or_else(|| Error::MissingKey {
+                tensor: canonical.to_owned(),
+                present_in: "update",
+                missing_from: "global adapter",
+            })?;
+        out.iter_mut()
+            .zip(base)
+            .for_each(|(o, g)| *o = g + scale * (*o - g));
+        Ok(())
+    }
+
+    fn as_f32(&self, canonical: &str) -> Option<&[f32]> {
+        match self.scale {
+            None => self.update.as_f32(canonical),
+            Some(_) => None,
+        }
+    }
+}
