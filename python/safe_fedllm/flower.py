@@ -10,19 +10,20 @@ Flower's own.
 >>> from safe_fedllm.flower import SafeFedLLMStrategy, AdmissionPolicy
 >>> strategy = SafeFedLLMStrategy(
 ...     Probe.load("probe.safetensors"), level="client", rule="fedavg",
-...     admission=AdmissionPolicy(max_samples=10_000),
+...     admission=AdmissionPolicy(samples="cap_at", sample_value=10_000),
 ...     audit_path="audit.jsonl", checkpoint_path="detector.json",
 ...     fraction_evaluate=0.0, min_available_nodes=4)
 >>> result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
 
 Per round it
 
-1. admits each reply (``AdmissionPolicy``): the reply must carry one
-   ArrayRecord whose arrays are 2-D float32 LoRA tensors with exactly the
-   global adapter's keys and shapes, all finite, optionally within a norm
-   bound, and a ``num-examples`` count the policy accepts (capped, or
-   ignored). A reply that fails is excluded with a reason; it can never fail
-   the round for everyone;
+1. admits each reply (:class:`AdmissionPolicy`): a reply that is not a LoRA
+   update (no ArrayRecord, non-float32 or non-2-D arrays, non-LoRA names, no
+   integer ``num-examples``) is excluded here; the Rust admission stage then
+   rejects wrong keys/shapes, non-finite values, missing probe keys and
+   updates beyond the norm bound, and caps declared sample counts. A bad
+   reply is excluded with a typed reason; it can never fail the round for
+   everyone;
 2. runs :class:`safe_fedllm.DefendedRound` on the admitted clients: the probe
    scores each update (and its step trail / shadow branch when the level reads
    them), the detector level turns scores into a security factor, the safety
@@ -103,50 +104,64 @@ class AdmissionPolicy:
     """What a reply must satisfy before the defence looks at it.
 
     The adversary controls its whole reply, including ``num-examples`` (its
-    FedAvg weight). Defaults are safe for untrusted clients.
+    FedAvg weight). The checks run in two places: this module rejects what
+    is not a LoRA update at all (no ArrayRecord, a non-float32 or non-2-D
+    array, a tensor name that is not a LoRA A/B key, a ``num-examples`` that
+    is missing or not a non-negative integer); the Rust round's admission
+    stage then checks keys and shapes against the global adapter, finiteness,
+    the presence of the probe's keys, the norm bound and the sample policy,
+    and records a typed rejection in the audit. Defaults fail closed.
 
-    * ``sample_policy``: ``"cap"`` (clip the count to ``max_samples``),
-      ``"exclude"`` (exclude a client above ``max_samples``) or ``"equal"``
-      (ignore reported counts: every admitted client weighs 1).
-    * ``min_samples`` / ``max_samples``: the accepted range of the count. A
-      missing, non-integer, negative or too small count excludes the client.
-    * ``max_update_norm``: exclude a client whose ‖update − global‖₂ exceeds
-      this bound (``None``: no bound; the probe and the rule still see it).
-    * ``require_probe_keys``: the probe's feature tensors must be present
-      (always true when keys must match the global adapter exactly).
+    * ``samples``: ``"cap_at_median_multiple"`` (default, ``sample_value`` =
+      2.0: no client weighs more than twice the round's median count),
+      ``"cap_at"`` (``sample_value`` = the largest count a client can hold),
+      ``"uniform"`` (ignore counts) or ``"trust"`` (the reference; unsafe).
+    * ``norm_bound``: ``"median_multiple"`` (default, ``norm_value`` = 10.0),
+      ``"absolute"`` (``norm_value`` = the bound on ‖update − global‖₂) or
+      ``None`` (unbounded); ``over_bound``: ``"exclude"`` or ``"clip"``.
+    * ``require_probe_keys``: reject an update without the probe's tensors.
     """
 
-    sample_policy: str = "cap"
-    min_samples: int = 1
-    max_samples: int | None = 1_000_000
-    max_update_norm: float | None = None
+    samples: str = "cap_at_median_multiple"
+    sample_value: float | None = 2.0
+    norm_bound: str | None = "median_multiple"
+    norm_value: float | None = 10.0
+    over_bound: str = "exclude"
     require_probe_keys: bool = True
 
-    def __post_init__(self) -> None:
-        if self.sample_policy not in ("cap", "exclude", "equal"):
-            raise ValueError(f"sample_policy {self.sample_policy!r} is not 'cap', 'exclude' or 'equal'")
-        if self.min_samples < 0 or (self.max_samples is not None and self.max_samples < self.min_samples):
-            raise ValueError("need 0 <= min_samples <= max_samples")
-        if self.max_update_norm is not None and not (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)):
-            raise ValueError("max_update_norm must be a finite number > 0")
+    @classmethod
+    def reference(cls) -> "AdmissionPolicy":
+        """The reference implementation's trust (for reproducing the paper only)."""
+        return cls(samples="trust", sample_value=None, norm_bound=None, norm_value=None, require_probe_keys=False)
 
-    def samples(self, raw: Any) -> tuple[int | None, str | None]:
-        """The count to use, or ``(None, reason)`` to exclude the client."""
-        if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
-            if isinstance(raw, float) and math.isfinite(raw) and raw == int(raw):
-                raw = int(raw)
-            else:
-                return None, f"num-examples {raw!r} is not an integer"
-        count = int(raw)
-        if count < self.min_samples:
-            return None, f"num-examples {count} < min_samples {self.min_samples}"
-        if self.sample_policy == "equal":
-            return 1, None
-        if self.max_samples is not None and count > self.max_samples:
-            if self.sample_policy == "exclude":
-                return None, f"num-examples {count} > max_samples {self.max_samples}"
-            return self.max_samples, None
-        return count, None
+    def to_native(self) -> dict[str, Any]:
+        """The policy as :class:`safe_fedllm.DefendedRound` takes it."""
+        if self.samples in ("trust", "uniform"):
+            samples: Any = self.samples
+        elif self.samples == "cap_at":
+            samples = {"cap_at": int(self.sample_value or 0)}
+        else:
+            samples = {self.samples: float(self.sample_value if self.sample_value is not None else 2.0)}
+        bound: Any = None if self.norm_bound is None else {self.norm_bound: float(self.norm_value or 0.0)}
+        return {
+            "samples": samples,
+            "norm_bound": bound,
+            "over_bound": self.over_bound,
+            "require_probe_keys": self.require_probe_keys,
+        }
+
+    @staticmethod
+    def declared_samples(raw: Any) -> int:
+        """The declared count as an int; raises ValueError for anything else."""
+        if isinstance(raw, bool) or raw is None:
+            raise ValueError(f"num-examples {raw!r} is not an integer")
+        if isinstance(raw, float):
+            if not (math.isfinite(raw) and raw == int(raw)):
+                raise ValueError(f"num-examples {raw!r} is not an integer")
+            raw = int(raw)
+        if not isinstance(raw, (int, np.integer)) or raw < 0:
+            raise ValueError(f"num-examples {raw!r} is not a non-negative integer")
+        return min(int(raw), 2**63 - 1)
 
 
 def _npy_view(arr: Array) -> np.ndarray:
@@ -277,6 +292,7 @@ class SafeFedLLMStrategy(FedAvg):
             aggregator,
             skip_avg_weight=self.skip_avg_weight,
             trail=self.trail,
+            admission=self.admission.to_native(),
             shadow_base=self._shadow_base,
         )
 
@@ -442,33 +458,19 @@ class SafeFedLLMStrategy(FedAvg):
                 raise ValueError(f"expected one update ArrayRecord, found {sorted(records)}")
             update_record = records[main[0]]
         update = array_record_to_numpy(update_record)
-        if set(update) != set(self._global):
-            missing = sorted(set(self._global) - set(update))[:3]
-            extra = sorted(set(update) - set(self._global))[:3]
-            raise KeyError(f"keys differ from the global adapter (missing {missing}, extra {extra})")
-        sq = 0.0
         for key, value in update.items():
-            ref = self._global[key]
+            if _native.canonical_key(key) is None:
+                raise KeyError(f"{key!r} is not a LoRA A/B tensor name")
             if value.dtype != np.float32:
                 raise TypeError(f"tensor {key!r} has dtype {value.dtype}, expected float32")
-            if value.shape != ref.shape:
-                raise ValueError(f"tensor {key!r} has shape {value.shape}, the global {ref.shape}")
-            if not np.isfinite(value).all():
-                raise ValueError(f"tensor {key!r} holds a non-finite value")
-            if self.admission.max_update_norm is not None:
-                diff = value - ref
-                sq += float(np.dot(diff.ravel(), diff.ravel()))
-        if self.admission.max_update_norm is not None and math.sqrt(sq) > self.admission.max_update_norm:
-            raise ValueError(f"update norm {math.sqrt(sq):.4g} > max_update_norm {self.admission.max_update_norm}")
-        metric_records = content.metric_records
+            if value.ndim != 2:
+                raise ValueError(f"tensor {key!r} has shape {value.shape}, expected a matrix")
         raw = None
-        for rec in metric_records.values():
+        for rec in content.metric_records.values():
             if self.weighted_by_key in rec:
                 raw = rec[self.weighted_by_key]
                 break
-        samples, reason = self.admission.samples(raw)
-        if samples is None:
-            raise ValueError(reason)
+        samples = self.admission.declared_samples(raw)
         report: dict[str, Any] = {"client": node, "update": update, "samples": samples}
         report["steps"] = self._evidence(content, STEPS_KEY, STEP_SCORES_KEY, fill=update)
         report["shadow"] = self._evidence(content, SHADOW_KEY, SHADOW_SCORES_KEY, fill=self._shadow_base)

@@ -2,11 +2,14 @@
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use safe_fedllm::ClientId;
 use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLevel};
-use safe_fedllm::detect::{
-    ClientReport, DefendedRound as CoreRound, RoundParams, ShadowBranch, StepsReport, TrailCheck,
-};
+use safe_fedllm::lora::TensorSource;
 use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{
+    Admission, ClientReport, DefendedRound as CoreRound, NormBound, OverBound, RoundParams,
+    SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
+};
 
 use crate::adapter::to_arrays;
 use crate::aggregate::{Aggregator, BoxedRule};
@@ -41,7 +44,7 @@ impl<'py> PySteps<'py> {
     fn views(&self) -> PyResult<StepViews<'_>> {
         Ok(match self {
             PySteps::None => StepViews::None,
-            PySteps::Scores(s) => StepViews::Scores(s.clone()),
+            PySteps::Scores(s) => StepViews::Scores(s.as_slice()),
             PySteps::Updates(h) => {
                 StepViews::Updates(h.iter().map(Held::source).collect::<PyResult<_>>()?)
             }
@@ -49,28 +52,27 @@ impl<'py> PySteps<'py> {
     }
 }
 
+/// Borrowed step evidence (zero-copy views of the arrays).
 enum StepViews<'a> {
     None,
-    Scores(Vec<f32>),
+    Scores(&'a [f32]),
     Updates(Vec<Source<'a>>),
 }
 
 impl StepViews<'_> {
-    fn report(&self) -> safe_fedllm::Result<StepsReport> {
-        Ok(match self {
+    fn report(&self) -> StepsReport<'_> {
+        match self {
             StepViews::None => StepsReport::None,
-            StepViews::Scores(s) => StepsReport::Scores(s.clone()),
-            StepViews::Updates(v) => StepsReport::Adapters(
-                v.iter()
-                    .map(Source::to_adapter)
-                    .collect::<safe_fedllm::Result<_>>()?,
-            ),
-        })
+            StepViews::Scores(s) => StepsReport::Scores(s),
+            StepViews::Updates(v) => {
+                StepsReport::Adapters(v.iter().map(|s| s as &dyn TensorSource).collect())
+            }
+        }
     }
 }
 
 struct PyReport<'py> {
-    client: String,
+    client: ClientId,
     update: Held<'py>,
     samples: u64,
     steps: PySteps<'py>,
@@ -92,13 +94,114 @@ impl<'py> PyReport<'py> {
             })
         };
         Ok(PyReport {
-            client: need("client")?.str()?.extract()?,
+            client: ClientId::from(need("client")?.str()?.extract::<String>()?),
             update: Held::extract(&need("update")?)?,
             samples: need("samples")?.extract()?,
             steps: PySteps::extract(field("steps")?)?,
             shadow: PySteps::extract(field("shadow")?)?,
         })
     }
+}
+
+fn bad(param: &str, value: impl std::fmt::Display, expected: &str) -> PyErr {
+    raise(
+        "InvalidParameterError",
+        format!("admission `{param}` = {value} is invalid: expected {expected}"),
+        |d| {
+            d.set_item("param", param)?;
+            d.set_item("value", value.to_string())?;
+            d.set_item("expected", expected)
+        },
+    )
+}
+
+/// `(name, value)` of a one-entry dict like `{"cap_at": 512}`, or `(name, None)` of a string.
+fn tagged<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(String, Option<Bound<'py, PyAny>>)> {
+    if let Ok(name) = obj.extract::<String>() {
+        return Ok((name, None));
+    }
+    let dict = obj
+        .cast::<PyDict>()
+        .map_err(|_| bad("policy", obj, "a name or a one-entry dict"))?;
+    match dict.iter().next() {
+        Some((k, v)) if dict.len() == 1 => Ok((k.extract()?, Some(v))),
+        _ => Err(bad("policy", obj, "a one-entry dict")),
+    }
+}
+
+/// The admission policy from Python: None (the safe default), "reference",
+/// or a dict with any of `samples`, `norm_bound`, `over_bound`, `require_probe_keys`.
+fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(Admission::default());
+    };
+    if obj.extract::<String>().is_ok_and(|s| s == "reference") {
+        return Ok(Admission::reference());
+    }
+    let dict = obj
+        .cast::<PyDict>()
+        .map_err(|_| bad("admission", obj, "None, 'reference' or a dict"))?;
+    let mut policy = Admission::default();
+    for (k, v) in dict.iter() {
+        let key: String = k.extract()?;
+        match key.as_str() {
+            "samples" => {
+                let (name, value) = tagged(&v)?;
+                let sample = match (name.as_str(), value) {
+                    ("trust", None) => SamplePolicy::Trust,
+                    ("uniform", None) => SamplePolicy::Uniform,
+                    ("cap_at", Some(n)) => SamplePolicy::CapAt(n.extract()?),
+                    ("cap_at_median_multiple", Some(x)) => {
+                        SamplePolicy::CapAtMedianMultiple(x.extract()?)
+                    }
+                    _ => {
+                        return Err(bad(
+                            "samples",
+                            &v,
+                            "'trust', 'uniform', {'cap_at': n} or {'cap_at_median_multiple': x}",
+                        ));
+                    }
+                };
+                policy = policy.samples(sample).py()?;
+            }
+            "norm_bound" => {
+                let bound = if v.is_none() {
+                    NormBound::Unbounded
+                } else {
+                    let (name, value) = tagged(&v)?;
+                    match (name.as_str(), value) {
+                        ("unbounded", None) => NormBound::Unbounded,
+                        ("absolute", Some(x)) => NormBound::Absolute(x.extract()?),
+                        ("median_multiple", Some(x)) => NormBound::MedianMultiple(x.extract()?),
+                        _ => {
+                            return Err(bad(
+                                "norm_bound",
+                                &v,
+                                "None, {'absolute': x} or {'median_multiple': x}",
+                            ));
+                        }
+                    }
+                };
+                policy = policy.norm_bound(bound).py()?;
+            }
+            "over_bound" => {
+                policy = policy.over_bound(match v.extract::<String>()?.as_str() {
+                    "exclude" => OverBound::Exclude,
+                    "clip" => OverBound::Clip,
+                    other => return Err(bad("over_bound", other, "'exclude' or 'clip'")),
+                });
+            }
+            "require_probe_keys" => policy = policy.require_probe_keys(v.extract()?),
+            other => {
+                return Err(bad(
+                    other,
+                    &v,
+                    "samples, norm_bound, over_bound or require_probe_keys",
+                ));
+            }
+        }
+    }
+    Ok(policy)
 }
 
 /// One defended round runner: probe → detector level → safety gate → rule,
@@ -121,7 +224,7 @@ pub struct DefendedRound {
 impl DefendedRound {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (probe, detector, aggregator, *, skip_avg_weight = 0.2, trail = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    #[pyo3(signature = (probe, detector, aggregator, *, skip_avg_weight = 0.2, trail = None, admission = None, accept_self_reported = false, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
     fn new(
         py: Python<'_>,
         probe: &Probe,
@@ -129,6 +232,8 @@ impl DefendedRound {
         aggregator: &Aggregator,
         skip_avg_weight: f64,
         trail: Option<&Bound<'_, PyAny>>,
+        admission: Option<&Bound<'_, PyAny>>,
+        accept_self_reported: bool,
         shadow_base: Option<&Bound<'_, PyAny>>,
         shadow_learning_rate: f64,
     ) -> PyResult<Self> {
@@ -146,7 +251,9 @@ impl DefendedRound {
         };
         let params = RoundParams::default()
             .skip_avg_weight(skip_avg_weight)
-            .trail(trail);
+            .trail(trail)
+            .admission(self::admission(admission)?)
+            .accept_self_reported(accept_self_reported);
         let mut inner = CoreRound::new(
             probe.inner.clone(),
             detector.inner.clone(),
@@ -183,28 +290,27 @@ impl DefendedRound {
         let global_view = global.source()?;
         let views = items
             .iter()
-            .map(|r| {
-                Ok((
-                    r.client.clone(),
-                    r.update.source()?,
-                    r.samples,
-                    r.steps.views()?,
-                    r.shadow.views()?,
-                ))
-            })
+            .map(|r| Ok((r.update.source()?, r.steps.views()?, r.shadow.views()?)))
             .collect::<PyResult<Vec<_>>>()?;
+        let meta: Vec<(ClientId, u64)> = items
+            .iter()
+            .map(|r| (r.client.clone(), r.samples))
+            .collect();
         let inner = &mut self.inner;
         let outcome = py
             .detach(|| -> safe_fedllm::Result<_> {
+                // The global is copied once (the core keeps it as an owned
+                // adapter); every client update and step is read in place.
                 let global = global_view.to_adapter()?;
-                let reports = views
+                let reports: Vec<ClientReport<'_>> = meta
                     .iter()
-                    .map(|(c, u, n, s, sh)| {
-                        Ok(ClientReport::new(c.as_str(), u.to_adapter()?, *n)
-                            .with_steps(s.report()?)
-                            .with_shadow(sh.report()?))
+                    .zip(&views)
+                    .map(|((client, samples), (update, steps, shadow))| {
+                        ClientReport::new(client, update as &dyn TensorSource, *samples)
+                            .with_steps(steps.report())
+                            .with_shadow(shadow.report())
                     })
-                    .collect::<safe_fedllm::Result<Vec<_>>>()?;
+                    .collect();
                 inner.run(round, &global, &reports)
             })
             .py()?;
