@@ -374,3 +374,29 @@ def test_defended_round_step_trail_is_checked(probe, global_arrays, rng):
     assert by["honest"]["trail"]["status"] == "verified"
     assert by["liar"]["trail"]["status"] == "mismatch" and by["liar"]["factor"] == 0.0
     assert by["scores"]["trail"]["status"] == "not_checked"
+
+
+def test_defended_round_admission_policy(probe, global_arrays, rng):
+    benign = [client_update(global_arrays, rng, False) for _ in range(4)]
+    huge = {k: v + 100.0 for k, v in benign[0].items()}
+    reports = [{"client": f"b{i}", "update": u, "samples": 100} for i, u in enumerate(benign)]
+    reports.append({"client": "liar", "update": benign[1], "samples": 10**15})
+    reports.append({"client": "huge", "update": huge, "samples": 100})
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
+                           admission={"samples": {"cap_at": 100}, "norm_bound": {"absolute": 5.0}})
+    out = rnd.run(0, global_arrays, reports)
+    by = {c["client"]: c for c in out["clients"]}
+    assert by["liar"]["samples"] == 100 and by["liar"]["declared_samples"] == 10**15
+    assert by["huge"]["admission"]["status"] == "rejected" and by["huge"]["factor"] == 0.0
+    # self-reported scores are refused unless accepted explicitly
+    scored = [{"client": "s", "update": benign[0], "samples": 100, "steps": [0.0, 0.0]}] + reports[:3]
+    step_round = sf.DefendedRound(probe, sf.Detector("step"), sf.Aggregator("fedavg"))
+    assert {c["client"]: c["disposition"] for c in step_round.run(0, global_arrays, scored)["clients"]}["s"] == "rejected"
+    trusting = sf.DefendedRound(probe, sf.Detector("step"), sf.Aggregator("fedavg"), accept_self_reported=True)
+    s = {c["client"]: c for c in trusting.run(0, global_arrays, scored)["clients"]}["s"]
+    assert s["step_evidence"] == "self_reported"
+    assert sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission="reference").level == "client"
+    with pytest.raises(sf.InvalidParameterError):
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"samples": {"cap_at_median_multiple": 0.5}})
+    with pytest.raises(sf.InvalidParameterError):
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"bogus": 1})
