@@ -353,7 +353,7 @@ pub enum Error {
         /// The client.
         client: String,
         /// The factor given.
-        value: f32,
+        value: f64,
     },
 
     /// A client's adapter does not hold the same LoRA keys as the global adapter.
@@ -380,6 +380,18 @@ pub enum Error {
         expected: [usize; 2],
         /// Shape in the client's adapter.
         found: [usize; 2],
+    },
+
+    // --- added by agg ---
+    /// Reading a client's update through its
+    /// [`TensorSource`](crate::lora::TensorSource) failed (for example a
+    /// source whose values contradict its own shape).
+    #[error("client `{client}`: {source}")]
+    ClientSource {
+        /// The client.
+        client: String,
+        /// What went wrong.
+        source: Box<Error>,
     },
 }
 

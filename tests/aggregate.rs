@@ -7,7 +7,8 @@ use safe_fedllm::Error;
 use safe_fedllm::aggregate::{
     Admit, Aggregation, Aggregator, Bulyan, ClientUpdate, ClipBound, CoordinateMedian, DnC,
     ExclusionReason, FactorGate, FedAvg, Flame, FoolsGold, GeometricMedian, Krum, KrumVariant,
-    MultiKrum, NormClipping, Outcome, SkipReason, Trim, TrimmedMean, Weighting, flatten, unflatten,
+    MultiKrum, NormClipping, Outcome, SafetyGate, SkipReason, Trim, TrimmedMean, Weighting,
+    flatten, unflatten,
 };
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 
@@ -128,7 +129,7 @@ fn duplicate_client_is_an_error() {
 fn security_factor_outside_unit_interval_is_an_error() {
     let global = template(2, 2);
     let a = global.clone();
-    for bad in [1.5f32, -0.1, f32::NAN] {
+    for bad in [1.5f64, -0.1, f64::NAN, f64::INFINITY] {
         let ups = [ClientUpdate::new("x", &a, 1).with_security_factor(bad)];
         let err = FedAvg::new().aggregate(&global, &ups).unwrap_err();
         assert!(
@@ -373,7 +374,11 @@ fn fedavg_gate_skips_rounds_with_low_mean_factor() {
         ClientUpdate::new("a", &clients[0], 10).with_security_factor(0.3),
         ClientUpdate::new("b", &clients[1], 10).with_security_factor(0.0),
     ];
-    let result = FedAvg::new().aggregate(&global, &ups).unwrap();
+    // FedAvg::new() does not gate: the reference's gate is asked for.
+    let result = FedAvg::new()
+        .gate(SafetyGate::default())
+        .aggregate(&global, &ups)
+        .unwrap();
     let Outcome::Skipped {
         reason: SkipReason::LowMeanSecurityFactor { mean, threshold },
     } = result.outcome
@@ -381,12 +386,8 @@ fn fedavg_gate_skips_rounds_with_low_mean_factor() {
         panic!("not skipped: {:?}", result.outcome);
     };
     assert!((mean - 0.15).abs() < 1e-6 && threshold == 0.2);
-    // Without the gate the flagged client is excluded and the other kept.
-    let open = FedAvg::new()
-        .skip_avg_weight(None)
-        .unwrap()
-        .aggregate(&global, &ups)
-        .unwrap();
+    // Without the gate (the default) the flagged client is excluded and the other kept.
+    let open = FedAvg::new().aggregate(&global, &ups).unwrap();
     assert_eq!(result_vec(&open), [1.0, 1.0]);
     // All weights zero and no gate: skipped, never a silent plain mean.
     let zero = [ClientUpdate::new("z", &clients[0], 10).with_security_factor(0.0)];

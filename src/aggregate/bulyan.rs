@@ -1,10 +1,10 @@
 //! Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018, "The hidden vulnerability
 //! of distributed learning in Byzantium").
 
-use crate::aggregate::coordinate::{median_of_sorted, sorted_reduce};
+use crate::aggregate::coordinate::sorted_reduce;
 use crate::aggregate::engine::{finite, gram, row, sq_distances};
 use crate::aggregate::krum::{poisoned, ranking, scores};
-use crate::aggregate::round::with_scan;
+use crate::aggregate::round::{affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -25,8 +25,10 @@ pub struct Bulyan {
 }
 
 impl Bulyan {
-    /// Bulyan tolerating `f` Byzantine clients; n ≥ 4f + 3 is checked per round.
+    /// Bulyan tolerating `f` Byzantine clients. Fails when 4f + 3 overflows
+    /// `usize`; n ≥ 4f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
+        check_affine("bulyan", "f", 4, f, 3, "f with 4f + 3 ≤ usize::MAX")?;
         Ok(Bulyan { f })
     }
 }
@@ -46,16 +48,21 @@ impl Aggregator for Bulyan {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             let f = self.f;
-            round.require("bulyan", 4 * f + 3, format!("n ≥ 4f + 3 with f = {f}"))?;
+            round.require_checked(
+                "bulyan",
+                affine(4, f, 3),
+                format!("n ≥ 4f + 3 with f = {f}"),
+            )?;
             let all = round.all();
             let n = all.len();
-            let g = gram(&round, &all);
+            let g = gram(&round, &all)?;
             if !finite(&g) {
                 return poisoned(&round);
             }
             let dist = sq_distances(&g, n);
-            let theta = n - 2 * f;
-            let beta = theta - 2 * f;
+            // n ≥ 4f + 3 was checked above, so neither subtraction wraps.
+            let theta = n.saturating_sub(2 * f);
+            let beta = theta.saturating_sub(2 * f);
             let ids: Vec<&crate::aggregate::ClientId> =
                 round.clients.iter().map(|c| &c.id).collect();
             let (selected, last_scores) = select(&dist, &ids, f, theta);
@@ -68,10 +75,9 @@ impl Aggregator for Bulyan {
                 &round,
                 &selected,
                 |_| true,
-                |sorted, len, m, out| {
-                    closest_to_median_mean(sorted, len, m, beta, out);
-                },
-            );
+                |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
+                |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
+            )?;
             round.coordinate_wise(&selected, values)
         })
     }
@@ -117,6 +123,55 @@ fn select<K: Ord>(
     (picked, last)
 }
 
+/// A scalar the coordinate kernels run on: f32 (fast path) or f64 (the
+/// overflow-free path for chunks whose f32 result is not finite).
+pub(crate) trait Lane:
+    Copy
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+    /// 0.
+    const ZERO: Self;
+    /// 0.5.
+    const HALF: Self;
+    /// `n` as this type.
+    fn count(n: usize) -> Self;
+    /// `1 / n`, divided in this type.
+    fn recip(n: usize) -> Self;
+    /// Stored as f32 (f64 saturates at ±`f32::MAX`).
+    fn store(self) -> f32;
+}
+
+impl Lane for f32 {
+    const ZERO: Self = 0.0;
+    const HALF: Self = 0.5;
+    fn count(n: usize) -> Self {
+        n as f32
+    }
+    fn recip(n: usize) -> Self {
+        1.0 / n as f32
+    }
+    fn store(self) -> f32 {
+        self
+    }
+}
+
+impl Lane for f64 {
+    const ZERO: Self = 0.0;
+    const HALF: Self = 0.5;
+    fn count(n: usize) -> Self {
+        n as f64
+    }
+    fn recip(n: usize) -> Self {
+        1.0 / n as f64
+    }
+    fn store(self) -> f32 {
+        crate::aggregate::engine::saturate(self)
+    }
+}
+
 /// Per coordinate of a column-sorted buffer of m rows: the mean of the β values
 /// closest to the median.
 ///
@@ -125,30 +180,40 @@ fn select<K: Ord>(
 /// right is strictly closer than the one leaving on the left; that condition
 /// is monotone in s, so s = the number of positions where it holds. Counting
 /// and masked summing are branch-free row operations, so this vectorises.
-pub(crate) fn closest_to_median_mean(
-    sorted: &[f32],
+pub(crate) fn closest_to_median_mean<T: Lane>(
+    sorted: &[T],
     len: usize,
     m: usize,
     beta: usize,
     out: &mut [f32],
 ) {
-    let mut med = vec![0.0f32; len];
-    median_of_sorted(sorted, len, m, &mut med);
-    let mut start = vec![0.0f32; len];
-    for s in 0..m - beta {
+    let mut med = vec![T::ZERO; len];
+    if m % 2 == 1 {
+        med.copy_from_slice(row(sorted, len, m / 2));
+    } else {
+        let (lo, hi) = (row(sorted, len, m / 2 - 1), row(sorted, len, m / 2));
+        for ((md, a), b) in med.iter_mut().zip(lo).zip(hi) {
+            *md = (*a + *b) * T::HALF;
+        }
+    }
+    let mut start = vec![T::ZERO; len];
+    for s in 0..m.saturating_sub(beta) {
         let (left, right) = (row(sorted, len, s), row(sorted, len, s + beta));
         for (((st, l), r), md) in start.iter_mut().zip(left).zip(right).zip(&med) {
-            *st += f32::from(u8::from(r - md < md - l));
+            *st = *st + T::count(usize::from(*r - *md < *md - *l));
         }
     }
-    out.iter_mut().for_each(|o| *o = 0.0);
+    let mut acc = vec![T::ZERO; len];
+    let width = T::count(beta);
     for r in 0..m {
-        let rf = r as f32;
-        for ((o, v), st) in out.iter_mut().zip(row(sorted, len, r)).zip(&start) {
-            let inside = rf >= *st && rf < *st + beta as f32;
-            *o += if inside { *v } else { 0.0 };
+        let rf = T::count(r);
+        for ((a, v), st) in acc.iter_mut().zip(row(sorted, len, r)).zip(&start) {
+            let inside = rf >= *st && rf < *st + width;
+            *a = *a + if inside { *v } else { T::ZERO };
         }
     }
-    let inv = 1.0 / beta as f32;
-    out.iter_mut().for_each(|o| *o *= inv);
+    let inv = T::recip(beta);
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = (*a * inv).store();
+    }
 }

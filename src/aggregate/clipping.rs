@@ -75,7 +75,7 @@ impl Aggregator for NormClipping {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             let members = round.all();
-            let squares = sq_norms(&round, &members);
+            let squares = sq_norms(&round, &members)?;
             if !finite(&squares) {
                 return poisoned(&round);
             }

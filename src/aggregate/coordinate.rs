@@ -2,9 +2,9 @@
 //! "Byzantine-robust distributed learning: towards optimal statistical rates").
 
 use crate::aggregate::engine::{
-    self, extremes_network, pruned_network, row, sort_columns, sorting_network,
+    self, extremes_network, pruned_network, row, saturate, sort_columns, sorting_network,
 };
-use crate::aggregate::round::{Round, param_error, with_scan};
+use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -50,7 +50,8 @@ impl Aggregator for CoordinateMedian {
                 &members,
                 |r| (m - 1) / 2 <= r && r <= m / 2,
                 median_of_sorted,
-            );
+                median_of_sorted_wide,
+            )?;
             round.coordinate_wise(&members, values)
         })
     }
@@ -68,43 +69,77 @@ pub(crate) fn median_of_sorted(sorted: &[f32], len: usize, m: usize, out: &mut [
     }
 }
 
+/// [`median_of_sorted`] in f64 (the two middle values of an even count can
+/// overflow f32 when added: `f32::MAX + f32::MAX`).
+fn median_of_sorted_wide(sorted: &[f64], len: usize, m: usize, out: &mut [f32]) {
+    if m % 2 == 1 {
+        for (o, v) in out.iter_mut().zip(row(sorted, len, m / 2)) {
+            *o = saturate(*v);
+        }
+    } else {
+        let (lo, hi) = (row(sorted, len, m / 2 - 1), row(sorted, len, m / 2));
+        for ((o, a), b) in out.iter_mut().zip(lo).zip(hi) {
+            *o = saturate((a + b) * 0.5);
+        }
+    }
+}
+
 /// Maps `reduce(sorted_buffer, len, m, out)` over chunks whose columns were
-/// sorted across the `members` (only the needed rows are in sorted place).
-pub(crate) fn sorted_reduce<F>(
+/// sorted across the `members` (only the needed rows are in sorted place);
+/// `wide` is the f64 version, run on a chunk whose f32 result is not finite.
+pub(crate) fn sorted_reduce<F, W>(
     round: &Round<'_>,
     members: &[usize],
     needed_rows: impl Fn(usize) -> bool,
     reduce: F,
-) -> engine::Mapped
+    wide: W,
+) -> Result<engine::Mapped>
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
+    W: Fn(&[f64], usize, usize, &mut [f32]) + Sync,
 {
     let network = pruned_network(&sorting_network(members.len()), needed_rows);
-    reduce_with_network(round, members, &network, reduce)
+    reduce_with_network(round, members, &network, reduce, wide)
 }
 
 /// Maps `reduce(buffer, len, m, out)` over chunks after applying `network`
 /// to the columns of the `members`' values.
-pub(crate) fn reduce_with_network<F>(
+///
+/// A chunk holding a NaN or ±∞ is never sorted or reduced: its output is NaN,
+/// which makes the round rescan and exclude the client (SIMD min/max would
+/// drop the NaN and let its client pass as a contributor). A chunk whose f32
+/// result overflows although every input is finite is reduced again by
+/// `wide` in f64.
+pub(crate) fn reduce_with_network<F, W>(
     round: &Round<'_>,
     members: &[usize],
     network: &[(usize, usize)],
     reduce: F,
-) -> engine::Mapped
+    wide: W,
+) -> Result<engine::Mapped>
 where
     F: Fn(&[f32], usize, usize, &mut [f32]) + Sync,
+    W: Fn(&[f64], usize, usize, &mut [f32]) + Sync,
 {
     let m = members.len();
-    engine::map(round, members, Vec::new, |buf, chunk, out| {
-        let len = sort_columns(chunk, network, buf);
-        // The network permutes values (NaN included), so checking after
-        // sorting is as good as before; a NaN output makes the round rescan.
-        if engine::all_finite(buf) {
+    engine::map(
+        round,
+        members,
+        || (Vec::new(), Vec::new()),
+        |(buf, wide_buf): &mut (Vec<f32>, Vec<f64>), chunk, out| {
+            let (len, finite) = sort_columns(chunk, network, buf);
+            if !finite {
+                out.iter_mut().for_each(|o| *o = f32::NAN);
+                return;
+            }
             reduce(buf, len, m, out);
-        } else {
-            out.iter_mut().for_each(|o| *o = f32::NAN);
-        }
-    })
+            if !engine::all_finite(out) {
+                wide_buf.clear();
+                wide_buf.extend(buf.iter().map(|v| f64::from(*v)));
+                wide(wide_buf, len, m, out);
+            }
+        },
+    )
 }
 
 /// How many values a [`TrimmedMean`] drops at each end of every coordinate.
@@ -132,7 +167,9 @@ pub struct TrimmedMean {
 
 impl TrimmedMean {
     /// Fails with [`Error::InvalidAggregatorParam`](crate::Error::InvalidAggregatorParam)
-    /// unless β is in [0, 0.5).
+    /// unless β is in [0, 0.5), or for a per-side count whose constraint
+    /// n ≥ 2k + 1 cannot be computed. Whether n suffices is checked per
+    /// round ([`Error::TooFewClients`](crate::Error::TooFewClients)).
     pub fn new(trim: Trim) -> Result<Self> {
         if let Trim::Fraction(beta) = trim
             && !(0.0..0.5).contains(&beta)
@@ -143,6 +180,16 @@ impl TrimmedMean {
                 beta,
                 "a fraction in [0, 0.5)",
             ));
+        }
+        if let Trim::PerSide(k) = trim {
+            check_affine(
+                "trimmed_mean",
+                "per_side",
+                2,
+                k,
+                1,
+                "a count k with 2k + 1 ≤ usize::MAX",
+            )?;
         }
         Ok(TrimmedMean { trim })
     }
@@ -172,13 +219,14 @@ impl Aggregator for TrimmedMean {
             }
             let m = round.clients.len();
             let k = self.per_side(m);
-            round.require(
+            round.require_checked(
                 "trimmed_mean",
-                2 * k + 1,
+                affine(2, k, 1),
                 format!("n > 2k with k = {k} per side"),
             )?;
             let members = round.all();
-            let kept = (m - 2 * k) as f32;
+            // m ≥ 2k + 1 was checked just above.
+            let kept = m.saturating_sub(k.saturating_mul(2)) as f32;
             // Only the k smallest and k largest must be put in place: the
             // middle rows then hold exactly the kept values, in some order.
             let pruned = pruned_network(&sorting_network(m), |r| r < k || r >= m - k);
@@ -188,15 +236,31 @@ impl Aggregator for TrimmedMean {
             } else {
                 pruned
             };
-            let values = reduce_with_network(&round, &members, &network, |sorted, len, m, out| {
-                out.iter_mut().for_each(|o| *o = 0.0);
-                for r in k..m - k {
-                    for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
-                        *o += v;
+            let values = reduce_with_network(
+                &round,
+                &members,
+                &network,
+                |sorted, len, m, out| {
+                    out.iter_mut().for_each(|o| *o = 0.0);
+                    for r in k..m - k {
+                        for (o, v) in out.iter_mut().zip(row(sorted, len, r)) {
+                            *o += v;
+                        }
                     }
-                }
-                out.iter_mut().for_each(|o| *o /= kept);
-            });
+                    out.iter_mut().for_each(|o| *o /= kept);
+                },
+                |sorted, len, m, out| {
+                    let mut sum = vec![0.0f64; len];
+                    for r in k..m - k {
+                        for (s, v) in sum.iter_mut().zip(row(sorted, len, r)) {
+                            *s += v;
+                        }
+                    }
+                    for (o, s) in out.iter_mut().zip(&sum) {
+                        *o = saturate(s / f64::from(kept));
+                    }
+                },
+            )?;
             round.coordinate_wise(&members, values)
         })
     }

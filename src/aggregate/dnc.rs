@@ -2,9 +2,10 @@
 //! Byzantine: optimizing model poisoning attacks and defenses for federated
 //! learning").
 
+use crate::aggregate::engine::client_read_error;
 use crate::aggregate::linalg::symmetric_eigen;
 use crate::aggregate::rng::SplitMix64;
-use crate::aggregate::round::{Round, param_error, scanned};
+use crate::aggregate::round::{Round, Seg, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -37,7 +38,15 @@ pub struct DnC {
 }
 
 impl DnC {
+    /// Largest accepted [`subsample_dim`](Self::subsample_dim) (2²⁰).
+    pub const MAX_SUBSAMPLE_DIM: usize = 1 << 20;
+
+    /// Largest accepted [`iterations`](Self::iterations).
+    pub const MAX_ITERATIONS: usize = 1000;
+
     /// DnC expecting at most `f` malicious clients, paper defaults otherwise.
+    /// Any f is accepted here; n > ⌊c·f⌋ is checked per round with checked
+    /// arithmetic ([`Error::TooFewClients`](crate::Error::TooFewClients)).
     pub fn new(f: usize) -> Result<Self> {
         Ok(DnC {
             f,
@@ -63,19 +72,34 @@ impl DnC {
         Ok(self)
     }
 
-    /// Sets the number of sampled coordinates b ≥ 1.
+    /// Sets the number of sampled coordinates b, 1 ≤ b ≤ [`DnC::MAX_SUBSAMPLE_DIM`].
+    ///
+    /// The n × b sub-matrix is gathered in f64, so b is bounded: a huge b
+    /// would materialise every update (n·d f64) instead of a sample.
     pub fn subsample_dim(mut self, b: usize) -> Result<Self> {
-        if b == 0 {
-            return Err(param_error("dnc", "subsample_dim", b, "at least 1"));
+        if b == 0 || b > Self::MAX_SUBSAMPLE_DIM {
+            return Err(param_error(
+                "dnc",
+                "subsample_dim",
+                b,
+                "1 ≤ b ≤ 1048576 (DnC::MAX_SUBSAMPLE_DIM)",
+            ));
         }
         self.subsample_dim = b;
         Ok(self)
     }
 
-    /// Sets the number of iterations ≥ 1.
+    /// Sets the number of iterations, 1 ≤ iterations ≤ [`DnC::MAX_ITERATIONS`]
+    /// (the paper uses 5; each iteration reads b coordinates of every client
+    /// and decomposes an n × n matrix, so an unbounded count is a hang).
     pub fn iterations(mut self, iterations: usize) -> Result<Self> {
-        if iterations == 0 {
-            return Err(param_error("dnc", "iterations", 0, "at least 1"));
+        if iterations == 0 || iterations > Self::MAX_ITERATIONS {
+            return Err(param_error(
+                "dnc",
+                "iterations",
+                iterations,
+                "1 ≤ iterations ≤ 1000 (DnC::MAX_ITERATIONS)",
+            ));
         }
         self.iterations = iterations;
         Ok(self)
@@ -113,8 +137,9 @@ fn sample_indices(rng: &mut SplitMix64, d: usize, b: usize) -> Vec<usize> {
     chosen.into_iter().collect()
 }
 
-/// The clients' updates at the sampled coordinates, as m rows of b.
-fn gather(round: &Round<'_>, indices: &[usize]) -> Vec<Vec<f64>> {
+/// The clients' updates at the sampled coordinates, as m rows of b (in f64:
+/// the sub-matrix products below cannot overflow).
+fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Vec<Vec<f64>>> {
     let locate = |flat: usize| -> (usize, usize) {
         let seg = round
             .offsets
@@ -123,9 +148,10 @@ fn gather(round: &Round<'_>, indices: &[usize]) -> Vec<Vec<f64>> {
         (seg, flat - round.offsets.get(seg).copied().unwrap_or(0))
     };
     let places: Vec<(usize, usize)> = indices.iter().map(|&i| locate(i)).collect();
-    let value = |segments: &[&[f32]], (seg, k): (usize, usize)| -> f64 {
+    let global = |(seg, k): (usize, usize)| -> f64 {
         f64::from(
-            segments
+            round
+                .global
                 .get(seg)
                 .and_then(|s| s.get(k))
                 .copied()
@@ -138,7 +164,21 @@ fn gather(round: &Round<'_>, indices: &[usize]) -> Vec<Vec<f64>> {
         .map(|c| {
             places
                 .iter()
-                .map(|&p| value(&c.segments, p) - value(&round.global, p))
+                .map(|&(seg, k)| {
+                    let x = match c.segments.get(seg) {
+                        Some(Seg::Slice(values)) => values.get(k).copied().unwrap_or(0.0),
+                        Some(Seg::Read(source)) => {
+                            let mut one = [0.0f32];
+                            let key = round.keys.get(seg).copied().unwrap_or_default();
+                            source
+                                .read_range(key, k, &mut one)
+                                .map_err(|e| client_read_error(&c.id, e))?;
+                            one[0]
+                        }
+                        None => 0.0,
+                    };
+                    Ok(f64::from(x) - global((seg, k)))
+                })
                 .collect()
         })
         .collect()
@@ -188,13 +228,17 @@ impl Aggregator for DnC {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
         let removed = self.removed();
-        round.require("dnc", removed + 1, format!("n > ⌊c·f⌋ = {removed}"))?;
+        round.require_checked(
+            "dnc",
+            removed.checked_add(1),
+            format!("n > ⌊c·f⌋ = {removed}"),
+        )?;
         let m = round.clients.len();
         let mut rng = SplitMix64::new(self.seed);
         let mut flagged: Vec<Option<f64>> = vec![None; m];
         for _ in 0..self.iterations {
             let indices = sample_indices(&mut rng, round.dim, self.subsample_dim);
-            let scores = outlier_scores(&gather(&round, &indices));
+            let scores = outlier_scores(&gather(&round, &indices)?);
             let mut order: Vec<usize> = (0..m).collect();
             order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
             for &i in order.iter().take(removed) {

@@ -7,12 +7,24 @@
 //! written once over `&[&[f32]]`. Chunks are small enough that a chunk of 20
 //! clients stays in the L2 cache, so kernels that touch the inputs several
 //! times (Gram matrix, sorting network) read them from memory once.
+//!
+//! A client's slice of a chunk is borrowed from its source when the source
+//! holds native `f32` ([`TensorSource::as_f32`](crate::lora::TensorSource::as_f32),
+//! resolved once per round), and otherwise converted into the worker's own
+//! scratch buffer with `read_range`: extra memory is threads × clients × chunk,
+//! whatever the adapter size.
+//!
+//! Accumulations that one large client could overflow in `f32` (dot products,
+//! norms, means) run in `f32` first, for speed, and are recomputed in `f64`
+//! for the block or chunk whose `f32` result is not finite. So honest rounds
+//! cost what they did, and a client sending 1e20 or `f32::MAX` is just a very
+//! distant point to every rule.
 
 use std::sync::Mutex;
 
-use crate::aggregate::ClientUpdate;
-use crate::aggregate::round::Round;
-use crate::lora::LoraAdapter;
+use crate::aggregate::ClientId;
+use crate::aggregate::round::{Round, Seg};
+use crate::error::{Error, Result};
 use crate::lora::tensor::first_non_finite;
 
 /// Coordinates per work item.
@@ -24,6 +36,9 @@ pub(crate) const CHUNK: usize = 4096;
 /// n = 20, d = 3.4 M: 23.1 → 20.6 ms against 4096). Kernels that revisit a
 /// chunk (Gram matrix, sorting networks) keep [`CHUNK`] so it stays in L2.
 pub(crate) const STREAM_CHUNK: usize = 16384;
+
+/// Coordinates per work item of the non-finite scan.
+const SCAN_CHUNK: usize = CHUNK * 16;
 
 /// One chunk of the flat vector: `len` coordinates of segment `seg` from `start`.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +122,53 @@ where
     })
 }
 
+/// A worker's state for kernels that read chunks: the kernel's own state,
+/// the scratch buffer for converted rows, and the first read error.
+struct Worker<S> {
+    state: S,
+    scratch: Vec<f32>,
+    failed: Option<Error>,
+}
+
+impl<S> Worker<S> {
+    fn new(state: S) -> Self {
+        Worker {
+            state,
+            scratch: Vec::new(),
+            failed: None,
+        }
+    }
+}
+
+/// The kernel states, or the first read error any worker met.
+fn finish<S>(workers: Vec<Worker<S>>) -> Result<Vec<S>> {
+    let mut out = Vec::with_capacity(workers.len());
+    for worker in workers {
+        if let Some(error) = worker.failed {
+            return Err(error);
+        }
+        out.push(worker.state);
+    }
+    Ok(out)
+}
+
+/// A failed read from a client's source, naming the client.
+pub(crate) fn client_read_error(client: &ClientId, source: Error) -> Error {
+    Error::ClientSource {
+        client: client.0.clone(),
+        source: Box::new(source),
+    }
+}
+
+/// An internal bookkeeping inconsistency (a bug, reported rather than hidden).
+fn internal(what: &str, expected: usize, found: usize) -> Error {
+    Error::DimensionMismatch {
+        what: format!("aggregation engine: {what}"),
+        expected,
+        found,
+    }
+}
+
 /// The chunks of a round's flat vector.
 pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
     let mut out = Vec::with_capacity(round.dim / CHUNK + round.global.len());
@@ -121,39 +183,83 @@ pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
     out
 }
 
-pub(crate) fn chunk_at<'a>(round: &Round<'a>, members: &[usize], span: Span) -> ChunkRef<'a> {
-    let range = span.start..span.start + span.len;
-    let slice = |segments: &[&'a [f32]]| -> &'a [f32] {
-        segments
-            .get(span.seg)
-            .and_then(|s| s.get(range.clone()))
-            .unwrap_or_default()
-    };
-    ChunkRef {
-        rows: members
-            .iter()
-            .filter_map(|&i| round.clients.get(i))
-            .map(|c| slice(&c.segments))
-            .collect(),
-        global: slice(&round.global),
+/// The selected clients' values (and the global's) for one chunk: borrowed
+/// from `f32` sources, converted into `scratch` for the others.
+pub(crate) fn chunk_at<'s>(
+    round: &'s Round<'_>,
+    members: &[usize],
+    span: Span,
+    scratch: &'s mut Vec<f32>,
+) -> Result<ChunkRef<'s>> {
+    let range = span.start..span.start.saturating_add(span.len);
+    let reads = members
+        .iter()
+        .filter_map(|&i| round.clients.get(i))
+        .filter(|c| matches!(c.segments.get(span.seg), Some(Seg::Read(_))))
+        .count();
+    let need = reads
+        .checked_mul(span.len)
+        .ok_or_else(|| internal("scratch size", usize::MAX, reads))?;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
     }
+    let key = round.keys.get(span.seg).copied().unwrap_or_default();
+    let mut free: &'s mut [f32] = scratch.as_mut_slice();
+    let mut rows: Vec<&'s [f32]> = Vec::with_capacity(members.len());
+    for client in members.iter().filter_map(|&i| round.clients.get(i)) {
+        match client.segments.get(span.seg) {
+            Some(Seg::Slice(values)) => rows.push(values.get(range.clone()).unwrap_or_default()),
+            Some(Seg::Read(source)) => {
+                let available = free.len();
+                let Some((head, tail)) = std::mem::take(&mut free).split_at_mut_checked(span.len)
+                else {
+                    return Err(internal("scratch rows", span.len, available));
+                };
+                source
+                    .read_range(key, span.start, head)
+                    .map_err(|e| client_read_error(&client.id, e))?;
+                let head: &'s [f32] = head;
+                rows.push(head);
+                free = tail;
+            }
+            None => rows.push(&[]),
+        }
+    }
+    let global = round
+        .global
+        .get(span.seg)
+        .and_then(|s| s.get(range))
+        .unwrap_or_default();
+    Ok(ChunkRef { rows, global })
 }
 
-/// Folds a kernel over every chunk of the selected clients; one state per thread.
+/// Folds a kernel over every chunk of the selected clients; one state per
+/// thread. Fails only when a client's source fails to read.
 pub(crate) fn fold<S, Init, Kernel>(
     round: &Round<'_>,
     members: &[usize],
     init: Init,
     kernel: Kernel,
-) -> Vec<S>
+) -> Result<Vec<S>>
 where
     S: Send,
     Init: Fn() -> S + Sync,
     Kernel: Fn(&mut S, &ChunkRef<'_>) + Sync,
 {
-    drive(spans(round), init, |state, span| {
-        kernel(state, &chunk_at(round, members, span));
-    })
+    let workers = drive(
+        spans(round),
+        || Worker::new(init()),
+        |w: &mut Worker<S>, span| {
+            if w.failed.is_some() {
+                return;
+            }
+            match chunk_at(round, members, span, &mut w.scratch) {
+                Ok(chunk) => kernel(&mut w.state, &chunk),
+                Err(e) => w.failed = Some(e),
+            }
+        },
+    );
+    finish(workers)
 }
 
 /// The output of [`map`]: one vector per segment (tensor), and whether every
@@ -170,7 +276,7 @@ pub(crate) fn map<S, Init, Kernel>(
     members: &[usize],
     init: Init,
     kernel: Kernel,
-) -> Mapped
+) -> Result<Mapped>
 where
     S: Send,
     Init: Fn() -> S + Sync,
@@ -186,7 +292,7 @@ fn map_in_chunks<S, Init, Kernel>(
     chunk_len: usize,
     init: Init,
     kernel: Kernel,
-) -> Mapped
+) -> Result<Mapped>
 where
     S: Send,
     Init: Fn() -> S + Sync,
@@ -202,60 +308,91 @@ where
             start += len;
         }
     }
-    let states = drive(
+    let workers = drive(
         items,
-        || (init(), true),
-        |(scratch, finite), (span, out)| {
-            kernel(scratch, &chunk_at(round, members, span), out);
-            *finite &= all_finite(out);
+        || Worker::new((init(), true)),
+        |w: &mut Worker<(S, bool)>, (span, out): (Span, &mut [f32])| {
+            if w.failed.is_some() {
+                return;
+            }
+            let (scratch, finite) = &mut w.state;
+            match chunk_at(round, members, span, &mut w.scratch) {
+                Ok(chunk) => {
+                    kernel(scratch, &chunk, out);
+                    *finite &= all_finite(out);
+                }
+                Err(e) => w.failed = Some(e),
+            }
         },
     );
-    Mapped {
+    let states = finish(workers)?;
+    Ok(Mapped {
         segments: outputs,
         finite: states.iter().all(|(_, finite)| *finite),
-    }
+    })
 }
 
-/// For each update, the first non-finite value as `(tensor, index, value)`.
+/// For each of `members`, the first non-finite value as `(tensor, index, value)`.
 pub(crate) fn first_non_finite_per_client(
-    global: &LoraAdapter,
-    updates: &[ClientUpdate<'_>],
-) -> Vec<Option<(String, usize, f32)>> {
+    round: &Round<'_>,
+    members: &[usize],
+) -> Result<Vec<Option<(String, usize, f32)>>> {
     type Found = Vec<Option<(usize, usize, f32)>>;
-    let keys: Vec<&str> = global.keys().collect();
     let mut items = Vec::new();
-    for (client, update) in updates.iter().enumerate() {
-        for (seg, key) in keys.iter().enumerate() {
-            let values = update.adapter.get(key).map_or(&[][..], |t| t.as_slice());
-            for (c, chunk) in values.chunks(CHUNK * 16).enumerate() {
-                items.push((client, seg, c * CHUNK * 16, chunk));
+    for (k, &i) in members.iter().enumerate() {
+        let Some(client) = round.clients.get(i) else {
+            continue;
+        };
+        for (seg, global) in round.global.iter().enumerate() {
+            let mut start = 0;
+            while start < global.len() {
+                let len = SCAN_CHUNK.min(global.len() - start);
+                items.push((k, client, seg, start, len));
+                start += len;
             }
         }
     }
-    let states: Vec<Found> = drive(
+    let workers = drive(
         items,
-        || vec![None; updates.len()],
-        |found: &mut Found, (client, seg, start, chunk)| {
-            if let Some((i, v)) = first_non_finite(chunk) {
-                let candidate = (seg, start + i, v);
-                if let Some(slot) = found.get_mut(client) {
-                    let better = slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx));
-                    if better {
-                        *slot = Some(candidate);
+        || Worker::new(vec![None; members.len()]),
+        |w: &mut Worker<Found>, (k, client, seg, start, len)| {
+            if w.failed.is_some() {
+                return;
+            }
+            let values: &[f32] = match client.segments.get(seg) {
+                Some(Seg::Slice(values)) => values.get(start..start + len).unwrap_or_default(),
+                Some(Seg::Read(source)) => {
+                    w.scratch.resize(len, 0.0);
+                    let key = round.keys.get(seg).copied().unwrap_or_default();
+                    if let Err(e) = source.read_range(key, start, &mut w.scratch) {
+                        w.failed = Some(client_read_error(&client.id, e));
+                        return;
                     }
+                    &w.scratch
                 }
+                None => &[],
+            };
+            if let Some((i, v)) = first_non_finite(values)
+                && let Some(slot) = w.state.get_mut(k)
+                && slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx))
+            {
+                *slot = Some((seg, start + i, v));
             }
         },
     );
-    (0..updates.len())
-        .map(|client| {
+    let states = finish(workers)?;
+    Ok((0..members.len())
+        .map(|k| {
             states
                 .iter()
-                .filter_map(|s| s.get(client).copied().flatten())
+                .filter_map(|s| s.get(k).copied().flatten())
                 .min_by_key(|&(seg, idx, _)| (seg, idx))
-                .map(|(seg, idx, v)| (keys.get(seg).copied().unwrap_or("").to_owned(), idx, v))
+                .map(|(seg, idx, v)| {
+                    let key = round.keys.get(seg).copied().unwrap_or_default();
+                    (key.to_owned(), idx, v)
+                })
         })
-        .collect()
+        .collect())
 }
 
 /// Copies the chunk's updates Δᵢ = xᵢ − g into `buf` (m rows of `len`).
@@ -273,28 +410,80 @@ pub(crate) fn deltas_into(chunk: &ChunkRef<'_>, buf: &mut Vec<f32>) {
 /// Columns per Gram sub-block (m rows × 512 × 4 B = 40 KB for m = 20).
 const GRAM_BLOCK: usize = 512;
 
+/// Per-thread state of the Gram kernel.
+struct GramState {
+    /// m × m f64 accumulator (lower triangle).
+    acc: Vec<f64>,
+    /// The block's Δ rows.
+    buf: Vec<f32>,
+    /// The block's f32 dot products (lower triangle).
+    block: Vec<f32>,
+}
+
 /// The m × m Gram matrix of the selected clients' updates, G[i][j] = ⟨Δᵢ, Δⱼ⟩,
-/// row-major, accumulated chunk by chunk (f32 within a chunk, f64 across).
-pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
+/// row-major, accumulated block by block (f32 within a 512-column block, f64
+/// across blocks; a block whose f32 products are not finite is recomputed
+/// entirely in f64, Δ included, so finite inputs always give a finite G).
+pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
     let m = members.len();
     let states = fold(
         round,
         members,
-        || (vec![0.0f64; m * m], Vec::new()),
-        |(acc, buf), chunk| {
+        || GramState {
+            acc: vec![0.0f64; m * m],
+            buf: Vec::new(),
+            block: vec![0.0f32; m * m],
+        },
+        |st, chunk| {
             // Sub-blocks small enough that the m rows of Δ stay in L1 while
             // the m(m+1)/2 dot products run over them.
             let mut start = 0;
             while start < chunk.len() {
                 let end = (start + GRAM_BLOCK).min(chunk.len());
                 let block = chunk.slice(start..end);
-                deltas_into(&block, buf);
-                gram_chunk(buf, m, end - start, acc);
+                deltas_into(&block, &mut st.buf);
+                gram_chunk(&st.buf, m, end - start, &mut st.block);
+                if all_finite(&st.block) {
+                    add_lower(&st.block, &mut st.acc);
+                } else {
+                    gram_rows_f64(&block.rows, Some(block.global), &mut st.acc);
+                }
                 start = end;
             }
         },
-    );
-    symmetric_total(states.iter().map(|(acc, _)| acc.as_slice()), m)
+    )?;
+    Ok(symmetric_total(states.iter().map(|s| s.acc.as_slice()), m))
+}
+
+/// `acc += block` over the lower triangle a Gram block wrote (the upper
+/// triangle of `block` stays zero).
+pub(crate) fn add_lower(block: &[f32], acc: &mut [f64]) {
+    acc.iter_mut()
+        .zip(block)
+        .for_each(|(a, b)| *a += f64::from(*b));
+}
+
+/// Lower triangle of `Σ (rowᵢ − g)(rowⱼ − g)` in f64, added to `acc` (the
+/// slow, overflow-free path; `global = None` means g = 0).
+pub(crate) fn gram_rows_f64(rows: &[&[f32]], global: Option<&[f32]>, acc: &mut [f64]) {
+    let m = rows.len();
+    let len = rows.first().map_or(0, |r| r.len());
+    let mut deltas = vec![0.0f64; m * len];
+    for (row, out) in rows.iter().zip(deltas.chunks_exact_mut(len.max(1))) {
+        for (k, (o, x)) in out.iter_mut().zip(row.iter()).enumerate() {
+            let g = global.and_then(|g| g.get(k)).copied().unwrap_or(0.0);
+            *o = f64::from(*x) - f64::from(g);
+        }
+    }
+    let row = |i: usize| deltas.get(i * len..(i + 1) * len).unwrap_or_default();
+    for i in 0..m {
+        for j in 0..=i {
+            let dot: f64 = row(i).iter().zip(row(j)).map(|(a, b)| a * b).sum();
+            if let Some(slot) = acc.get_mut(i * m + j) {
+                *slot += dot;
+            }
+        }
+    }
 }
 
 /// Sums per-thread lower-triangle accumulators and mirrors them into a full
@@ -307,8 +496,8 @@ pub(crate) fn symmetric_total<'a>(parts: impl Iterator<Item = &'a [f64]>, m: usi
     for i in 0..m {
         for j in 0..i {
             let lower = total.get(i * m + j).copied().unwrap_or(0.0);
-            if let Some(upper) = total.get_mut(j * m + i) {
-                *upper = lower;
+            if let Some(slot) = total.get_mut(j * m + i) {
+                *slot = lower;
             }
         }
     }
@@ -317,8 +506,9 @@ pub(crate) fn symmetric_total<'a>(parts: impl Iterator<Item = &'a [f64]>, m: usi
 
 pub(crate) use super::simd::gram_chunk;
 
-/// Squared norms ‖Δᵢ‖² of the selected clients' updates (one pass).
-pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
+/// Squared norms ‖Δᵢ‖² of the selected clients' updates (one pass; a chunk
+/// row whose f32 sum is not finite is redone in f64).
+pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
     let m = members.len();
     let states = fold(
         round,
@@ -341,15 +531,23 @@ pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Vec<f64> {
                     .skip(done)
                     .map(|(x, g)| (x - g) * (x - g))
                     .sum();
-                *slot += f64::from(part.iter().sum::<f32>() + tail);
+                let sum = part.iter().sum::<f32>() + tail;
+                *slot += if sum.is_finite() {
+                    f64::from(sum)
+                } else {
+                    row.iter()
+                        .zip(chunk.global)
+                        .map(|(x, g)| (f64::from(*x) - f64::from(*g)).powi(2))
+                        .sum()
+                };
             }
         },
-    );
+    )?;
     let mut total = vec![0.0f64; m];
     for acc in &states {
         total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
     }
-    total
+    Ok(total)
 }
 
 /// True when every entry of a matrix is finite.
@@ -375,42 +573,94 @@ pub(crate) fn sq_distances(gram: &[f64], m: usize) -> Vec<f64> {
     out
 }
 
+/// An f64 result stored as f32: finite values saturate at ±`f32::MAX` (a mean
+/// of finite f32 values is within their range up to rounding), non-finite
+/// ones stay non-finite so the caller still sees them.
+pub(crate) fn saturate(v: f64) -> f32 {
+    if v.is_finite() {
+        v.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
+    } else {
+        v as f32
+    }
+}
+
 /// `out = g_coef · g + Σᵢ coefs[i] · xᵢ` over the selected clients, per coordinate.
 ///
 /// With `g_coef = 1 − Σ coefs` this is `g + Σ coefs[i]·(xᵢ − g)`: averaging
 /// (clipped) updates costs one pass over the inputs, no Δ is materialised.
-pub(crate) fn combine(round: &Round<'_>, members: &[usize], coefs: &[f32], g_coef: f32) -> Mapped {
+/// Computed in f32; a chunk whose result is not finite is recomputed in f64
+/// and saturated, so a mean of finite inputs never overflows.
+pub(crate) fn combine(
+    round: &Round<'_>,
+    members: &[usize],
+    coefs: &[f64],
+    g_coef: f64,
+) -> Result<Mapped> {
+    let coefs32: Vec<f32> = coefs.iter().map(|&c| c as f32).collect();
+    let g32 = g_coef as f32;
     map_in_chunks(
         round,
         members,
         STREAM_CHUNK,
-        || (),
-        |_, chunk, out| {
-            if g_coef == 0.0 {
-                out.iter_mut().for_each(|o| *o = 0.0);
-            } else {
-                out.iter_mut()
-                    .zip(chunk.global)
-                    .for_each(|(o, g)| *o = g_coef * g);
-            }
-            // Four clients per pass quarters the read-modify-write traffic on `out`.
-            let mut quads = chunk.rows.chunks_exact(4);
-            let mut cs = coefs.chunks_exact(4);
-            for (rows, c) in (&mut quads).zip(&mut cs) {
-                if let ([a, b, x, y], [ca, cb, cx, cy]) = (rows, c) {
-                    let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
-                    for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
-                        *o += (ca * va + cb * vb) + (cx * vx + cy * vy);
-                    }
-                }
-            }
-            for (row, c) in quads.remainder().iter().zip(cs.remainder()) {
-                for (o, x) in out.iter_mut().zip(row.iter()) {
-                    *o += c * x;
-                }
+        Vec::new,
+        |wide: &mut Vec<f64>, chunk, out| {
+            combine_f32(chunk, &coefs32, g32, out);
+            if !all_finite(out) {
+                combine_f64(chunk, coefs, g_coef, wide, out);
             }
         },
     )
+}
+
+fn combine_f32(chunk: &ChunkRef<'_>, coefs: &[f32], g_coef: f32, out: &mut [f32]) {
+    if g_coef == 0.0 {
+        out.iter_mut().for_each(|o| *o = 0.0);
+    } else {
+        out.iter_mut()
+            .zip(chunk.global)
+            .for_each(|(o, g)| *o = g_coef * g);
+    }
+    // Four clients per pass quarters the read-modify-write traffic on `out`.
+    let mut quads = chunk.rows.chunks_exact(4);
+    let mut cs = coefs.chunks_exact(4);
+    for (rows, c) in (&mut quads).zip(&mut cs) {
+        if let ([a, b, x, y], [ca, cb, cx, cy]) = (rows, c) {
+            let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
+            for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
+                *o += (ca * va + cb * vb) + (cx * vx + cy * vy);
+            }
+        }
+    }
+    for (row, c) in quads.remainder().iter().zip(cs.remainder()) {
+        for (o, x) in out.iter_mut().zip(row.iter()) {
+            *o += c * x;
+        }
+    }
+}
+
+/// [`combine`]'s overflow-free path for one chunk.
+fn combine_f64(
+    chunk: &ChunkRef<'_>,
+    coefs: &[f64],
+    g_coef: f64,
+    wide: &mut Vec<f64>,
+    out: &mut [f32],
+) {
+    wide.clear();
+    if g_coef == 0.0 {
+        wide.resize(out.len(), 0.0);
+    } else {
+        wide.extend(chunk.global.iter().map(|g| g_coef * f64::from(*g)));
+        wide.resize(out.len(), 0.0);
+    }
+    for (row, c) in chunk.rows.iter().zip(coefs) {
+        for (w, x) in wide.iter_mut().zip(row.iter()) {
+            *w += c * f64::from(*x);
+        }
+    }
+    for (o, w) in out.iter_mut().zip(wide.iter()) {
+        *o = saturate(*w);
+    }
 }
 
 /// Batcher's odd-even merge sort network for `m` inputs, as compare-exchange
@@ -494,18 +744,23 @@ pub(crate) fn pruned_network(
 /// Copies the chunk's rows into `buf` (m rows of `len`) and sorts every column
 /// (coordinate) with the network: afterwards row r holds each coordinate's
 /// r-th smallest value. Branch-free min/max over whole rows, so it vectorises.
+///
+/// Returns `(len, finite)`. `finite` is false when any input is NaN or ±∞;
+/// the caller must then not use the buffer: packed min/max drop a NaN (it
+/// never reaches the output rows), so finiteness can only be judged *before*
+/// the network runs — checked on the copy, while it is in cache.
 pub(crate) fn sort_columns(
     chunk: &ChunkRef<'_>,
     network: &[(usize, usize)],
     buf: &mut Vec<f32>,
-) -> usize {
+) -> (usize, bool) {
     let len = chunk.len();
     buf.clear();
     for row in &chunk.rows {
         buf.extend_from_slice(row);
     }
-    super::simd::sort_network(buf, len, network);
-    len
+    let finite = super::simd::sort_network(buf, len, network);
+    (len, finite)
 }
 
 /// True when every value is finite (a branch-free fold, so it vectorises).
@@ -514,7 +769,7 @@ pub(crate) fn all_finite(values: &[f32]) -> bool {
 }
 
 /// Row `r` (of `len`) of a column-sorted buffer.
-pub(crate) fn row(buf: &[f32], len: usize, r: usize) -> &[f32] {
+pub(crate) fn row<T>(buf: &[T], len: usize, r: usize) -> &[T] {
     buf.get(r * len..(r + 1) * len).unwrap_or_default()
 }
 

@@ -1,25 +1,27 @@
-//! Security-weighted FedAvg with the Safe-FedLLM safety gate.
+//! Security-weighted FedAvg, with Safe-FedLLM's safety gate when asked.
 
-use crate::aggregate::round::{Round, param_error, with_scan};
-use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
+use crate::aggregate::round::with_scan;
+use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, Weighting};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 
 /// Federated averaging (McMahan et al., AISTATS 2017) with Safe-FedLLM's
-/// security weighting and safety gate (SPEC §2).
+/// security weighting (SPEC §2).
 ///
 /// Client k's weight is nₖ·wₖ (sample count × security factor) by default, and
-/// the new global adapter is `Σ nₖwₖ·xₖ / Σ nₖwₖ`. Before averaging, the gate
-/// compares the mean security factor over the round's clients with
-/// `skip_avg_weight` (default 0.2): below it, the round is skipped and the
-/// global adapter stays unchanged. A client whose weight is zero is reported as
-/// excluded ([`ExclusionReason::ZeroWeight`](crate::aggregate::ExclusionReason::ZeroWeight)).
+/// the new global adapter is `Σ nₖwₖ·xₖ / Σ nₖwₖ`. A client whose weight is
+/// zero is reported as excluded
+/// ([`ExclusionReason::ZeroWeight`](crate::aggregate::ExclusionReason::ZeroWeight)).
 ///
-/// Non-finite updates are excluded before the gate and count as factor 0 in
-/// its mean: an update that cannot be used cannot vouch for the round.
+/// **No gate by default.** Safe-FedLLM skips a round whose mean security
+/// factor is below `skip_avg_weight`; the defended round applies that
+/// [`SafetyGate`] once, before aggregating, so a rule that gated again would
+/// skip rounds its caller meant to apply (a gate of 0 must never skip). Used
+/// on its own, FedAvg gates when asked: [`FedAvg::gate`]. Non-finite updates
+/// are excluded and count as factor 0 in the gate's mean.
 ///
 /// ```
-/// use safe_fedllm::aggregate::{Aggregator, ClientUpdate, FedAvg};
+/// use safe_fedllm::aggregate::{Aggregator, ClientUpdate, FedAvg, SafetyGate};
 /// use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 ///
 /// let key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
@@ -33,29 +35,34 @@ use crate::lora::LoraAdapter;
 ///     ClientUpdate::new("benign", &benign, 30).with_security_factor(1.0),
 ///     ClientUpdate::new("flagged", &flagged, 10).with_security_factor(0.0),
 /// ];
-/// let round = FedAvg::new().aggregate(&global, &updates)?;
+/// let mut rule = FedAvg::new().gate(SafetyGate::new(0.2)?);
+/// let round = rule.aggregate(&global, &updates)?;
 /// let new_global = round.new_global().expect("mean factor 0.5 passes the 0.2 gate");
 /// assert_eq!(new_global.get(key).map(|t| t.as_slice()), Some(&[1.0f32][..]));
 /// assert!(round.exclusion("flagged").is_some());
+///
+/// // Both flagged: mean factor 0 < 0.2, the round is skipped.
+/// let updates = [ClientUpdate::new("flagged", &flagged, 10).with_security_factor(0.0)];
+/// assert!(rule.aggregate(&global, &updates)?.is_skipped());
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct FedAvg {
     weighting: Weighting,
-    skip_avg_weight: Option<f32>,
+    gate: Option<SafetyGate>,
 }
 
 impl Default for FedAvg {
     fn default() -> Self {
         FedAvg {
             weighting: Weighting::SamplesTimesFactor,
-            skip_avg_weight: Some(0.2),
+            gate: None,
         }
     }
 }
 
 impl FedAvg {
-    /// Safe-FedLLM defaults: weights nₖ·wₖ, skip below a mean factor of 0.2.
+    /// Safe-FedLLM weighting nₖ·wₖ, no gate.
     pub fn new() -> Self {
         Self::default()
     }
@@ -64,7 +71,7 @@ impl FedAvg {
     pub fn plain() -> Self {
         FedAvg {
             weighting: Weighting::Samples,
-            skip_avg_weight: None,
+            gate: None,
         }
     }
 
@@ -74,29 +81,24 @@ impl FedAvg {
         self
     }
 
-    /// Sets the gate's threshold on the mean security factor (`None` = no
-    /// gate). Fails unless the threshold is in [0, 1].
-    pub fn skip_avg_weight(mut self, threshold: Option<f32>) -> Result<Self> {
-        if let Some(t) = threshold
-            && !(0.0..=1.0).contains(&t)
-        {
-            return Err(param_error(
-                "fedavg",
-                "skip_avg_weight",
-                t,
-                "a value in [0, 1]",
-            ));
-        }
-        self.skip_avg_weight = threshold;
+    /// Skips rounds that `gate` rejects (the reference's FedAvg on its own:
+    /// `FedAvg::new().gate(SafetyGate::default())`).
+    pub fn gate(mut self, gate: SafetyGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Shorthand for [`gate`](Self::gate) with [`SafetyGate::new`]`(threshold)`
+    /// (`None` = no gate). Fails unless the threshold is in [0, 1].
+    pub fn skip_avg_weight(mut self, threshold: Option<f64>) -> Result<Self> {
+        self.gate = threshold.map(SafetyGate::new).transpose()?;
         Ok(self)
     }
-}
 
-/// The safety gate: `Some(reason)` when the round must be skipped.
-pub(crate) fn safety_gate(round: &Round<'_>, threshold: Option<f32>) -> Option<SkipReason> {
-    let threshold = threshold?;
-    let mean = round.mean_factor();
-    (mean < f64::from(threshold)).then_some(SkipReason::LowMeanSecurityFactor { mean, threshold })
+    /// The gate, if any.
+    pub fn safety_gate(&self) -> Option<SafetyGate> {
+        self.gate
+    }
 }
 
 impl Aggregator for FedAvg {
@@ -110,7 +112,7 @@ impl Aggregator for FedAvg {
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
         with_scan(global, updates, |round| {
-            if let Some(reason) = safety_gate(&round, self.skip_avg_weight) {
+            if let Some(reason) = self.gate.and_then(|g| g.check(&round)) {
                 // Unscanned, the mean counts non-finite updates at their
                 // factor: rescan so the report lists them.
                 return Ok((!round.deferred).then(|| round.skip(reason)));

@@ -185,7 +185,7 @@ impl Aggregator for Flame {
             }
             let all = round.all();
             let m = all.len();
-            let g = gram(&round, &all);
+            let g = gram(&round, &all)?;
             if !engine::finite(&g) {
                 return poisoned(&round);
             }
@@ -225,7 +225,8 @@ impl Aggregator for Flame {
                 return Ok(None);
             };
             let round_seed = mix(self.seed ^ mix(self.rounds));
-            self.rounds += 1;
+            // A seed counter: wrapping after 2⁶⁴ rounds only repeats noise.
+            self.rounds = self.rounds.wrapping_add(1);
             let sigma = self.noise_lambda * bound;
             if sigma > 0.0
                 && let Outcome::Updated(adapter) = &mut result.outcome

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::engine::{self, deltas_into, gram_chunk, spans};
+use crate::aggregate::engine::{
+    self, add_lower, all_finite, deltas_into, gram_chunk, gram_rows_f64, spans,
+};
 use crate::aggregate::round::{Round, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
@@ -94,31 +96,50 @@ impl FoolsGold {
     /// FoolsGold weights α from the history Gram matrix; also returns each
     /// client's largest pardoned similarity.
     pub(crate) fn weights(&self, gram: &[f64], m: usize) -> (Vec<f64>, Vec<f64>) {
-        let norm = |i: usize| gram.get(i * m + i).copied().unwrap_or(0.0).sqrt();
+        // Normalised in f64, one norm at a time (‖i‖·‖j‖ of two 1e20 histories
+        // would overflow f32), clamped to [−1, 1] against rounding; a
+        // similarity that is not a number counts as 1 (a copy): it must never
+        // be skipped by a max that ignores NaN.
+        let norm = |i: usize| gram.get(i * m + i).copied().unwrap_or(0.0).max(0.0).sqrt();
         let mut cs = vec![0.0; m * m];
         for i in 0..m {
             for j in 0..m {
-                let denom = norm(i) * norm(j);
-                if i != j && denom > 0.0 {
-                    cs[i * m + j] = gram.get(i * m + j).copied().unwrap_or(0.0) / denom;
+                let (ni, nj) = (norm(i), norm(j));
+                if i != j && ni > 0.0 && nj > 0.0 {
+                    let c = gram.get(i * m + j).copied().unwrap_or(0.0) / ni / nj;
+                    cs[i * m + j] = if c.is_nan() { 1.0 } else { c.clamp(-1.0, 1.0) };
                 }
             }
         }
         let row_max = |cs: &[f64], i: usize| {
+            // Over the whole row, the diagonal's 0 included (as the
+            // reference's `cs − I`).
             (0..m)
-                .map(|j| cs.get(i * m + j).copied().unwrap_or(0.0))
-                .fold(f64::NEG_INFINITY, f64::max)
+                .map(|j| cs.get(i * m + j).copied().unwrap_or(1.0))
+                .fold(
+                    f64::NEG_INFINITY,
+                    |a, b| if b.is_nan() || b > a { b } else { a },
+                )
         };
         let v: Vec<f64> = (0..m).map(|i| row_max(&cs, i)).collect();
         for i in 0..m {
             for j in 0..m {
-                if i != j && v[i] < v[j] && v[j] != 0.0 {
+                if i != j && v[i] < v[j] && v[j] > 0.0 {
                     cs[i * m + j] *= v[i] / v[j];
                 }
             }
         }
         let max_sim: Vec<f64> = (0..m).map(|i| row_max(&cs, i)).collect();
-        let mut alpha: Vec<f64> = max_sim.iter().map(|s| (1.0 - s).clamp(0.0, 1.0)).collect();
+        let mut alpha: Vec<f64> = max_sim
+            .iter()
+            .map(|s| {
+                if s.is_nan() {
+                    0.0
+                } else {
+                    (1.0 - s).clamp(0.0, 1.0)
+                }
+            })
+            .collect();
         let top = alpha.iter().copied().fold(0.0, f64::max);
         if top <= 0.0 {
             return (vec![0.0; m], max_sim);
@@ -169,7 +190,7 @@ impl Aggregator for FoolsGold {
                 });
             }
         }
-        let gram = update_histories(&round, &mut self.state, m);
+        let gram = update_histories(&round, &mut self.state, m)?;
         let (alpha, max_sim) = self.weights(&gram, m);
         let mut kept = Vec::new();
         let mut weights = Vec::new();
@@ -195,7 +216,7 @@ impl Aggregator for FoolsGold {
 
 /// Hᵢ += Δᵢ for every usable client, and the Gram matrix of the updated
 /// histories, in one pass.
-fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Vec<f64> {
+fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Vec<f64>> {
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     // Split every member's history at the chunk boundaries, in lockstep.
     let mut by_id: BTreeMap<&ClientId, &mut [f32]> = state
@@ -217,21 +238,63 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
         items.push((span, pieces));
     }
     let members = round.all();
-    let states = engine::drive(
+    let workers = engine::drive(
         items,
-        || (vec![0.0f64; m * m], Vec::new()),
-        |(acc, buf): &mut (Vec<f64>, Vec<f32>), (span, pieces): (engine::Span, Vec<&mut [f32]>)| {
-            let chunk = engine::chunk_at(round, &members, span);
+        || {
+            (
+                vec![0.0f64; m * m],
+                Vec::new(),
+                vec![0.0f32; m * m],
+                Vec::new(),
+                None,
+            )
+        },
+        |(acc, buf, block, scratch, failed): &mut HistoryState,
+         (span, pieces): (engine::Span, Vec<&mut [f32]>)| {
+            if failed.is_some() {
+                return;
+            }
+            let chunk = match engine::chunk_at(round, &members, span, scratch) {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    *failed = Some(e);
+                    return;
+                }
+            };
             deltas_into(&chunk, buf);
             let len = chunk.len();
             for (piece, delta) in pieces.into_iter().zip(buf.chunks_exact_mut(len.max(1))) {
                 for (h, d) in piece.iter_mut().zip(delta.iter_mut()) {
-                    *h += *d;
+                    // Saturating: a client sending f32::MAX every round keeps
+                    // a finite (maximal) history instead of poisoning it.
+                    *h = (*h + *d).clamp(-f32::MAX, f32::MAX);
                     *d = *h;
                 }
             }
-            gram_chunk(buf, m, len, acc);
+            gram_chunk(buf, m, len, block);
+            // f32 products can overflow (a 1e20 history) or underflow (a
+            // 1e-20 copy of another client, whose squares vanish in f32):
+            // either would hide a copy from the cosine, so such blocks are
+            // recomputed in f64.
+            let tiny = (0..m).any(|i| block.get(i * m + i).is_some_and(|d| *d < 1e-30));
+            if all_finite(block) && !tiny {
+                add_lower(block, acc);
+            } else {
+                let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
+                gram_rows_f64(&rows, None, acc);
+            }
         },
     );
-    engine::symmetric_total(states.iter().map(|(acc, _)| acc.as_slice()), m)
+    let mut parts = Vec::with_capacity(workers.len());
+    for (acc, _, _, _, failed) in workers {
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        parts.push(acc);
+    }
+    Ok(engine::symmetric_total(parts.iter().map(Vec::as_slice), m))
 }
+
+/// A worker of [`update_histories`]: Gram accumulator, Δ rows, one block's
+/// f32 products, scratch for converted rows, first read error.
+type HistoryState = (Vec<f64>, Vec<f32>, Vec<f32>, Vec<f32>, Option<Error>);

@@ -1,12 +1,118 @@
-//! [`FactorGate`]: run any rule over the clients a detector trusts.
+//! [`SafetyGate`], the one round-level safety gate, and [`FactorGate`]: run
+//! any rule over the clients a detector trusts.
 
-use crate::aggregate::fedavg::safety_gate;
+use serde::{Deserialize, Serialize};
+
 use crate::aggregate::round::{Round, param_error, validate_headers};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, Exclusion, ExclusionReason, SkipReason,
 };
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+
+/// Safe-FedLLM's safety gate (`skip_avg_weight`): skip the round, keeping the
+/// global adapter, when the mean security factor of the round's clients is
+/// **below** the threshold.
+///
+/// One type with one meaning wherever a gate is applied (the defended round,
+/// [`FedAvg::gate`](crate::aggregate::FedAvg::gate),
+/// [`FactorGate::gate`]): the threshold is an `f64` in [0, 1]; a mean exactly
+/// at the threshold is applied; a threshold of 0 never skips. The mean is
+/// taken over every *submitted* client, and a client excluded for non-finite
+/// values counts as factor 0: an update that cannot be used cannot vouch for
+/// the round (otherwise a NaN client declaring factor 1 could lift the mean of
+/// a round that should be skipped).
+///
+/// ```
+/// use safe_fedllm::aggregate::{SafetyGate, SkipReason};
+///
+/// let gate = SafetyGate::new(0.2)?;
+/// assert_eq!(gate.skip_reason(0.2), None); // exactly at the threshold: applied
+/// assert_eq!(
+///     gate.skip_reason(0.05),
+///     Some(SkipReason::LowMeanSecurityFactor { mean: 0.05, threshold: 0.2 })
+/// );
+/// assert_eq!(SafetyGate::new(0.0)?.skip_reason(0.0), None); // 0 never skips
+/// assert!(SafetyGate::new(1.5).is_err());
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawSafetyGate", into = "RawSafetyGate")]
+pub struct SafetyGate {
+    threshold: f64,
+}
+
+/// The serialised form, validated on the way in.
+#[derive(Serialize, Deserialize)]
+struct RawSafetyGate {
+    threshold: f64,
+}
+
+impl TryFrom<RawSafetyGate> for SafetyGate {
+    type Error = crate::Error;
+
+    fn try_from(raw: RawSafetyGate) -> Result<Self> {
+        SafetyGate::new(raw.threshold)
+    }
+}
+
+impl From<SafetyGate> for RawSafetyGate {
+    fn from(gate: SafetyGate) -> Self {
+        RawSafetyGate {
+            threshold: gate.threshold,
+        }
+    }
+}
+
+impl Default for SafetyGate {
+    /// The Safe-FedLLM reference's `skip_avg_weight` = 0.2.
+    fn default() -> Self {
+        SafetyGate {
+            threshold: Self::REFERENCE_THRESHOLD,
+        }
+    }
+}
+
+impl SafetyGate {
+    /// The reference implementation's threshold (0.2).
+    pub const REFERENCE_THRESHOLD: f64 = 0.2;
+
+    /// A gate with `threshold`; fails with
+    /// [`Error::InvalidAggregatorParam`](crate::Error::InvalidAggregatorParam)
+    /// unless it is finite and in [0, 1].
+    pub fn new(threshold: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(param_error(
+                "safety_gate",
+                "threshold",
+                threshold,
+                "a value in [0, 1]",
+            ));
+        }
+        Ok(SafetyGate { threshold })
+    }
+
+    /// The threshold.
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// `Some(reason)` when a round with this mean factor must be skipped:
+    /// iff `mean < threshold`. A NaN mean (impossible with validated factors)
+    /// skips: the gate fails closed.
+    pub fn skip_reason(&self, mean: f64) -> Option<SkipReason> {
+        (mean.is_nan() || mean < self.threshold).then_some(SkipReason::LowMeanSecurityFactor {
+            mean,
+            threshold: self.threshold,
+        })
+    }
+
+    /// The gate's verdict on a validated round (the mean counts excluded
+    /// non-finite clients as 0).
+    pub(crate) fn check(&self, round: &Round<'_>) -> Option<SkipReason> {
+        self.skip_reason(round.mean_factor())
+    }
+}
 
 /// Which security factors a [`FactorGate`] lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -15,11 +121,11 @@ pub enum Admit {
     #[default]
     Positive,
     /// Factor ≥ the threshold.
-    AtLeast(f32),
+    AtLeast(f64),
 }
 
 impl Admit {
-    fn admits(self, factor: f32) -> bool {
+    fn admits(self, factor: f64) -> bool {
         match self {
             Admit::Positive => factor > 0.0,
             Admit::AtLeast(t) => factor >= t,
@@ -31,8 +137,9 @@ impl Admit {
 /// not admitted are excluded
 /// ([`ExclusionReason::BelowFactorGate`]) and the inner rule runs on the rest,
 /// so its constraints (Krum's n ≥ 2f + 3, …) apply to the admitted clients.
-/// Optionally the whole round is skipped first when the mean factor is below a
-/// threshold, as in Safe-FedLLM's safety gate.
+/// Optionally ([`FactorGate::gate`]) the whole round is first put through a
+/// [`SafetyGate`]; by default it is not (the defended round applies its own
+/// gate once).
 ///
 /// To *weight* by factors instead, give rules with a final mean
 /// [`Weighting::SamplesTimesFactor`](crate::aggregate::Weighting::SamplesTimesFactor);
@@ -42,7 +149,7 @@ impl Admit {
 pub struct FactorGate<A> {
     inner: A,
     admit: Admit,
-    skip_avg_weight: Option<f32>,
+    gate: Option<SafetyGate>,
 }
 
 impl<A: Aggregator> FactorGate<A> {
@@ -51,7 +158,7 @@ impl<A: Aggregator> FactorGate<A> {
         FactorGate {
             inner,
             admit: Admit::Positive,
-            skip_avg_weight: None,
+            gate: None,
         }
     }
 
@@ -71,21 +178,22 @@ impl<A: Aggregator> FactorGate<A> {
         Ok(self)
     }
 
-    /// Skips the round when the mean factor of the round's clients is below
-    /// `threshold` (`None` = never). Fails unless the threshold is in [0, 1].
-    pub fn skip_avg_weight(mut self, threshold: Option<f32>) -> Result<Self> {
-        if let Some(t) = threshold
-            && !(0.0..=1.0).contains(&t)
-        {
-            return Err(param_error(
-                "factor_gate",
-                "skip_avg_weight",
-                t,
-                "a value in [0, 1]",
-            ));
-        }
-        self.skip_avg_weight = threshold;
+    /// Puts the round through `gate` before anything else.
+    pub fn gate(mut self, gate: SafetyGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Shorthand for [`gate`](Self::gate) with [`SafetyGate::new`]`(threshold)`
+    /// (`None` = no gate). Fails unless the threshold is in [0, 1].
+    pub fn skip_avg_weight(mut self, threshold: Option<f64>) -> Result<Self> {
+        self.gate = threshold.map(SafetyGate::new).transpose()?;
         Ok(self)
+    }
+
+    /// The round-level gate, if any.
+    pub fn safety_gate(&self) -> Option<SafetyGate> {
+        self.gate
     }
 
     /// The wrapped rule.
@@ -110,10 +218,10 @@ impl<A: Aggregator> Aggregator for FactorGate<A> {
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
         validate_headers(global, updates)?;
-        if self.skip_avg_weight.is_some() {
+        if let Some(gate) = self.gate {
             // The mean must count non-finite updates as 0, which needs the scan.
             let round = Round::prepare(global, updates)?;
-            if let Some(reason) = safety_gate(&round, self.skip_avg_weight) {
+            if let Some(reason) = gate.check(&round) {
                 return Ok(round.skip(reason));
             }
         }

@@ -2,8 +2,9 @@
 //! Harchaoui, IEEE Trans. Signal Processing 2022, "Robust aggregation for
 //! federated learning").
 
-use crate::aggregate::engine::{finite, gram};
+use crate::aggregate::engine::{finite, gram, sq_distances};
 use crate::aggregate::krum::poisoned;
+use crate::aggregate::linalg::median;
 use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
@@ -14,9 +15,18 @@ use crate::lora::LoraAdapter;
 /// The (weighted) geometric median `argmin_z Σ αᵢ‖z − xᵢ‖`, computed with RFA's
 /// smoothed Weiszfeld algorithm:
 ///
-/// `βᵢ = αᵢ / max(ν, ‖z − xᵢ‖)`, `z ← Σ βᵢxᵢ / Σ βᵢ`, starting from the weighted
-/// mean, until the objective improves by less than `tolerance` × its value or
+/// `βᵢ = αᵢ / max(ν, ‖z − xᵢ‖)`, `z ← Σ βᵢxᵢ / Σ βᵢ`, until an iteration moves
+/// z by less than `tolerance` × the median distance from z to the clients, or
 /// after `max_iterations` iterations.
+///
+/// Two choices differ from RFA, both because one client can be arbitrarily
+/// far away: RFA starts from the weighted mean and stops when the objective
+/// improves by less than `tolerance` × its value. A client at 1e20 drags the
+/// mean to ~1e19 and dominates the objective, so the relative improvement
+/// falls below the tolerance while z is still ~1e12 away from the honest
+/// clients. Here z starts at the weighted mean of the majority nearest the
+/// medoid, and the stopping rule is measured against the *median* distance,
+/// which a minority cannot inflate. The minimiser is the same.
 ///
 /// Defaults: αᵢ ∝ sample count ([`Weighting::Samples`], RFA's αᵢ), ν = 1e-6,
 /// tolerance 1e-6, at most 100 iterations (RFA reports that 3 suffice in
@@ -46,6 +56,9 @@ impl Default for GeometricMedian {
 }
 
 impl GeometricMedian {
+    /// Largest accepted [`max_iterations`](Self::max_iterations).
+    pub const MAX_ITERATIONS: usize = 100_000;
+
     /// The rule with RFA's defaults.
     pub fn new() -> Self {
         Self::default()
@@ -85,14 +98,16 @@ impl GeometricMedian {
         Ok(self)
     }
 
-    /// Sets the iteration cap (≥ 1).
+    /// Sets the iteration cap, 1 ≤ cap ≤ [`GeometricMedian::MAX_ITERATIONS`]
+    /// (each iteration is O(n²) on the coefficients; RFA reports that 3
+    /// suffice, and an unbounded cap would let a stalled round hang).
     pub fn max_iterations(mut self, max_iterations: usize) -> Result<Self> {
-        if max_iterations == 0 {
+        if max_iterations == 0 || max_iterations > Self::MAX_ITERATIONS {
             return Err(param_error(
                 "geometric_median",
                 "max_iterations",
-                0,
-                "at least 1",
+                max_iterations,
+                "1 ≤ max_iterations ≤ 100000 (GeometricMedian::MAX_ITERATIONS)",
             ));
         }
         self.max_iterations = max_iterations;
@@ -103,31 +118,26 @@ impl GeometricMedian {
     pub(crate) fn solve(&self, gram: &[f64], alpha: &[f64]) -> Vec<f64> {
         let m = alpha.len();
         let total: f64 = alpha.iter().sum();
-        let mut c: Vec<f64> = alpha.iter().map(|a| a / total).collect();
+        let g = |i: usize, j: usize| gram.get(i * m + j).copied().unwrap_or(0.0);
         let distances = |c: &[f64]| -> Vec<f64> {
             let gc: Vec<f64> = (0..m)
                 .map(|i| {
                     (0..m)
-                        .map(|j| {
-                            gram.get(i * m + j).copied().unwrap_or(0.0)
-                                * c.get(j).copied().unwrap_or(0.0)
-                        })
+                        .map(|j| g(i, j) * c.get(j).copied().unwrap_or(0.0))
                         .sum()
                 })
                 .collect();
             let cgc: f64 = c.iter().zip(&gc).map(|(a, b)| a * b).sum();
             (0..m)
                 .map(|i| {
-                    let gii = gram.get(i * m + i).copied().unwrap_or(0.0);
-                    (cgc - 2.0 * gc.get(i).copied().unwrap_or(0.0) + gii)
+                    (cgc - 2.0 * gc.get(i).copied().unwrap_or(0.0) + g(i, i))
                         .max(0.0)
                         .sqrt()
                 })
                 .collect()
         };
-        let objective = |d: &[f64]| -> f64 { alpha.iter().zip(d).map(|(a, d)| a * d).sum() };
+        let mut c = self.start(gram, alpha, total);
         let mut dist = distances(&c);
-        let mut value = objective(&dist);
         for _ in 0..self.max_iterations {
             let beta: Vec<f64> = alpha
                 .iter()
@@ -136,16 +146,47 @@ impl GeometricMedian {
                 .collect();
             let sum: f64 = beta.iter().sum();
             let next: Vec<f64> = beta.iter().map(|b| b / sum).collect();
-            let next_dist = distances(&next);
-            let next_value = objective(&next_dist);
-            let improvement = value - next_value;
+            // ‖z' − z‖² = (c' − c)ᵀ G (c' − c).
+            let step: Vec<f64> = next.iter().zip(&c).map(|(a, b)| a - b).collect();
+            let moved = (0..m)
+                .map(|i| {
+                    let row: f64 = (0..m).map(|j| g(i, j) * step[j]).sum();
+                    step[i] * row
+                })
+                .sum::<f64>()
+                .max(0.0)
+                .sqrt();
             c = next;
-            dist = next_dist;
-            let done = improvement.abs() <= self.tolerance * next_value.abs();
-            value = next_value;
-            if done {
+            dist = distances(&c);
+            let scale = median(&dist).unwrap_or(0.0);
+            if moved <= self.tolerance * scale {
                 break;
             }
+        }
+        c
+    }
+
+    /// The starting point: the weighted mean of the ⌊m/2⌋ + 1 clients
+    /// nearest to the medoid (the client with the least weighted distance to
+    /// all others). RFA starts from the plain weighted mean, which one client
+    /// at 1e20 drags arbitrarily far, leaving Weiszfeld dozens of iterations
+    /// to walk back; a majority around the medoid cannot be dragged by a
+    /// minority.
+    fn start(&self, gram: &[f64], alpha: &[f64], total: f64) -> Vec<f64> {
+        let m = alpha.len();
+        let dist = sq_distances(gram, m);
+        let d = |i: usize, j: usize| dist.get(i * m + j).copied().unwrap_or(0.0).sqrt();
+        let cost = |k: usize| -> f64 { (0..m).map(|i| alpha[i] * d(k, i)).sum() };
+        let Some(medoid) = (0..m).min_by(|&a, &b| cost(a).total_cmp(&cost(b))) else {
+            return alpha.iter().map(|a| a / total).collect();
+        };
+        let mut near: Vec<usize> = (0..m).collect();
+        near.sort_by(|&a, &b| d(medoid, a).total_cmp(&d(medoid, b)).then(a.cmp(&b)));
+        near.truncate(m / 2 + 1);
+        let mut c = vec![0.0; m];
+        let sum: f64 = near.iter().map(|&i| alpha[i]).sum();
+        for &i in &near {
+            c[i] = alpha[i] / sum;
         }
         c
     }
@@ -181,7 +222,7 @@ impl Aggregator for GeometricMedian {
                 };
                 return Ok(Some(round.skip(reason)));
             }
-            let g = gram(&round, &members);
+            let g = gram(&round, &members)?;
             if !finite(&g) {
                 return poisoned(&round);
             }

@@ -2,7 +2,7 @@
 //! "Machine learning with adversaries: Byzantine tolerant gradient descent").
 
 use crate::aggregate::engine::{finite, gram, sq_distances};
-use crate::aggregate::round::{Round, param_error, with_scan};
+use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -35,9 +35,10 @@ pub struct Krum {
 }
 
 impl Krum {
-    /// Krum tolerating `f` Byzantine clients (the paper's variant). Any f is
-    /// accepted here; n ≥ 2f + 3 is checked per round.
+    /// Krum tolerating `f` Byzantine clients (the paper's variant). Fails when
+    /// 2f + 3 overflows `usize`; n ≥ 2f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
+        check_affine("krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
         Ok(Krum {
             f,
             variant: KrumVariant::Paper,
@@ -65,8 +66,10 @@ pub struct MultiKrum {
 }
 
 impl MultiKrum {
-    /// Multi-Krum keeping `m` ≥ 1 clients.
+    /// Multi-Krum keeping `m` ≥ 1 clients. Fails when 2f + 3 overflows
+    /// `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
     pub fn new(f: usize, m: usize) -> Result<Self> {
+        check_affine("multi_krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
         if m == 0 {
             return Err(param_error(
                 "multi_krum",
@@ -134,22 +137,23 @@ pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
 }
 
 fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
-    round.require(rule, 2 * f + 3, format!("n ≥ 2f + 3 with f = {f}"))
+    round.require_checked(rule, affine(2, f, 3), format!("n ≥ 2f + 3 with f = {f}"))
 }
 
 /// Scores every usable client; `None` when the Gram matrix is not finite.
-fn score_round(round: &Round<'_>, f: usize) -> Option<(Vec<f64>, Vec<usize>, Vec<f64>)> {
+type Scored = (Vec<f64>, Vec<usize>, Vec<f64>);
+fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
     let members = round.all();
     let n = members.len();
-    let g = gram(round, &members);
+    let g = gram(round, &members)?;
     if !finite(&g) {
-        return None;
+        return Ok(None);
     }
     let dist = sq_distances(&g, n);
     let s = scores(&dist, n, n.saturating_sub(f + 2).max(1));
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     let order = ranking(&s, &ids);
-    Some((s, order, dist))
+    Ok(Some((s, order, dist)))
 }
 
 impl Aggregator for Krum {
@@ -167,7 +171,7 @@ impl Aggregator for Krum {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             check_n(&round, "krum", self.f)?;
-            let Some((s, order, dist)) = score_round(&round, self.f) else {
+            let Some((s, order, dist)) = score_round(&round, self.f)? else {
                 return poisoned(&round);
             };
             let n = s.len();
@@ -219,7 +223,7 @@ impl Aggregator for MultiKrum {
             }
             check_n(&round, "multi_krum", self.f)?;
             round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
-            let Some((s, order, _)) = score_round(&round, self.f) else {
+            let Some((s, order, _)) = score_round(&round, self.f)? else {
                 return poisoned(&round);
             };
             let mut members: Vec<usize> = order.iter().take(self.m).copied().collect();

@@ -8,7 +8,7 @@
 //!
 //! | rule | paper | hyper-parameters |
 //! |---|---|---|
-//! | [`FedAvg`] | McMahan et al. 2017; safety gate of Safe-FedLLM | weighting, `skip_avg_weight` |
+//! | [`FedAvg`] | McMahan et al. 2017; weighting of Safe-FedLLM | weighting, optional [`SafetyGate`] |
 //! | [`CoordinateMedian`] | Yin et al. 2018 | — |
 //! | [`TrimmedMean`] | Yin et al. 2018 | β (fraction) or a count per side |
 //! | [`Krum`], [`MultiKrum`] | Blanchard et al. 2017 | f; m |
@@ -57,6 +57,25 @@
 //!   below a threshold (for example Krum over clients with a positive factor)
 //!   and can skip the whole round when the mean factor is too low.
 //!
+//! The round-level skip is one type, [`SafetyGate`]: skip iff the mean factor
+//! over the round's submitted clients (non-finite ones counted as 0) is below
+//! its threshold, so a mean exactly at the threshold is applied and a
+//! threshold of 0 never skips. **No rule gates unless asked**: [`FedAvg::new`]
+//! weighs nₖ·wₖ but does not skip; the defended round applies its gate once,
+//! and a rule used on its own gets one with [`FedAvg::gate`] or
+//! [`FactorGate::gate`].
+//!
+//! # Numerics one client cannot break
+//!
+//! Norms, dot products, Gram entries and distances are accumulated in `f64`
+//! (each block is first tried in `f32` for speed and recomputed in `f64` when
+//! the `f32` result is not finite), so an update of 1e20 or `f32::MAX` is just
+//! a very distant client: robust rules exclude or out-vote it, clipping bounds
+//! it, and a mean that would overflow `f32` is recomputed in `f64` and
+//! saturated. NaN and ±∞ are detected before any sorting network runs (SIMD
+//! min/max would silently drop a NaN) and exclude the client with
+//! [`ExclusionReason::NonFinite`].
+//!
 //! ```
 //! use safe_fedllm::aggregate::{Aggregator, ClientUpdate, FactorGate, Krum, Outcome};
 //! use safe_fedllm::lora::{LoraAdapter, LoraTensor};
@@ -89,7 +108,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, TensorSource};
 
 mod bulyan;
 mod clipping;
@@ -114,7 +133,7 @@ pub use dnc::DnC;
 pub use fedavg::FedAvg;
 pub use flame::Flame;
 pub use foolsgold::{FoolsGold, FoolsGoldState};
-pub use gate::{Admit, FactorGate};
+pub use gate::{Admit, FactorGate, SafetyGate};
 pub use geomed::GeometricMedian;
 pub use krum::{Krum, KrumVariant, MultiKrum};
 pub use round::{flatten, unflatten};
@@ -124,24 +143,44 @@ pub use crate::client::ClientId;
 /// One client's contribution to a round: its local adapter (full weights, not
 /// a delta), how many samples it trained on, and its security factor.
 ///
-/// The adapter is borrowed: the server keeps uploads wherever it likes and the
-/// aggregator never copies them.
-#[derive(Debug, Clone)]
+/// The adapter is borrowed through the object-safe [`TensorSource`] trait, so
+/// the server keeps uploads wherever it likes — an owned [`LoraAdapter`], a
+/// validated [`AdapterView`](crate::lora::AdapterView) over the uploaded
+/// safetensors bytes (F32, F16 or BF16), a tensor library's module — and the
+/// aggregator never copies them. Sources that hold native `f32` are read in
+/// place ([`TensorSource::as_f32`]); any other source is converted one chunk
+/// at a time into per-thread scratch buffers, so a round of n BF16 uploads
+/// needs O(threads × n × chunk) extra memory, independent of the adapter size.
+#[derive(Clone)]
 pub struct ClientUpdate<'a> {
     /// Who sent it.
     pub client: ClientId,
     /// The client's adapter after local training (PEFT orientation).
-    pub adapter: &'a LoraAdapter,
+    pub adapter: &'a dyn TensorSource,
     /// Number of local training samples nₖ (FedAvg's weight).
     pub samples: u64,
     /// Security factor wₖ in [0, 1] from a detector; 1.0 (fully trusted) by
-    /// default.
-    pub security_factor: f32,
+    /// default. Validated (finite, in [0, 1]) when the round is aggregated.
+    pub security_factor: f64,
+}
+
+impl std::fmt::Debug for ClientUpdate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientUpdate")
+            .field("client", &self.client)
+            .field("tensors", &self.adapter.lora_keys().count())
+            .field("samples", &self.samples)
+            .field("security_factor", &self.security_factor)
+            .finish()
+    }
 }
 
 impl<'a> ClientUpdate<'a> {
     /// An update with security factor 1.0.
-    pub fn new(client: impl Into<ClientId>, adapter: &'a LoraAdapter, samples: u64) -> Self {
+    ///
+    /// `adapter` is any [`TensorSource`]: `&LoraAdapter`, `&AdapterView`,
+    /// `&dyn TensorSource`, … (the reference coerces to `&dyn TensorSource`).
+    pub fn new(client: impl Into<ClientId>, adapter: &'a dyn TensorSource, samples: u64) -> Self {
         ClientUpdate {
             client: client.into(),
             adapter,
@@ -151,7 +190,7 @@ impl<'a> ClientUpdate<'a> {
     }
 
     /// Sets the security factor (validated when the round is aggregated).
-    pub fn with_security_factor(mut self, factor: f32) -> Self {
+    pub fn with_security_factor(mut self, factor: f64) -> Self {
         self.security_factor = factor;
         self
     }
@@ -229,8 +268,8 @@ pub enum SkipReason {
     LowMeanSecurityFactor {
         /// Mean factor over the round's clients (excluded non-finite updates count as 0).
         mean: f64,
-        /// The threshold.
-        threshold: f32,
+        /// The gate's threshold ([`SafetyGate::threshold`]).
+        threshold: f64,
     },
     /// Every client was excluded.
     NoClientLeft,
@@ -290,7 +329,7 @@ pub enum ExclusionReason {
     /// [`FactorGate`] dropped the client for its security factor.
     BelowFactorGate {
         /// The client's factor.
-        factor: f32,
+        factor: f64,
     },
     /// Krum, Multi-Krum or Bulyan did not select the client.
     NotSelected {

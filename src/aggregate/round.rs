@@ -5,14 +5,15 @@
 //! vector is never materialised: it is the concatenation of the adapter's
 //! tensors, and [`engine`](super::engine) walks it in chunks, tensor by tensor,
 //! so no update is copied (copying 20 × 3.4 M floats would cost more than
-//! FedAvg itself). [`flatten`] and [`unflatten`] make the same layout
+//! FedAvg itself); tensors of sources that do not hold `f32` are converted one
+//! chunk at a time. [`flatten`] and [`unflatten`] make the same layout
 //! explicit for callers who want the vector.
 
 use std::collections::BTreeSet;
 
 use crate::aggregate::{ClientId, ClientUpdate, Exclusion, ExclusionReason, Weighting};
 use crate::error::{Error, Result};
-use crate::lora::{LoraAdapter, LoraTensor};
+use crate::lora::{LoraAdapter, LoraTensor, TensorSource};
 
 /// The flat vector of an adapter: every LoRA tensor, row-major, concatenated in
 /// sorted canonical-key order (the layout every aggregation rule works on).
@@ -73,18 +74,29 @@ fn empty_like(template: &LoraAdapter) -> LoraAdapter {
     }
 }
 
+/// Where a client's tensor is read from.
+#[derive(Clone, Copy)]
+pub(crate) enum Seg<'a> {
+    /// Native f32, borrowed in place (checked to have the tensor's length).
+    Slice(&'a [f32]),
+    /// Any other source: converted per chunk with `read_range`.
+    Read(&'a dyn TensorSource),
+}
+
 /// A usable (finite, well-formed) client of the round.
 pub(crate) struct Client<'a> {
     pub id: ClientId,
     pub samples: u64,
-    pub factor: f32,
-    /// The client's tensors, one slice per segment (key) in sorted order.
-    pub segments: Vec<&'a [f32]>,
+    pub factor: f64,
+    /// The client's tensors, one per segment (key) in sorted order.
+    pub segments: Vec<Seg<'a>>,
 }
 
 /// A validated round.
 pub(crate) struct Round<'a> {
     pub template: &'a LoraAdapter,
+    /// The global adapter's canonical keys, one per segment.
+    pub keys: Vec<&'a str>,
     /// The global adapter's tensors, one slice per segment.
     pub global: Vec<&'a [f32]>,
     /// Flat offset of each segment.
@@ -133,8 +145,9 @@ where
 }
 
 /// Checks what can be checked without reading tensor values: a non-empty
-/// round, unique ids, factors in [0, 1], and every client holding exactly the
-/// global adapter's keys and shapes.
+/// round, unique ids, finite factors in [0, 1], and every client holding
+/// exactly the global adapter's keys and shapes (read through
+/// [`TensorSource::lora_keys`] and [`TensorSource::shape_of`] only).
 pub(crate) fn validate_headers(global: &LoraAdapter, updates: &[ClientUpdate<'_>]) -> Result<()> {
     if updates.is_empty() {
         return Err(Error::Empty {
@@ -164,30 +177,59 @@ fn check_layout(global: &LoraAdapter, update: &ClientUpdate<'_>) -> Result<()> {
     let client = || update.client.0.clone();
     for entry in global.iter() {
         let name = entry.key.canonical();
-        let Some(tensor) = update.adapter.get(name) else {
+        let Some(shape) = update.adapter.shape_of(name) else {
             return Err(Error::ClientKeyMismatch {
                 client: client(),
                 tensor: name.to_owned(),
                 present_in: "global",
             });
         };
-        if tensor.shape() != entry.tensor.shape() {
+        if shape != entry.tensor.shape() {
             return Err(Error::ClientShapeMismatch {
                 client: client(),
                 tensor: name.to_owned(),
                 expected: entry.tensor.shape(),
-                found: tensor.shape(),
+                found: shape,
             });
         }
     }
-    if let Some(extra) = update.adapter.keys().find(|k| global.get(k).is_none()) {
+    if let Some(extra) = update
+        .adapter
+        .lora_keys()
+        .find(|k| global.get(k.canonical()).is_none())
+    {
         return Err(Error::ClientKeyMismatch {
             client: client(),
-            tensor: extra.to_owned(),
+            tensor: extra.canonical().to_owned(),
             present_in: "client",
         });
     }
     Ok(())
+}
+
+/// How a client's tensors are read: in place when the source offers native
+/// `f32` of the right length, by chunked conversion otherwise. A source whose
+/// `f32` slice contradicts its own shape is an error naming client and tensor.
+fn segments_of<'a>(global: &'a LoraAdapter, update: &ClientUpdate<'a>) -> Result<Vec<Seg<'a>>> {
+    global
+        .iter()
+        .map(|entry| {
+            let key = entry.key.canonical();
+            match update.adapter.as_f32(key) {
+                Some(values) if values.len() == entry.tensor.len() => Ok(Seg::Slice(values)),
+                Some(values) => Err(super::engine::client_read_error(
+                    &update.client,
+                    Error::DataLength {
+                        tensor: key.to_owned(),
+                        shape: entry.tensor.shape().to_vec(),
+                        expected: entry.tensor.len(),
+                        found: values.len(),
+                    },
+                )),
+                None => Ok(Seg::Read(update.adapter)),
+            }
+        })
+        .collect()
 }
 
 impl<'a> Round<'a> {
@@ -206,52 +248,78 @@ impl<'a> Round<'a> {
         validate_headers(global, updates)?;
         global.check_finite()?;
         let mut offsets = Vec::with_capacity(global.len());
-        let mut dim = 0;
+        let mut dim = 0usize;
         for entry in global.iter() {
             offsets.push(dim);
-            dim += entry.tensor.len();
+            dim = dim
+                .checked_add(entry.tensor.len())
+                .ok_or_else(|| Error::DimensionMismatch {
+                    what: "global adapter size".into(),
+                    expected: usize::MAX,
+                    found: dim,
+                })?;
         }
+        let clients = updates
+            .iter()
+            .map(|update| {
+                Ok(Client {
+                    id: update.client.clone(),
+                    samples: update.samples,
+                    factor: update.security_factor,
+                    segments: segments_of(global, update)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut round = Round {
             template: global,
+            keys: global.keys().collect(),
             global: global.iter().map(|e| e.tensor.as_slice()).collect(),
             offsets,
             dim,
-            clients: Vec::with_capacity(updates.len()),
+            factor_sum: clients.iter().map(|c| c.factor).sum(),
+            clients,
             exclusions: Vec::new(),
-            factor_sum: 0.0,
             submitted: updates.len(),
             deferred: !scan,
         };
-        let verdicts = if scan {
-            super::engine::first_non_finite_per_client(global, updates)
-        } else {
-            vec![None; updates.len()]
-        };
-        for (update, verdict) in updates.iter().zip(verdicts) {
-            match verdict {
-                Some((tensor, index, value)) => round.exclusions.push(Exclusion {
-                    client: update.client.clone(),
+        if scan {
+            let all = round.all();
+            round.exclude_non_finite(&all)?;
+        }
+        Ok(round)
+    }
+
+    /// Scans `members` for non-finite values and removes the offenders from
+    /// the round with [`ExclusionReason::NonFinite`] (their factor leaves the
+    /// gate's sum: they count as 0). Returns how many were removed; member
+    /// indices are invalidated when any was.
+    pub fn exclude_non_finite(&mut self, members: &[usize]) -> Result<usize> {
+        let verdicts = super::engine::first_non_finite_per_client(self, members)?;
+        let mut bad: Vec<(usize, (String, usize, f32))> = members
+            .iter()
+            .zip(verdicts)
+            .filter_map(|(&i, v)| v.map(|v| (i, v)))
+            .collect();
+        bad.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let removed = bad.len();
+        let mut found = Vec::with_capacity(removed);
+        for (i, (tensor, index, value)) in bad {
+            if i < self.clients.len() {
+                let client = self.clients.remove(i);
+                found.push(Exclusion {
+                    client: client.id,
                     reason: ExclusionReason::NonFinite {
                         tensor,
                         index,
                         value,
                     },
-                }),
-                None => {
-                    round.factor_sum += f64::from(update.security_factor);
-                    round.clients.push(Client {
-                        id: update.client.clone(),
-                        samples: update.samples,
-                        factor: update.security_factor,
-                        segments: global
-                            .keys()
-                            .map(|k| update.adapter.get(k).map_or(&[][..], |t| t.as_slice()))
-                            .collect(),
-                    });
-                }
+                });
             }
         }
-        Ok(round)
+        found.reverse();
+        self.exclusions.append(&mut found);
+        self.factor_sum = self.clients.iter().map(|c| c.factor).sum();
+        Ok(removed)
     }
 
     /// Indices of every usable client.
@@ -273,7 +341,7 @@ impl<'a> Round<'a> {
         match weighting {
             Weighting::Uniform => 1.0,
             Weighting::Samples => c.samples as f64,
-            Weighting::SamplesTimesFactor => c.samples as f64 * f64::from(c.factor),
+            Weighting::SamplesTimesFactor => c.samples as f64 * c.factor,
         }
     }
 
@@ -346,6 +414,19 @@ impl Round<'_> {
         if members.is_empty() {
             return Ok(Some(self.skip(SkipReason::NoClientLeft)));
         }
+        if self.deferred {
+            // Zero-weight members never reach a kernel, so the deferred
+            // detection cannot see them: scan them now, so the report says
+            // NonFinite rather than ZeroWeight for a poisoned one.
+            let idle: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| self.raw_weight(i, weighting) <= 0.0)
+                .collect();
+            if !idle.is_empty() && self.first_non_finite_any(&idle)? {
+                return Ok(None);
+            }
+        }
         let raw: Vec<f64> = members
             .iter()
             .map(|&i| self.raw_weight(i, weighting))
@@ -369,6 +450,13 @@ impl Round<'_> {
         self.combination(&kept, &weights, &kept_scales)
     }
 
+    /// True when any of `members` holds a non-finite value.
+    fn first_non_finite_any(&self, members: &[usize]) -> Result<bool> {
+        Ok(super::engine::first_non_finite_per_client(self, members)?
+            .iter()
+            .any(Option::is_some))
+    }
+
     /// `g + Σ wᵢ·sᵢ·(xᵢ − g)` over `members` with normalised weights `weights`
     /// (summing to 1) and scales `scales`; every member is a contributor.
     pub fn combination(
@@ -379,10 +467,10 @@ impl Round<'_> {
     ) -> Result<Option<crate::aggregate::Aggregation>> {
         use crate::aggregate::{Aggregation, Contribution, Outcome, Share};
         let scale = |k: usize| scales.get(k).copied().unwrap_or(1.0);
-        let coefs: Vec<f32> = weights
+        let coefs: Vec<f64> = weights
             .iter()
             .enumerate()
-            .map(|(k, a)| (a * scale(k)) as f32)
+            .map(|(k, a)| a * scale(k))
             .collect();
         let unscaled = (0..members.len()).all(|k| scale(k) == 1.0);
         // Without scaling Σ wᵢ = 1 and the global term vanishes exactly;
@@ -390,13 +478,9 @@ impl Round<'_> {
         let g_coef = if unscaled {
             0.0
         } else {
-            (1.0 - weights
-                .iter()
-                .enumerate()
-                .map(|(k, a)| a * scale(k))
-                .sum::<f64>()) as f32
+            1.0 - coefs.iter().sum::<f64>()
         };
-        let values = super::engine::combine(&self, members, &coefs, g_coef);
+        let values = super::engine::combine(&self, members, &coefs, g_coef)?;
         let Some(adapter) = self.assemble(values)? else {
             return Ok(None);
         };
@@ -446,6 +530,18 @@ impl Round<'_> {
         }))
     }
 
+    /// [`require`](Self::require) with a size computed by checked arithmetic:
+    /// `None` (the constraint overflowed `usize`) can never be met and fails
+    /// with `required = usize::MAX`.
+    pub fn require_checked(
+        &self,
+        rule: &'static str,
+        required: Option<usize>,
+        constraint: String,
+    ) -> Result<()> {
+        self.require(rule, required.unwrap_or(usize::MAX), constraint)
+    }
+
     /// Fails with [`Error::TooFewClients`] unless at least `required` clients are usable.
     pub fn require(&self, rule: &'static str, required: usize, constraint: String) -> Result<()> {
         if self.clients.len() < required {
@@ -470,6 +566,28 @@ pub(crate) fn scanned(
         index: 0,
         value: f32::NAN,
     })
+}
+
+/// `a·f + b` with checked arithmetic (a rule's size constraint such as
+/// Krum's n ≥ 2f + 3); `None` on overflow.
+pub(crate) fn affine(a: usize, f: usize, b: usize) -> Option<usize> {
+    a.checked_mul(f)?.checked_add(b)
+}
+
+/// Fails with [`Error::InvalidAggregatorParam`] when the size constraint
+/// `a·f + b` overflows `usize` (no round could ever satisfy it).
+pub(crate) fn check_affine(
+    rule: &'static str,
+    param: &'static str,
+    a: usize,
+    f: usize,
+    b: usize,
+    expected: &'static str,
+) -> Result<()> {
+    match affine(a, f, b) {
+        Some(_) => Ok(()),
+        None => Err(param_error(rule, param, f, expected)),
+    }
 }
 
 /// A rule parameter error.

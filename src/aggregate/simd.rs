@@ -7,9 +7,14 @@
 //! `#[target_feature]` copy, made only after `is_x86_feature_detected!`
 //! confirmed the CPU supports the features.
 
-/// Lower triangle of one chunk's Gram matrix, added to `acc` (m × m,
-/// row-major): `acc[i][j] += ⟨rowᵢ, rowⱼ⟩` for j ≤ i. `buf` holds m rows of `len`.
-pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
+/// Lower triangle of one block's Gram matrix, written to `out` (m × m,
+/// row-major): `out[i][j] = ⟨rowᵢ, rowⱼ⟩` in f32 for j ≤ i (the upper triangle
+/// is left as it is). `buf` holds m rows of `len`.
+///
+/// The products are f32 for speed: the caller checks the block for
+/// non-finite entries (an f32 overflow of finite inputs, or a non-finite
+/// input) and recomputes it in f64 when needed.
+pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -21,7 +26,7 @@ pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gram_chunk_avx2(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
+fn gram_chunk_avx2(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
     gram_chunk_impl::<true>(buf, m, len, acc);
 }
 
@@ -81,12 +86,12 @@ fn dot1<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut [f64]) {
+fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
     let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
     let row = |j: usize| rows.get(j).copied().unwrap_or_default();
     let mut add = |i: usize, j: usize, v: f32| {
         if let Some(slot) = acc.get_mut(i * m + j) {
-            *slot += f64::from(v);
+            *slot = v;
         }
     };
     for i in 0..rows.len() {
@@ -108,14 +113,24 @@ fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut
 
 /// Applies a sorting network to the columns of `buf` (rows of `len`):
 /// afterwards row r holds each column's r-th smallest value.
-pub(crate) fn sort_network(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
+///
+/// NaN-safe by contract: returns `false`, without sorting, when any value is
+/// NaN or ±∞. Packed min/max return the other operand when one is NaN, so a
+/// network run over a NaN would silently drop it (the median of
+/// [NaN, 1, 5] would come out as 1.0 and the NaN client would count as a
+/// contributor); the caller must treat a `false` chunk as poisoned.
+pub(crate) fn sort_network(buf: &mut [f32], len: usize, network: &[(usize, usize)]) -> bool {
+    if !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         unsafe { sort_network_avx2(buf, len, network) };
-        return;
+        return true;
     }
     sort_network_impl(buf, len, network);
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -142,8 +157,8 @@ fn sort_network_impl(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
 /// unconditionally, in blocks, so the compiler emits packed min/max. A
 /// conditional swap compiles to branches (10× slower), and `if q < p { q }
 /// else { p }` to a masked store, which is microcoded on AMD CPUs (5× slower).
-/// Inputs are finite (checked after sorting; a NaN only poisons the output,
-/// which triggers the rescan), so NaN ordering does not matter.
+/// Inputs are finite ([`sort_network`] refuses any other), so NaN ordering
+/// does not matter here.
 #[inline(always)]
 fn compare_exchange(a: &mut [f32], b: &mut [f32]) {
     const W: usize = 16;
@@ -176,19 +191,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sort_network_refuses_nan_and_infinity_in_long_rows() {
+        // 3 rows of 40 (> 16: the packed path), NaN in the middle row.
+        let net = [(0, 1), (1, 2), (0, 1)];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut buf: Vec<f32> = (0..120).map(|i| (i % 7) as f32).collect();
+            buf[40 + 20] = bad;
+            assert!(!sort_network(&mut buf, 40, &net), "{bad}");
+        }
+        let mut buf: Vec<f32> = (0..120).map(|i| (i % 7) as f32).collect();
+        assert!(sort_network(&mut buf, 40, &net));
+        for c in 0..40 {
+            assert!(buf[c] <= buf[40 + c] && buf[40 + c] <= buf[80 + c]);
+        }
+    }
+
+    #[test]
     fn gram_chunk_matches_naive() {
         let (m, len) = (7, 53);
         let buf: Vec<f32> = (0..m * len)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
-        let mut acc = vec![0.0f64; m * m];
+        let mut acc = vec![0.0f32; m * m];
         gram_chunk(&buf, m, len, &mut acc);
         for i in 0..m {
             for j in 0..=i {
                 let naive: f64 = (0..len)
                     .map(|k| f64::from(buf[i * len + k]) * f64::from(buf[j * len + k]))
                     .sum();
-                assert!((acc[i * m + j] - naive).abs() < 1e-4, "({i},{j})");
+                assert!(
+                    (f64::from(acc[i * m + j]) - naive).abs() < 1e-4,
+                    "({i},{j})"
+                );
             }
         }
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
-use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
+use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, SkipReason};
 use crate::detect::{ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::{LazyDelta, LoraAdapter, LoraKey, TensorSource, checked_range};
@@ -258,14 +258,7 @@ impl RoundParams {
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        let t = self.skip_avg_weight;
-        if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
-            return Err(Error::InvalidParameter {
-                name: "skip_avg_weight",
-                value: t.to_string(),
-                expected: "a finite number in [0, 1]",
-            });
-        }
+        SafetyGate::new(self.skip_avg_weight)?;
         if let TrailCheck::MaxAbs(t) = self.trail
             && !(t.is_finite() && t >= 0.0)
         {
@@ -506,12 +499,9 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             },
             new_global: None,
         };
-        if mean_factor < threshold {
+        if let Some(reason) = SafetyGate::new(threshold)?.skip_reason(mean_factor) {
             outcome.skipped = true;
-            outcome.skip_reason = Some(SkipReason::LowMeanSecurityFactor {
-                mean: mean_factor,
-                threshold: threshold as f32,
-            });
+            outcome.skip_reason = Some(reason);
         } else {
             let aggregate_start = Instant::now();
             let aggregation = self.aggregate(global, reports, &outcome.clients)?;
@@ -657,15 +647,11 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             .filter(|(_, c)| c.disposition == Disposition::Assessed)
             .map(|(r, c)| (c, Clipped::new(r.update, global, &c.admission)))
             .collect();
-        let owned: Vec<(&ClientOutcome, LoraAdapter)> = sources
+        let updates: Vec<ClientUpdate<'_>> = sources
             .iter()
-            .map(|(c, s)| Ok((*c, materialise(s, global)?)))
-            .collect::<Result<_>>()?;
-        let updates: Vec<ClientUpdate<'_>> = owned
-            .iter()
-            .map(|(c, adapter)| {
-                ClientUpdate::new(c.client.clone(), adapter, c.samples)
-                    .with_security_factor((c.factor as f32).clamp(0.0, 1.0))
+            .map(|(c, source)| {
+                ClientUpdate::new(c.client.clone(), source as &dyn TensorSource, c.samples)
+                    .with_security_factor(c.factor.clamp(0.0, 1.0))
             })
             .collect();
         if updates.is_empty() {
@@ -679,15 +665,6 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         }
         self.aggregator.aggregate(global, &updates)
     }
-}
-
-/// A temporary owned copy until aggregators read `&dyn TensorSource`.
-fn materialise(source: &dyn TensorSource, template: &LoraAdapter) -> Result<LoraAdapter> {
-    let mut out = template.clone();
-    for (key, tensor) in out.iter_mut() {
-        source.copy_into(key.canonical(), tensor.as_mut_slice())?;
-    }
-    Ok(out)
 }
 
 /// Provenance of main-branch step scores.
