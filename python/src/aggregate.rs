@@ -7,7 +7,7 @@ use safe_fedllm::aggregate::{
     FactorGate, FedAvg, Flame, FoolsGold, GeometricMedian, Krum, KrumVariant, MultiKrum,
     NormClipping, Outcome, Trim, TrimmedMean, Weighting,
 };
-use safe_fedllm::lora::LoraAdapter;
+use safe_fedllm::lora::TensorSource;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::to_arrays;
@@ -33,7 +33,7 @@ pub struct RuleSpec {
     per_side: Option<usize>,
     variant: Option<String>,
     weighting: Option<String>,
-    skip_avg_weight: Option<f32>,
+    skip_avg_weight: Option<f64>,
     nu: Option<f64>,
     tolerance: Option<f64>,
     max_iterations: Option<usize>,
@@ -46,7 +46,7 @@ pub struct RuleSpec {
     iterations: Option<usize>,
     /// Wrap in a factor gate: `true` (factor > 0) or a threshold.
     gate: Option<serde_json::Value>,
-    gate_skip_avg_weight: Option<f32>,
+    gate_skip_avg_weight: Option<f64>,
 }
 
 fn bad(param: &str, value: impl std::fmt::Display, expected: &str) -> PyErr {
@@ -87,17 +87,6 @@ impl RuleSpec {
     fn need_f(&self) -> PyResult<usize> {
         self.f
             .ok_or_else(|| bad("f", "None", "the number of Byzantine clients to tolerate"))
-    }
-
-    /// The spec for use inside a defended round, which applies the safety
-    /// gate itself (over every report): FedAvg's own gate is turned off
-    /// unless it was set explicitly.
-    pub fn for_round(&self) -> RuleSpec {
-        let mut spec = self.clone();
-        if spec.rule == "fedavg" && spec.skip_avg_weight.is_none() {
-            spec.skip_avg_weight = Some(0.0);
-        }
-        spec
     }
 
     /// Builds the rule (validated by the crate's constructors).
@@ -218,8 +207,7 @@ impl RuleSpec {
             Some(serde_json::Value::Bool(true)) => Admit::Positive,
             Some(v) => Admit::AtLeast(
                 v.as_f64()
-                    .ok_or_else(|| bad("gate", v, "True or a factor threshold"))?
-                    as f32,
+                    .ok_or_else(|| bad("gate", v, "True or a factor threshold"))?,
             ),
         };
         Ok(Box::new(
@@ -234,8 +222,8 @@ impl RuleSpec {
 
 /// An aggregation rule.
 ///
-/// `rule` is one of "fedavg" (security-weighted, with the safety gate
-/// `skip_avg_weight`, default 0.2), "median", "trimmed_mean" (beta or
+/// `rule` is one of "fedavg" (security-weighted; `skip_avg_weight` adds the
+/// safety gate, off by default: a `DefendedRound` applies its own), "median", "trimmed_mean" (beta or
 /// per_side), "krum" (f, variant), "multi_krum" (f, m), "bulyan" (f),
 /// "geometric_median" (nu, tolerance, max_iterations), "norm_clipping"
 /// (bound: float or "median"), "foolsgold" (kappa), "flame" (noise_lambda,
@@ -258,7 +246,7 @@ pub struct PyUpdate<'py> {
     pub client: String,
     pub held: Held<'py>,
     pub samples: u64,
-    pub factor: f32,
+    pub factor: f64,
 }
 
 impl<'py> PyUpdate<'py> {
@@ -267,7 +255,7 @@ impl<'py> PyUpdate<'py> {
         let client: String = obj.get_item(0)?.str()?.extract()?;
         let held = Held::extract(&obj.get_item(1)?)?;
         let samples: u64 = obj.get_item(2)?.extract()?;
-        let factor: f32 = if len > 3 {
+        let factor: f64 = if len > 3 {
             obj.get_item(3)?.extract()?
         } else {
             1.0
@@ -281,22 +269,19 @@ impl<'py> PyUpdate<'py> {
     }
 }
 
-/// Runs a rule on borrowed updates (copied into adapters until the core's
-/// `ClientUpdate` reads `TensorSource`s directly).
+/// Runs a rule on borrowed updates: the client arrays are read in place;
+/// only the global adapter is copied (the rules take it owned).
 pub fn run_rule(
     rule: &mut BoxedRule,
     global: &Source<'_>,
-    updates: &[(String, Source<'_>, u64, f32)],
+    updates: &[(String, Source<'_>, u64, f64)],
 ) -> safe_fedllm::Result<Aggregation> {
     let global = global.to_adapter()?;
-    let owned: Vec<LoraAdapter> = updates
-        .iter()
-        .map(|(_, s, _, _)| s.to_adapter())
-        .collect::<safe_fedllm::Result<_>>()?;
     let updates: Vec<ClientUpdate<'_>> = updates
         .iter()
-        .zip(&owned)
-        .map(|((c, _, n, f), a)| ClientUpdate::new(c.as_str(), a, *n).with_security_factor(*f))
+        .map(|(c, s, n, f)| {
+            ClientUpdate::new(c.as_str(), s as &dyn TensorSource, *n).with_security_factor(*f)
+        })
         .collect();
     rule.aggregate(&global, &updates)
 }
@@ -358,7 +343,7 @@ impl Aggregator {
             .map(|u| PyUpdate::extract(&u?))
             .collect::<PyResult<_>>()?;
         let global_view = global.source()?;
-        let views: Vec<(String, Source<'_>, u64, f32)> = items
+        let views: Vec<(String, Source<'_>, u64, f64)> = items
             .iter()
             .map(|u| Ok((u.client.clone(), u.held.source()?, u.samples, u.factor)))
             .collect::<PyResult<_>>()?;

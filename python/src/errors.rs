@@ -40,14 +40,23 @@ pub fn to_py(err: Error) -> PyErr {
         _ => None,
     };
     let message = err.to_string();
-    let root = err.root();
+    // A client's unreadable source: the inner error decides the class, the
+    // client is kept as a field.
+    let (client, root) = match err.root() {
+        Error::ClientSource { client, source } => (Some(client.clone()), source.root()),
+        other => (None, other),
+    };
     let (class, kind) = classify(root);
     raise(class, message, |d| {
         d.set_item("kind", kind)?;
         if let Some(p) = &path {
             d.set_item("path", p)?;
         }
-        fields(root, d)
+        fields(root, d)?;
+        if let Some(c) = &client {
+            d.set_item("client", c)?;
+        }
+        Ok(())
     })
 }
 

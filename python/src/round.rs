@@ -257,7 +257,7 @@ impl DefendedRound {
         let mut inner = CoreRound::new(
             probe.inner.clone(),
             detector.inner.clone(),
-            aggregator.spec.for_round().build()?,
+            aggregator.spec.build()?,
         )
         .with_params(params)
         .py()?;

@@ -324,7 +324,8 @@ def test_rule_errors_are_typed(global_arrays, rng):
 
 def test_factor_gate_and_safety_gate(global_arrays, rng):
     ups = [(str(i), client_update(global_arrays, rng, False), 10, 0.05) for i in range(5)]
-    out = sf.Aggregator("fedavg").aggregate(global_arrays, ups)
+    assert not sf.Aggregator("fedavg").aggregate(global_arrays, ups)["skipped"]  # no gate by default
+    out = sf.Aggregator("fedavg", skip_avg_weight=0.2).aggregate(global_arrays, ups)
     assert out["skipped"] and out["new_global"] is None
     gated = sf.Aggregator("median", gate=0.5)
     ups = [(str(i), client_update(global_arrays, rng, False), 10, 1.0 if i < 3 else 0.0) for i in range(5)]
