@@ -56,6 +56,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
@@ -164,16 +165,34 @@ class AdmissionPolicy:
         return min(int(raw), 2**63 - 1)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+# The header numpy writes for a C-order little-endian float32 matrix; anything
+# else goes through numpy's own (slower, literal_eval-based) header parser.
+_F32_MATRIX_HEADER = re.compile(
+    rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n"
+)
+
+
 def _npy_view(arr: Array) -> np.ndarray:
     """A read-only view of an ``Array``'s bytes as an ndarray, without copying.
 
     Parses the ``.npy`` header itself (no pickle is ever allowed) and returns
     ``np.frombuffer`` over the message bytes; falls back to ``Array.numpy()``
-    for anything unusual so the caller's checks see the real dtype.
+    for anything unusual (made C-contiguous, so a Fortran-order upload is
+    read correctly) so the caller's checks see the real dtype.
     """
     data = arr.data
-    if arr.stype != "numpy.ndarray" or not isinstance(data, (bytes, bytearray, memoryview)):
-        return arr.numpy()
+    if arr.stype != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
+        return np.ascontiguousarray(arr.numpy())
+    if data[:6] == _NPY_MAGIC and data[6:8] == b"\x01\x00" and len(data) >= 10:
+        header_len = int.from_bytes(data[8:10], "little")
+        match = _F32_MATRIX_HEADER.fullmatch(data, 10, 10 + header_len)
+        if match is not None:
+            rows, cols = int(match.group(1)), int(match.group(2))
+            offset = 10 + header_len
+            if len(data) - offset != rows * cols * 4:
+                raise ValueError(f"array bytes hold {len(data) - offset} bytes, shape ({rows}, {cols}) needs {rows * cols * 4}")
+            return np.frombuffer(data, dtype=np.float32, count=rows * cols, offset=offset).reshape(rows, cols)
     buf = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(buf)
@@ -182,11 +201,11 @@ def _npy_view(arr: Array) -> np.ndarray:
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
         else:
-            return arr.numpy()
+            return np.ascontiguousarray(arr.numpy())
     except ValueError:
-        return arr.numpy()
+        return np.ascontiguousarray(arr.numpy())
     if dtype != np.dtype("<f4") or fortran or dtype.hasobject:
-        return arr.numpy()
+        return np.ascontiguousarray(arr.numpy())
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     offset = buf.tell()
     if len(data) - offset != count * 4:

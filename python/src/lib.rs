@@ -4,6 +4,7 @@
 //! numpy float32 arrays reach the core without copying ([`source`]), heavy
 //! work runs with the GIL released, and crate errors become typed Python
 //! exceptions that keep their fields ([`errors`]).
+#![deny(missing_docs)]
 
 use pyo3::prelude::*;
 

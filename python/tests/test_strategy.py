@@ -278,3 +278,16 @@ def test_shadow_level_sends_the_fixed_base_and_reads_shadow_trails(probe, global
     assert metrics["factor.1"] > 0.9 and metrics["factor.2"] > 0.9
     assert metrics["factor.3"] < 0.05
     assert (tmp_path / "detector.json.shadow-base.npz").exists()
+
+
+def test_fortran_order_upload_is_read_correctly(probe, global_arrays, rng, tmp_path):
+    s = make(probe, tmp_path)
+    configured(s, global_arrays)
+    ups = [client_update(global_arrays, rng, False) for _ in range(4)]
+    fortran = {k: np.asfortranarray(v) for k, v in ups[0].items()}
+    arrays, metrics = s.aggregate_train(1, [reply(1, fortran)] + [reply(i + 2, u) for i, u in enumerate(ups[1:])])
+    assert metrics["excluded.1"] == 0
+    new = array_record_to_numpy(arrays)
+    mean = benign_mean(ups)
+    for k in global_arrays:
+        assert np.abs(new[k] - mean[k]).max() < 1e-3
