@@ -11,6 +11,9 @@ typed (:mod:`safe_fedllm.errors`).
 >>> d.num_params
 8
 
+Arrays are read in place while the GIL is released: do not write to them
+from another thread while a call that reads them is running.
+
 Modules: :mod:`safe_fedllm.flower` (a Flower Message-API strategy),
 :mod:`safe_fedllm.client` (step trail and shadow branch for a ClientApp).
 """

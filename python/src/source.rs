@@ -5,6 +5,12 @@
 //! becomes a `&[f32]`, and the core reads them through
 //! [`TensorSource::as_f32`] without copying. The slices are `Send`, so the
 //! heavy work runs with the GIL released (`py.detach`).
+//!
+//! The borrow flags only see Rust borrows: Python code in *another thread*
+//! must not write to these arrays while a call that reads them is running
+//! (the same contract as any GIL-releasing numpy extension). Flower's reply
+//! arrays are read-only views over the message bytes, so the strategy never
+//! hands out writable buffers.
 
 use numpy::{
     PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
