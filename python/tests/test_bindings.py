@@ -43,10 +43,18 @@ def entry_points(probe, global_arrays):
         "Probe.score": lambda a: probe.score(a),
         "Probe.score_update": lambda a: probe.score_update(a, global_arrays),
         "Aggregator.aggregate": lambda a: sf.Aggregator("fedavg").aggregate(global_arrays, [("c", a, 10, 1.0)]),
+        "DefendedRound.run": lambda a: sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg")).run(
+            0, global_arrays, [{"client": "c", "update": a, "samples": 10}]),
+        "FeatureSpec.fit": lambda a: sf.FeatureSpec.fit([a]),
+        "Probe.train": lambda a: sf.Probe.train([a, global_arrays], [True, False]),
     }
 
 
-@pytest.mark.parametrize("name", ["Adapter.from_arrays", "delta", "FeatureSpec.transform", "Probe.score", "Probe.score_update", "Aggregator.aggregate"])
+ENTRY_POINTS = ["Adapter.from_arrays", "delta", "FeatureSpec.transform", "Probe.score", "Probe.score_update",
+                "Aggregator.aggregate", "DefendedRound.run", "FeatureSpec.fit", "Probe.train"]
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_float64_is_a_typed_dtype_error(name, probe, global_arrays):
     call = entry_points(probe, global_arrays)[name]
     bad = with_(global_arrays, QB0, global_arrays[QB0].astype(np.float64))
@@ -57,7 +65,7 @@ def test_float64_is_a_typed_dtype_error(name, probe, global_arrays):
     assert isinstance(info.value, TypeError) and isinstance(info.value, sf.SafeFedLLMError)
 
 
-@pytest.mark.parametrize("name", ["Adapter.from_arrays", "delta", "FeatureSpec.transform", "Probe.score", "Probe.score_update", "Aggregator.aggregate"])
+@pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_non_contiguous_is_rejected_not_read_transposed(name, probe, global_arrays):
     call = entry_points(probe, global_arrays)[name]
     fortran = np.asfortranarray(global_arrays[QB0])  # same shape and values, F order
@@ -69,7 +77,7 @@ def test_non_contiguous_is_rejected_not_read_transposed(name, probe, global_arra
         call(with_(global_arrays, QB0, strided))
 
 
-@pytest.mark.parametrize("name", ["Adapter.from_arrays", "delta", "FeatureSpec.transform", "Probe.score", "Probe.score_update", "Aggregator.aggregate"])
+@pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_non_2d_is_a_shape_error(name, probe, global_arrays):
     call = entry_points(probe, global_arrays)[name]
     with pytest.raises(sf.ShapeMismatchError) as info:
@@ -89,6 +97,16 @@ def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
     with pytest.raises(sf.MissingKeyError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("c7", without(update, QB0), 10, 1.0)])
     assert info.value.client == "c7" and info.value.key == QB0
+    with pytest.raises(sf.MissingKeyError) as info:
+        probe.score_update(update, without(global_arrays, QB0))
+    assert info.value.key == QB0 and info.value.missing_from == "base"
+    # In a defended round a client's missing key is a typed rejection, not an error for everyone.
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"))
+    reports = [{"client": f"b{i}", "update": client_update(global_arrays, rng, False), "samples": 10} for i in range(3)]
+    out = rnd.run(0, global_arrays, reports + [{"client": "m", "update": without(update, QB0), "samples": 10}])
+    m = {c["client"]: c for c in out["clients"]}["m"]
+    assert m["admission"]["status"] == "rejected" and m["admission"]["reason"] == "key_mismatch"
+    assert QB0 in m["admission"]["missing"] and m["factor"] == 0.0
 
 
 def test_nan_errors_and_exclusions(probe, global_arrays, rng):
