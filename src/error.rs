@@ -393,6 +393,69 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
+
+    // --- added by interop ---
+    /// A tensor of another library (burn, candle) has a name the interop name
+    /// map does not translate to a PEFT LoRA key (a renamed or extra tensor).
+    #[error("{library} tensor `{tensor}` has no PEFT LoRA name under the {map} name map")]
+    UnmappedTensor {
+        /// The library (`"burn"` or `"candle"`).
+        library: &'static str,
+        /// The tensor's name in that library (burn record path, candle map key).
+        tensor: String,
+        /// The name map used (`"llama"`, `"table"`, a custom label).
+        map: String,
+    },
+
+    /// Another library (burn, candle) failed to read, convert or write a tensor.
+    #[error("{library} tensor `{tensor}`: {reason}")]
+    InteropFailed {
+        /// The library (`"burn"` or `"candle"`).
+        library: &'static str,
+        /// The tensor's name (PEFT key when known, else the library's name).
+        tensor: String,
+        /// The library's own message.
+        reason: String,
+    },
+
+    // --- added by calib ---
+    /// Cross-validated calibration of a probe could not be done (for example
+    /// the out-of-fold scores are not positively associated with the
+    /// malicious label, so no increasing map turns them into probabilities).
+    #[error("probe calibration failed: {detail}")]
+    CalibrationFailed {
+        /// What went wrong, with the figures involved.
+        detail: String,
+    },
+
+    /// A sample of a manifest could not be read or used. Relative paths in a
+    /// manifest are resolved against the manifest's own folder, not the
+    /// working directory; the message says which folder.
+    #[error(
+        "manifest line {line}: sample `{path}` (relative paths in a manifest resolve against its folder `{root}`): {source}"
+    )]
+    ManifestSample {
+        /// 1-based line number.
+        line: usize,
+        /// The resolved path of the file that failed.
+        path: PathBuf,
+        /// The folder relative paths were resolved against.
+        root: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// The benign updates given to an attack helper do not line up.
+    #[error("benign update {index}: tensor `{tensor}` {reason}")]
+    AttackInput {
+        /// Position of the offending update in the slice.
+        index: usize,
+        /// The tensor key.
+        tensor: String,
+        /// What differs.
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -404,12 +467,13 @@ impl Error {
         }
     }
 
-    /// The innermost error, looking through [`Error::InFile`] wrappers.
+    /// The innermost error, looking through [`Error::InFile`] and
+    /// [`Error::ManifestSample`] wrappers.
     ///
     /// Handy for matching on the variant without caring which file it came from.
     pub fn root(&self) -> &Error {
         match self {
-            Error::InFile { source, .. } => source.root(),
+            Error::InFile { source, .. } | Error::ManifestSample { source, .. } => source.root(),
             other => other,
         }
     }

@@ -3,10 +3,12 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;
+pub mod attack;
 mod client;
 pub mod detect;
 pub mod error;
 pub mod features;
+pub mod interop;
 pub mod lora;
 mod parallel;
 pub mod probe;

@@ -628,3 +628,53 @@ fn invalid_admission_settings_are_typed_errors() {
     .unwrap();
     assert!(bad.check().is_err());
 }
+
+#[test]
+fn huge_sketch_settings_are_typed_errors_not_aborts() {
+    use safe_fedllm::probe::SketchConfig;
+    for (dim, nnz) in [
+        (2_147_483_648usize, 1usize),
+        (usize::MAX, 1),
+        (1 << 20, 1 << 20),
+    ] {
+        let mut config = SketchConfig::new(dim, 7);
+        config.nnz_per_column = nnz;
+        assert!(config.build(40_960).is_err(), "dim {dim} nnz {nnz}");
+    }
+    // A table of input_dim × nnz entries that cannot be allocated.
+    let mut config = SketchConfig::new(1 << 10, 7);
+    config.nnz_per_column = 64;
+    assert!(config.build(usize::MAX / 2).is_err());
+}
+
+#[test]
+fn zero_samples_are_rejected_under_every_level() {
+    for level in [
+        DefenseLevel::Step,
+        DefenseLevel::Client,
+        DefenseLevel::Shadow,
+        DefenseLevel::Evidence,
+    ] {
+        let mut reports = honest();
+        reports.push(
+            OwnedReport::new("zero", malicious(1.0), 0)
+                .with_steps(OwnedSteps::Adapters(vec![benign(0.1), malicious(1.0)]))
+                .with_shadow(OwnedSteps::Scores(vec![0.01])),
+        );
+        let out = round_with(level)
+            .run(0, &global(), &borrow_reports(&reports))
+            .unwrap();
+        let zero = out.client("zero").unwrap();
+        assert_eq!(
+            zero.admission.rejection(),
+            Some(&Rejection::ZeroSamples),
+            "{level}"
+        );
+        assert_eq!(zero.factor, 0.0, "{level}");
+        assert!(zero.aggregation_weight.is_none(), "{level}");
+        assert!(
+            max_diff(&out.new_global.unwrap(), &honest_only(level)) < 1e-6,
+            "{level}"
+        );
+    }
+}

@@ -832,7 +832,17 @@ fn manifest_with_a_missing_file_fails_with_its_path() {
         .fit_manifest(&manifest)
         .unwrap_err();
     assert!(
-        matches!(err, Error::Io { ref path, .. } if path.ends_with("absent.safetensors")),
+        matches!(err.root(), Error::Io { path, .. } if path.ends_with("absent.safetensors")),
+        "{err}"
+    );
+    // The error names the manifest line and the folder relative paths
+    // resolve against.
+    assert!(
+        matches!(err, Error::ManifestSample { line: 1, ref root, .. } if *root == dir),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("resolve against its folder"),
         "{err}"
     );
 }

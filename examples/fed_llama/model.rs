@@ -1,20 +1,20 @@
 //! A LLaMA-architecture decoder in burn 0.22 (RMSNorm, rotary embeddings,
 //! grouped-query causal attention, SwiGLU MLP, tied or separate LM head),
-//! LoRA on `q_proj` / `v_proj` through burn's `apply_lora`, and the
-//! conversion of its LoRA tensors to and from the library's PEFT-orientation
-//! [`LoraAdapter`].
+//! LoRA on `q_proj` / `v_proj` through burn's `apply_lora`; its LoRA tensors
+//! cross to and from the library's PEFT-orientation [`LoraAdapter`] through
+//! the library's `burn` feature (`safe_fedllm::interop::burn`).
 
 use burn::module::{Initializer, Lora, Module, Param, ParamGroup};
 use burn::nn::{
     Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
     RotaryEncodingConfig,
 };
-use burn::store::{ModuleSnapshot, bridge};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use safe_fedllm::lora::{LoraAdapter, LoraConfig, LoraTensor};
+use safe_fedllm::interop::burn::{BurnLora, BurnNames, write_lora};
+use safe_fedllm::lora::{LoraAdapter, LoraConfig};
 use serde::{Deserialize, Serialize};
 
 /// The modules LoRA adapts (the paper's `target_modules`).
@@ -303,28 +303,31 @@ impl Llama {
     }
 
     /// The LoRA tensors in PEFT orientation and naming
-    /// (`base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight`).
-    ///
-    /// burn keeps `a: [d_in, r]` and `b: [r, d_out]` (ΔWᵀ = a·b·scale for its
-    /// `[d_in, d_out]` weights); PEFT keeps `lora_A: [r, in]` = aᵀ and
-    /// `lora_B: [out, r]` = bᵀ, so both are transposed here.
+    /// (`base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight`),
+    /// through the library's `burn` interop: burn keeps `a: [d_in, r]` and
+    /// `b: [r, d_out]`, the transposes of PEFT's `lora_A: [r, in]` and
+    /// `lora_B: [out, r]`, and [`BurnLora`] flips them at the boundary.
     pub fn lora_adapter(&self, rank: usize, alpha: f64) -> Result<LoraAdapter, String> {
-        let mut adapter = LoraAdapter::new();
-        for (layer, block) in self.layers.iter().enumerate() {
+        let mut adapter = BurnLora::from_module(self, &BurnNames::llama())
+            .map_err(|e| e.to_string())?
+            .into_adapter();
+        // Exactly the q_proj / v_proj factors of every layer, nothing else.
+        let wanted = self.layers.len() * LORA_TARGETS.len() * 2;
+        for layer in 0..self.layers.len() {
             for module in LORA_TARGETS {
-                let linear = block.attn.target(module);
-                let lora = linear
-                    .weight
-                    .adapter()
-                    .ok_or_else(|| format!("layer {layer} {module} carries no LoRA adapter"))?;
-                for (factor, param) in [("A", &lora.a), ("B", &lora.b)] {
-                    let burn_tensor =
-                        to_lora_tensor(&param.val(), &burn_path(layer, module, factor))?;
-                    adapter
-                        .insert(&peft_key(layer, module, factor), burn_tensor.transposed())
-                        .map_err(|e| e.to_string())?;
+                for factor in ["A", "B"] {
+                    let key = peft_key(layer, module, factor);
+                    if adapter.get(&key).is_none() {
+                        return Err(format!("the model carries no LoRA tensor {key}"));
+                    }
                 }
             }
+        }
+        if adapter.len() != wanted {
+            return Err(format!(
+                "the model carries {} LoRA tensors, expected {wanted} ({LORA_TARGETS:?} of every layer)",
+                adapter.len()
+            ));
         }
         adapter.set_config(LoraConfig {
             rank: Some(rank),
@@ -334,101 +337,23 @@ impl Llama {
         Ok(adapter)
     }
 
-    /// Loads a PEFT-orientation adapter into the model's LoRA factors
-    /// (burn-store `apply` by path). Every target tensor must be present with
-    /// the PEFT shape of the model's factor.
-    pub fn load_lora(&mut self, adapter: &LoraAdapter, device: &Device) -> Result<(), String> {
-        let mut tensors = Vec::new();
-        for layer in 0..self.layers.len() {
-            for module in LORA_TARGETS {
-                for factor in ["A", "B"] {
-                    let key = peft_key(layer, module, factor);
-                    let peft = adapter
-                        .get(&key)
-                        .ok_or_else(|| format!("adapter has no tensor {key}"))?;
-                    let burn_side = peft.transposed();
-                    let expected = self.lora_shape(layer, module, factor)?;
-                    if burn_side.shape() != expected {
-                        return Err(format!(
-                            "{key}: burn shape {:?} expected, adapter gives {:?} (PEFT {:?})",
-                            expected,
-                            burn_side.shape(),
-                            peft.shape()
-                        ));
-                    }
-                    let data = TensorData::new(burn_side.into_vec(), expected);
-                    let tensor = Tensor::<2>::from_data(data, device);
-                    tensors.push(bridge::from_tensor(
-                        &tensor,
-                        burn_path(layer, module, factor),
-                        None,
-                    ));
-                }
-            }
-        }
-        let wanted = tensors.len();
-        let result = self.apply(tensors, None, None, false);
-        if !result.errors.is_empty() || result.applied.len() != wanted {
-            return Err(format!(
-                "LoRA load applied {} of {wanted} tensors; errors: {:?}; unused: {:?}",
-                result.applied.len(),
-                result.errors,
-                result.unused
-            ));
-        }
-        Ok(())
-    }
-
-    fn lora_shape(&self, layer: usize, module: &str, factor: &str) -> Result<[usize; 2], String> {
-        let block = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| format!("no layer {layer}"))?;
-        let lora = block
-            .attn
-            .target(module)
-            .weight
-            .adapter()
-            .ok_or_else(|| format!("layer {layer} {module} carries no LoRA adapter"))?;
-        let dims = match factor {
-            "A" => lora.a.val().dims(),
-            _ => lora.b.val().dims(),
-        };
-        Ok(dims)
+    /// Loads a PEFT-orientation adapter into the model's LoRA factors with
+    /// the library's [`write_lora`] (burn-store `apply` by path). The key sets
+    /// must match exactly and every tensor must have the PEFT shape of the
+    /// model's factor; on error the model is unchanged. Each factor stays on
+    /// its parameter's device, so `_device` is not needed (kept so callers
+    /// read the same as before).
+    pub fn load_lora(&mut self, adapter: &LoraAdapter, _device: &Device) -> Result<(), String> {
+        write_lora(self, adapter, &BurnNames::llama())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
-impl Attention {
-    fn target(&self, module: &str) -> &Linear {
-        match module {
-            "q_proj" => &self.q_proj,
-            _ => &self.v_proj,
-        }
-    }
-}
-
-/// burn-store path of a LoRA factor (`a` = `lora_A`ᵀ, `b` = `lora_B`ᵀ).
-pub fn burn_path(layer: usize, module: &str, factor: &str) -> String {
-    format!(
-        "layers.{layer}.attn.{module}.weight.lora.{}",
-        factor.to_ascii_lowercase()
-    )
-}
-
-/// PEFT key of a LoRA factor.
+/// PEFT key of a LoRA factor (the name `BurnNames::llama` gives burn's
+/// `layers.{layer}.attn.{module}.weight.lora.{a,b}`).
 pub fn peft_key(layer: usize, module: &str, factor: &str) -> String {
     format!("base_model.model.model.layers.{layer}.self_attn.{module}.lora_{factor}.weight")
-}
-
-/// A 2-D burn tensor as a [`LoraTensor`] in burn's own orientation.
-fn to_lora_tensor(tensor: &Tensor<2>, name: &str) -> Result<LoraTensor, String> {
-    let dims = tensor.dims();
-    let values = tensor
-        .to_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| format!("{name}: {e:?}"))?;
-    LoraTensor::new(name, dims, values).map_err(|e| e.to_string())
 }
 
 /// A parameter built from a vector.

@@ -15,6 +15,13 @@
 //!   is taken to hold the delta itself.
 //! * `client` (string or integer), `round`, `step` (non-negative integers):
 //!   optional ids, carried along for reporting.
+//! * `group` (optional, string or integer): the run (or client) the sample
+//!   belongs to. Cross-validation keeps every group inside one fold: the
+//!   steps of one run are not independent samples, and a fold that trains on
+//!   step 4 of a run and tests on its step 5 overstates the probe. Without
+//!   `group`, the sample's `client` is its group; without either, the sample
+//!   is a group of its own. Group names are compared as strings (`3` and
+//!   `"3"` are the same group).
 //!
 //! Unknown fields are rejected (a typo such as `"lable"` must not silently
 //! drop a label). Loading is streaming: the layout is fitted from the files'
@@ -52,6 +59,8 @@ pub struct ManifestEntry {
     pub round: Option<u64>,
     /// Local step.
     pub step: Option<u64>,
+    /// Group (run or client) for cross-validation, as written in the manifest.
+    pub group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +76,8 @@ struct RawEntry {
     round: Option<u64>,
     #[serde(default)]
     step: Option<u64>,
+    #[serde(default)]
+    group: Option<Value>,
 }
 
 /// A parsed manifest: labelled samples in file order.
@@ -86,6 +97,7 @@ struct RawEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     entries: Vec<ManifestEntry>,
+    root: PathBuf,
 }
 
 impl Manifest {
@@ -104,7 +116,10 @@ impl Manifest {
         if entries.is_empty() {
             return Err(Error::Empty { what: "manifest" });
         }
-        Ok(Manifest { entries })
+        Ok(Manifest {
+            entries,
+            root: root.to_owned(),
+        })
     }
 
     /// Reads and parses a manifest file (paths relative to its directory).
@@ -124,6 +139,20 @@ impl Manifest {
         Self::parse(&text, root).map_err(|e| Error::in_file(path, e))
     }
 
+    /// The folder relative paths were resolved against.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn sample_error(&self, entry: &ManifestEntry, source: Error) -> Error {
+        Error::ManifestSample {
+            line: entry.line,
+            path: entry.path.clone(),
+            root: self.root.clone(),
+            source: Box::new(source),
+        }
+    }
+
     /// The samples, in file order.
     pub fn entries(&self) -> &[ManifestEntry] {
         &self.entries
@@ -134,13 +163,51 @@ impl Manifest {
         self.entries.iter().map(|e| e.label).collect()
     }
 
+    /// One dense group index per entry, in file order, for
+    /// [`Trainer::fit_grouped`](crate::probe::Trainer::fit_grouped): entries
+    /// with the same `group` share an index; an entry without `group` falls
+    /// back to its `client`, and one with neither is a group of its own.
+    /// Indices are numbered in order of first appearance.
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use safe_fedllm::probe::Manifest;
+    ///
+    /// let text = r#"{"path": "a", "label": 1, "group": "run-1"}
+    /// {"path": "b", "label": 0}
+    /// {"path": "c", "label": 1, "group": "run-1"}
+    /// {"path": "d", "label": 0, "client": 7}
+    /// {"path": "e", "label": 0, "group": 7}"#;
+    /// let manifest = Manifest::parse(text, Path::new("."))?;
+    /// assert_eq!(manifest.groups(), [0, 1, 0, 2, 2]);
+    /// # Ok::<(), safe_fedllm::Error>(())
+    /// ```
+    pub fn groups(&self) -> Vec<usize> {
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut next = 0usize;
+        let mut fresh = || {
+            next += 1;
+            next - 1
+        };
+        self.entries
+            .iter()
+            .map(|e| match e.group.as_deref().or(e.client.as_deref()) {
+                Some(name) => *ids.entry(name).or_insert_with(&mut fresh),
+                None => fresh(),
+            })
+            .collect()
+    }
+
     /// Freezes the feature layout from the files' headers (no tensor data is
     /// converted).
     pub fn fit_spec(&self, config: &FeatureConfig) -> Result<FeatureSpec> {
         let headers = self
             .entries
             .iter()
-            .map(|e| with_file(&e.path, |view| Ok(KeyShapes::of(view))))
+            .map(|e| {
+                with_file(&e.path, |view| Ok(KeyShapes::of(view)))
+                    .map_err(|err| self.sample_error(e, err))
+            })
             .collect::<Result<Vec<_>>>()?;
         config.fit(&headers)
     }
@@ -164,7 +231,8 @@ impl Manifest {
             } else {
                 row_ref(row)
             };
-            entry_features(entry, spec, &mut bases, target)?;
+            entry_features(entry, spec, &mut bases, target)
+                .map_err(|err| self.sample_error(entry, err))?;
             if let Some(sketch) = sketch {
                 sketch.project(&scratch, row)?;
             }
@@ -191,12 +259,14 @@ fn parse_line(line: usize, text: &str, root: &Path) -> Result<ManifestEntry> {
             )));
         }
     };
-    let client = match raw.client {
-        None => None,
-        Some(Value::String(s)) => Some(s),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
-        Some(other) => return Err(bad(format!("client id {other} is not a string or integer"))),
+    let id = |field: &str, value: Option<Value>| match value {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(Some(n.to_string())),
+        Some(other) => Err(bad(format!("{field} {other} is not a string or integer"))),
     };
+    let client = id("client id", raw.client)?;
+    let group = id("group", raw.group)?;
     Ok(ManifestEntry {
         line,
         path: root.join(raw.path),
@@ -205,6 +275,7 @@ fn parse_line(line: usize, text: &str, root: &Path) -> Result<ManifestEntry> {
         client,
         round: raw.round,
         step: raw.step,
+        group,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Evaluation of probe scores: confusion counts, precision, recall, F1,
-//! ROC AUC, threshold selection and stratified k-fold cross-validation.
+//! ROC AUC, calibration (expected calibration error, Brier score), threshold
+//! selection, and stratified (group) k-fold cross-validation.
 //!
 //! Conventions: the positive class is [`Label::Malicious`]; a sample is
 //! predicted malicious when its score is ≥ the threshold (as
@@ -107,9 +108,16 @@ impl Confusion {
     }
 }
 
-/// Every metric at one threshold, plus the threshold-free ROC AUC.
+/// Every metric at one threshold, plus the threshold-free ROC AUC and the
+/// calibration of the scores (ECE over [`ECE_BINS`] equal-width bins, Brier).
+///
+/// AUC says whether malicious updates score above benign ones; ECE and
+/// Brier say whether a score of 0.8 *means* 80 % — which is what a fixed
+/// threshold τ relies on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// Number of samples.
+    pub samples: usize,
     /// The threshold used.
     pub threshold: f32,
     /// Counts at it.
@@ -120,8 +128,19 @@ pub struct Evaluation {
     pub recall: f64,
     /// F1 at it.
     pub f1: f64,
+    /// Accuracy at it.
+    pub accuracy: f64,
+    /// False-positive rate at it (benign updates flagged).
+    pub false_positive_rate: f64,
     /// Area under the ROC curve.
     pub roc_auc: f64,
+    /// Expected calibration error over [`Evaluation::ece_bins`] equal-width
+    /// bins (see [`expected_calibration_error`]).
+    pub ece: f64,
+    /// Number of bins of the ECE.
+    pub ece_bins: usize,
+    /// Brier score: mean squared difference between score and label.
+    pub brier: f64,
 }
 
 impl Evaluation {
@@ -130,13 +149,101 @@ impl Evaluation {
     pub fn new(scores: &[f32], labels: &[Label], threshold: f32) -> Result<Self> {
         let confusion = Confusion::at(scores, labels, threshold)?;
         Ok(Evaluation {
+            samples: scores.len(),
             threshold,
             confusion,
             precision: confusion.precision(),
             recall: confusion.recall(),
             f1: confusion.f1(),
+            accuracy: confusion.accuracy(),
+            false_positive_rate: confusion.false_positive_rate(),
             roc_auc: roc_auc(scores, labels)?,
+            ece: expected_calibration_error(scores, labels, ECE_BINS)?,
+            ece_bins: ECE_BINS,
+            brier: brier_score(scores, labels)?,
         })
+    }
+}
+
+/// Bins of the ECE reported by [`Evaluation`]: ten equal-width bins, the
+/// most common choice (Guo et al. 2017), so figures compare across papers.
+pub const ECE_BINS: usize = 10;
+
+/// Expected calibration error: scores are put in `bins` equal-width bins
+/// over [0, 1] (bin k holds scores in [k/B, (k+1)/B), the last bin also
+/// holds 1.0); ECE = Σₖ (nₖ/n)·|mean score in k − share malicious in k|.
+///
+/// 0 means a score of s is malicious a share s of the time, in every bin.
+/// Scores outside [0, 1] are an [`Error::InvalidParameter`]; `bins` must be
+/// ≥ 1.
+///
+/// ```
+/// use safe_fedllm::probe::Label::{Benign, Malicious};
+/// use safe_fedllm::probe::eval::expected_calibration_error;
+///
+/// // Bin [0.2, 0.3): mean 0.25, 1 of 2 malicious → |0.25 − 0.5| = 0.25, weight 2/4.
+/// // Bin [0.9, 1.0]: mean 0.95, 2 of 2 malicious → 0.05, weight 2/4.
+/// let ece = expected_calibration_error(&[0.2, 0.3 - 1e-6, 0.9, 1.0], &[Benign, Malicious, Malicious, Malicious], 10)?;
+/// assert!((ece - 0.15).abs() < 1e-6);
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+pub fn expected_calibration_error(scores: &[f32], labels: &[Label], bins: usize) -> Result<f64> {
+    check_pairs(scores, labels)?;
+    check_probabilities(scores)?;
+    if bins == 0 {
+        return Err(Error::InvalidParameter {
+            name: "bins",
+            value: "0".into(),
+            expected: ">= 1",
+        });
+    }
+    let mut count = vec![0usize; bins];
+    let mut score_sum = vec![0.0f64; bins];
+    let mut positives = vec![0usize; bins];
+    for (&s, &l) in scores.iter().zip(labels) {
+        let k = ((f64::from(s) * bins as f64) as usize).min(bins - 1);
+        if let (Some(c), Some(sum), Some(p)) =
+            (count.get_mut(k), score_sum.get_mut(k), positives.get_mut(k))
+        {
+            *c += 1;
+            *sum += f64::from(s);
+            *p += usize::from(l.is_malicious());
+        }
+    }
+    let n = scores.len() as f64;
+    Ok(count
+        .iter()
+        .zip(&score_sum)
+        .zip(&positives)
+        .filter(|((c, _), _)| **c > 0)
+        .map(|((&c, &sum), &p)| {
+            let c_f = c as f64;
+            (c_f / n) * (sum / c_f - p as f64 / c_f).abs()
+        })
+        .sum())
+}
+
+/// Brier score: mean of (score − target)², target 1 for malicious, 0 for
+/// benign. Scores outside [0, 1] are an [`Error::InvalidParameter`].
+pub fn brier_score(scores: &[f32], labels: &[Label]) -> Result<f64> {
+    check_pairs(scores, labels)?;
+    check_probabilities(scores)?;
+    Ok(scores
+        .iter()
+        .zip(labels)
+        .map(|(&s, l)| (f64::from(s) - l.target()).powi(2))
+        .sum::<f64>()
+        / scores.len() as f64)
+}
+
+fn check_probabilities(scores: &[f32]) -> Result<()> {
+    match scores.iter().find(|s| !(0.0..=1.0).contains(*s)) {
+        Some(s) => Err(Error::InvalidParameter {
+            name: "scores",
+            value: s.to_string(),
+            expected: "probabilities in [0, 1]",
+        }),
+        None => Ok(()),
     }
 }
 
@@ -338,6 +445,146 @@ pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fo
                 .collect(),
         })
         .collect())
+}
+
+/// Stratified *group* k-fold: every group lands whole in one test fold, and
+/// groups are dealt so that each fold's class ratio stays as close to the
+/// overall one as the groups allow.
+///
+/// `groups` holds one group id per sample (any `usize`; ids need not be
+/// dense). The steps of one fine-tuning run, or the rounds of one client,
+/// are near-copies of each other: letting them straddle folds would let the
+/// probe be tested on samples it has, in effect, trained on. With every
+/// sample in its own group this is plain stratified k-fold.
+///
+/// Dealing follows scikit-learn's `StratifiedGroupKFold`: groups are
+/// shuffled (seeded), then taken in order of decreasing spread of their
+/// class counts, and each goes to the fold where the per-class shares
+/// across folds stay most even (ties: the fold with fewer samples).
+///
+/// Errors: [`Error::InvalidParameter`] when `k < 2` or there are fewer than
+/// `k` distinct groups; [`Error::LengthMismatch`] when `groups` and
+/// `labels` differ in length.
+///
+/// ```
+/// use safe_fedllm::probe::Label::{Benign, Malicious};
+/// use safe_fedllm::probe::eval::stratified_group_k_fold;
+///
+/// let labels = [Benign, Benign, Malicious, Malicious, Benign, Benign, Malicious, Benign];
+/// let groups = [0, 0, 1, 1, 2, 2, 3, 4];
+/// let folds = stratified_group_k_fold(&labels, &groups, 2, 0)?;
+/// for fold in &folds {
+///     // Rows 0 and 1 (group 0) are tested together or not at all.
+///     assert_eq!(fold.test.contains(&0), fold.test.contains(&1));
+/// }
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+pub fn stratified_group_k_fold(
+    labels: &[Label],
+    groups: &[usize],
+    k: usize,
+    seed: u64,
+) -> Result<Vec<Fold>> {
+    if groups.len() != labels.len() {
+        return Err(Error::LengthMismatch {
+            what: "group ids for labels",
+            expected: labels.len(),
+            found: groups.len(),
+        });
+    }
+    if k < 2 {
+        return Err(Error::InvalidParameter {
+            name: "k",
+            value: k.to_string(),
+            expected: ">= 2",
+        });
+    }
+    // Dense group index and per-group class counts [benign, malicious].
+    let mut index: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let mut counts: Vec<[usize; 2]> = Vec::new();
+    let mut group_of = Vec::with_capacity(labels.len());
+    for (&g, l) in groups.iter().zip(labels) {
+        let next = counts.len();
+        let dense = *index.entry(g).or_insert(next);
+        if dense == next {
+            counts.push([0, 0]);
+        }
+        if let Some(c) = counts.get_mut(dense) {
+            c[usize::from(l.is_malicious())] += 1;
+        }
+        group_of.push(dense);
+    }
+    if counts.len() < k {
+        return Err(Error::InvalidParameter {
+            name: "k",
+            value: k.to_string(),
+            expected: "at most the number of distinct groups",
+        });
+    }
+    let totals = counts
+        .iter()
+        .fold([0usize; 2], |t, c| [t[0] + c[0], t[1] + c[1]]);
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    Rng::new(seed).shuffle(&mut order);
+    let spread = |c: &[usize; 2]| c[0].abs_diff(c[1]);
+    order.sort_by_key(|&g| std::cmp::Reverse(counts.get(g).map_or(0, spread)));
+    let mut fold_counts = vec![[0usize; 2]; k];
+    let mut fold_of_group = vec![0usize; counts.len()];
+    for &g in &order {
+        let Some(&c) = counts.get(g) else { continue };
+        let mut best: Option<(f64, usize, usize)> = None; // (evenness, samples, fold)
+        for f in 0..k {
+            let evenness = fold_evenness(&fold_counts, f, c, totals);
+            let samples = fold_counts.get(f).map_or(0, |x| x[0] + x[1]);
+            let better = match best {
+                None => true,
+                Some((e, s, _)) => {
+                    evenness < e - 1e-12 || ((evenness - e).abs() <= 1e-12 && samples < s)
+                }
+            };
+            if better {
+                best = Some((evenness, samples, f));
+            }
+        }
+        let f = best.map_or(0, |(_, _, f)| f);
+        if let (Some(slot), Some(fc)) = (fold_of_group.get_mut(g), fold_counts.get_mut(f)) {
+            *slot = f;
+            fc[0] += c[0];
+            fc[1] += c[1];
+        }
+    }
+    let fold_of = |i: usize| group_of.get(i).and_then(|&g| fold_of_group.get(g)).copied();
+    Ok((0..k)
+        .map(|f| Fold {
+            train: (0..labels.len())
+                .filter(|&i| fold_of(i) != Some(f))
+                .collect(),
+            test: (0..labels.len())
+                .filter(|&i| fold_of(i) == Some(f))
+                .collect(),
+        })
+        .collect())
+}
+
+/// Mean over the classes of the standard deviation, across folds, of each
+/// fold's share of that class — after adding `add` to fold `target`.
+fn fold_evenness(folds: &[[usize; 2]], target: usize, add: [usize; 2], totals: [usize; 2]) -> f64 {
+    let k = folds.len() as f64;
+    let mut sum = 0.0;
+    for class in 0..2 {
+        let total = totals[class].max(1) as f64;
+        let shares: Vec<f64> = folds
+            .iter()
+            .enumerate()
+            .map(|(f, c)| {
+                let extra = if f == target { add[class] } else { 0 };
+                (c[class] + extra) as f64 / total
+            })
+            .collect();
+        let mean = shares.iter().sum::<f64>() / k;
+        sum += (shares.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt();
+    }
+    sum / 2.0
 }
 
 /// Stratified k-fold cross-validation of a trainer on a feature matrix: one

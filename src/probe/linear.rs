@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::features::FeatureSpec;
+use crate::probe::calibrate::CalibrationReport;
 use crate::probe::kernels::{dot, first_non_finite, sigmoid};
 use crate::probe::sketch::SketchConfig;
 use crate::probe::train::{FitReport, TrainerInfo};
@@ -36,6 +37,14 @@ pub struct ProbeInfo {
     /// stored weights are already lifted back to the feature space
     /// (w = Pᵀ·w_sketch), so scoring does not need the sketch.
     pub sketch: Option<SketchConfig>,
+    /// Cross-validated calibration and threshold choice, for a probe trained
+    /// with [`CalibratedParams`](crate::probe::CalibratedParams): the chosen
+    /// C, the Platt map (already folded into the weights), the out-of-fold
+    /// AUC, ECE and Brier score, and the threshold with its out-of-fold FPR,
+    /// recall and margin. Absent from files written before calibration
+    /// existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationReport>,
 }
 
 impl ProbeInfo {
@@ -49,6 +58,7 @@ impl ProbeInfo {
             fit: FitReport::default(),
             training: TrainingSummary::default(),
             sketch: None,
+            calibration: None,
         }
     }
 }

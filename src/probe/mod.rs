@@ -10,6 +10,11 @@
 //!   [`LogisticParams`] (the default: class-balanced L2 logistic regression,
 //!   multi-threaded L-BFGS, scikit-learn's objective) or, with the `linfa`
 //!   feature, `LinfaLogistic` and `LinfaSvm`.
+//! * [`CalibratedParams`] — the recommended trainer: C chosen by *group*
+//!   k-fold (no run or client straddles folds), Platt-calibrated on
+//!   out-of-fold scores and folded back into a plain linear probe, τ chosen
+//!   by a [`Threshold`] policy (fixed, target false-positive rate, max F1)
+//!   with the achieved rates and margin in a [`CalibrationReport`].
 //! * [`eval`] — confusion counts, precision / recall / F1, ROC AUC, threshold
 //!   selection and stratified k-fold cross-validation.
 //! * [`Manifest`] — labelled adapters from a JSON-lines file.
@@ -37,6 +42,7 @@ use crate::error::Result;
 use crate::features::FeatureSpec;
 use crate::lora::TensorSource;
 
+mod calibrate;
 mod dataset;
 pub mod eval;
 pub(crate) mod kernels;
@@ -47,10 +53,14 @@ mod sketch;
 pub mod synthetic;
 mod train;
 
+pub use calibrate::{
+    CalibratedParams, CalibrationReport, GridPoint, Platt, Threshold, ThresholdReport,
+    choose_threshold,
+};
 pub use dataset::{Manifest, ManifestEntry};
 pub use linear::{LinearProbe, ProbeInfo, TrainingSummary};
 pub use persist::{PROBE_FORMAT, PROBE_FORMAT_VERSION};
-pub use sketch::{Sketch, SketchConfig};
+pub use sketch::{MAX_NNZ_PER_COLUMN, Sketch, SketchConfig};
 pub use train::{
     ClassWeight, EarlyStopping, FitReport, Intercept, LinearModel, LogisticParams, ProbeBuilder,
     StopReason, Trainer, TrainerInfo, ValidLogisticParams, check_training_set,

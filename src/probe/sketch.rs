@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::probe::rng::{below, mix64};
 
+/// Largest number of non-zeros per input column of a count-sketch.
+pub const MAX_NNZ_PER_COLUMN: usize = 64;
+
 /// Settings of a sparse sign sketch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SketchConfig {
@@ -62,12 +65,23 @@ impl SketchConfig {
     /// hashed rows and signs (`s` × `input_dim` entries of 4 bytes).
     ///
     /// Errors: [`Error::InvalidParameter`] for `dim = 0`, `nnz_per_column = 0`,
-    /// an `nnz_per_column` that does not divide `dim`, or a `dim` above
-    /// 2³¹ (rows are stored in 31 bits).
+    /// an `nnz_per_column` that does not divide `dim` or is above
+    /// [`MAX_NNZ_PER_COLUMN`], a `dim` above
+    /// [`MAX_FEATURE_DIM`](crate::features::MAX_FEATURE_DIM) (a sketched
+    /// vector must be allocatable), or an `input_dim × nnz_per_column` table
+    /// that would not fit either.
     pub fn build(&self, input_dim: usize) -> Result<Sketch> {
         self.check()?;
         let block = self.dim / self.nnz_per_column;
-        let mut entries = Vec::with_capacity(input_dim.saturating_mul(self.nnz_per_column));
+        let table = input_dim
+            .checked_mul(self.nnz_per_column)
+            .filter(|&t| t <= crate::features::MAX_FEATURE_DIM)
+            .ok_or_else(|| Error::InvalidParameter {
+                name: "sketch input_dim × nnz_per_column",
+                value: format!("{input_dim} × {}", self.nnz_per_column),
+                expected: "at most 2^28 hashed entries",
+            })?;
+        let mut entries = Vec::with_capacity(table);
         for j in 0..input_dim {
             for b in 0..self.nnz_per_column {
                 let h = mix64(self.seed ^ mix64((j as u64) << 8 | b as u64));
@@ -90,14 +104,17 @@ impl SketchConfig {
             value: value.to_string(),
             expected,
         };
-        if self.dim == 0 || self.dim > 1 << 31 {
-            return Err(invalid("sketch.dim", self.dim, "1 ..= 2^31"));
+        if self.dim == 0 || self.dim > crate::features::MAX_FEATURE_DIM {
+            return Err(invalid("sketch.dim", self.dim, "1 ..= 2^28"));
         }
-        if self.nnz_per_column == 0 || !self.dim.is_multiple_of(self.nnz_per_column) {
+        if self.nnz_per_column == 0
+            || self.nnz_per_column > MAX_NNZ_PER_COLUMN
+            || !self.dim.is_multiple_of(self.nnz_per_column)
+        {
             return Err(invalid(
                 "sketch.nnz_per_column",
                 self.nnz_per_column,
-                "a positive divisor of sketch.dim",
+                "a divisor of sketch.dim in 1 ..= 64",
             ));
         }
         Ok(())

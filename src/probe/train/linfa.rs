@@ -103,6 +103,7 @@ impl Trainer for LinfaLogistic {
                 settings: serde_json::to_value(self).unwrap_or_default(),
             },
             report: FitReport::default(),
+            calibration: None,
         })
     }
 }
@@ -172,6 +173,7 @@ impl Trainer for LinfaSvm {
                 stop: StopReason::Unreported,
                 ..FitReport::default()
             },
+            calibration: None,
         })
     }
 }

@@ -323,14 +323,43 @@ impl Trainer for ValidLogisticParams {
             what: "contiguous training matrix",
         })?;
         let dim = x.ncols();
-        let (train_rows, valid_rows) = split_rows(labels, &self.0.early_stopping)?;
-        let train = Objective::new(self, data, dim, train_rows, labels, self.0.c);
+        let rows: Vec<usize> = (0..labels.len()).collect();
+        let (solution, report) = self.solve(data, dim, &rows, labels, self.0.c, None)?;
+        Ok(self.model(solution, report, dim))
+    }
+}
+
+impl ValidLogisticParams {
+    /// Minimises the objective over a subset of the rows of a row-major
+    /// `[n, dim]` matrix, at inverse strength `c`, starting from `init`
+    /// (`dim + 1` values: weights then bias) or from zero. The calibrated
+    /// trainer's cross-validation runs every fold through here: no row is
+    /// copied, and each C of the grid starts from the previous C's solution
+    /// (scikit-learn's warm start along the path).
+    ///
+    /// The caller has checked the matrix (finite, one label per row); the
+    /// subset must hold both classes.
+    pub(crate) fn solve(
+        &self,
+        data: &[f32],
+        dim: usize,
+        rows: &[usize],
+        labels: &[Label],
+        c: f64,
+        init: Option<&[f64]>,
+    ) -> Result<(Vec<f64>, FitReport)> {
+        let (train_rows, valid_rows) = split_rows(rows, labels, &self.0.early_stopping)?;
+        let train = Objective::new(self, data, dim, train_rows, labels, c);
         let valid =
             valid_rows.map(|rows| Objective::new(self, data, dim, rows, labels, f64::INFINITY));
-        let (solution, report) = Lbfgs::new(self).minimise(&train, valid.as_ref())?;
+        Lbfgs::new(self).minimise(&train, valid.as_ref(), init)
+    }
+
+    /// Wraps a solution (weights then bias) as a [`LinearModel`].
+    pub(crate) fn model(&self, solution: Vec<f64>, report: FitReport, dim: usize) -> LinearModel {
         let weights = solution.iter().take(dim).map(|&w| w as f32).collect();
         let bias = solution.get(dim).copied().unwrap_or(0.0) as f32;
-        Ok(LinearModel {
+        LinearModel {
             weights,
             bias,
             trainer: TrainerInfo {
@@ -338,28 +367,36 @@ impl Trainer for ValidLogisticParams {
                 settings: serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null),
             },
             report,
-        })
+            calibration: None,
+        }
     }
 }
 
-/// Training and validation row indices (all rows for training when early
-/// stopping is off). Each class keeps at least one training sample.
-fn split_rows(labels: &[Label], early: &EarlyStopping) -> Result<(Vec<usize>, Option<Vec<usize>>)> {
+/// Training and validation row indices among `rows` (all of them for
+/// training when early stopping is off). Each class keeps at least one
+/// training sample.
+fn split_rows(
+    rows: &[usize],
+    labels: &[Label],
+    early: &EarlyStopping,
+) -> Result<(Vec<usize>, Option<Vec<usize>>)> {
     let EarlyStopping::Validation { fraction, seed, .. } = *early else {
-        return Ok(((0..labels.len()).collect(), None));
+        return Ok((rows.to_vec(), None));
     };
     let mut rng = Rng::new(seed);
     let mut train = Vec::new();
     let mut valid = Vec::new();
     for class in [Label::Benign, Label::Malicious] {
-        let mut rows: Vec<usize> = (0..labels.len())
+        let mut class_rows: Vec<usize> = rows
+            .iter()
+            .copied()
             .filter(|&i| labels.get(i) == Some(&class))
             .collect();
-        rng.shuffle(&mut rows);
-        let held =
-            ((rows.len() as f64 * fraction).round() as usize).min(rows.len().saturating_sub(1));
-        valid.extend(rows.iter().take(held));
-        train.extend(rows.iter().skip(held));
+        rng.shuffle(&mut class_rows);
+        let held = ((class_rows.len() as f64 * fraction).round() as usize)
+            .min(class_rows.len().saturating_sub(1));
+        valid.extend(class_rows.iter().take(held));
+        train.extend(class_rows.iter().skip(held));
     }
     train.sort_unstable();
     valid.sort_unstable();
@@ -606,9 +643,20 @@ impl Lbfgs {
         &self,
         f: &Objective<'_>,
         valid: Option<&Objective<'_>>,
+        init: Option<&[f64]>,
     ) -> Result<(Vec<f64>, FitReport)> {
         let n = f.dim + 1;
-        let mut x = vec![0.0f64; n];
+        let mut x = match init {
+            Some(start) if start.len() == n && start.iter().all(|v| v.is_finite()) => {
+                start.to_vec()
+            }
+            _ => vec![0.0f64; n],
+        };
+        if f.intercept == Intercept::Zero
+            && let Some(b) = x.get_mut(f.dim)
+        {
+            *b = 0.0;
+        }
         let mut g = vec![0.0f64; n];
         let mut fx = finite(f.evaluate(&x, Some(&mut g))?, 0, "objective")?;
         let mut report = FitReport {
@@ -800,6 +848,7 @@ mod tests {
             Label::Benign,
         ];
         let (train, valid) = split_rows(
+            &[0, 1, 2, 3],
             &labels,
             &EarlyStopping::Validation {
                 fraction: 0.5,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::{FeatureConfig, FeatureSpec};
 use crate::lora::TensorSource;
+use crate::probe::calibrate::CalibrationReport;
 use crate::probe::dataset::Manifest;
 use crate::probe::kernels::{default_threads, dot, sigmoid, split_ranges};
 use crate::probe::linear::{LinearProbe, ProbeInfo, TrainingSummary, check_threshold};
@@ -28,6 +29,22 @@ pub use logistic::{ClassWeight, EarlyStopping, Intercept, LogisticParams, ValidL
 pub trait Trainer {
     /// Fits to `x` (`[n, d]`, one row per sample) and one label per row.
     fn fit(&self, x: ArrayView2<'_, f32>, labels: &[Label]) -> Result<LinearModel>;
+
+    /// Fits with a group id per row (the run or client a sample came from).
+    ///
+    /// Samples of one group are not independent (the steps of one run look
+    /// alike), so a trainer that cross-validates must keep each group inside
+    /// one fold — [`CalibratedParams`](crate::probe::CalibratedParams) does. Trainers that do not
+    /// cross-validate ignore the groups (this default).
+    fn fit_grouped(
+        &self,
+        x: ArrayView2<'_, f32>,
+        labels: &[Label],
+        groups: Option<&[usize]>,
+    ) -> Result<LinearModel> {
+        let _ = groups;
+        self.fit(x, labels)
+    }
 }
 
 /// A trainer's name and settings, saved with the probe so a fit can be
@@ -99,6 +116,10 @@ pub struct LinearModel {
     pub trainer: TrainerInfo,
     /// What the fit did.
     pub report: FitReport,
+    /// How the probabilities were calibrated and the threshold chosen, for a
+    /// [`CalibratedParams`](crate::probe::CalibratedParams) fit (the Platt map is already folded into
+    /// `weights` and `bias`); `None` for a plain fit.
+    pub calibration: Option<CalibrationReport>,
 }
 
 impl LinearModel {
@@ -211,7 +232,10 @@ pub(crate) fn class_counts(labels: &[Label]) -> (usize, usize) {
 /// trainer and attaches the threshold and provenance.
 ///
 /// Defaults: the given trainer, [`FeatureConfig::default`] (`first_layer_b`,
-/// L2), no sketch, threshold [`DEFAULT_THRESHOLD`].
+/// L2), no sketch, and the threshold the trainer chose (a
+/// [`CalibratedParams`](crate::probe::CalibratedParams) fit picks τ by its [`Threshold`](crate::probe::Threshold)
+/// policy on out-of-fold scores), else [`DEFAULT_THRESHOLD`]. An explicit
+/// [`ProbeBuilder::threshold`] overrides both.
 ///
 /// ```
 /// use safe_fedllm::features::{FeatureConfig, Selection};
@@ -239,7 +263,7 @@ pub struct ProbeBuilder<T> {
     trainer: T,
     features: FeatureConfig,
     sketch: Option<SketchConfig>,
-    threshold: f32,
+    threshold: Option<f32>,
 }
 
 impl<T: Trainer> ProbeBuilder<T> {
@@ -249,7 +273,7 @@ impl<T: Trainer> ProbeBuilder<T> {
             trainer,
             features: FeatureConfig::default(),
             sketch: None,
-            threshold: DEFAULT_THRESHOLD,
+            threshold: None,
         }
     }
 
@@ -266,10 +290,15 @@ impl<T: Trainer> ProbeBuilder<T> {
         self
     }
 
-    /// Sets the decision threshold (checked at fit: finite, in `[0, 1]`).
+    /// Sets the decision threshold (checked at fit: finite, in `[0, 1]`),
+    /// overriding the one a calibrated trainer would choose.
     pub fn threshold(mut self, threshold: f32) -> Self {
-        self.threshold = threshold;
+        self.threshold = Some(threshold);
         self
+    }
+
+    fn check_threshold(&self) -> Result<()> {
+        self.threshold.map_or(Ok(()), check_threshold)
     }
 
     /// The trainer.
@@ -279,19 +308,20 @@ impl<T: Trainer> ProbeBuilder<T> {
 
     /// Fits the feature layout on `deltas`, then trains on them.
     pub fn fit<D: TensorSource>(&self, deltas: &[D], labels: &[Label]) -> Result<LinearProbe> {
-        check_threshold(self.threshold)?;
-        let spec = self.features.fit(deltas)?;
-        self.fit_with_spec(spec, deltas, labels)
+        self.fit_grouped(deltas, labels, None)
     }
 
-    /// Trains on `deltas` with an already frozen layout.
-    pub fn fit_with_spec<D: TensorSource>(
+    /// As [`ProbeBuilder::fit`], with a group id per delta (run or client) so
+    /// that cross-validation never splits a group (see
+    /// [`Trainer::fit_grouped`]).
+    pub fn fit_grouped<D: TensorSource>(
         &self,
-        spec: FeatureSpec,
         deltas: &[D],
         labels: &[Label],
+        groups: Option<&[usize]>,
     ) -> Result<LinearProbe> {
-        check_threshold(self.threshold)?;
+        self.check_threshold()?;
+        let spec = self.features.fit(deltas)?;
         if labels.len() != deltas.len() {
             return Err(Error::LengthMismatch {
                 what: "labels for deltas",
@@ -301,7 +331,27 @@ impl<T: Trainer> ProbeBuilder<T> {
         }
         let sketch = self.build_sketch(spec.dim())?;
         let x = feature_matrix(&spec, deltas, sketch.as_ref())?;
-        self.train(spec, x.view(), labels, sketch.as_ref())
+        self.train(spec, x.view(), labels, groups, sketch.as_ref())
+    }
+
+    /// Trains on `deltas` with an already frozen layout.
+    pub fn fit_with_spec<D: TensorSource>(
+        &self,
+        spec: FeatureSpec,
+        deltas: &[D],
+        labels: &[Label],
+    ) -> Result<LinearProbe> {
+        self.check_threshold()?;
+        if labels.len() != deltas.len() {
+            return Err(Error::LengthMismatch {
+                what: "labels for deltas",
+                expected: deltas.len(),
+                found: labels.len(),
+            });
+        }
+        let sketch = self.build_sketch(spec.dim())?;
+        let x = feature_matrix(&spec, deltas, sketch.as_ref())?;
+        self.train(spec, x.view(), labels, None, sketch.as_ref())
     }
 
     /// Trains on a feature matrix built with `spec` (rows `spec.dim()` wide,
@@ -312,7 +362,18 @@ impl<T: Trainer> ProbeBuilder<T> {
         x: ArrayView2<'_, f32>,
         labels: &[Label],
     ) -> Result<LinearProbe> {
-        check_threshold(self.threshold)?;
+        self.fit_features_grouped(spec, x, labels, None)
+    }
+
+    /// As [`ProbeBuilder::fit_features`], with a group id per row.
+    pub fn fit_features_grouped(
+        &self,
+        spec: FeatureSpec,
+        x: ArrayView2<'_, f32>,
+        labels: &[Label],
+        groups: Option<&[usize]>,
+    ) -> Result<LinearProbe> {
+        self.check_threshold()?;
         if x.ncols() != spec.dim() {
             return Err(Error::DimensionMismatch {
                 what: "training matrix vs feature spec".into(),
@@ -321,22 +382,30 @@ impl<T: Trainer> ProbeBuilder<T> {
             });
         }
         match self.build_sketch(spec.dim())? {
-            None => self.train(spec, x, labels, None),
+            None => self.train(spec, x, labels, groups, None),
             Some(sketch) => {
                 let projected = project_rows(&sketch, x)?;
-                self.train(spec, projected.view(), labels, Some(&sketch))
+                self.train(spec, projected.view(), labels, groups, Some(&sketch))
             }
         }
     }
 
     /// Trains on the labelled adapters of a manifest, streaming: the layout is
     /// fitted from file headers, then each file becomes its (sketched) row.
+    /// The manifest's groups ([`Manifest::groups`]) go to the trainer.
     pub fn fit_manifest(&self, manifest: &Manifest) -> Result<LinearProbe> {
-        check_threshold(self.threshold)?;
+        self.check_threshold()?;
         let spec = manifest.fit_spec(&self.features)?;
         let sketch = self.build_sketch(spec.dim())?;
         let x = manifest.feature_matrix(&spec, sketch.as_ref())?;
-        self.train(spec, x.view(), &manifest.labels(), sketch.as_ref())
+        let groups = manifest.groups();
+        self.train(
+            spec,
+            x.view(),
+            &manifest.labels(),
+            Some(&groups),
+            sketch.as_ref(),
+        )
     }
 
     fn build_sketch(&self, dim: usize) -> Result<Option<Sketch>> {
@@ -348,9 +417,15 @@ impl<T: Trainer> ProbeBuilder<T> {
         spec: FeatureSpec,
         x: ArrayView2<'_, f32>,
         labels: &[Label],
+        groups: Option<&[usize]>,
         sketch: Option<&Sketch>,
     ) -> Result<LinearProbe> {
-        let model = self.trainer.fit(x, labels)?;
+        let model = self.trainer.fit_grouped(x, labels, groups)?;
+        let threshold = match (self.threshold, &model.calibration) {
+            (Some(explicit), _) => explicit,
+            (None, Some(calibration)) => calibration.threshold.threshold,
+            (None, None) => DEFAULT_THRESHOLD,
+        };
         let weights = match sketch {
             Some(sketch) => sketch.lift(&model.weights)?,
             None => model.weights,
@@ -366,8 +441,9 @@ impl<T: Trainer> ProbeBuilder<T> {
                 trained_dim: x.ncols(),
             },
             sketch: sketch.map(|s| *s.config()),
+            calibration: model.calibration,
         };
-        LinearProbe::with_info(spec, weights, model.bias, self.threshold, info)
+        LinearProbe::with_info(spec, weights, model.bias, threshold, info)
     }
 }
 
