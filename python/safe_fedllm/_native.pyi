@@ -85,6 +85,12 @@ class Probe:
         threshold: float = 0.8,
         calibrate: Literal["max_f1"] | float | None = None,
         calibration: tuple[Iterable[UpdateLike], Iterable[Label]] | None = None,
+        calibrated: bool = False,
+        c_grid: Sequence[float] | None = None,
+        folds: int = 5,
+        seed: int = 0,
+        threshold_policy: str | None = None,
+        groups: Sequence[int] | None = None,
     ) -> Probe: ...
     @staticmethod
     def from_weights(spec: FeatureSpec, weights: npt.NDArray[np.float32], bias: float, threshold: float = 0.8) -> Probe: ...

@@ -111,6 +111,11 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
         Error::InvalidSecurityFactor { .. } => ("InvalidEvidenceError", "invalid_security_factor"),
         Error::ClientKeyMismatch { .. } => ("MissingKeyError", "client_key_mismatch"),
         Error::ClientShapeMismatch { .. } => ("ShapeMismatchError", "client_shape_mismatch"),
+        Error::UnmappedTensor { .. } => ("KeyFormatError", "unmapped_tensor"),
+        Error::InteropFailed { .. } => ("FormatError", "interop_failed"),
+        Error::CalibrationFailed { .. } => ("TrainingError", "calibration_failed"),
+        Error::ManifestSample { .. } => ("FormatError", "manifest_sample"),
+        Error::AttackInput { .. } => ("ShapeMismatchError", "attack_input"),
         _ => ("SafeFedLLMError", "other"),
     }
 }
@@ -328,6 +333,41 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("key", tensor)?;
             d.set_item("expected", expected.to_vec())?;
             d.set_item("found", found.to_vec())?;
+        }
+        Error::UnmappedTensor {
+            library,
+            tensor,
+            map,
+        } => {
+            d.set_item("key", tensor)?;
+            d.set_item("what", library)?;
+            d.set_item("reason", map)?;
+        }
+        Error::InteropFailed {
+            library,
+            tensor,
+            reason,
+        } => {
+            d.set_item("key", tensor)?;
+            d.set_item("what", library)?;
+            d.set_item("reason", reason)?;
+        }
+        Error::CalibrationFailed { detail } => d.set_item("reason", detail)?,
+        Error::ManifestSample {
+            line, path, source, ..
+        } => {
+            d.set_item("index", line)?;
+            d.set_item("path", path.display().to_string())?;
+            d.set_item("reason", source.to_string())?;
+        }
+        Error::AttackInput {
+            index,
+            tensor,
+            reason,
+        } => {
+            d.set_item("index", index)?;
+            d.set_item("key", tensor)?;
+            d.set_item("reason", reason)?;
         }
         _ => {}
     }

@@ -6,7 +6,9 @@ use pyo3::types::PyBytes;
 use safe_fedllm::features::{FeatureConfig, Normalization, Selection};
 use safe_fedllm::lora::LazyDelta;
 use safe_fedllm::probe::eval::{ThresholdRule, select_threshold};
-use safe_fedllm::probe::{Label, LinearProbe, LogisticParams, Probe as _, ProbeBuilder};
+use safe_fedllm::probe::{
+    CalibratedParams, Label, LinearProbe, LogisticParams, Probe as _, ProbeBuilder, Threshold,
+};
 
 use crate::errors::{IntoPy, raise};
 use crate::json::to_py_json;
@@ -159,14 +161,21 @@ pub struct Probe {
 #[pymethods]
 impl Probe {
     /// Trains a probe on labelled deltas (class-balanced L2 logistic
-    /// regression), then optionally calibrates the threshold.
+    /// regression).
+    ///
+    /// `calibrated=True` uses the crate's recommended trainer: C chosen from
+    /// `c_grid` by (group) k-fold cross-validation (`folds`, `seed`; `groups`
+    /// keeps the samples of one run or client in one fold), Platt scaling so
+    /// scores are probabilities, and τ by `threshold_policy` ("fixed:0.8",
+    /// "target-fpr:0.05" or "max-f1") on the out-of-fold scores; the report
+    /// is in `probe.info`.
     ///
     /// `labels`: True / "malicious" or False / "benign" per delta.
     /// `calibrate`: None (keep `threshold`), "max_f1", or a float: the target
     /// false-positive rate. Calibration scores `calibration = (deltas, labels)`
     /// when given (held-out data, recommended), else the training deltas.
     #[staticmethod]
-    #[pyo3(signature = (deltas, labels, *, selection = None, normalization = "l2", c = 1.0, max_iterations = 100, threshold = 0.8, calibrate = None, calibration = None))]
+    #[pyo3(signature = (deltas, labels, *, selection = None, normalization = "l2", c = 1.0, max_iterations = 100, threshold = 0.8, calibrate = None, calibration = None, calibrated = false, c_grid = None, folds = 5, seed = 0, threshold_policy = None, groups = None))]
     #[allow(clippy::too_many_arguments)]
     fn train(
         py: Python<'_>,
@@ -179,7 +188,14 @@ impl Probe {
         threshold: f32,
         calibrate: Option<&Bound<'_, PyAny>>,
         calibration: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+        calibrated: bool,
+        c_grid: Option<Vec<f64>>,
+        folds: usize,
+        seed: u64,
+        threshold_policy: Option<&str>,
+        groups: Option<Vec<usize>>,
     ) -> PyResult<Self> {
+        let policy: Option<Threshold> = threshold_policy.map(str::parse).transpose().py()?;
         let config = FeatureConfig::new(self::selection(selection)?)
             .normalization(self::normalization(normalization)?);
         let labels: Vec<Label> = labels
@@ -217,14 +233,30 @@ impl Probe {
         let cal_views = cal_held.as_deref().map(sources).transpose()?;
         let inner = py
             .detach(|| -> safe_fedllm::Result<LinearProbe> {
-                let builder = ProbeBuilder::new(
-                    LogisticParams::default()
-                        .c(c)
-                        .max_iterations(max_iterations),
-                )
-                .features(config)
-                .threshold(threshold);
-                let probe = builder.fit(&views, &labels)?;
+                let base = LogisticParams::default()
+                    .c(c)
+                    .max_iterations(max_iterations);
+                let probe = if calibrated {
+                    // C by (group) k-fold, Platt scaling folded into the
+                    // weights, τ by the threshold policy on out-of-fold scores.
+                    let mut trainer = CalibratedParams::default()
+                        .base(base)
+                        .folds(folds)
+                        .seed(seed);
+                    if let Some(grid) = c_grid {
+                        trainer = trainer.c_grid(grid);
+                    }
+                    if let Some(p) = policy {
+                        trainer = trainer.threshold(p);
+                    }
+                    let builder = ProbeBuilder::new(trainer).features(config);
+                    builder.fit_grouped(&views, &labels, groups.as_deref())?
+                } else {
+                    let builder = ProbeBuilder::new(base)
+                        .features(config)
+                        .threshold(threshold);
+                    builder.fit_grouped(&views, &labels, groups.as_deref())?
+                };
                 let Some(rule) = rule else { return Ok(probe) };
                 let (cal_v, cal_l) = match (&cal_views, &cal_labels) {
                     (Some(v), Some(l)) => (v.as_slice(), l.as_slice()),

@@ -220,6 +220,22 @@ def test_probe_training_with_calibration_and_errors(global_arrays, rng):
         sf.Probe.train(deltas, labels, c=-1.0)
 
 
+def test_calibrated_training_chooses_c_and_threshold(global_arrays, rng):
+    deltas = [sf.delta(client_update(global_arrays, rng, m), global_arrays) for m in [False] * 15 + [True] * 15]
+    labels = [False] * 15 + [True] * 15
+    p = sf.Probe.train(deltas, labels, calibrated=True, c_grid=[0.1, 10.0], folds=3, threshold_policy="target-fpr:0.0")
+    info = p.info
+    assert info["calibration"]["c"] in (0.1, 10.0) and info["calibration"]["folds"] == 3
+    scores = p.score_batch(deltas)
+    assert all(s < p.threshold for s in scores[:15])
+    grouped = sf.Probe.train(deltas, labels, calibrated=True, folds=3, groups=[i // 2 for i in range(30)])
+    assert grouped.threshold == pytest.approx(0.8)  # the default policy: fixed 0.8
+    with pytest.raises(sf.InvalidParameterError):
+        sf.Probe.train(deltas, labels, calibrated=True, threshold_policy="fixed:2")
+    with pytest.raises(sf.InvalidParameterError):
+        sf.Probe.train(deltas, labels, calibrated=True, folds=1)
+
+
 def test_heavy_work_releases_the_gil(probe, global_arrays):
     big_key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     big = {big_key: np.ones((64, 400_000), np.float32)}
