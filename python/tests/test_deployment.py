@@ -165,9 +165,9 @@ class Deployment:
                 pass
 
 
-@pytest.fixture()
-def deployment(tmp_path):
-    d = Deployment(tmp_path)
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("deployment"))
     try:
         d.start()
         yield d
@@ -175,21 +175,25 @@ def deployment(tmp_path):
         d.stop()
 
 
-def test_defended_rounds_in_a_real_deployment(deployment: Deployment, tmp_path: Path):
-    out_dir = tmp_path / "out"
+# client: the server recomputes everything from the update. step: clients send
+# a step trail (feature tensors only), checked against the update. evidence:
+# clients train a shadow branch from the fixed shadow base (self-reported).
+@pytest.mark.parametrize("level", ["client", "step", "evidence"])
+def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str):
+    out_dir = deployment.root / f"out-{level}"
     run = deployment.flwr(
         "run", str(APP), "local-deployment", "--stream",
-        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} out-dir="{out_dir}"',
+        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} level="{level}" out-dir="{out_dir}"',
         timeout=RUN_TIMEOUT,
     )
-    (deployment.logs / "flwr-run.log").write_text(run.stdout + "\n" + run.stderr)
-    # `flwr run` exits 0 even when the ServerApp fails: check the run's status.
+    (deployment.logs / f"flwr-run-{level}.log").write_text(run.stdout + "\n" + run.stderr)
+    # `flwr run` exits 0 even when the ServerApp fails: check the runs' status.
     ls = deployment.flwr("ls", "local-deployment", "--format", "json")
     runs = json.loads(ls.stdout).get("runs", [])
     assert runs and all(r.get("status") == "finished:completed" for r in runs), (ls.stdout, deployment.dump())
 
     summary_line = next((l for l in run.stdout.splitlines() if "SAFE-FEDLLM-E2E " in l), None)
-    assert summary_line is not None, deployment.dump()
+    assert summary_line is not None, run.stdout[-4000:] + deployment.dump()
     summary = json.loads(summary_line.split("SAFE-FEDLLM-E2E ", 1)[1])
     assert summary == json.loads((out_dir / "summary.json").read_text())
     rounds = summary["rounds"]
@@ -199,14 +203,20 @@ def test_defended_rounds_in_a_real_deployment(deployment: Deployment, tmp_path: 
         assert sum(r["malicious"].values()) == len(MALICIOUS)  # 40 % malicious
         for node, factor in r["factors"].items():
             if r["malicious"][node]:
-                assert factor < 0.05, (r, node)
+                assert factor < 0.05, (level, r, node)
             else:
-                assert factor > 0.5, (r, node)
+                assert factor > 0.5, (level, r, node)
         assert not r["skipped"]
         # Near the benign mean, far from the plain (poisoned) mean.
         assert r["max_abs_to_benign_mean"] < 0.2 * r["max_abs_to_plain_mean"], r
 
     audit = [json.loads(l) for l in (out_dir / "audit.jsonl").read_text().splitlines()]
     assert [a["server_round"] for a in audit] == list(range(1, ROUNDS + 1))
+    evidence = {"client": "absent", "step": "verified", "evidence": "absent"}[level]
+    for a in audit:
+        for c in a["outcome"]["clients"]:
+            assert c["step_evidence"] == evidence, c
+            if level == "evidence":
+                assert c["shadow_evidence"] == "server_scored_unverified", c
     checkpoint = json.loads((out_dir / "detector.json").read_text())
-    assert checkpoint["server_round"] == ROUNDS and checkpoint["level"] == "client"
+    assert checkpoint["server_round"] == ROUNDS and checkpoint["level"] == level
