@@ -68,7 +68,7 @@ from . import _native
 from .errors import SafeFedLLMError
 
 try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.common.logger import log
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
@@ -376,11 +376,23 @@ class SafeFedLLMStrategy(FedAvg):
         config["safe-fedllm.step-trail"] = self.level == "step"
         config["safe-fedllm.shadow"] = uses_shadow
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if uses_shadow and self._shadow_base is not None:
-            base = numpy_to_array_record(self._shadow_base)
-            for msg in messages:
-                msg.content[SHADOW_BASE_KEY] = base
-        return messages
+        if not uses_shadow or self._shadow_base is None:
+            return messages
+        # Per node: a client the evidence level has frozen trains no shadow
+        # branch (the reference's `use_shadow`), except in its audit rounds.
+        assert self._round is not None
+        base = numpy_to_array_record(self._shadow_base)
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            needs = self._round.needs_shadow(str(node))
+            node_config = ConfigRecord(dict(config))
+            node_config["safe-fedllm.shadow"] = needs
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
+            if needs:
+                content[SHADOW_BASE_KEY] = base
+            out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

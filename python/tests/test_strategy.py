@@ -291,3 +291,26 @@ def test_fortran_order_upload_is_read_correctly(probe, global_arrays, rng, tmp_p
     mean = benign_mean(ups)
     for k in global_arrays:
         assert np.abs(new[k] - mean[k]).max() < 1e-3
+
+
+def test_evidence_level_stops_asking_frozen_benign_clients_for_a_shadow_branch(probe, global_arrays, rng, tmp_path):
+    s = make(probe, tmp_path, level="evidence", detector_settings={"batch_size": 10, "evidence_min": 2, "audit_interval": 100})
+    msgs = configured(s, global_arrays, nodes=[1, 2, 3])
+    assert all(m.content["config"]["safe-fedllm.shadow"] for m in msgs)
+    keys = feature_keys_from_config(msgs[0].content["config"])
+    base = array_record_to_numpy(msgs[0].content[SHADOW_BASE_KEY])
+
+    def shadow(malicious):
+        def train(start, lr):
+            target = client_update(start, rng, malicious)
+            yield {k: target[k] for k in start}
+        trail = ShadowBranch(base, keys).run(train)
+        return {SHADOW_KEY: ArrayRecord({k: Array(v) for k, v in trail.to_arrays().items()})}
+
+    for server_round in (1, 2):
+        configured(s, global_arrays, nodes=[1, 2, 3], server_round=server_round)
+        s.aggregate_train(server_round, [reply(n, client_update(global_arrays, rng, False), 30, shadow(n == 3)) for n in (1, 2, 3)])
+    msgs = {m.metadata.dst_node_id: m for m in configured(s, global_arrays, nodes=[1, 2, 3], server_round=3)}
+    # two agreeing benign verdicts froze nodes 1 and 2; node 3 (malicious) is frozen too
+    assert not msgs[1].content["config"]["safe-fedllm.shadow"] and SHADOW_BASE_KEY not in msgs[1].content
+    assert msgs[1].content["arrays"] is not None
