@@ -159,7 +159,7 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  {}",
+        "{:<10} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
         "scenario",
         "mal%",
         "defense",
@@ -172,7 +172,6 @@ pub fn table(summaries: &[Summary]) -> String {
         "skipped",
         "s/round",
         "defense%",
-        "holds"
     );
     let mut last_share = None;
     for s in summaries {

@@ -166,7 +166,7 @@ impl ProbeRefresh {
     /// rounds `every`, `2·every`, … — never at round 0, where the probe
     /// trained from the round-0 adapter is current by construction.
     pub fn is_due(&self, round: u32) -> bool {
-        round > 0 && round % self.every == 0
+        round > 0 && round.is_multiple_of(self.every)
     }
 
     /// Refits the probe on the replayed `runs` of `round`, keeping the
