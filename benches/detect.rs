@@ -106,8 +106,12 @@ fn bench_round(c: &mut Criterion) {
     group.finish();
     let out = round.run(0, &global, &borrow_reports(&reports)).unwrap();
     eprintln!(
-        "one round: probe {:.4} s, detect {:.6} s, aggregate {:.4} s, total {:.4} s",
-        out.timings.probe_s, out.timings.detect_s, out.timings.aggregate_s, out.timings.total_s
+        "one round: admission {:.4} s, probe {:.4} s, detect {:.6} s, aggregate {:.4} s, total {:.4} s",
+        out.timings.admission_s,
+        out.timings.probe_s,
+        out.timings.detect_s,
+        out.timings.aggregate_s,
+        out.timings.total_s
     );
 }
 

@@ -646,3 +646,35 @@ fn huge_sketch_settings_are_typed_errors_not_aborts() {
     config.nnz_per_column = 64;
     assert!(config.build(usize::MAX / 2).is_err());
 }
+
+#[test]
+fn zero_samples_are_rejected_under_every_level() {
+    for level in [
+        DefenseLevel::Step,
+        DefenseLevel::Client,
+        DefenseLevel::Shadow,
+        DefenseLevel::Evidence,
+    ] {
+        let mut reports = honest();
+        reports.push(
+            OwnedReport::new("zero", malicious(1.0), 0)
+                .with_steps(OwnedSteps::Adapters(vec![benign(0.1), malicious(1.0)]))
+                .with_shadow(OwnedSteps::Scores(vec![0.01])),
+        );
+        let out = round_with(level)
+            .run(0, &global(), &borrow_reports(&reports))
+            .unwrap();
+        let zero = out.client("zero").unwrap();
+        assert_eq!(
+            zero.admission.rejection(),
+            Some(&Rejection::ZeroSamples),
+            "{level}"
+        );
+        assert_eq!(zero.factor, 0.0, "{level}");
+        assert!(zero.aggregation_weight.is_none(), "{level}");
+        assert!(
+            max_diff(&out.new_global.unwrap(), &honest_only(level)) < 1e-6,
+            "{level}"
+        );
+    }
+}

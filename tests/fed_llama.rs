@@ -18,18 +18,22 @@ mod experiment;
 mod model;
 #[path = "../examples/fed_llama/report.rs"]
 mod report;
+#[path = "../examples/fed_llama/scenario.rs"]
+mod scenario;
 #[path = "../examples/fed_llama/training.rs"]
 mod training;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+use safe_fedllm::probe::Probe;
 use safe_fedllm::round::ShadowBranch;
 
 use config::ExperimentConfig;
 use data::{Corpus, Rng, TextCodec, WordTokenizer, encode_all};
 use defense::Defense;
-use experiment::{Pools, Progress, Setup, ShadowCache, federate, probe_phase};
+use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, federate_all, probe_phase};
 use model::{LlamaConfig, peft_key};
+use scenario::Scenario;
 use training::{Devices, EvalSet, pretrain};
 
 /// Progress that goes nowhere.
@@ -274,6 +278,12 @@ fn miniature_federation_end_to_end() {
         probe.holdout_auc
     );
 
+    // The calibrated trainer's report: group folds over the labelled runs.
+    let cal = &probe.calibration;
+    assert_eq!(cal.groups, 2 * 7, "one group per training run");
+    assert!(cal.oof_roc_auc > 0.9 && cal.oof_ece.is_finite());
+    assert!((probe.probe.threshold() - cal.threshold.threshold).abs() < 1e-7);
+
     let shadow = ShadowBranch::with_learning_rate(round0.clone(), config.shadow_lr).unwrap();
     // A slice of the held-out sets keeps evaluation cheap in debug builds.
     let eval = EvalSet::new(
@@ -282,29 +292,45 @@ fn miniature_federation_end_to_end() {
         &corpus.attack_eval[..16],
         max_len,
     );
-    let mut cache = ShadowCache::default();
+    let cache = RunCache::default();
+    let shared = Shared {
+        setup: &setup,
+        pools: &pools,
+        eval: &eval,
+        round0: &round0,
+        probe: &probe.probe,
+        shadow: &shadow,
+        cache: &cache,
+        progress: &Silent,
+    };
+    let job = |scenario, defense| Job {
+        scenario,
+        percent: 50,
+        defense,
+    };
+    let jobs = [
+        job(Scenario::Poison, Defense::None),
+        job(Scenario::Poison, Defense::Shadow),
+        job(Scenario::Poison, Defense::Oracle),
+        // A new scenario row: the shadow report lies (a benign run's
+        // shadow), which the shadow level cannot check.
+        job(Scenario::LieShadow, Defense::Shadow),
+    ];
+    let results: Vec<Vec<experiment::RoundRecord>> = federate_all(&shared, &jobs)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let mut all = Vec::new();
-    for &defense in &config.defenses {
-        let records = federate(
-            &setup,
-            &pools,
-            &eval,
-            &round0,
-            &probe.probe,
-            &shadow,
-            &mut cache,
-            50,
-            defense,
-            &Silent,
-        )
-        .unwrap();
+    for (job, records) in jobs.iter().zip(&results) {
+        let defense = job.defense;
         assert_eq!(records.len(), config.rounds + 1);
-        for r in &records {
+        for r in records {
+            assert_eq!((r.scenario, r.defense), (job.scenario, defense));
             assert!(
                 (0.0..=1.0).contains(&r.asr) && r.benign_loss.is_finite() && r.benign_loss > 0.0
             );
         }
-        if defense == Defense::Shadow {
+        if defense == Defense::Shadow && job.scenario == Scenario::Poison {
             // The shadow level trusts every malicious client less than the
             // benign ones, in every round, and never flags a benign client.
             for r in &records[1..] {
@@ -319,6 +345,12 @@ fn miniature_federation_end_to_end() {
                 assert_eq!(r.false_positives, 0, "round {}", r.round);
             }
         }
+        if defense == Defense::Shadow && job.scenario == Scenario::LieShadow {
+            // The liars' benign shadow reports pass: nobody is flagged in
+            // the first round (a self-reported branch cannot be checked).
+            let r = &records[1];
+            assert_eq!(r.true_positives, 0, "a lying shadow was caught: {r:?}");
+        }
         if defense == Defense::None {
             // Plain FedAvg flags nobody and trusts everyone.
             assert!(
@@ -327,29 +359,30 @@ fn miniature_federation_end_to_end() {
                     .all(|r| r.true_positives + r.false_positives == 0)
             );
         }
-        all.extend(records);
+        if defense == Defense::Oracle {
+            // The oracle aggregates the benign clients only: no malicious
+            // participant, so no malicious factor and nothing to flag.
+            for r in &records[1..] {
+                assert!(r.malicious_factor.is_nan(), "{r:?}");
+                assert_eq!(r.true_positives + r.false_negatives, 0);
+            }
+        }
+        all.extend(records.iter().cloned());
     }
     // Round 0 is the same model for every defense.
     let zero: Vec<f64> = all.iter().filter(|r| r.round == 0).map(|r| r.asr).collect();
     assert!(zero.windows(2).all(|w| w[0] == w[1]));
 
-    let summaries: Vec<report::Summary> = config
-        .defenses
+    let summaries: Vec<report::Summary> = results
         .iter()
-        .filter_map(|d| {
-            report::summarise(
-                &all.iter()
-                    .filter(|r| r.defense == *d)
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            )
-        })
+        .filter_map(|records| report::summarise(records))
         .collect();
-    assert_eq!(summaries.len(), 2);
+    assert_eq!(summaries.len(), 4);
     let table = report::table(&summaries);
     assert!(table.contains("shadow level") && table.contains("none (FedAvg)"));
+    assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie shadow"));
     let svg = report::asr_svg(&all);
-    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert_eq!(svg.matches("<polyline").count(), 4);
     assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
 }
 
@@ -361,6 +394,7 @@ fn round_record(
     flags: (usize, usize, usize),
 ) -> experiment::RoundRecord {
     experiment::RoundRecord {
+        scenario: Scenario::Poison,
         malicious_percent: percent,
         defense,
         round,

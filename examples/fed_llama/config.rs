@@ -3,8 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use safe_fedllm::probe::Threshold;
+
 use crate::defense::Defense;
 use crate::model::LlamaConfig;
+use crate::scenario::Scenario;
 use crate::training::{LoraSettings, PretrainConfig};
 
 /// Every setting of one run.
@@ -40,8 +43,18 @@ pub struct ExperimentConfig {
     pub malicious_percent: Vec<u32>,
     /// Defenses to compare.
     pub defenses: Vec<Defense>,
+    /// Attack scenarios to compare.
+    pub scenarios: Vec<Scenario>,
     /// Labelled local runs per class in the probe phase.
     pub probe_runs: usize,
+    /// Folds of the calibrated probe trainer (group k-fold, one group per run).
+    pub probe_folds: usize,
+    /// The probe's threshold policy (on calibrated out-of-fold scores).
+    pub threshold: Threshold,
+    /// Rounds between probe refreshes of the `+ refresh` defenses.
+    pub refresh_every: usize,
+    /// Root-set runs per class the server replays at each refresh.
+    pub refresh_runs: usize,
     /// Share of the probe runs held out for the AUC.
     pub probe_holdout: f64,
     /// Evaluate on at most this many held-out unsafe prompts and as many
@@ -93,8 +106,13 @@ impl ExperimentConfig {
             min_lr: 2e-3,
             shadow_lr: 3e-2,
             malicious_percent: vec![0, 30, 50],
-            defenses: Defense::ALL.to_vec(),
+            defenses: Defense::defaults(),
+            scenarios: vec![Scenario::Poison],
             probe_runs: 16,
+            probe_folds: 5,
+            threshold: Threshold::default(),
+            refresh_every: 4,
+            refresh_runs: 4,
             probe_holdout: 0.25,
             eval_limit: 0,
         }
@@ -120,6 +138,37 @@ impl ExperimentConfig {
         cfg.defenses = vec![Defense::None, Defense::Shadow];
         cfg.probe_runs = 4;
         cfg.probe_holdout = 0.25;
+        cfg.eval_limit = 32;
+        cfg
+    }
+
+    /// `--gguf PATH --preset smollm2`: issue 11's real-model comparison on
+    /// SmolLM2-135M-Instruct, sized for ≤ 45 min on 2 cores: FedAvg, the
+    /// coordinate median (one classic robust rule), client, shadow and
+    /// evidence level at 0, 30 and 50 % malicious plus the oracle, 8 clients
+    /// for 4 rounds of 3 steps at batch 4; the probe is fitted by the
+    /// calibrated trainer on 10 labelled runs per class (30 deltas each),
+    /// 2 runs of each held out. See `BENCHMARKS.md` for the time estimate.
+    pub fn smollm2(vocab_size: usize) -> Self {
+        let mut cfg = Self::gguf_small(vocab_size);
+        cfg.clients = 8;
+        cfg.clients_per_round = 8;
+        cfg.rounds = 4;
+        cfg.local_steps = 3;
+        cfg.batch_size = 4;
+        cfg.samples_per_client = 24;
+        cfg.malicious_percent = vec![0, 30, 50];
+        cfg.defenses = vec![
+            Defense::Oracle,
+            Defense::None,
+            Defense::Median,
+            Defense::Client,
+            Defense::Shadow,
+            Defense::Evidence,
+        ];
+        cfg.probe_runs = 10;
+        cfg.probe_holdout = 0.2;
+        cfg.probe_folds = 4;
         cfg.eval_limit = 32;
         cfg
     }
@@ -160,6 +209,10 @@ impl ExperimentConfig {
             ("batch_size", self.batch_size),
             ("samples_per_client", self.samples_per_client),
             ("probe_runs", self.probe_runs),
+            ("probe_folds", self.probe_folds),
+            ("refresh_every", self.refresh_every),
+            ("refresh_runs", self.refresh_runs),
+            ("scenarios", self.scenarios.len()),
             ("lora.rank", self.lora.rank),
         ];
         for (name, value) in positive {

@@ -9,10 +9,14 @@ use safe_fedllm::aggregate::{
     Aggregator, ClientUpdate, CoordinateMedian, FedAvg, Flame, FoolsGold, Krum, MultiKrum, Trim,
     TrimmedMean,
 };
-use safe_fedllm::detect::{AnyDetector, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel};
+use safe_fedllm::detect::{
+    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel,
+};
 use safe_fedllm::lora::LoraAdapter;
 use safe_fedllm::probe::LinearProbe;
-use safe_fedllm::round::{DefendedRound, OwnedReport, ShadowBranch, borrow_reports};
+use safe_fedllm::round::{
+    Admission, DefendedRound, NormBound, OwnedReport, RoundParams, ShadowBranch, borrow_reports,
+};
 use serde::{Deserialize, Serialize};
 
 /// One defense of the comparison.
@@ -53,11 +57,26 @@ pub enum Defense {
     Shadow,
     /// Safe-FedLLM evidence level.
     Evidence,
+    /// Evidence level with a tight admission norm bound (updates above
+    /// 2 × the round's median norm are excluded): the combination against
+    /// update-space attacks.
+    EvidenceNormBound,
+    /// Step level whose probe is refitted every `--refresh-every` rounds on a
+    /// server-held root set replayed from the current global adapter
+    /// (`round::ProbeRefresh`).
+    StepRefresh,
+    /// Client level with the same probe refresh.
+    ClientRefresh,
+    /// The oracle: plain FedAvg over the benign clients only (the malicious
+    /// ones are dropped by a server that knows them). The reference for ASR
+    /// and benign loss.
+    Oracle,
 }
 
 impl Defense {
     /// Every defense, in table order.
-    pub const ALL: [Defense; 11] = [
+    pub const ALL: [Defense; 15] = [
+        Defense::Oracle,
         Defense::None,
         Defense::Median,
         Defense::TrimmedMean,
@@ -69,7 +88,21 @@ impl Defense {
         Defense::Client,
         Defense::Shadow,
         Defense::Evidence,
+        Defense::EvidenceNormBound,
+        Defense::StepRefresh,
+        Defense::ClientRefresh,
     ];
+
+    /// The defenses of the embedded default: all but the norm-bound
+    /// combination, which matters only against update-space attacks (it is
+    /// added when such a scenario is selected).
+    pub fn defaults() -> Vec<Defense> {
+        Defense::ALL
+            .iter()
+            .copied()
+            .filter(|&d| d != Defense::EvidenceNormBound)
+            .collect()
+    }
 
     /// Short name for tables and files.
     pub fn name(self) -> &'static str {
@@ -85,16 +118,20 @@ impl Defense {
             Defense::Client => "client level",
             Defense::Shadow => "shadow level",
             Defense::Evidence => "evidence level",
+            Defense::EvidenceNormBound => "evidence + norm bound",
+            Defense::StepRefresh => "step level + refresh",
+            Defense::ClientRefresh => "client level + refresh",
+            Defense::Oracle => "oracle (benign FedAvg)",
         }
     }
 
     /// The Safe-FedLLM level, for the probe-based defenses.
     pub fn level(self) -> Option<DefenseLevel> {
         match self {
-            Defense::Step => Some(DefenseLevel::Step),
-            Defense::Client => Some(DefenseLevel::Client),
+            Defense::Step | Defense::StepRefresh => Some(DefenseLevel::Step),
+            Defense::Client | Defense::ClientRefresh => Some(DefenseLevel::Client),
             Defense::Shadow => Some(DefenseLevel::Shadow),
-            Defense::Evidence => Some(DefenseLevel::Evidence),
+            Defense::Evidence | Defense::EvidenceNormBound => Some(DefenseLevel::Evidence),
             _ => None,
         }
     }
@@ -107,7 +144,15 @@ impl Defense {
     /// True when per-client detection is meaningful (coordinate-wise rules
     /// never single a client out).
     pub fn flags_clients(self) -> bool {
-        !matches!(self, Defense::None | Defense::Median | Defense::TrimmedMean)
+        !matches!(
+            self,
+            Defense::None | Defense::Median | Defense::TrimmedMean | Defense::Oracle
+        )
+    }
+
+    /// True when the server refits its probe on its root set every K rounds.
+    pub fn refreshes(self) -> bool {
+        matches!(self, Defense::StepRefresh | Defense::ClientRefresh)
     }
 }
 
@@ -122,6 +167,8 @@ pub struct RuleContext {
     pub seed: u64,
     /// Samples per local step (the detectors' batch × grad-accum).
     pub samples_per_step: u64,
+    /// The probe's decision threshold τ, handed to every detector.
+    pub threshold: f64,
 }
 
 impl RuleContext {
@@ -172,7 +219,7 @@ impl Server {
     ) -> safe_fedllm::Result<Server> {
         let f = ctx.krum_f();
         let rule: Box<dyn Aggregator + Send + Sync> = match defense {
-            Defense::None => Box::new(FedAvg::plain()),
+            Defense::None | Defense::Oracle => Box::new(FedAvg::plain()),
             Defense::Median => Box::new(CoordinateMedian::new()),
             Defense::TrimmedMean => Box::new(TrimmedMean::new(Trim::PerSide(1))?),
             Defense::Krum => Box::new(Krum::new(f)?),
@@ -182,28 +229,54 @@ impl Server {
             }
             Defense::FoolsGold => Box::new(FoolsGold::new()),
             Defense::Flame => Box::new(Flame::new().seed(ctx.seed)),
-            Defense::Step | Defense::Client | Defense::Shadow | Defense::Evidence => {
-                let detector: AnyDetector = match defense {
-                    Defense::Step => StepLevel::params()
+            _ => {
+                let tau = ctx.threshold;
+                let shadow_params = || {
+                    ShadowLevel::params()
                         .batch_size(ctx.samples_per_step)
-                        .build()?
-                        .into(),
-                    Defense::Shadow => ShadowLevel::params()
-                        .batch_size(ctx.samples_per_step)
-                        .build()?
-                        .into(),
-                    Defense::Evidence => EvidenceLevel::params()
-                        .shadow(ShadowLevel::params().batch_size(ctx.samples_per_step))
-                        .build()?
-                        .into(),
-                    _ => AnyDetector::with_defaults(DefenseLevel::Client)?,
+                        .threshold(tau)
                 };
+                let detector: AnyDetector = match defense.level() {
+                    Some(DefenseLevel::Step) => StepLevel::params()
+                        .batch_size(ctx.samples_per_step)
+                        .threshold(tau)
+                        .build()?
+                        .into(),
+                    Some(DefenseLevel::Shadow) => shadow_params().build()?.into(),
+                    Some(DefenseLevel::Evidence) => EvidenceLevel::params()
+                        .shadow(shadow_params())
+                        .build()?
+                        .into(),
+                    _ => ClientLevel::params().threshold(tau).build()?.into(),
+                };
+                let mut params = RoundParams::default();
+                if defense == Defense::EvidenceNormBound {
+                    params = params.admission(
+                        Admission::default().norm_bound(NormBound::MedianMultiple(2.0))?,
+                    );
+                }
                 let round = DefendedRound::new(probe.clone(), detector, FedAvg::new())
+                    .with_params(params)?
                     .with_shadow(shadow.clone());
                 return Ok(Server::Probe(Box::new(round)));
             }
         };
         Ok(Server::Rule { defense, rule })
+    }
+
+    /// Replaces the probe of a probe-based server (a refresh); no-op for rules.
+    pub fn set_probe(&mut self, probe: LinearProbe) {
+        if let Server::Probe(round) = self {
+            round.set_probe(probe);
+        }
+    }
+
+    /// The probe of a probe-based server.
+    pub fn probe(&self) -> Option<&LinearProbe> {
+        match self {
+            Server::Rule { .. } => None,
+            Server::Probe(round) => Some(round.probe()),
+        }
     }
 
     /// Whether `client` must train a shadow branch this round.
@@ -239,7 +312,7 @@ impl Server {
                     flagged,
                     factors: vec![1.0; reports.len()],
                     // Plain FedAvg is the protocol itself, not a defense.
-                    server_seconds: if *defense == Defense::None {
+                    server_seconds: if matches!(*defense, Defense::None | Defense::Oracle) {
                         0.0
                     } else {
                         seconds

@@ -2,24 +2,31 @@
 //! defense), each recording per-round metrics.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use safe_fedllm::lora::{LoraAdapter, LoraDelta};
-use safe_fedllm::probe::eval::{Confusion, roc_auc};
-use safe_fedllm::probe::{Label, LinearProbe, LogisticParams, Probe, ProbeBuilder};
-use safe_fedllm::round::{OwnedReport as ClientReport, OwnedSteps as StepsReport, ShadowBranch};
+use safe_fedllm::probe::eval::{Confusion, ECE_BINS, expected_calibration_error, roc_auc};
+use safe_fedllm::probe::{
+    CalibratedParams, CalibrationReport, Label, LinearProbe, Probe, ProbeBuilder,
+};
+use safe_fedllm::round::{
+    LabelledRun, OwnedReport as ClientReport, OwnedSteps as StepsReport, ProbeRefresh, ShadowBranch,
+};
 use serde::Serialize;
 
 use crate::config::ExperimentConfig;
 use crate::data::{Corpus, Encoded, Rng, TextCodec, encode_all};
 use crate::defense::{Defense, RuleContext, Server};
 use crate::model::Llama;
+use crate::scenario::{Craft, Scenario, apply, craft, evade_trail};
 use crate::training::{
     BatchPlan, Capture, ClientData, Devices, EvalSet, LocalRun, Metrics, local_train, round_lr,
 };
 
 /// Receives progress: a phase starts with a length, ticks, and finishes.
-pub trait Progress {
+pub trait Progress: Sync {
     /// A phase of `total` ticks begins.
     fn start(&self, phase: &str, total: u64);
     /// One tick, with a short status message.
@@ -29,6 +36,7 @@ pub trait Progress {
 }
 
 /// Everything the experiment trains and evaluates with.
+#[derive(Clone, Copy)]
 pub struct Setup<'a> {
     /// The settings.
     pub config: &'a ExperimentConfig,
@@ -65,8 +73,16 @@ pub struct ProbeReport {
     pub probe: LinearProbe,
     /// ROC AUC on the held-out runs' step deltas.
     pub holdout_auc: f64,
+    /// ECE of the (calibrated) scores on the held-out runs.
+    pub holdout_ece: f64,
     /// Held-out accuracy at the probe's threshold.
     pub holdout_accuracy: f64,
+    /// Held-out recall at τ.
+    pub holdout_recall: f64,
+    /// Held-out false-positive rate at τ.
+    pub holdout_false_positive_rate: f64,
+    /// The calibrated trainer's report (chosen C, OOF AUC / ECE, τ, margin).
+    pub calibration: CalibrationReport,
     /// Training / held-out delta counts.
     pub train_samples: usize,
     /// Held-out delta count.
@@ -78,6 +94,8 @@ pub struct ProbeReport {
 /// One row of the per-round log.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRecord {
+    /// Attack scenario.
+    pub scenario: Scenario,
     /// Malicious share, percent.
     pub malicious_percent: u32,
     /// Defense.
@@ -135,32 +153,16 @@ pub fn selection(config: &ExperimentConfig, round: usize) -> Vec<usize> {
     order
 }
 
-/// A private pool per client: benign clients sample from the benign
-/// training split, malicious ones from the malicious split. The pool of
-/// client `k` depends only on (its kind, k, seed).
-fn client_pool(
-    malicious: bool,
-    index: u64,
-    benign: &[Encoded],
-    harmful: &[Encoded],
-    size: usize,
-    seed: u64,
-) -> Vec<Encoded> {
-    let source = if malicious { harmful } else { benign };
-    let mut order: Vec<usize> = (0..source.len()).collect();
-    Rng::derive(seed, &[u64::from(malicious), index, 0x504F_4F4C]).shuffle(&mut order);
-    order
-        .iter()
-        .cycle()
-        .take(size)
-        .map(|&i| source[i].clone())
-        .collect()
-}
+/// Pool tag of benign data.
+pub const BENIGN: u32 = 0;
+/// Pool tag of all-harmful data.
+pub const HARMFUL: u32 = 1000;
 
 /// The encoded training splits.
 pub struct Pools {
     benign: Vec<Encoded>,
     harmful: Vec<Encoded>,
+    size: usize,
 }
 
 impl Pools {
@@ -169,14 +171,86 @@ impl Pools {
         Pools {
             benign: encode_all(setup.codec, &setup.corpus.benign_train),
             harmful: encode_all(setup.codec, &setup.corpus.malicious_train),
+            size: setup.config.samples_per_client,
         }
     }
+
+    /// A private pool: `tag`/1000 of its rows harmful, the rest benign
+    /// (tag 0 = benign client, 1000 = the paper's malicious client). The
+    /// pool depends only on (tag, index, seed); the all-benign and
+    /// all-harmful pools are those of the original example.
+    pub fn pool(&self, tag: u32, index: u64, seed: u64) -> Vec<Encoded> {
+        let draw = |malicious: bool, count: usize| -> Vec<Encoded> {
+            let source = if malicious {
+                &self.harmful
+            } else {
+                &self.benign
+            };
+            let mut order: Vec<usize> = (0..source.len()).collect();
+            Rng::derive(seed, &[u64::from(malicious), index, 0x504F_4F4C]).shuffle(&mut order);
+            order
+                .iter()
+                .cycle()
+                .take(count)
+                .filter_map(|&i| source.get(i).cloned())
+                .collect()
+        };
+        match tag {
+            BENIGN => draw(false, self.size),
+            HARMFUL.. => draw(true, self.size),
+            share => {
+                let bad = ((self.size * share as usize) as f64 / 1000.0).round() as usize;
+                let mut pool = draw(true, bad);
+                pool.extend(draw(false, self.size - bad.min(self.size)));
+                Rng::derive(seed, &[u64::from(share), index, 0x4D49_5844]).shuffle(&mut pool);
+                pool
+            }
+        }
+    }
+}
+
+/// The probe's trainer: the library's calibrated trainer ([`CalibratedParams`]):
+/// C by group k-fold (one group per labelled run, so no run straddles folds),
+/// Platt scaling on out-of-fold scores, τ by the configured [`Threshold`]
+/// policy (default `fixed:0.8`: on a calibrated probe, flag an update that is
+/// malicious at least 80 % of the time — the reference τ, now meaningful).
+pub fn probe_trainer(cfg: &ExperimentConfig, folds: usize) -> CalibratedParams {
+    CalibratedParams::default()
+        .folds(folds)
+        .seed(cfg.seed)
+        .threshold(cfg.threshold)
+}
+
+/// One labelled local run from `start` on client `id`'s pool of `kind`
+/// (a probe run or a root-set run of the refresh), every step kept.
+fn labelled_run(
+    setup: &Setup<'_>,
+    pools: &Pools,
+    start: &LoraAdapter,
+    id: u64,
+    malicious: bool,
+    lr: f64,
+    seed: u64,
+) -> Result<LocalRun, String> {
+    let cfg = setup.config;
+    let pool = pools.pool(if malicious { HARMFUL } else { BENIGN }, id, seed);
+    let data = ClientData::new(vec![pool], setup.plan(cfg.seed ^ id));
+    let batches = data.round_batches(0, 0);
+    local_train(
+        setup.model,
+        start,
+        &batches,
+        lr,
+        cfg.lora,
+        Capture::EveryStep,
+        &setup.devices.train,
+    )
 }
 
 /// Runs the probe phase: `probe_runs` benign and as many malicious local runs
 /// from the round-0 adapter at the shadow learning rate, every step's delta
 /// kept; the last `probe_holdout` of the runs of each class are held out;
-/// the library's default trainer fits the probe.
+/// the calibrated trainer ([`probe_trainer`]) fits the probe on the rest.
 pub fn probe_phase(
     setup: &Setup<'_>,
     pools: &Pools,
@@ -192,83 +266,112 @@ pub fn probe_phase(
     let jobs: Vec<(usize, bool)> = (0..runs)
         .flat_map(|run| [(run, false), (run, true)])
         .collect();
-    let mut train = (Vec::new(), Vec::new());
+    // (deltas, labels, groups)
+    let mut train = (Vec::new(), Vec::new(), Vec::new());
     let mut test = (Vec::new(), Vec::new());
-    for wave in jobs.chunks(setup.threads.max(1)) {
-        let results = parallel_map(wave, setup.threads, |&(run, malicious)| {
-            // Probe clients are numbered after the federation's clients, so
-            // their data orders differ from every federated client's.
-            let id = (cfg.clients + run) as u64;
-            let pool = client_pool(
-                malicious,
-                id,
-                &pools.benign,
-                &pools.harmful,
-                cfg.samples_per_client,
-                cfg.seed ^ 0x0050_524F,
-            );
-            let data = ClientData::new(vec![pool], setup.plan(cfg.seed ^ id));
-            let batches = data.round_batches(0, 0);
-            local_train(
-                setup.model,
-                round0,
-                &batches,
-                cfg.shadow_lr,
-                cfg.lora,
-                Capture::EveryStep,
-                &setup.devices.train,
-            )
-        });
-        for (&(run, malicious), result) in wave.iter().zip(results) {
-            let result = result?;
-            let label = if malicious {
-                Label::Malicious
+    let results = parallel_map(&jobs, setup.threads, |&(run, malicious)| {
+        // Probe clients are numbered after the federation's clients, so
+        // their data orders differ from every federated client's.
+        let id = (cfg.clients + run) as u64;
+        let result = labelled_run(
+            setup,
+            pools,
+            round0,
+            id,
+            malicious,
+            cfg.shadow_lr,
+            cfg.seed ^ 0x0050_524F,
+        );
+        progress.tick(if malicious { "malicious" } else { "benign" });
+        result
+    });
+    for (group, (&(run, malicious), result)) in jobs.iter().zip(results).enumerate() {
+        let result = result?;
+        let label = if malicious {
+            Label::Malicious
+        } else {
+            Label::Benign
+        };
+        for step in &result.steps {
+            let delta = LoraDelta::between(step, round0).map_err(|e| e.to_string())?;
+            if run < runs - held {
+                train.0.push(delta);
+                train.1.push(label);
+                train.2.push(group);
             } else {
-                Label::Benign
-            };
-            let target = if run < runs - held {
-                &mut train
-            } else {
-                &mut test
-            };
-            for step in &result.steps {
-                target
-                    .0
-                    .push(LoraDelta::between(step, round0).map_err(|e| e.to_string())?);
-                target.1.push(label);
+                test.0.push(delta);
+                test.1.push(label);
             }
-            progress.tick(label.as_str());
         }
     }
     progress.finish();
-    let probe = ProbeBuilder::new(LogisticParams::default())
-        .fit(&train.0, &train.1)
+    let probe = ProbeBuilder::new(probe_trainer(cfg, cfg.probe_folds))
+        .fit_grouped(&train.0, &train.1, Some(&train.2))
         .map_err(|e| format!("probe training: {e}"))?;
+    let calibration = probe
+        .info()
+        .calibration
+        .clone()
+        .ok_or("probe training: the calibrated trainer returned no calibration report")?;
     let scores = probe.score_batch(&test.0).map_err(|e| e.to_string())?;
     let holdout_auc = roc_auc(&scores, &test.1).map_err(|e| e.to_string())?;
+    let holdout_ece =
+        expected_calibration_error(&scores, &test.1, ECE_BINS).map_err(|e| e.to_string())?;
     let confusion =
         Confusion::at(&scores, &test.1, probe.threshold()).map_err(|e| e.to_string())?;
     Ok(ProbeReport {
         holdout_auc,
+        holdout_ece,
         holdout_accuracy: confusion.accuracy(),
+        holdout_recall: confusion.recall(),
+        holdout_false_positive_rate: confusion.false_positive_rate(),
         train_samples: train.0.len(),
         holdout_samples: test.0.len(),
         seconds: t0.elapsed().as_secs_f64(),
+        calibration,
         probe,
     })
 }
 
-/// Shadow runs are identical for every defense (fixed base, fixed learning
-/// rate, the client's deterministic data), so each is trained once and
-/// replayed; its measured time is charged to every run that uses it.
+/// Local runs that are identical across federations, trained once and
+/// replayed (their measured time is charged to every run that uses them):
+/// every shadow run (fixed base, fixed learning rate, the client's
+/// deterministic data) and every main-branch run of round 0 (all
+/// federations start from the same adapter at the same learning rate).
+/// Shared by the federations running in parallel.
 #[derive(Default)]
-pub struct ShadowCache {
-    runs: HashMap<(bool, usize, usize), LocalRun>,
+pub struct RunCache {
+    runs: Mutex<HashMap<RunKey, Arc<LocalRun>>>,
+}
+
+/// (pool tag, client, round, shadow branch?)
+type RunKey = (u32, usize, usize, bool);
+
+impl RunCache {
+    fn get_or_train(
+        &self,
+        key: RunKey,
+        train: impl FnOnce() -> Result<LocalRun, String>,
+    ) -> Result<Arc<LocalRun>, String> {
+        if let Some(run) = self.lock().get(&key) {
+            return Ok(Arc::clone(run));
+        }
+        // Trained outside the lock: two federations may train the same run
+        // at once (identical results); the first one stored wins.
+        let run = Arc::new(train()?);
+        Ok(Arc::clone(self.lock().entry(key).or_insert(run)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, Arc<LocalRun>>> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Maps `f` over `items` on up to `threads` scoped threads, keeping order.
+/// Items are handed out one at a time (a shared counter), so uneven items
+/// (a federation with a shadow branch costs more) keep every core busy.
 /// (The tiny model's tensors are far below burn-flex's own parallel
-/// thresholds, so clients are the unit of parallelism.)
+/// thresholds, so clients or whole federations are the unit of parallelism.)
 pub fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
@@ -277,51 +380,125 @@ pub fn parallel_map<T: Sync, R: Send>(
     if threads <= 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
-    let chunk = items.len().div_ceil(threads);
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+        let worker = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                if let Some(slot) = results.get(i) {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+            }
+        };
+        let handles: Vec<_> = (1..threads.min(items.len()))
+            .map(|_| scope.spawn(worker))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
+        worker();
+        for h in handles {
+            if let Err(e) = h.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| unreachable!("every item is mapped exactly once"))
+        })
+        .collect()
 }
 
-/// Runs one federation (one malicious share, one defense), returning one
-/// record per round (plus round 0, before any training).
-#[allow(clippy::too_many_arguments)]
-pub fn federate(
-    setup: &Setup<'_>,
-    pools: &Pools,
-    eval: &EvalSet,
-    round0: &LoraAdapter,
-    probe: &LinearProbe,
-    shadow: &ShadowBranch,
-    shadow_cache: &mut ShadowCache,
-    percent: u32,
-    defense: Defense,
-    progress: &dyn Progress,
-) -> Result<Vec<RoundRecord>, String> {
+/// One federation of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Job {
+    /// The attack scenario.
+    pub scenario: Scenario,
+    /// Malicious share, percent.
+    pub percent: u32,
+    /// The defense.
+    pub defense: Defense,
+}
+
+/// What every federation shares.
+pub struct Shared<'a> {
+    /// Settings, model, devices.
+    pub setup: &'a Setup<'a>,
+    /// Training data.
+    pub pools: &'a Pools,
+    /// Held-out evaluation data.
+    pub eval: &'a EvalSet,
+    /// The round-0 adapter.
+    pub round0: &'a LoraAdapter,
+    /// The probe of the probe phase.
+    pub probe: &'a LinearProbe,
+    /// The shadow branch (fixed base and learning rate).
+    pub shadow: &'a ShadowBranch,
+    /// Runs identical across federations.
+    pub cache: &'a RunCache,
+    /// Progress.
+    pub progress: &'a dyn Progress,
+}
+
+/// Runs the jobs on `setup.threads` workers, one whole federation per worker
+/// (clients sequential inside it): evaluation and the server run in
+/// parallel too, not only client training.
+pub fn federate_all(shared: &Shared<'_>, jobs: &[Job]) -> Vec<Result<Vec<RoundRecord>, String>> {
+    let inner = Setup {
+        threads: 1,
+        ..*shared.setup
+    };
+    let single = Shared {
+        setup: &inner,
+        ..*shared
+    };
+    parallel_map(jobs, shared.setup.threads, |&job| federate(&single, job))
+}
+
+/// Pool tag of a malicious client in `scenario`: 0 = benign, 1000 = all
+/// harmful, else the harmful share in percent.
+fn pool_tag(scenario: Scenario, malicious: bool) -> u32 {
+    if malicious {
+        (scenario.harmful_share() * 1000.0).round() as u32
+    } else {
+        BENIGN
+    }
+}
+
+/// Runs one federation (one scenario, malicious share and defense), returning
+/// one record per round (plus round 0, before any training).
+pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, String> {
+    let Shared {
+        setup,
+        pools,
+        eval,
+        round0,
+        probe,
+        shadow,
+        cache,
+        progress,
+    } = *shared;
+    let Job {
+        scenario,
+        percent,
+        defense,
+    } = job;
     let cfg = setup.config;
     let n_mal = cfg.malicious_clients(percent);
     let malicious = malicious_set(cfg.clients, n_mal, cfg.seed);
+    let tag = |k: usize| pool_tag(scenario, malicious.get(k).copied().unwrap_or(false));
+    let pool_of = |t: u32, k: usize| pools.pool(t, k as u64, cfg.seed);
     let data = ClientData::new(
-        (0..cfg.clients)
-            .map(|k| {
-                client_pool(
-                    malicious[k],
-                    k as u64,
-                    &pools.benign,
-                    &pools.harmful,
-                    cfg.samples_per_client,
-                    cfg.seed,
-                )
-            })
-            .collect(),
+        (0..cfg.clients).map(|k| pool_of(tag(k), k)).collect(),
+        setup.plan(cfg.seed),
+    );
+    // A liar's benign decoy data: the pool it would hold if it were benign.
+    let decoy = ClientData::new(
+        (0..cfg.clients).map(|k| pool_of(BENIGN, k)).collect(),
         setup.plan(cfg.seed),
     );
     let ctx = RuleContext {
@@ -330,89 +507,183 @@ pub fn federate(
             as usize,
         seed: cfg.seed,
         samples_per_step: cfg.batch_size as u64,
+        threshold: f64::from(probe.threshold()),
     };
     let mut server = Server::new(defense, ctx, probe, shadow).map_err(|e| e.to_string())?;
-    let mut global = round0.clone();
+    let refresh = if defense.refreshes() {
+        Some(
+            ProbeRefresh::new(cfg.refresh_every.max(1) as u32)
+                .map_err(|e| e.to_string())?
+                .trainer(probe_trainer(cfg, 3)),
+        )
+    } else {
+        None
+    };
+    let mut global = (*round0).clone();
     let mut model = setup.model.clone();
     let initial = eval.evaluate(&model, &setup.devices.eval);
-    let mut records = vec![record(
-        percent,
-        defense,
-        0,
-        initial,
-        &[],
-        &[],
-        &[],
-        false,
-        0.0,
-        0.0,
-    )];
+    let mut records = vec![record(job, 0, initial, &[], &[], &[], false, 0.0, 0.0)];
     for round in 0..cfg.rounds {
         let lr = round_lr(cfg.lr, cfg.min_lr, round, cfg.rounds);
-        let chosen = selection(cfg, round);
-        let batches_of = |k: usize| data.round_batches(k, round);
-        // Shadow branches this round's clients need and the cache lacks.
-        let shadow_keys: Vec<(bool, usize, usize)> = chosen
-            .iter()
-            .filter(|&&k| server.needs_shadow(&k.to_string()))
-            .map(|&k| (malicious[k], k, round))
-            .collect();
-        let missing: Vec<(bool, usize, usize)> = shadow_keys
-            .iter()
-            .filter(|key| !shadow_cache.runs.contains_key(key))
-            .copied()
-            .collect();
-        let trained = parallel_map(&missing, setup.threads, |&(_, k, _)| {
-            local_train(
-                setup.model,
-                shadow.base(),
-                &batches_of(k),
-                shadow.learning_rate(),
-                cfg.lora,
-                Capture::EveryStep,
-                &setup.devices.train,
-            )
-        });
-        for (key, run) in missing.into_iter().zip(trained) {
-            shadow_cache.runs.insert(key, run?);
+        let mut chosen = selection(cfg, round);
+        if defense == Defense::Oracle {
+            chosen.retain(|&k| !malicious[k]);
         }
+        let is_mal = |k: usize| malicious.get(k).copied().unwrap_or(false);
+        let mut round_seconds = 0.0;
+        let mut defense_seconds = 0.0;
+
+        // Probe refresh from the server's root set, before scoring this round.
+        if let Some(refresh) = &refresh
+            && refresh.is_due(round as u32)
+        {
+            let t0 = Instant::now();
+            let root = cfg.refresh_runs;
+            let mut runs = Vec::with_capacity(2 * root);
+            for i in 0..2 * root {
+                let bad = i % 2 == 1;
+                let id = (cfg.clients + cfg.probe_runs + i / 2) as u64;
+                let run = labelled_run(setup, pools, &global, id, bad, lr, cfg.seed ^ 0x0052_4F4F)?;
+                let steps = run
+                    .steps
+                    .iter()
+                    .map(|s| LoraDelta::between(s, &global))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let label = if bad { Label::Malicious } else { Label::Benign };
+                runs.push(LabelledRun::new(label, steps));
+            }
+            let current = server.probe().cloned();
+            if let Some(current) = current {
+                match refresh.refit(round as u32, &current, &runs) {
+                    Ok(refreshed) => server.set_probe(refreshed.probe),
+                    // A root set the calibrated trainer cannot separate keeps
+                    // the old probe; the run goes on and the table shows it.
+                    Err(e) => eprintln!("{}: refresh kept the old probe: {e}", defense.name()),
+                }
+            }
+            let s = t0.elapsed().as_secs_f64();
+            round_seconds += s;
+            defense_seconds += s;
+        }
+
         let capture = if defense.captures_steps() {
             Capture::EveryStep
         } else {
             Capture::LastOnly
         };
-        let runs = parallel_map(&chosen, setup.threads, |&k| {
-            local_train(
-                setup.model,
-                &global,
-                &batches_of(k),
-                lr,
-                cfg.lora,
-                capture,
-                &setup.devices.train,
-            )
-        });
-        let mut reports = Vec::with_capacity(chosen.len());
-        // Compute seconds, summed over clients (what a sequential simulation
-        // takes), so the figures do not depend on --threads.
-        let mut round_seconds = 0.0;
-        let mut defense_seconds = 0.0;
-        for (&k, run) in chosen.iter().zip(runs) {
-            let run = run?;
-            round_seconds += run.seconds;
-            defense_seconds += run.capture_seconds;
-            let mut report = ClientReport::new(k.to_string(), run.adapter, cfg.samples_per_round());
-            if capture == Capture::EveryStep {
-                report = report.with_steps(StepsReport::Adapters(run.steps));
+        let main_run = |t: u32, k: usize, data: &ClientData| -> Result<Arc<LocalRun>, String> {
+            let train = |capture| {
+                local_train(
+                    setup.model,
+                    &global,
+                    &data.round_batches(k, round),
+                    lr,
+                    cfg.lora,
+                    capture,
+                    &setup.devices.train,
+                )
+            };
+            if round == 0 {
+                cache.get_or_train((t, k, 0, false), || train(Capture::EveryStep))
+            } else {
+                train(capture).map(Arc::new)
             }
-            if let Some(shadow_run) = shadow_keys
-                .iter()
-                .find(|key| key.1 == k)
-                .and_then(|key| shadow_cache.runs.get(key))
-            {
+        };
+        let shadow_run = |t: u32, k: usize, data: &ClientData| {
+            cache.get_or_train((t, k, round, true), || {
+                local_train(
+                    setup.model,
+                    shadow.base(),
+                    &data.round_batches(k, round),
+                    shadow.learning_rate(),
+                    cfg.lora,
+                    Capture::EveryStep,
+                    &setup.devices.train,
+                )
+            })
+        };
+        let runs = parallel_map(&chosen, setup.threads, |&k| main_run(tag(k), k, &data));
+        let runs: Vec<Arc<LocalRun>> = runs.into_iter().collect::<Result<_, _>>()?;
+        for run in &runs {
+            round_seconds += run.seconds;
+            defense_seconds += if capture == Capture::EveryStep {
+                run.capture_seconds
+            } else {
+                0.0
+            };
+        }
+        // The round's benign updates (what an omniscient attacker sees).
+        let benign_deltas: Vec<LoraDelta> = chosen
+            .iter()
+            .zip(&runs)
+            .filter(|(k, _)| !is_mal(**k))
+            .map(|(_, r)| LoraDelta::between(&r.adapter, &global))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let attackers = chosen.iter().filter(|&&k| is_mal(k)).count();
+        let mut reports = Vec::with_capacity(chosen.len());
+        for (&k, run) in chosen.iter().zip(&runs) {
+            let id = k.to_string();
+            let liar = is_mal(k) && scenario.needs_decoy();
+            let mut update = run.adapter.clone();
+            let mut steps = run.steps.clone();
+            if is_mal(k) && scenario.crafts_update() {
+                let own = LoraDelta::between(&run.adapter, &global).map_err(|e| e.to_string())?;
+                let crafted = craft(
+                    scenario,
+                    &own,
+                    &Craft {
+                        benign: &benign_deltas,
+                        probe,
+                        clients: chosen.len(),
+                        attackers,
+                        seed: cfg.seed ^ ((round as u64) << 16) ^ k as u64,
+                    },
+                )?;
+                update = apply(&global, &crafted)?;
+                if capture == Capture::EveryStep {
+                    steps = if scenario == Scenario::Adaptive {
+                        evade_trail(probe, &global, &run.steps)?
+                    } else {
+                        // Honest steps, the last one replaced by the sent
+                        // update so that the trail check passes.
+                        let mut s = run.steps.clone();
+                        if let Some(last) = s.last_mut() {
+                            *last = update.clone();
+                        }
+                        s
+                    };
+                }
+            }
+            if liar && scenario == Scenario::LieTrail && capture == Capture::EveryStep {
+                // A benign run's trail, its last step the real update.
+                let fake = main_run(BENIGN, k, &decoy)?;
+                round_seconds += fake.seconds;
+                steps = fake.steps.clone();
+                if let Some(last) = steps.last_mut() {
+                    *last = update.clone();
+                }
+            }
+            let mut report = ClientReport::new(id.clone(), update, cfg.samples_per_round());
+            if capture == Capture::EveryStep {
+                report = report.with_steps(StepsReport::Adapters(steps));
+            }
+            if server.needs_shadow(&id) {
+                let lie = liar && scenario == Scenario::LieShadow;
+                let shadow_run = if lie {
+                    shadow_run(BENIGN, k, &decoy)?
+                } else {
+                    shadow_run(tag(k), k, &data)?
+                };
                 round_seconds += shadow_run.seconds;
                 defense_seconds += shadow_run.seconds;
-                report = report.with_shadow(StepsReport::Adapters(shadow_run.steps.clone()));
+                let shadow_steps = if is_mal(k) && scenario == Scenario::Adaptive {
+                    evade_trail(probe, shadow.base(), &shadow_run.steps)?
+                } else {
+                    shadow_run.steps.clone()
+                };
+                report = report.with_shadow(StepsReport::Adapters(shadow_steps));
             }
             reports.push(report);
         }
@@ -430,8 +701,7 @@ pub fn federate(
         let metrics = eval.evaluate(&model, &setup.devices.eval);
         let truth: Vec<bool> = chosen.iter().map(|&k| malicious[k]).collect();
         records.push(record(
-            percent,
-            defense,
+            job,
             round + 1,
             metrics,
             &truth,
@@ -441,15 +711,19 @@ pub fn federate(
             round_seconds,
             defense_seconds,
         ));
-        progress.tick(&format!("{percent}% {} r{}", defense.name(), round + 1));
+        progress.tick(&format!(
+            "{} {percent}% {} r{}",
+            scenario.name(),
+            defense.name(),
+            round + 1
+        ));
     }
     Ok(records)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn record(
-    percent: u32,
-    defense: Defense,
+    job: Job,
     round: usize,
     metrics: Metrics,
     truth: &[bool],
@@ -482,8 +756,9 @@ fn record(
     RoundRecord {
         malicious_factor: mean_factor(true),
         benign_factor: mean_factor(false),
-        malicious_percent: percent,
-        defense,
+        scenario: job.scenario,
+        malicious_percent: job.percent,
+        defense: job.defense,
         round,
         asr: metrics.asr,
         asr_per_token: metrics.asr_per_token,

@@ -46,6 +46,7 @@ mod experiment;
 mod gguf;
 mod model;
 mod report;
+mod scenario;
 mod training;
 
 use std::path::{Path, PathBuf};
@@ -58,7 +59,9 @@ use safe_fedllm::round::ShadowBranch;
 use config::ExperimentConfig;
 use data::{Corpus, TextCodec, WordTokenizer, encode_all};
 use defense::Defense;
-use experiment::{Pools, Progress, Setup, ShadowCache, federate, probe_phase};
+use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, federate_all, probe_phase};
+use safe_fedllm::probe::Threshold;
+use scenario::Scenario;
 use training::{Devices, EvalSet, PretrainConfig, cache_path, load_model, pretrain, save_model};
 
 /// Federated LoRA fine-tuning of a LLaMA model under attack: every defense compared.
@@ -89,9 +92,28 @@ struct Args {
     /// Malicious shares to compare, in percent [default: 0,30,50].
     #[arg(long, value_delimiter = ',')]
     malicious: Option<Vec<u32>>,
-    /// Defenses to compare [default: all].
+    /// Defenses to compare [default: all but evidence-norm-bound, which is
+    /// added when an update-space scenario is selected].
     #[arg(long, value_enum, value_delimiter = ',')]
     defenses: Option<Vec<Defense>>,
+    /// Attack scenarios, several allowed [default: poison].
+    #[arg(long = "scenario", value_enum, value_delimiter = ',')]
+    scenarios: Option<Vec<Scenario>>,
+    /// Rounds between probe refreshes of the `+ refresh` defenses [default: 4].
+    #[arg(long)]
+    refresh_every: Option<usize>,
+    /// Root-set runs per class the server replays at a refresh [default: 4].
+    #[arg(long)]
+    refresh_runs: Option<usize>,
+    /// Probe threshold policy: fixed:T, target-fpr:F or max-f1 [default: fixed:0.8].
+    #[arg(long, value_parser = parse_threshold)]
+    threshold: Option<Threshold>,
+    /// Folds of the calibrated probe trainer [default: 5; 4 with the smollm2 preset].
+    #[arg(long)]
+    probe_folds: Option<usize>,
+    /// With --gguf: a preset sized for a real model [default: a small smoke configuration].
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// Clients in the federation [default: 10].
     #[arg(long)]
     clients: Option<usize>,
@@ -136,10 +158,23 @@ struct Args {
     eval_limit: Option<usize>,
 }
 
+/// Presets for a real model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Preset {
+    /// SmolLM2-135M-Instruct, issue 11's comparison (≤ 45 min on 2 cores).
+    Smollm2,
+}
+
+fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    s.parse().map_err(|e: safe_fedllm::Error| e.to_string())
+}
+
 impl Args {
     fn config(&self, vocab_size: usize) -> ExperimentConfig {
         let mut c = if self.miniature {
             ExperimentConfig::miniature(vocab_size)
+        } else if self.preset == Some(Preset::Smollm2) {
+            ExperimentConfig::smollm2(vocab_size)
         } else if self.gguf.is_some() {
             ExperimentConfig::gguf_small(vocab_size)
         } else {
@@ -168,6 +203,18 @@ impl Args {
         set!(c.lora.rank, self.lora_rank);
         set!(c.lora.alpha, self.lora_alpha);
         set!(c.eval_limit, self.eval_limit);
+        set!(c.scenarios, self.scenarios);
+        set!(c.refresh_every, self.refresh_every);
+        set!(c.refresh_runs, self.refresh_runs);
+        set!(c.threshold, self.threshold);
+        set!(c.probe_folds, self.probe_folds);
+        if self.defenses.is_none()
+            && c.scenarios.iter().any(|s| s.crafts_update())
+            && c.defenses.contains(&Defense::Evidence)
+            && !c.defenses.contains(&Defense::EvidenceNormBound)
+        {
+            c.defenses.push(Defense::EvidenceNormBound);
+        }
         c.clients_per_round = self.clients_per_round.unwrap_or(c.clients);
         c
     }
@@ -175,7 +222,13 @@ impl Args {
 
 /// indicatif progress bars, one per phase.
 struct Bars {
-    bar: std::cell::RefCell<Option<ProgressBar>>,
+    bar: std::sync::Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ProgressBar>> {
+        self.bar.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Progress for Bars {
@@ -190,18 +243,18 @@ impl Progress for Bars {
         );
         bar.set_prefix(phase.to_owned());
         bar.enable_steady_tick(Duration::from_millis(200));
-        *self.bar.borrow_mut() = Some(bar);
+        *self.slot() = Some(bar);
     }
 
     fn tick(&self, message: &str) {
-        if let Some(bar) = self.bar.borrow().as_ref() {
+        if let Some(bar) = self.slot().as_ref() {
             bar.set_message(message.to_owned());
             bar.inc(1);
         }
     }
 
     fn finish(&self) {
-        if let Some(bar) = self.bar.borrow_mut().take() {
+        if let Some(bar) = self.slot().take() {
             bar.finish();
         }
     }
@@ -217,8 +270,9 @@ fn main() {
 fn run() -> Result<(), String> {
     let args = Args::parse();
     let started = Instant::now();
+    let model_started = Instant::now();
     let bars = Bars {
-        bar: std::cell::RefCell::new(None),
+        bar: std::sync::Mutex::new(None),
     };
     let seed = args.seed.unwrap_or(17);
     let corpus = Corpus::generate(seed);
@@ -258,6 +312,7 @@ fn run() -> Result<(), String> {
         }
     };
     config.check()?;
+    let model_seconds = model_started.elapsed().as_secs_f64();
     let devices = Devices::flex(config.seed);
     println!("model: {model_label}");
     let model = model.with_lora(config.lora.rank, config.lora.alpha);
@@ -304,47 +359,142 @@ fn run() -> Result<(), String> {
     );
 
     let pools = Pools::new(&setup);
+    let phase = Instant::now();
     let probe = probe_phase(&setup, &pools, &round0, &bars)?;
-    println!(
-        "probe: {} training deltas, {} held-out deltas; held-out AUC {:.3}, accuracy at τ = {} {:.3} ({:.1} s)",
+    let cal = &probe.calibration;
+    let calibration_text = format!(
+        "probe (calibrated trainer, {} group folds over {} labelled runs, threshold policy {}): \
+         {} training deltas; chosen C = {}; out-of-fold AUC {:.3}, ECE {:.3} (uncalibrated {:.3}), Brier {:.3}; \
+         τ = {:.3} (OOF recall {:.2}, false-positive rate {:.2}, margin {:.3}); \
+         {} held-out deltas: AUC {:.3}, ECE {:.3}, recall {:.2}, false-positive rate {:.2} at τ ({:.1} s)",
+        cal.folds,
+        cal.groups,
+        cal.threshold.policy,
         probe.train_samples,
+        cal.c,
+        cal.oof_roc_auc,
+        cal.oof_ece,
+        cal.oof_ece_uncalibrated,
+        cal.oof_brier,
+        cal.threshold.threshold,
+        cal.threshold.recall,
+        cal.threshold.false_positive_rate,
+        cal.threshold.margin,
         probe.holdout_samples,
         probe.holdout_auc,
-        safe_fedllm::probe::DEFAULT_THRESHOLD,
-        probe.holdout_accuracy,
+        probe.holdout_ece,
+        probe.holdout_recall,
+        probe.holdout_false_positive_rate,
         probe.seconds
     );
+    println!("{calibration_text}");
+    write(
+        &args.out.join("probe_calibration.json"),
+        &serde_json::to_string_pretty(&serde_json::json!({
+            "calibration": cal,
+            "holdout": {
+                "samples": probe.holdout_samples,
+                "roc_auc": probe.holdout_auc,
+                "ece": probe.holdout_ece,
+                "accuracy": probe.holdout_accuracy,
+                "recall": probe.holdout_recall,
+                "false_positive_rate": probe.holdout_false_positive_rate,
+            },
+            "train_samples": probe.train_samples,
+        }))
+        .map_err(|e| e.to_string())?,
+    )?;
+    let probe_seconds = phase.elapsed().as_secs_f64();
     let shadow = ShadowBranch::with_learning_rate(round0.clone(), config.shadow_lr)
         .map_err(|e| e.to_string())?;
 
-    let mut cache = ShadowCache::default();
-    let mut records = Vec::new();
-    let mut summaries = Vec::new();
-    let runs = config.malicious_percent.len() * config.defenses.len();
-    bars.start("federation", (runs * config.rounds) as u64);
-    for &percent in &config.malicious_percent {
-        for &defense in &config.defenses {
-            let run = federate(
-                &setup,
-                &pools,
-                &eval,
-                &round0,
-                &probe.probe,
-                &shadow,
-                &mut cache,
-                percent,
-                defense,
-                &bars,
-            )?;
-            let benign_per_round = config.clients_per_round
-                - (config.clients_per_round as f64 * f64::from(percent) / 100.0).round() as usize;
-            if let Some(s) = report::summarise(&run) {
-                summaries.push(report::with_false_flags(s, &run, benign_per_round));
+    // Every (scenario, share, defense). The oracle at 0 % is FedAvg at 0 %
+    // (no malicious client to drop): run once, reported under both names.
+    let mut jobs = Vec::new();
+    for &scenario in &config.scenarios {
+        for &percent in &config.malicious_percent {
+            for &defense in &config.defenses {
+                // At 0 % no client is malicious: every scenario is the same
+                // run, done once (under the first scenario).
+                if percent == 0 && Some(&scenario) != config.scenarios.first() {
+                    continue;
+                }
+                let alias = percent == 0 && defense == Defense::Oracle;
+                if alias && config.defenses.contains(&Defense::None) {
+                    continue;
+                }
+                let defense = if alias { Defense::None } else { defense };
+                jobs.push(Job {
+                    scenario,
+                    percent,
+                    defense,
+                });
             }
-            records.extend(run);
         }
     }
+    let cache = RunCache::default();
+    let shared = Shared {
+        setup: &setup,
+        pools: &pools,
+        eval: &eval,
+        round0: &round0,
+        probe: &probe.probe,
+        shadow: &shadow,
+        cache: &cache,
+        progress: &bars,
+    };
+    let phase = Instant::now();
+    bars.start("federation", (jobs.len() * config.rounds) as u64);
+    let results = federate_all(&shared, &jobs);
     bars.finish();
+    let federation_seconds = phase.elapsed().as_secs_f64();
+    let mut runs = Vec::new();
+    for result in results {
+        let run = result?;
+        if let Some(first) = run.first()
+            && first.malicious_percent == 0
+            && first.defense == Defense::None
+            && config.defenses.contains(&Defense::Oracle)
+        {
+            let mut oracle = run.clone();
+            oracle.iter_mut().for_each(|r| r.defense = Defense::Oracle);
+            runs.push(oracle);
+        }
+        runs.push(run);
+    }
+    // Table order: scenario, share, then the defense order of the config.
+    let order = |d: Defense| {
+        config
+            .defenses
+            .iter()
+            .position(|&x| x == d)
+            .unwrap_or(usize::MAX)
+    };
+    runs.retain(|r| {
+        r.first()
+            .is_some_and(|f| config.defenses.contains(&f.defense))
+    });
+    runs.sort_by_key(|r| {
+        r.first()
+            .map(|f| (f.scenario, f.malicious_percent, order(f.defense)))
+    });
+    let mut records = Vec::new();
+    let mut summaries = Vec::new();
+    for run in runs {
+        let Some(first) = run.first() else { continue };
+        let percent = first.malicious_percent;
+        let participants = if first.defense == Defense::Oracle {
+            config.clients_per_round
+        } else {
+            config.clients_per_round
+                - (config.clients_per_round as f64 * f64::from(percent) / 100.0).round() as usize
+        };
+        if let Some(s) = report::summarise(&run) {
+            summaries.push(report::with_false_flags(s, &run, participants));
+        }
+        records.extend(run);
+    }
+    let summaries = report::with_verdicts(summaries);
 
     println!();
     println!("{}", report::table(&summaries));
@@ -358,7 +508,12 @@ fn run() -> Result<(), String> {
     write(&args.out.join("rounds.csv"), &report::rounds_csv(&records))?;
     write(&args.out.join("asr.svg"), &report::asr_svg(&records))?;
     println!(
-        "\nwrote {}/{{summary.csv, rounds.csv, asr.svg, config.json}}; total {:.1} s",
+        "\ntime: model {model_seconds:.1} s, probe phase {probe_seconds:.1} s, {} federations {federation_seconds:.1} s on {} threads",
+        jobs.len(),
+        setup.threads
+    );
+    println!(
+        "wrote {}/{{summary.csv, rounds.csv, asr.svg, config.json, probe_calibration.json}}; total {:.1} s",
         args.out.display(),
         started.elapsed().as_secs_f64()
     );

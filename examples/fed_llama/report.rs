@@ -5,14 +5,21 @@ use std::fmt::Write as _;
 
 use crate::defense::Defense;
 use crate::experiment::RoundRecord;
+use crate::scenario::Scenario;
 
 /// How close to the clean run's ASR a defense must stay to count as
 /// "holding" (absolute, in ASR units).
 pub const HOLD_TOLERANCE: f64 = 0.10;
 
+/// Against an untargeted attack a defense holds when its final benign loss
+/// is at most this factor × the oracle's (or the clean run's).
+pub const LOSS_TOLERANCE: f64 = 1.05;
+
 /// One row of the comparison table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
+    /// Attack scenario.
+    pub scenario: Scenario,
     /// Malicious share, percent.
     pub malicious_percent: u32,
     /// Defense.
@@ -36,6 +43,9 @@ pub struct Summary {
     pub seconds_per_round: f64,
     /// Share of round time spent on the defense.
     pub defense_share: f64,
+    /// Whether the defense held (see [`with_verdicts`]); `None` for the
+    /// references (FedAvg, oracle) and clean runs.
+    pub holds: Option<bool>,
 }
 
 fn ratio(num: usize, den: usize) -> Option<f64> {
@@ -54,6 +64,8 @@ pub fn summarise(records: &[RoundRecord]) -> Option<Summary> {
     let total_defense: f64 = trained.iter().map(|r| r.defense_seconds).sum();
     let flags = first.defense.flags_clients();
     Some(Summary {
+        scenario: first.scenario,
+        holds: None,
         malicious_percent: first.malicious_percent,
         defense: first.defense,
         final_asr: last.asr,
@@ -91,6 +103,53 @@ pub fn with_false_flags(
     summary
 }
 
+/// The clean run's final ASR and benign loss (0 % malicious, plain FedAvg;
+/// the same for every scenario).
+fn clean(summaries: &[Summary]) -> Option<&Summary> {
+    summaries
+        .iter()
+        .find(|s| s.malicious_percent == 0 && s.defense == Defense::None)
+}
+
+/// Fills in whether each defense held under attack: for a targeted scenario
+/// its final ASR is within [`HOLD_TOLERANCE`] of the clean run's; for an
+/// untargeted one (sign flip, noise, ALIE, IPM) its final benign loss is at
+/// most [`LOSS_TOLERANCE`] × the oracle's at the same share (the clean
+/// run's without an oracle row), and its ASR holds too.
+pub fn with_verdicts(mut summaries: Vec<Summary>) -> Vec<Summary> {
+    let reference = clean(&summaries).map(|c| (c.final_asr, c.final_benign_loss));
+    let oracle_loss = |scenario: Scenario, percent: u32| {
+        summaries
+            .iter()
+            .find(|s| {
+                s.scenario == scenario
+                    && s.malicious_percent == percent
+                    && s.defense == Defense::Oracle
+            })
+            .map(|s| s.final_benign_loss)
+    };
+    let verdicts: Vec<Option<bool>> = summaries
+        .iter()
+        .map(|s| {
+            let (asr, loss) = reference?;
+            if s.malicious_percent == 0 || matches!(s.defense, Defense::None | Defense::Oracle) {
+                return None;
+            }
+            let asr_ok = s.final_asr <= asr + HOLD_TOLERANCE;
+            Some(if s.scenario.untargeted() {
+                let base = oracle_loss(s.scenario, s.malicious_percent).unwrap_or(loss);
+                asr_ok && s.final_benign_loss <= base * LOSS_TOLERANCE
+            } else {
+                asr_ok
+            })
+        })
+        .collect();
+    for (s, v) in summaries.iter_mut().zip(verdicts) {
+        s.holds = v;
+    }
+    summaries
+}
+
 fn opt(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"))
 }
@@ -100,7 +159,8 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>5}  {:<15} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}",
+        "{:<10} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
+        "scenario",
         "mal%",
         "defense",
         "final ASR",
@@ -111,17 +171,19 @@ pub fn table(summaries: &[Summary]) -> String {
         "false flag",
         "skipped",
         "s/round",
-        "defense%"
+        "defense%",
     );
     let mut last_share = None;
     for s in summaries {
-        if last_share.is_some() && last_share != Some(s.malicious_percent) {
+        let key = (s.scenario, s.malicious_percent);
+        if last_share.is_some() && last_share != Some(key) {
             out.push('\n');
         }
-        last_share = Some(s.malicious_percent);
+        last_share = Some(key);
         let _ = writeln!(
             out,
-            "{:>5}  {:<15} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%",
+            "{:<10} {:>5}  {:<22} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%  {}",
+            s.scenario.name(),
             s.malicious_percent,
             s.defense.name(),
             s.final_asr,
@@ -132,22 +194,32 @@ pub fn table(summaries: &[Summary]) -> String {
             opt(s.false_flag_rate),
             s.skipped_rounds,
             s.seconds_per_round,
-            100.0 * s.defense_share
+            100.0 * s.defense_share,
+            holds(s.holds)
         );
     }
     out
 }
 
+fn holds(verdict: Option<bool>) -> &'static str {
+    match verdict {
+        Some(true) => "yes",
+        Some(false) => "FAILS",
+        None => "–",
+    }
+}
+
 /// The summary table as CSV.
 pub fn summary_csv(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "malicious_percent,defense,final_asr,peak_asr,final_benign_loss,precision,recall,false_flag_rate,skipped_rounds,seconds_per_round,defense_share\n",
+        "scenario,malicious_percent,defense,final_asr,peak_asr,final_benign_loss,precision,recall,false_flag_rate,skipped_rounds,seconds_per_round,defense_share,holds\n",
     );
     let cell = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for s in summaries {
         let _ = writeln!(
             out,
-            "{},{},{:.6},{:.6},{:.6},{},{},{},{},{:.6},{:.6}",
+            "{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{:.6},{:.6},{}",
+            s.scenario.name(),
             s.malicious_percent,
             s.defense.name(),
             s.final_asr,
@@ -158,7 +230,8 @@ pub fn summary_csv(summaries: &[Summary]) -> String {
             cell(s.false_flag_rate),
             s.skipped_rounds,
             s.seconds_per_round,
-            s.defense_share
+            s.defense_share,
+            s.holds.map_or("", |h| if h { "yes" } else { "no" })
         );
     }
     out
@@ -167,12 +240,13 @@ pub fn summary_csv(summaries: &[Summary]) -> String {
 /// Every round record as CSV.
 pub fn rounds_csv(records: &[RoundRecord]) -> String {
     let mut out = String::from(
-        "malicious_percent,defense,round,asr,asr_per_token,margin,benign_loss,true_positives,false_positives,false_negatives,malicious_factor,benign_factor,skipped,round_seconds,defense_seconds\n",
+        "scenario,malicious_percent,defense,round,asr,asr_per_token,margin,benign_loss,true_positives,false_positives,false_negatives,malicious_factor,benign_factor,skipped,round_seconds,defense_seconds\n",
     );
     for r in records {
         let _ = writeln!(
             out,
-            "{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.6},{:.6},{},{:.6},{:.6}",
+            "{},{},{},{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.6},{:.6},{},{:.6},{:.6}",
+            r.scenario.name(),
             r.malicious_percent,
             r.defense.name(),
             r.round,
@@ -193,32 +267,44 @@ pub fn rounds_csv(records: &[RoundRecord]) -> String {
     out
 }
 
-/// A sentence per attacked share saying what the table shows.
+/// A sentence per attacked (scenario, share) saying what the table shows.
+/// Whether a defense holds is [`with_verdicts`]'s (computed here when the
+/// summaries carry none).
 pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
-    let find = |p: u32, d: Defense| {
-        summaries
-            .iter()
-            .find(|s| s.malicious_percent == p && s.defense == d)
+    let summaries = if summaries.iter().all(|s| s.holds.is_none()) {
+        with_verdicts(summaries.to_vec())
+    } else {
+        summaries.to_vec()
     };
-    let clean = find(0, Defense::None).map(|s| s.final_asr);
-    let mut shares: Vec<u32> = summaries
+    let clean = clean(&summaries).map(|s| s.final_asr);
+    let mut keys: Vec<(Scenario, u32)> = summaries
         .iter()
-        .map(|s| s.malicious_percent)
-        .filter(|&p| p > 0)
+        .filter(|s| s.malicious_percent > 0)
+        .map(|s| (s.scenario, s.malicious_percent))
         .collect();
-    shares.sort_unstable();
-    shares.dedup();
+    keys.sort_unstable();
+    keys.dedup();
     let mut out = Vec::new();
-    for p in shares {
+    for (scenario, p) in keys {
+        let rows: Vec<&Summary> = summaries
+            .iter()
+            .filter(|s| s.scenario == scenario && s.malicious_percent == p)
+            .collect();
+        let find = |d: Defense| rows.iter().find(|s| s.defense == d);
         let mut text = String::new();
+        let attack = if scenario == Scenario::Poison {
+            String::new()
+        } else {
+            format!(" ({} attack)", scenario.name())
+        };
         let reference = match clean {
             Some(c) => c,
             None => {
                 let _ = write!(
                     text,
-                    "With {p} % malicious clients (no clean run to compare with):"
+                    "With {p} % malicious clients{attack} (no clean run to compare with):"
                 );
-                for s in summaries.iter().filter(|s| s.malicious_percent == p) {
+                for s in &rows {
                     let _ = write!(
                         text,
                         " {} ends at ASR {:.2};",
@@ -230,30 +316,58 @@ pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
                 continue;
             }
         };
-        if let Some(fedavg) = find(p, Defense::None) {
-            let verdict = if fedavg.final_asr > reference + HOLD_TOLERANCE {
-                "clearly above"
+        if let Some(fedavg) = find(Defense::None) {
+            let verdict = if scenario.untargeted() {
+                match find(Defense::Oracle) {
+                    Some(o) => format!(
+                        "benign loss {:.3} against the oracle's {:.3} (an untargeted attack: it aims at utility, not ASR)",
+                        fedavg.final_benign_loss, o.final_benign_loss
+                    ),
+                    None => format!(
+                        "benign loss {:.3} (an untargeted attack: it aims at utility, not ASR)",
+                        fedavg.final_benign_loss
+                    ),
+                }
+            } else if fedavg.final_asr > reference + HOLD_TOLERANCE {
+                "clearly above".to_owned()
             } else {
-                "NOT clearly above (the attack did not take hold at this scale)"
+                "NOT clearly above (the attack did not take hold at this scale)".to_owned()
             };
-            let _ = write!(
-                text,
-                "With {p} % malicious clients plain FedAvg ends at ASR {:.2}, {verdict} the clean run's {:.2}.",
-                fedavg.final_asr, reference
-            );
+            if scenario.untargeted() {
+                let _ = write!(
+                    text,
+                    "With {p} % malicious clients{attack} plain FedAvg ends at ASR {:.2}, {verdict}.",
+                    fedavg.final_asr
+                );
+            } else {
+                let _ = write!(
+                    text,
+                    "With {p} % malicious clients{attack} plain FedAvg ends at ASR {:.2}, {verdict} the clean run's {:.2}.",
+                    fedavg.final_asr, reference
+                );
+            }
         } else {
             let _ = write!(
                 text,
-                "With {p} % malicious clients (clean ASR {reference:.2}):"
+                "With {p} % malicious clients{attack} (clean ASR {reference:.2}):"
             );
         }
-        let (held, failed): (Vec<&Summary>, Vec<&Summary>) = summaries
-            .iter()
-            .filter(|s| s.malicious_percent == p && s.defense != Defense::None)
-            .partition(|s| s.final_asr <= reference + HOLD_TOLERANCE);
-        let names = |v: &[&Summary]| {
+        let held: Vec<&&Summary> = rows.iter().filter(|s| s.holds == Some(true)).collect();
+        let failed: Vec<&&Summary> = rows.iter().filter(|s| s.holds == Some(false)).collect();
+        let names = |v: &[&&Summary]| {
             v.iter()
-                .map(|s| format!("{} ({:.2})", s.defense.name(), s.final_asr))
+                .map(|s| {
+                    if scenario.untargeted() {
+                        format!(
+                            "{} ({:.2}, loss {:.3})",
+                            s.defense.name(),
+                            s.final_asr,
+                            s.final_benign_loss
+                        )
+                    } else {
+                        format!("{} ({:.2})", s.defense.name(), s.final_asr)
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -272,15 +386,18 @@ pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
     out
 }
 
-const COLORS: [&str; 11] = [
+const COLORS: [&str; 15] = [
     "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a", "#9467bd", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#d62728",
+    "#7f7f7f", "#bcbd22", "#d62728", "#17becf", "#aec7e8", "#ffbb78", "#c5b0d5",
 ];
 
 /// An SVG with one panel per malicious share: ASR per round, one line per
 /// defense.
 pub fn asr_svg(records: &[RoundRecord]) -> String {
-    let mut shares: Vec<u32> = records.iter().map(|r| r.malicious_percent).collect();
+    let mut shares: Vec<(Scenario, u32)> = records
+        .iter()
+        .map(|r| (r.scenario, r.malicious_percent))
+        .collect();
     shares.sort_unstable();
     shares.dedup();
     let mut defenses: Vec<Defense> = records.iter().map(|r| r.defense).collect();
@@ -296,14 +413,19 @@ pub fn asr_svg(records: &[RoundRecord]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for (i, share) in shares.iter().enumerate() {
+    for (i, &(scenario, share)) in shares.iter().enumerate() {
         let x0 = margin + i as f64 * (pw + margin);
         let y0 = margin;
         let _ = writeln!(
             svg,
-            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{share} % malicious</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}{share} % malicious</text>"#,
             x0 + pw / 2.0,
-            y0 - 12.0
+            y0 - 12.0,
+            if scenario == Scenario::Poison {
+                String::new()
+            } else {
+                format!("{}: ", scenario.name())
+            }
         );
         let _ = writeln!(
             svg,
@@ -347,7 +469,9 @@ pub fn asr_svg(records: &[RoundRecord]) -> String {
         for (d, defense) in defenses.iter().enumerate() {
             let mut points: Vec<(usize, f64)> = records
                 .iter()
-                .filter(|r| r.malicious_percent == *share && r.defense == *defense)
+                .filter(|r| {
+                    r.scenario == scenario && r.malicious_percent == share && r.defense == *defense
+                })
                 .map(|r| (r.round, r.asr))
                 .collect();
             points.sort_by_key(|p| p.0);

@@ -419,6 +419,14 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         &self.probe
     }
 
+    /// Replaces the probe and returns the old one: a probe refresh
+    /// ([`ProbeRefresh`](crate::round::ProbeRefresh)) between rounds. The
+    /// detector's per-client state is kept; only later rounds are scored with
+    /// the new probe.
+    pub fn set_probe(&mut self, probe: P) -> P {
+        std::mem::replace(&mut self.probe, probe)
+    }
+
     /// The shadow branch, if set.
     pub fn shadow(&self) -> Option<&ShadowBranch> {
         self.shadow.as_ref()

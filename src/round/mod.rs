@@ -27,6 +27,7 @@
 pub mod admission;
 mod audit;
 mod defended;
+mod refresh;
 mod steps;
 pub mod trail;
 
@@ -38,5 +39,6 @@ pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimin
 pub use defended::{
     ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
 };
+pub use refresh::{LabelledRun, ProbeRefresh, Refreshed};
 pub use steps::{ShadowBranch, StepRecorder, score_steps};
 pub use trail::{TrailCheck, TrailStatus, check_trail};

@@ -1,0 +1,1 @@
+"""Optional example: Safe-FedLLM with a tiny LLaMA in Flower."""

@@ -1,0 +1,384 @@
+//! The defended round: probe → detector → safety gate → rule, with its audit line.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use safe_fedllm::ClientId;
+use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLevel};
+use safe_fedllm::lora::TensorSource;
+use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{
+    Admission, ClientReport, DefendedRound as CoreRound, NormBound, OverBound, RoundParams,
+    SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
+};
+
+use crate::adapter::to_arrays;
+use crate::aggregate::{Aggregator, BoxedRule};
+use crate::detect::{Detector, level_name};
+use crate::errors::{IntoPy, raise};
+use crate::json::to_py_json;
+use crate::probe::Probe;
+use crate::source::{Held, Source};
+
+/// Step evidence from Python: None, a list of scores, or a list of updates.
+enum PySteps<'py> {
+    None,
+    Scores(Vec<f32>),
+    Updates(Vec<Held<'py>>),
+}
+
+impl<'py> PySteps<'py> {
+    fn extract(obj: Option<Bound<'py, PyAny>>) -> PyResult<Self> {
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
+            return Ok(PySteps::None);
+        };
+        if let Ok(scores) = obj.extract::<Vec<f32>>() {
+            return Ok(PySteps::Scores(scores));
+        }
+        Ok(PySteps::Updates(
+            obj.try_iter()?
+                .map(|s| Held::extract(&s?))
+                .collect::<PyResult<_>>()?,
+        ))
+    }
+
+    fn views(&self) -> PyResult<StepViews<'_>> {
+        Ok(match self {
+            PySteps::None => StepViews::None,
+            PySteps::Scores(s) => StepViews::Scores(s.as_slice()),
+            PySteps::Updates(h) => {
+                StepViews::Updates(h.iter().map(Held::source).collect::<PyResult<_>>()?)
+            }
+        })
+    }
+}
+
+/// Borrowed step evidence (zero-copy views of the arrays).
+enum StepViews<'a> {
+    None,
+    Scores(&'a [f32]),
+    Updates(Vec<Source<'a>>),
+}
+
+impl StepViews<'_> {
+    fn report(&self) -> StepsReport<'_> {
+        match self {
+            StepViews::None => StepsReport::None,
+            StepViews::Scores(s) => StepsReport::Scores(s),
+            StepViews::Updates(v) => {
+                StepsReport::Adapters(v.iter().map(|s| s as &dyn TensorSource).collect())
+            }
+        }
+    }
+}
+
+struct PyReport<'py> {
+    client: ClientId,
+    update: Held<'py>,
+    samples: u64,
+    steps: PySteps<'py>,
+    shadow: PySteps<'py>,
+}
+
+impl<'py> PyReport<'py> {
+    fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let field = |name: &str| -> PyResult<Option<Bound<'py, PyAny>>> {
+            obj.get_item(name).map(Some).or_else(|_| Ok(None))
+        };
+        let need = |name: &str| -> PyResult<Bound<'py, PyAny>> {
+            field(name)?.ok_or_else(|| {
+                raise(
+                    "InputTypeError",
+                    format!("a report needs the field `{name}`"),
+                    |d| d.set_item("key", name),
+                )
+            })
+        };
+        Ok(PyReport {
+            client: ClientId::from(need("client")?.str()?.extract::<String>()?),
+            update: Held::extract(&need("update")?)?,
+            samples: need("samples")?.extract()?,
+            steps: PySteps::extract(field("steps")?)?,
+            shadow: PySteps::extract(field("shadow")?)?,
+        })
+    }
+}
+
+fn bad(param: &str, value: impl std::fmt::Display, expected: &str) -> PyErr {
+    raise(
+        "InvalidParameterError",
+        format!("admission `{param}` = {value} is invalid: expected {expected}"),
+        |d| {
+            d.set_item("param", param)?;
+            d.set_item("value", value.to_string())?;
+            d.set_item("expected", expected)
+        },
+    )
+}
+
+/// `(name, value)` of a one-entry dict like `{"cap_at": 512}`, or `(name, None)` of a string.
+fn tagged<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(String, Option<Bound<'py, PyAny>>)> {
+    if let Ok(name) = obj.extract::<String>() {
+        return Ok((name, None));
+    }
+    let dict = obj
+        .cast::<PyDict>()
+        .map_err(|_| bad("policy", obj, "a name or a one-entry dict"))?;
+    match dict.iter().next() {
+        Some((k, v)) if dict.len() == 1 => Ok((k.extract()?, Some(v))),
+        _ => Err(bad("policy", obj, "a one-entry dict")),
+    }
+}
+
+/// The admission policy from Python: None (the safe default), "reference",
+/// or a dict with any of `samples`, `norm_bound`, `over_bound`, `require_probe_keys`.
+fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(Admission::default());
+    };
+    if obj.extract::<String>().is_ok_and(|s| s == "reference") {
+        return Ok(Admission::reference());
+    }
+    let dict = obj
+        .cast::<PyDict>()
+        .map_err(|_| bad("admission", obj, "None, 'reference' or a dict"))?;
+    let mut policy = Admission::default();
+    for (k, v) in dict.iter() {
+        let key: String = k.extract()?;
+        match key.as_str() {
+            "samples" => {
+                let (name, value) = tagged(&v)?;
+                let sample = match (name.as_str(), value) {
+                    ("trust", None) => SamplePolicy::Trust,
+                    ("uniform", None) => SamplePolicy::Uniform,
+                    ("cap_at", Some(n)) => SamplePolicy::CapAt(n.extract()?),
+                    ("cap_at_median_multiple", Some(x)) => {
+                        SamplePolicy::CapAtMedianMultiple(x.extract()?)
+                    }
+                    _ => {
+                        return Err(bad(
+                            "samples",
+                            &v,
+                            "'trust', 'uniform', {'cap_at': n} or {'cap_at_median_multiple': x}",
+                        ));
+                    }
+                };
+                policy = policy.samples(sample).py()?;
+            }
+            "norm_bound" => {
+                let bound = if v.is_none() {
+                    NormBound::Unbounded
+                } else {
+                    let (name, value) = tagged(&v)?;
+                    match (name.as_str(), value) {
+                        ("unbounded", None) => NormBound::Unbounded,
+                        ("absolute", Some(x)) => NormBound::Absolute(x.extract()?),
+                        ("median_multiple", Some(x)) => NormBound::MedianMultiple(x.extract()?),
+                        _ => {
+                            return Err(bad(
+                                "norm_bound",
+                                &v,
+                                "None, {'absolute': x} or {'median_multiple': x}",
+                            ));
+                        }
+                    }
+                };
+                policy = policy.norm_bound(bound).py()?;
+            }
+            "over_bound" => {
+                policy = policy.over_bound(match v.extract::<String>()?.as_str() {
+                    "exclude" => OverBound::Exclude,
+                    "clip" => OverBound::Clip,
+                    other => return Err(bad("over_bound", other, "'exclude' or 'clip'")),
+                });
+            }
+            "require_probe_keys" => policy = policy.require_probe_keys(v.extract()?),
+            other => {
+                return Err(bad(
+                    other,
+                    &v,
+                    "samples, norm_bound, over_bound or require_probe_keys",
+                ));
+            }
+        }
+    }
+    Ok(policy)
+}
+
+/// One defended round runner: probe → detector level → safety gate → rule,
+/// keeping the detector's state across rounds.
+///
+/// >>> rnd = DefendedRound(probe, Detector("client"), Aggregator("fedavg"), skip_avg_weight=0.2)
+/// >>> out = rnd.run(0, global_arrays, [{"client": "7", "update": arrays, "samples": 100}, ...])
+/// >>> out["skipped"], out["clients"][0]["factor"], out["audit_line"]
+///
+/// Each report is a dict with `client`, `update` (dict of float32 arrays or
+/// an Adapter), `samples`, and optional `steps` / `shadow`: a list of step
+/// adapters (verifiable: scored by the server, last one checked against the
+/// update) or a list of self-reported scores (unverifiable).
+#[pyclass(module = "safe_fedllm._native")]
+pub struct DefendedRound {
+    inner: CoreRound<LinearProbe, AnyDetector, BoxedRule>,
+}
+
+#[pymethods]
+impl DefendedRound {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (probe, detector, aggregator, *, skip_avg_weight = 0.2, trail = None, admission = None, accept_self_reported = false, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    fn new(
+        py: Python<'_>,
+        probe: &Probe,
+        detector: &Detector,
+        aggregator: &Aggregator,
+        skip_avg_weight: f64,
+        trail: Option<&Bound<'_, PyAny>>,
+        admission: Option<&Bound<'_, PyAny>>,
+        accept_self_reported: bool,
+        shadow_base: Option<&Bound<'_, PyAny>>,
+        shadow_learning_rate: f64,
+    ) -> PyResult<Self> {
+        let trail = match trail {
+            None => TrailCheck::Exact,
+            Some(t) if t.extract::<String>().is_ok_and(|s| s == "exact") => TrailCheck::Exact,
+            Some(t) if t.extract::<String>().is_ok_and(|s| s == "off") => TrailCheck::Off,
+            Some(t) => TrailCheck::MaxAbs(t.extract::<f32>().map_err(|_| {
+                raise(
+                    "InvalidParameterError",
+                    "trail is 'exact', 'off' or an absolute tolerance".into(),
+                    |d| d.set_item("param", "trail"),
+                )
+            })?),
+        };
+        let params = RoundParams::default()
+            .skip_avg_weight(skip_avg_weight)
+            .trail(trail)
+            .admission(self::admission(admission)?)
+            .accept_self_reported(accept_self_reported);
+        let mut inner = CoreRound::new(
+            probe.inner.clone(),
+            detector.inner.clone(),
+            aggregator.spec.build()?,
+        )
+        .with_params(params)
+        .py()?;
+        if let Some(base) = shadow_base {
+            let held = Held::extract(base)?;
+            let view = held.source()?;
+            let base = py.detach(|| view.to_adapter()).py()?;
+            inner = inner
+                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
+        }
+        Ok(DefendedRound { inner })
+    }
+
+    /// Runs round `round` (0-based) from `global_` (the adapter the clients
+    /// started from). Returns the audit record as a dict plus
+    /// `new_global` (dict of arrays, or None when the round is skipped) and
+    /// `audit_line` (the JSON line to append to an audit log).
+    fn run<'py>(
+        &mut self,
+        py: Python<'py>,
+        round: u32,
+        global_: &Bound<'py, PyAny>,
+        reports: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let global = Held::extract(global_)?;
+        let items: Vec<PyReport<'py>> = reports
+            .try_iter()?
+            .map(|r| PyReport::extract(&r?))
+            .collect::<PyResult<_>>()?;
+        let global_view = global.source()?;
+        let views = items
+            .iter()
+            .map(|r| Ok((r.update.source()?, r.steps.views()?, r.shadow.views()?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let meta: Vec<(ClientId, u64)> = items
+            .iter()
+            .map(|r| (r.client.clone(), r.samples))
+            .collect();
+        let inner = &mut self.inner;
+        let outcome = py
+            .detach(|| -> safe_fedllm::Result<_> {
+                // The global is copied once (the core keeps it as an owned
+                // adapter); every client update and step is read in place.
+                let global = global_view.to_adapter()?;
+                let reports: Vec<ClientReport<'_>> = meta
+                    .iter()
+                    .zip(&views)
+                    .map(|((client, samples), (update, steps, shadow))| {
+                        ClientReport::new(client, update as &dyn TensorSource, *samples)
+                            .with_steps(steps.report())
+                            .with_shadow(shadow.report())
+                    })
+                    .collect();
+                inner.run(round, &global, &reports)
+            })
+            .py()?;
+        let line = outcome.to_json_line().py()?;
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| raise("FormatError", e.to_string(), |_| Ok(())))?;
+        let out = to_py_json(py, &value)?;
+        let dict = out.cast::<PyDict>()?;
+        match &outcome.new_global {
+            Some(a) => dict.set_item("new_global", to_arrays(py, a)?)?,
+            None => dict.set_item("new_global", py.None())?,
+        }
+        dict.set_item("audit_line", line)?;
+        Ok(out)
+    }
+
+    /// Whether `client` should train a shadow branch this round.
+    fn needs_shadow(&self, client: String) -> bool {
+        self.inner.needs_shadow(&client.into())
+    }
+
+    /// A copy of the detector (settings and state).
+    #[getter]
+    fn detector(&self) -> Detector {
+        Detector {
+            inner: self.inner.detector().clone(),
+        }
+    }
+
+    /// The detector's state as JSON (write it after every round to resume).
+    fn detector_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.detector())
+            .map_err(|e| raise("CheckpointError", e.to_string(), |_| Ok(())))
+    }
+
+    /// Restores the detector's state from `detector_json`'s output; the
+    /// level must match.
+    fn load_detector_json(&mut self, text: &str) -> PyResult<()> {
+        let restored: AnyDetector = serde_json::from_str(text).map_err(|e| {
+            raise(
+                "CheckpointError",
+                format!("detector checkpoint: {e}"),
+                |_| Ok(()),
+            )
+        })?;
+        let want: DefenseLevel = safe_fedllm::detect::Detector::level(self.inner.detector());
+        let got = safe_fedllm::detect::Detector::level(&restored);
+        if want != got {
+            return Err(raise(
+                "CheckpointError",
+                format!(
+                    "checkpoint is {}-level, this round runs {}-level",
+                    level_name(got),
+                    level_name(want)
+                ),
+                |d| {
+                    d.set_item("expected", level_name(want))?;
+                    d.set_item("found", level_name(got))
+                },
+            ));
+        }
+        *self.inner.detector_mut() = restored;
+        Ok(())
+    }
+
+    /// The level this round's detector implements.
+    #[getter]
+    fn level(&self) -> &'static str {
+        level_name(safe_fedllm::detect::Detector::level(self.inner.detector()))
+    }
+}

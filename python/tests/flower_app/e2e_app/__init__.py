@@ -1,0 +1,1 @@
+"""End-to-end Flower app for safe-fedllm's deployment test."""

@@ -1,0 +1,89 @@
+"""ServerApp: trains a probe offline (synthetic labelled runs), then runs the
+Safe-FedLLM strategy for `num-server-rounds` and writes a summary JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+import safe_fedllm as sf
+from safe_fedllm.flower import SafeFedLLMStrategy, array_record_to_numpy, numpy_to_array_record
+
+from .task import client_update, initial_global
+
+app = ServerApp()
+
+
+def train_probe(global_: dict[str, np.ndarray]) -> sf.Probe:
+    """The offline phase: labelled local runs from the base adapter."""
+    rng = np.random.default_rng(7)
+    runs = [(client_update(global_, rng, m), m) for m in [False] * 40 + [True] * 40]
+    deltas = [sf.delta(u, global_) for u, _ in runs]
+    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8)
+
+
+class RecordingStrategy(SafeFedLLMStrategy):
+    """Keeps, per round, what the test evaluates: factors by node, the
+    clients' ground-truth labels, and the distance of the new global to the
+    benign clients' mean and to the plain mean."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds: list[dict] = []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        updates, labels = {}, {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            node = str(msg.metadata.src_node_id)
+            updates[node] = array_record_to_numpy(msg.content["arrays"])
+            labels[node] = int(msg.content["metrics"]["e2e.malicious"])
+        benign = [u for n, u in updates.items() if not labels[n]]
+        everyone = list(updates.values())
+        new = array_record_to_numpy(arrays) if arrays is not None else self._global
+        def dist(group):
+            mean = {k: np.mean([u[k] for u in group], axis=0) for k in new}
+            return float(max(np.abs(new[k] - mean[k]).max() for k in new))
+        self.rounds.append({
+            "server_round": server_round,
+            "skipped": arrays is None,
+            "factors": {n: metrics[f"factor.{n}"] for n in updates},
+            "malicious": labels,
+            "max_abs_to_benign_mean": dist(benign) if benign else None,
+            "max_abs_to_plain_mean": dist(everyone),
+        })
+        return arrays, metrics
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    out_dir = str(cfg["out-dir"]) or os.getcwd()
+    os.makedirs(out_dir, exist_ok=True)
+    n = int(cfg["num-nodes"])
+    global_ = initial_global()
+    probe = train_probe(global_)
+    strategy = RecordingStrategy(
+        probe,
+        level=str(cfg["level"]),
+        rule=str(cfg["rule"]),
+        audit_path=os.path.join(out_dir, "audit.jsonl"),
+        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=n,
+        min_available_nodes=n,
+    )
+    result = strategy.start(grid=grid, initial_arrays=numpy_to_array_record(global_), num_rounds=int(cfg["num-server-rounds"]))
+    summary = {"rounds": strategy.rounds, "final_keys": sorted(result.arrays.keys())}
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    print("SAFE-FEDLLM-E2E " + json.dumps(summary), flush=True)
