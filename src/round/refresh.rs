@@ -237,7 +237,7 @@ mod tests {
     use super::*;
     use crate::features::{FeatureConfig, Selection};
     use crate::lora::{LoraAdapter, LoraTensor};
-    use crate::probe::rng::Rng;
+    use crate::rng::Rng;
 
     const KEY: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
     const DIM: usize = 16;
