@@ -81,7 +81,7 @@ impl LabelledRun {
 }
 
 /// When and how the probe is refitted on the root set. See the
-/// [module docs](self).
+/// [`round` module docs](crate::round).
 ///
 /// | setting | default | valid |
 /// |---|---|---|
