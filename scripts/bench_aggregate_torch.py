@@ -26,42 +26,11 @@ import time
 import numpy as np
 import torch
 
-HIDDEN, KV, RANK = 4096, 1024, 8
-GAMMA = np.uint64(0x9E3779B97F4A7C15)
-C1, C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def mix(z):
-    """safe_fedllm::rng::mix64 (SplitMix64's output for counter z)."""
-    z = z + GAMMA
-    z = (z ^ (z >> np.uint64(30))) * C1
-    z = (z ^ (z >> np.uint64(27))) * C2
-    return z ^ (z >> np.uint64(31))
-
-
-def values(stream, start, length):
-    z = (np.uint64(stream) << np.uint64(32)) + np.arange(start, start + length, dtype=np.uint64)
-    u = (mix(z) >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
-    return (u - np.float32(0.5)) * np.float32(0.02)
-
-
-def shapes(layers):
-    out = []
-    for layer in range(layers):
-        for module, o in (("q_proj", HIDDEN), ("v_proj", KV)):
-            path = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            out.append((f"{path}.lora_A.weight", (RANK, HIDDEN)))
-            out.append((f"{path}.lora_B.weight", (o, RANK)))
-    return sorted(out)
+from bench_round import adapter  # the shared round generator (same values as the Rust bench)
 
 
 def flat(layers, stream, global_flat=None):
-    parts, offset = [], 0
-    for _, shape in shapes(layers):
-        length = shape[0] * shape[1]
-        parts.append(values(stream, offset, length))
-        offset += length
-    v = np.concatenate(parts)
+    v = np.concatenate([a.reshape(-1) for a in adapter(layers, stream)])
     return v if global_flat is None else v + global_flat
 
 

@@ -10,11 +10,11 @@ use crate::ClientId;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, SkipReason};
 use crate::detect::{ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Verdict};
 use crate::error::{Error, Result};
-use crate::lora::{LazyDelta, LoraAdapter, LoraKey, TensorSource, checked_range};
+use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
 use crate::probe::Probe;
 use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection};
 use crate::round::audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
-use crate::round::steps::{ShadowBranch, score_steps};
+use crate::round::steps::{ShadowBranch, score_step, score_steps};
 use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
 
 /// A branch's step evidence as a client reports it.
@@ -539,7 +539,8 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             }
             admitted => admitted.samples().unwrap_or(0),
         };
-        let update_score = match score_update(&self.probe, global, report.update) {
+        // The update is the client's last step: the server scores `update − global` itself.
+        let update_score = match score_step(&self.probe, global, report.update) {
             Ok(s) => s,
             Err(e) => {
                 return Scored::Rejected {
@@ -682,26 +683,6 @@ fn provenance(steps: &StepsReport<'_>, trail: &TrailStatus) -> Provenance {
         (StepsReport::Scores(_), _) => Provenance::SelfReported,
         (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::Verified,
         (StepsReport::Adapters(_), _) => Provenance::ServerScoredUnverified,
-    }
-}
-
-/// P(malicious) of `update − global`, computed by the server.
-fn score_update<P: Probe>(
-    probe: &P,
-    global: &LoraAdapter,
-    update: &dyn TensorSource,
-) -> Result<f32> {
-    let delta = LazyDelta::new(update, global)?;
-    let features = probe.feature_spec().transform(&delta)?;
-    let score = probe.score_features(&features.values)?;
-    if score.is_finite() {
-        Ok(score)
-    } else {
-        Err(Error::NonFinite {
-            tensor: "probe score of the update".into(),
-            index: 0,
-            value: score,
-        })
     }
 }
 

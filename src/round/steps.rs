@@ -16,7 +16,7 @@ use crate::detect::DEFAULT_SHADOW_LEARNING_RATE;
 /// Works with any [`Probe`], including `dyn Probe`: the delta is computed
 /// lazily, tensor by tensor, and only the tensors the probe's feature layout
 /// selects are read.
-fn score_step<P: Probe + ?Sized>(
+pub(crate) fn score_step<P: Probe + ?Sized>(
     probe: &P,
     base: &(impl TensorSource + ?Sized),
     step: &(impl TensorSource + ?Sized),
