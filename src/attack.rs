@@ -87,26 +87,12 @@ pub fn alie(benign: &[LoraDelta], z: f32) -> Result<LoraDelta> {
     if !z.is_finite() {
         return Err(invalid("z", z, "a finite number"));
     }
-    let first = check_same_layout(benign)?;
-    let n = benign.len() as f64;
-    let mut out = first.as_adapter().clone();
-    for (key, tensor) in out.iter_mut() {
-        let name = key.canonical().to_owned();
-        let columns: Vec<&[f32]> = benign
-            .iter()
-            .filter_map(|d| d.as_adapter().get(&name).map(|t| t.as_slice()))
-            .collect();
-        for (j, v) in tensor.as_mut_slice().iter_mut().enumerate() {
-            let values = columns
-                .iter()
-                .filter_map(|c| c.get(j))
-                .map(|&x| f64::from(x));
-            let mean = values.clone().sum::<f64>() / n;
-            let var = values.map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-            *v = (mean + f64::from(z) * var.sqrt()) as f32;
-        }
-    }
-    finite(LoraDelta::from_adapter(out))
+    per_coordinate(benign, |values| {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        mean + f64::from(z) * var.sqrt()
+    })
 }
 
 /// The z of Baruch et al. 2019 (§4): with n workers of which f are
@@ -148,23 +134,32 @@ pub fn ipm(benign: &[LoraDelta], epsilon: f32) -> Result<LoraDelta> {
     if !epsilon.is_finite() {
         return Err(invalid("epsilon", epsilon, "a finite number"));
     }
+    per_coordinate(benign, |values| {
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        -f64::from(epsilon) * mean
+    })
+}
+
+/// A delta whose every coordinate is `rule` applied to that coordinate's
+/// values across the benign updates (ALIE and IPM differ only in `rule`).
+fn per_coordinate(benign: &[LoraDelta], rule: impl Fn(&[f64]) -> f64) -> Result<LoraDelta> {
     let first = check_same_layout(benign)?;
-    let n = benign.len() as f64;
     let mut out = first.as_adapter().clone();
+    let mut values = Vec::with_capacity(benign.len());
     for (key, tensor) in out.iter_mut() {
-        let name = key.canonical().to_owned();
         let columns: Vec<&[f32]> = benign
             .iter()
-            .filter_map(|d| d.as_adapter().get(&name).map(|t| t.as_slice()))
+            .filter_map(|d| d.as_adapter().get(key.canonical()).map(|t| t.as_slice()))
             .collect();
         for (j, v) in tensor.as_mut_slice().iter_mut().enumerate() {
-            let mean = columns
-                .iter()
-                .filter_map(|c| c.get(j))
-                .map(|&x| f64::from(x))
-                .sum::<f64>()
-                / n;
-            *v = (-f64::from(epsilon) * mean) as f32;
+            values.clear();
+            values.extend(
+                columns
+                    .iter()
+                    .filter_map(|c| c.get(j))
+                    .map(|&x| f64::from(x)),
+            );
+            *v = rule(&values) as f32;
         }
     }
     finite(LoraDelta::from_adapter(out))
