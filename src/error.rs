@@ -467,6 +467,23 @@ pub enum Error {
         /// What it is instead: "directory", "FIFO", "socket", "character device", ….
         kind: &'static str,
     },
+
+    /// An internal invariant of this crate does not hold. This is a bug in
+    /// `safe_fedllm`, never a fault of the input: it is reported as an error
+    /// rather than a panic (a server must not die on it) and rather than a
+    /// fallback value (a security crate must not guess a zero).
+    #[error(
+        "internal invariant broken in {location}: {invariant} ({detail}); \
+         this is a bug in safe_fedllm, please report it"
+    )]
+    Invariant {
+        /// Where (module and function).
+        location: &'static str,
+        /// The invariant that should have held, stated as a fact.
+        invariant: &'static str,
+        /// The values that broke it.
+        detail: String,
+    },
 }
 
 /// What is wrong with bytes that are not a valid safetensors file.
@@ -561,6 +578,19 @@ impl Error {
     /// [`Error::Malformed`] from the `safetensors` crate's error.
     pub(crate) fn malformed(err: safetensors::SafeTensorError) -> Self {
         Error::Malformed(MalformedSafetensors::from_safetensors(err))
+    }
+
+    /// [`Error::Invariant`]: an internal invariant did not hold.
+    pub(crate) fn invariant(
+        location: &'static str,
+        invariant: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Error::Invariant {
+            location,
+            invariant,
+            detail: detail.into(),
+        }
     }
 
     /// Wraps a content error with the path of the file it came from.
