@@ -392,6 +392,7 @@ fn check_same_layout(benign: &[LoraDelta]) -> Result<&LoraDelta> {
 
 fn invalid(name: &'static str, value: f32, expected: &'static str) -> Error {
     Error::InvalidParameter {
+        component: "attack",
         name,
         value: value.to_string(),
         expected,

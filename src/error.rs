@@ -1,9 +1,45 @@
-//! The crate's error type.
+//! The crate's error type: one enum, grouped by layer, with three context
+//! wrappers.
 //!
-//! Every variant says *what* went wrong and *where*: the tensor key, the shapes
-//! expected and found, the file path. Nothing in this crate panics on input.
+//! # Why one enum
+//!
+//! The data path crosses every layer in one call: a defended round reads an
+//! upload, checks it against the global adapter, extracts features, scores
+//! them with a probe, updates a detector and aggregates. Per-layer enums would
+//! make the caller who most needs to act on a failure (the server running the
+//! round) match two levels deep, and each layer would need its own copy of the
+//! "which file, which client" context. So there is one [`Error`]; its variants
+//! are grouped below by the layer that raises them, and each names *what* went
+//! wrong with typed fields (tensor key, shapes, values, parameter).
+//!
+//! *Where* is added by three wrappers instead of being repeated in every
+//! variant: [`Error::InFile`] (the file a content error came from),
+//! [`Error::Client`] (the client whose message it was) and
+//! [`Error::ManifestSample`] (the manifest line and sample file).
+//! [`Error::root`] looks through them to the failure itself, and
+//! [`Error::client`] finds the culprit client wherever it is recorded.
+//!
+//! # What is not an input error
+//!
+//! Nothing in this crate panics on input. A broken internal invariant (a bug
+//! in this crate, never the caller's or a client's fault) is reported as
+//! [`Error::Invariant`], naming the invariant, instead of a panic (a server
+//! must not die on it) or a fallback value (a security crate must not guess).
+//!
+//! ```
+//! use safe_fedllm::{ClientId, Error};
+//!
+//! let err = Error::Client {
+//!     client: ClientId::from("node-7"),
+//!     source: Box::new(Error::NonFinite { tensor: "w.lora_A.weight".into(), index: 3, value: f32::NAN }),
+//! };
+//! assert_eq!(err.client(), Some(&ClientId::from("node-7")));
+//! assert!(matches!(err.root(), Error::NonFinite { index: 3, .. }));
+//! ```
 
 use std::path::PathBuf;
+
+use crate::client::ClientId;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -12,6 +48,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    // ----- Files and bytes (`lora::io`, probe files, CLI) -----
     /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -22,17 +59,28 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A file could be read but its content was rejected.
-    #[error("in {path}: {source}")]
-    InFile {
-        /// The file involved.
-        path: PathBuf,
-        /// What was wrong with its content.
+    /// Writing to a caller-supplied writer (an audit log) failed.
+    #[error("writing the {what} failed: {source}")]
+    Write {
+        /// What was being written.
+        what: &'static str,
+        /// The underlying I/O error.
         #[source]
-        source: Box<Error>,
+        source: std::io::Error,
     },
 
-    /// The buffer is larger than the configured limit (checked before parsing).
+    /// A path given as input is not a regular file (a FIFO, a device such as
+    /// `/dev/zero`, a directory or a socket). Refused before opening, since
+    /// opening a FIFO blocks and a device can stream without end.
+    #[error("{path} is not a regular file (it is a {kind}); give the path of a file")]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead: "directory", "FIFO", "socket", "character device", ….
+        kind: &'static str,
+    },
+
+    /// The input is larger than the configured limit (checked before parsing).
     #[error("input of {found} bytes exceeds the limit of {limit} bytes")]
     InputTooLarge {
         /// Size of the input in bytes.
@@ -43,7 +91,7 @@ pub enum Error {
 
     /// The safetensors header declares a length above the configured limit
     /// (checked before the header is parsed, so no large allocation happens).
-    #[error("safetensors header declares {declared} bytes, above the limit of {limit}")]
+    #[error("the safetensors header declares {declared} bytes, above the limit of {limit}")]
     HeaderTooLarge {
         /// Header length declared in the first 8 bytes.
         declared: u64,
@@ -56,13 +104,67 @@ pub enum Error {
     #[error("malformed safetensors data: {0}")]
     Malformed(MalformedSafetensors),
 
-    /// A LoRA tensor is stored in a dtype this crate does not convert.
-    #[error("tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
+    /// Metadata (safetensors `__metadata__`, a PEFT `adapter_config.json`, a
+    /// probe file's header or a feature layout) holds a value that cannot be
+    /// interpreted.
+    #[error("metadata field `{field}` has the invalid value `{value}`: {reason}")]
+    InvalidMetadata {
+        /// Metadata field.
+        field: String,
+        /// The raw value (truncated when long).
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A record could not be serialised (a JSON audit line, a checkpoint).
+    #[error("serialising the {what} failed: {reason}")]
+    Serialize {
+        /// What was being serialised.
+        what: &'static str,
+        /// The serialiser's message.
+        reason: String,
+    },
+
+    /// A tensor is stored in a dtype this crate does not read there.
+    #[error("tensor `{tensor}` has dtype {dtype}; expected {supported}")]
     UnsupportedDtype {
         /// Tensor key.
         tensor: String,
-        /// The dtype found, as safetensors names it.
+        /// The dtype found, as safetensors (or burn, candle) names it.
         dtype: String,
+        /// The dtypes read at that place (`"F32, F16 or BF16"` for LoRA
+        /// tensors, `"F32"` in a probe file).
+        supported: &'static str,
+    },
+
+    // ----- Adapters, deltas and tensor sources (`lora`) -----
+    /// A name passed where a LoRA `A`/`B` matrix name is required is not one.
+    #[error("`{key}` is not a LoRA A/B tensor name")]
+    NotALoraKey {
+        /// The name given.
+        key: String,
+    },
+
+    /// Two keys in one file name the same LoRA tensor (for example
+    /// `…lora_A.weight` and `…lora_A.default.weight`).
+    #[error("keys `{first}` and `{second}` both name the LoRA tensor `{canonical}`")]
+    DuplicateKey {
+        /// Canonical key both normalise to.
+        canonical: String,
+        /// First raw key.
+        first: String,
+        /// Second raw key.
+        second: String,
+    },
+
+    /// One file mixes tensors of different named adapters.
+    #[error("the file mixes adapters `{first}` and `{second}`; load one adapter at a time")]
+    MixedAdapters {
+        /// One adapter name.
+        first: String,
+        /// Another adapter name.
+        second: String,
     },
 
     /// A LoRA tensor is not a matrix.
@@ -75,7 +177,7 @@ pub enum Error {
     },
 
     /// A tensor's data length does not match its shape.
-    #[error("tensor `{tensor}` has shape {shape:?} ({expected} values) but {found} values")]
+    #[error("tensor `{tensor}` has shape {shape:?} ({expected} values) but holds {found} values")]
     DataLength {
         /// Tensor key.
         tensor: String,
@@ -87,38 +189,10 @@ pub enum Error {
         found: usize,
     },
 
-    /// A name passed where a LoRA `A`/`B` matrix name is required is not one.
-    #[error("`{key}` is not a LoRA A/B tensor name")]
-    NotALoraKey {
-        /// The name given.
-        key: String,
-    },
-
-    /// Two keys in one file name the same LoRA tensor (for example
-    /// `…lora_A.weight` and `…lora_A.default.weight`).
-    #[error("keys `{first}` and `{second}` both name LoRA tensor `{canonical}`")]
-    DuplicateKey {
-        /// Canonical key both normalise to.
-        canonical: String,
-        /// First raw key.
-        first: String,
-        /// Second raw key.
-        second: String,
-    },
-
-    /// One file mixes tensors of different named adapters.
-    #[error("file mixes adapters `{first}` and `{second}`; load one adapter at a time")]
-    MixedAdapters {
-        /// One adapter name.
-        first: String,
-        /// Another adapter name.
-        second: String,
-    },
-
     /// `lora_A` and `lora_B` of one module disagree on the rank.
     #[error(
         "module `{module}`: lora_A has shape {a_shape:?} and lora_B {b_shape:?}, \
-         so their ranks ({a_rank} vs {b_rank}) disagree"
+         so their ranks ({a_rank} and {b_rank}) disagree"
     )]
     RankMismatch {
         /// Module path (everything before `lora_A`/`lora_B`).
@@ -138,29 +212,29 @@ pub enum Error {
     ShapeMismatch {
         /// Tensor key.
         tensor: String,
-        /// Shape expected (from the base adapter or the frozen feature layout).
+        /// Shape expected (from the global adapter or the frozen feature layout).
         expected: Vec<usize>,
         /// Shape found.
         found: Vec<usize>,
     },
 
-    /// A tensor present on one side of a delta is missing on the other.
-    #[error(
-        "tensor `{tensor}` is present in the {present_in} adapter but missing from the {missing_from} adapter"
-    )]
+    /// A tensor present on one side is missing on the other (a delta's two
+    /// adapters, a client's upload and the global adapter, a probe's layout
+    /// and a file).
+    #[error("tensor `{tensor}` is in {present_in} but missing from {missing_from}")]
     MissingKey {
         /// Tensor key.
         tensor: String,
-        /// Side that has it (`"update"` or `"base"`).
+        /// The side that has it, as a noun phrase (`"the global adapter"`).
         present_in: &'static str,
-        /// Side that lacks it.
+        /// The side that lacks it, as a noun phrase (`"the client's update"`).
         missing_from: &'static str,
     },
 
     /// A non-finite value (NaN or ±∞) was found where finite numbers are required.
     #[error("tensor `{tensor}` holds a non-finite value ({value}) at flat index {index}")]
     NonFinite {
-        /// Tensor key.
+        /// Tensor key (or what holds the value, such as `"probe score"`).
         tensor: String,
         /// Row-major flat index of the first offending value.
         index: usize,
@@ -168,30 +242,12 @@ pub enum Error {
         value: f32,
     },
 
+    // ----- Features, probes and their training (`features`, `probe`) -----
     /// A feature selection picked no tensor at all.
     #[error("feature selection {selection} matched no LoRA tensor in the training deltas")]
     EmptySelection {
         /// The selection, as text.
         selection: String,
-    },
-
-    /// A collection that must not be empty was empty.
-    #[error("{what} must not be empty")]
-    Empty {
-        /// What was empty.
-        what: &'static str,
-    },
-
-    /// Metadata (safetensors `__metadata__` or a PEFT `adapter_config.json`)
-    /// holds a value that cannot be interpreted.
-    #[error("metadata field `{field}` has invalid value `{value}`: {reason}")]
-    InvalidMetadata {
-        /// Metadata field.
-        field: String,
-        /// The raw value.
-        value: String,
-        /// Why it was rejected.
-        reason: String,
     },
 
     /// A feature vector or matrix has the wrong width.
@@ -202,69 +258,6 @@ pub enum Error {
         /// Expected width.
         expected: usize,
         /// Width found.
-        found: usize,
-    },
-
-    /// A detector or defended-round parameter is out of range.
-    #[error("detector parameter `{param}` = {value} is invalid: expected {expected}")]
-    InvalidDetectorParam {
-        /// Parameter name (as the builder method names it).
-        param: &'static str,
-        /// The value given.
-        value: String,
-        /// What would have been accepted.
-        expected: &'static str,
-    },
-
-    /// A client's detector evidence cannot be used (for example a NaN score).
-    #[error("client `{client}`, round {round}: invalid evidence: {reason}")]
-    InvalidEvidence {
-        /// The client the evidence belongs to.
-        client: String,
-        /// Round number (0-based).
-        round: u32,
-        /// What was wrong.
-        reason: String,
-    },
-
-    /// Detector state restored from a checkpoint is inconsistent.
-    #[error("checkpoint holds an invalid {what}: {value}")]
-    InvalidCheckpoint {
-        /// Which part of the state.
-        what: &'static str,
-        /// The offending value.
-        value: String,
-    },
-
-    /// A hyper-parameter or setting is outside its valid range (checked when
-    /// a trainer is fitted or a probe is built, never deep in the maths).
-    #[error("parameter `{name}` = {value} is invalid: expected {expected}")]
-    InvalidParameter {
-        /// Parameter name, as the builder method spells it.
-        name: &'static str,
-        /// The value given, as text.
-        value: String,
-        /// The valid range.
-        expected: &'static str,
-    },
-
-    /// A training set lacks one of the two classes.
-    #[error("training set of {samples} samples has no {missing} sample")]
-    MissingClass {
-        /// The class with no sample (`"benign"` or `"malicious"`).
-        missing: &'static str,
-        /// Number of samples in the set.
-        samples: usize,
-    },
-
-    /// Two collections that must pair up one to one have different lengths.
-    #[error("{what}: expected {expected} entries, found {found}")]
-    LengthMismatch {
-        /// What was being paired (e.g. `"labels for feature rows"`).
-        what: &'static str,
-        /// Expected length.
-        expected: usize,
-        /// Length found.
         found: usize,
     },
 
@@ -279,6 +272,15 @@ pub enum Error {
         column: usize,
         /// The offending value.
         value: f32,
+    },
+
+    /// A training set lacks one of the two classes.
+    #[error("the training set of {samples} samples has no {missing} sample")]
+    MissingClass {
+        /// The class with no sample (`"benign"` or `"malicious"`).
+        missing: &'static str,
+        /// Number of samples in the set.
+        samples: usize,
     },
 
     /// An optimiser produced a non-finite loss or gradient.
@@ -301,6 +303,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// Cross-validated calibration of a probe could not be done (for example
+    /// the out-of-fold scores are not positively associated with the
+    /// malicious label, so no increasing map turns them into probabilities).
+    #[error("probe calibration failed: {detail}")]
+    CalibrationFailed {
+        /// What went wrong, with the figures involved.
+        detail: String,
+    },
+
     /// A line of a JSON-lines dataset manifest was rejected.
     #[error("manifest line {line}: {reason}")]
     Manifest {
@@ -310,18 +321,76 @@ pub enum Error {
         reason: String,
     },
 
-    /// An aggregation rule was configured with an out-of-range parameter
-    /// (checked when the rule is built, never deep in the maths).
-    #[error("aggregator {rule}: parameter `{param}` = {value} is invalid: expected {expected}")]
-    InvalidAggregatorParam {
-        /// The rule (`"krum"`, `"trimmed_mean"`, …).
-        rule: &'static str,
+    // ----- Parameters and caller inputs (every layer) -----
+    /// A setting of a trainer, detector, admission policy, round or
+    /// aggregation rule is outside its valid range (checked when the
+    /// component is built or configured, never deep in the maths).
+    #[error("{component}: parameter `{name}` = {value} is invalid: expected {expected}")]
+    InvalidParameter {
+        /// The component (`"krum"`, `"client level"`, `"logistic trainer"`, …).
+        component: &'static str,
         /// Parameter name, as the builder method spells it.
-        param: &'static str,
-        /// The value given.
+        name: &'static str,
+        /// The value given, as text.
         value: String,
-        /// What would have been accepted.
+        /// The valid range.
         expected: &'static str,
+    },
+
+    /// A collection that must not be empty was empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// What was empty.
+        what: &'static str,
+    },
+
+    /// Two collections that must pair up one to one have different lengths.
+    #[error("{what}: expected {expected} entries, found {found}")]
+    LengthMismatch {
+        /// What was being paired (e.g. `"labels for feature rows"`).
+        what: &'static str,
+        /// Expected length.
+        expected: usize,
+        /// Length found.
+        found: usize,
+    },
+
+    /// A size computed from the input does not fit the machine's integers
+    /// (for example a total element count above `usize::MAX`).
+    #[error("{what} overflows: {detail}")]
+    Overflow {
+        /// What was being computed.
+        what: &'static str,
+        /// The figures involved.
+        detail: String,
+    },
+
+    // ----- Clients, detectors and rounds (`detect`, `round`, `aggregate`) -----
+    /// A client's detector evidence cannot be used (for example a NaN score).
+    #[error("client `{client}`, round {round}: invalid evidence: {reason}")]
+    InvalidEvidence {
+        /// The client the evidence belongs to.
+        client: ClientId,
+        /// Round number (0-based).
+        round: u32,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// A client's security factor is NaN or outside [0, 1].
+    #[error("client `{client}`: security factor {value} is not in [0, 1]")]
+    InvalidSecurityFactor {
+        /// The client.
+        client: ClientId,
+        /// The factor given.
+        value: f64,
+    },
+
+    /// Two updates in one round claim the same client id.
+    #[error("client `{client}` sent more than one update in this round")]
+    DuplicateClient {
+        /// The repeated id.
+        client: ClientId,
     },
 
     /// A round has too few usable clients for a rule's robustness guarantee
@@ -340,61 +409,27 @@ pub enum Error {
         found: usize,
     },
 
-    /// Two updates in one round claim the same client id.
-    #[error("client `{client}` sent more than one update in this round")]
-    DuplicateClient {
-        /// The repeated id.
-        client: String,
+    /// Detector state restored from a checkpoint is inconsistent.
+    #[error("the checkpoint holds an invalid {what}: {value}")]
+    InvalidCheckpoint {
+        /// Which part of the state.
+        what: &'static str,
+        /// The offending value.
+        value: String,
     },
 
-    /// A client's security factor is NaN or outside [0, 1].
-    #[error("client `{client}`: security factor {value} is not in [0, 1]")]
-    InvalidSecurityFactor {
-        /// The client.
-        client: String,
-        /// The factor given.
-        value: f64,
-    },
-
-    /// A client's adapter does not hold the same LoRA keys as the global adapter.
-    #[error("client `{client}`: tensor `{tensor}` is present in the {present_in} adapter only")]
-    ClientKeyMismatch {
-        /// The client.
-        client: String,
-        /// The tensor key present on one side only.
+    /// The benign updates given to an attack helper do not line up.
+    #[error("benign update {index}: tensor `{tensor}` {reason}")]
+    AttackInput {
+        /// Position of the offending update in the slice.
+        index: usize,
+        /// The tensor key.
         tensor: String,
-        /// Which side holds it (`"client"` or `"global"`).
-        present_in: &'static str,
+        /// What differs.
+        reason: &'static str,
     },
 
-    /// A client's tensor has a different shape than the global adapter's.
-    #[error(
-        "client `{client}`: tensor `{tensor}` has shape {found:?}, the global adapter {expected:?}"
-    )]
-    ClientShapeMismatch {
-        /// The client.
-        client: String,
-        /// Tensor key.
-        tensor: String,
-        /// Shape in the global adapter.
-        expected: [usize; 2],
-        /// Shape in the client's adapter.
-        found: [usize; 2],
-    },
-
-    // --- added by agg ---
-    /// Reading a client's update through its
-    /// [`TensorSource`](crate::lora::TensorSource) failed (for example a
-    /// source whose values contradict its own shape).
-    #[error("client `{client}`: {source}")]
-    ClientSource {
-        /// The client.
-        client: String,
-        /// What went wrong.
-        source: Box<Error>,
-    },
-
-    // --- added by interop ---
+    // ----- Other libraries' tensors (`interop`, features `burn`/`candle`) -----
     /// A tensor of another library (burn, candle) has a name the interop name
     /// map does not translate to a PEFT LoRA key (a renamed or extra tensor).
     #[error("{library} tensor `{tensor}` has no PEFT LoRA name under the {map} name map")]
@@ -418,14 +453,27 @@ pub enum Error {
         reason: String,
     },
 
-    // --- added by calib ---
-    /// Cross-validated calibration of a probe could not be done (for example
-    /// the out-of-fold scores are not positively associated with the
-    /// malicious label, so no increasing map turns them into probabilities).
-    #[error("probe calibration failed: {detail}")]
-    CalibrationFailed {
-        /// What went wrong, with the figures involved.
-        detail: String,
+    // ----- Context wrappers: where a failure happened -----
+    /// A file could be read but its content was rejected.
+    #[error("in {path}: {source}")]
+    InFile {
+        /// The file involved.
+        path: PathBuf,
+        /// What was wrong with its content.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A client's message was rejected or could not be read (a key or shape
+    /// that differs from the global adapter, a source whose values contradict
+    /// its own shape, ...).
+    #[error("client `{client}`: {source}")]
+    Client {
+        /// The client whose message it was.
+        client: ClientId,
+        /// What was wrong with it.
+        #[source]
+        source: Box<Error>,
     },
 
     /// A sample of a manifest could not be read or used. Relative paths in a
@@ -446,28 +494,7 @@ pub enum Error {
         source: Box<Error>,
     },
 
-    /// The benign updates given to an attack helper do not line up.
-    #[error("benign update {index}: tensor `{tensor}` {reason}")]
-    AttackInput {
-        /// Position of the offending update in the slice.
-        index: usize,
-        /// The tensor key.
-        tensor: String,
-        /// What differs.
-        reason: &'static str,
-    },
-    // --- added by hygiene ---
-    /// A path given as input is not a regular file (a FIFO, a device such as
-    /// `/dev/zero`, a directory or a socket). Refused before opening, since
-    /// opening a FIFO blocks and a device can stream without end.
-    #[error("{path} is not a regular file (it is a {kind}); give the path of a file")]
-    NotAFile {
-        /// The path given.
-        path: PathBuf,
-        /// What it is instead: "directory", "FIFO", "socket", "character device", ….
-        kind: &'static str,
-    },
-
+    // ----- Not the input's fault -----
     /// An internal invariant of this crate does not hold. This is a bug in
     /// `safe_fedllm`, never a fault of the input: it is reported as an error
     /// rather than a panic (a server must not die on it) and rather than a
@@ -593,6 +620,21 @@ impl Error {
         }
     }
 
+    /// [`Error::InvalidParameter`] for `component`'s parameter `name`.
+    pub(crate) fn parameter(
+        component: &'static str,
+        name: &'static str,
+        value: impl std::fmt::Display,
+        expected: &'static str,
+    ) -> Self {
+        Error::InvalidParameter {
+            component,
+            name,
+            value: value.to_string(),
+            expected,
+        }
+    }
+
     /// Wraps a content error with the path of the file it came from.
     pub(crate) fn in_file(path: impl Into<PathBuf>, source: Error) -> Self {
         Error::InFile {
@@ -601,14 +643,47 @@ impl Error {
         }
     }
 
-    /// The innermost error, looking through [`Error::InFile`] and
-    /// [`Error::ManifestSample`] wrappers.
+    /// Wraps an error with the client whose message caused it.
+    pub(crate) fn for_client(client: impl Into<ClientId>, source: Error) -> Self {
+        Error::Client {
+            client: client.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The innermost error, looking through the context wrappers
+    /// ([`Error::InFile`], [`Error::Client`], [`Error::ManifestSample`]).
     ///
-    /// Handy for matching on the variant without caring which file it came from.
+    /// Handy for matching on the variant without caring which file or client
+    /// it came from.
     pub fn root(&self) -> &Error {
         match self {
-            Error::InFile { source, .. } | Error::ManifestSample { source, .. } => source.root(),
+            Error::InFile { source, .. }
+            | Error::Client { source, .. }
+            | Error::ManifestSample { source, .. } => source.root(),
             other => other,
         }
+    }
+
+    /// The client the failure is attributed to, if any: the outermost
+    /// [`Error::Client`] wrapper, else a variant's own `client` field.
+    ///
+    /// A server uses it to act on the culprit (exclude, log, rate-limit)
+    /// without matching every variant.
+    pub fn client(&self) -> Option<&ClientId> {
+        match self {
+            Error::Client { client, .. }
+            | Error::InvalidEvidence { client, .. }
+            | Error::InvalidSecurityFactor { client, .. }
+            | Error::DuplicateClient { client } => Some(client),
+            Error::InFile { source, .. } | Error::ManifestSample { source, .. } => source.client(),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a bug in this crate ([`Error::Invariant`]) rather than
+    /// a fault of the input, looking through the context wrappers.
+    pub fn is_internal(&self) -> bool {
+        matches!(self.root(), Error::Invariant { .. })
     }
 }

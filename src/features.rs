@@ -143,8 +143,8 @@ impl FeatureConfig {
         {
             return Err(Error::MissingKey {
                 tensor: absent.clone(),
-                present_in: "feature selection",
-                missing_from: "training deltas",
+                present_in: "the feature selection",
+                missing_from: "the training deltas",
             });
         }
         if shapes.is_empty() {
@@ -441,13 +441,18 @@ fn fill_blocks(
     let mut zero_filled = Vec::new();
     for block in blocks {
         let from = block.offset.saturating_sub(start);
-        let slot =
-            part.get_mut(from..from + block.len())
-                .ok_or_else(|| Error::DimensionMismatch {
-                    what: format!("layout block `{}`", block.key),
-                    expected: block.offset + block.len(),
-                    found: end,
-                })?;
+        let slot = part.get_mut(from..from + block.len()).ok_or_else(|| {
+            Error::invariant(
+                "features::transform",
+                "a validated layout's blocks lie inside the feature vector",
+                format!(
+                    "block `{}` at {}..{} of a part ending at {end}",
+                    block.key,
+                    block.offset,
+                    block.offset + block.len()
+                ),
+            )
+        })?;
         match delta.shape_of(&block.key) {
             None => {
                 slot.fill(0.0);

@@ -481,8 +481,8 @@ fn gate_threshold_outside_unit_interval_is_a_typed_error() {
     for bad in [f64::NAN, -0.1, 1.1, f64::INFINITY] {
         assert!(matches!(
             SafetyGate::new(bad),
-            Err(Error::InvalidAggregatorParam {
-                rule: "safety_gate",
+            Err(Error::InvalidParameter {
+                component: "safety_gate",
                 ..
             })
         ));
@@ -521,10 +521,7 @@ fn too_few(result: safe_fedllm::Result<Aggregation>) {
 #[test]
 fn huge_f_trim_and_m_are_typed_errors() {
     let param = |r: safe_fedllm::Result<()>| {
-        assert!(
-            matches!(r, Err(Error::InvalidAggregatorParam { .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(Error::InvalidParameter { .. })), "{r:?}");
     };
     param(Krum::new(usize::MAX).map(drop));
     param(MultiKrum::new(usize::MAX, 1).map(drop));
@@ -756,7 +753,7 @@ fn source_whose_slice_contradicts_its_shape_is_a_typed_error() {
     let ups = [ClientUpdate::new("liar", &liar, 10)];
     let err = FedAvg::new().aggregate(&global, &ups).unwrap_err();
     assert!(
-        matches!(&err, Error::ClientSource { client, source }
+        matches!(&err, Error::Client { client, source }
             if client == "liar" && matches!(**source, Error::DataLength { found: 3, .. })),
         "{err}"
     );

@@ -92,7 +92,10 @@ fn delta_with_a_missing_key_names_it_and_the_sides() {
             missing_from,
         }) => {
             assert_eq!(tensor, FIRST_B);
-            assert_eq!((present_in, missing_from), ("base", "update"));
+            assert_eq!(
+                (present_in, missing_from),
+                ("the base adapter", "the update")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -107,7 +110,7 @@ fn delta_with_a_missing_key_names_it_and_the_sides() {
             tensor, present_in, ..
         }) => {
             assert!(tensor.contains("layers.9"));
-            assert_eq!(present_in, "update");
+            assert_eq!(present_in, "the update");
         }
         other => panic!("{other:?}"),
     }

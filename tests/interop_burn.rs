@@ -280,7 +280,7 @@ fn a_missing_tensor_is_a_typed_error_naming_it() {
     }
     let err = rejected(&mut model, &without, &BurnNames::llama());
     assert!(
-        matches!(&err, Error::MissingKey { tensor, present_in: "burn", missing_from: "source" } if *tensor == gone),
+        matches!(&err, Error::MissingKey { tensor, present_in: "the burn module", missing_from: "the source" } if *tensor == gone),
         "{err}"
     );
     // Sanity: the complete adapter is accepted.
@@ -300,7 +300,7 @@ fn an_extra_or_renamed_tensor_is_a_typed_error_naming_it() {
         .unwrap();
     let err = rejected(&mut model, &global, &BurnNames::llama());
     assert!(
-        matches!(&err, Error::MissingKey { tensor, present_in: "source", missing_from: "burn" } if tensor == extra),
+        matches!(&err, Error::MissingKey { tensor, present_in: "the source", missing_from: "the burn module" } if tensor == extra),
         "{err}"
     );
 

@@ -252,7 +252,7 @@ fn missing_extra_and_misshaped_tensors_are_typed_errors_naming_them() {
         }
         let err = rejected(&mut lora, &missing);
         assert!(
-            matches!(&err, Error::MissingKey { tensor, present_in: "candle", .. } if *tensor == gone),
+            matches!(&err, Error::MissingKey { tensor, present_in: "the candle tensors", .. } if *tensor == gone),
             "{err}"
         );
 
@@ -263,7 +263,7 @@ fn missing_extra_and_misshaped_tensors_are_typed_errors_naming_them() {
             .unwrap();
         let err = rejected(&mut lora, &more);
         assert!(
-            matches!(&err, Error::MissingKey { tensor, present_in: "source", .. } if *tensor == extra),
+            matches!(&err, Error::MissingKey { tensor, present_in: "the source", .. } if *tensor == extra),
             "{err}"
         );
 

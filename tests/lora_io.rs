@@ -271,12 +271,17 @@ fn overlapping_offsets_are_malformed() {
 #[test]
 fn int8_lora_tensor_is_an_unsupported_dtype() {
     match load_broken("int8_lora.safetensors") {
-        Error::UnsupportedDtype { tensor, dtype } => {
+        Error::UnsupportedDtype {
+            tensor,
+            dtype,
+            supported,
+        } => {
             assert_eq!(
                 tensor,
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
             );
             assert_eq!(dtype, "I8");
+            assert_eq!(supported, "F32, F16 or BF16");
         }
         other => panic!("{other:?}"),
     }

@@ -36,6 +36,8 @@ __all__ = [
     "TooFewClientsError",
     "DuplicateClientError",
     "SafeFedLLMIOError",
+    "SizeOverflowError",
+    "InternalError",
 ]
 
 
@@ -55,6 +57,7 @@ class SafeFedLLMError(Exception):
     rule: str | None = None
     reason: str | None = None
     what: str | None = None
+    component: str | None = None
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -104,7 +107,7 @@ class NonFiniteError(SafeFedLLMError, ValueError):
 
 
 class InvalidParameterError(SafeFedLLMError, ValueError):
-    """A setting is out of range (``param``, ``value``, ``expected``)."""
+    """A setting is out of range (``component``, ``param``, ``value``, ``expected``)."""
 
 
 class InvalidEvidenceError(SafeFedLLMError, ValueError):
@@ -143,3 +146,15 @@ class SafeFedLLMIOError(SafeFedLLMError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class SizeOverflowError(SafeFedLLMError, OverflowError):
+    """A size computed from the input does not fit (``what``, ``reason``)."""
+
+
+class InternalError(SafeFedLLMError, RuntimeError):
+    """An internal invariant of safe_fedllm broke: a bug, never the input's fault.
+
+    ``what`` is where, ``expected`` the invariant and ``reason`` the values
+    that broke it. Please report it.
+    """

@@ -31,33 +31,38 @@ pub fn raise(
     })
 }
 
-/// Converts a crate error (looking through file wrappers, whose path is kept
-/// as the `path` attribute).
+/// Converts a crate error. The context wrappers are looked through: the
+/// innermost error picks the class and fields, the wrappers' file path and
+/// client are kept as the `path` and `client` attributes.
 pub fn to_py(err: Error) -> PyErr {
-    let path = match &err {
-        Error::InFile { path, .. } => Some(path.display().to_string()),
-        Error::Io { path, .. } => Some(path.display().to_string()),
-        _ => None,
-    };
     let message = err.to_string();
-    // A client's unreadable source: the inner error decides the class, the
-    // client is kept as a field.
-    let (client, root) = match err.root() {
-        Error::ClientSource { client, source } => (Some(client.clone()), source.root()),
-        other => (None, other),
-    };
+    let path = outer_path(&err);
+    let client = err.client().map(|c| c.to_string());
+    let root = err.root();
     let (class, kind) = classify(root);
     raise(class, message, |d| {
         d.set_item("kind", kind)?;
+        fields(root, d)?;
         if let Some(p) = &path {
             d.set_item("path", p)?;
         }
-        fields(root, d)?;
         if let Some(c) = &client {
             d.set_item("client", c)?;
         }
         Ok(())
     })
+}
+
+/// The file a failure came from: the outermost path on the way to the root.
+fn outer_path(err: &Error) -> Option<String> {
+    match err {
+        Error::InFile { path, .. }
+        | Error::ManifestSample { path, .. }
+        | Error::Io { path, .. }
+        | Error::NotAFile { path, .. } => Some(path.display().to_string()),
+        Error::Client { source, .. } => outer_path(source),
+        _ => None,
+    }
 }
 
 /// Extension trait: `result.py()?` turns a crate error into its exception.
@@ -72,56 +77,64 @@ impl<T> IntoPy<T> for safe_fedllm::Result<T> {
     }
 }
 
+/// The exception class and the `kind` (the variant, in snake case) of a
+/// root error (never a context wrapper: `to_py` looks through those).
 fn classify(e: &Error) -> (&'static str, &'static str) {
     match e {
         Error::Io { .. } => ("SafeFedLLMIOError", "io"),
-        Error::InFile { .. } => ("SafeFedLLMError", "in_file"),
+        Error::Write { .. } => ("SafeFedLLMIOError", "write"),
+        Error::NotAFile { .. } => ("SafeFedLLMIOError", "not_a_file"),
         Error::InputTooLarge { .. } => ("FormatError", "input_too_large"),
         Error::HeaderTooLarge { .. } => ("FormatError", "header_too_large"),
         Error::Malformed(_) => ("FormatError", "malformed"),
+        Error::InvalidMetadata { .. } => ("FormatError", "invalid_metadata"),
+        Error::Serialize { .. } => ("FormatError", "serialize"),
         Error::UnsupportedDtype { .. } => ("DTypeError", "unsupported_dtype"),
-        Error::NotAMatrix { .. } => ("ShapeMismatchError", "not_a_matrix"),
-        Error::DataLength { .. } => ("ShapeMismatchError", "data_length"),
         Error::NotALoraKey { .. } => ("KeyFormatError", "not_a_lora_key"),
         Error::DuplicateKey { .. } => ("KeyFormatError", "duplicate_key"),
         Error::MixedAdapters { .. } => ("KeyFormatError", "mixed_adapters"),
+        Error::NotAMatrix { .. } => ("ShapeMismatchError", "not_a_matrix"),
+        Error::DataLength { .. } => ("ShapeMismatchError", "data_length"),
         Error::RankMismatch { .. } => ("ShapeMismatchError", "rank_mismatch"),
         Error::ShapeMismatch { .. } => ("ShapeMismatchError", "shape_mismatch"),
         Error::MissingKey { .. } => ("MissingKeyError", "missing_key"),
         Error::NonFinite { .. } => ("NonFiniteError", "non_finite"),
         Error::EmptySelection { .. } => ("InvalidParameterError", "empty_selection"),
-        Error::Empty { .. } => ("EmptyInputError", "empty"),
-        Error::InvalidMetadata { .. } => ("FormatError", "invalid_metadata"),
         Error::DimensionMismatch { .. } => ("ShapeMismatchError", "dimension_mismatch"),
-        Error::InvalidDetectorParam { .. } => ("InvalidParameterError", "invalid_detector_param"),
-        Error::InvalidEvidence { .. } => ("InvalidEvidenceError", "invalid_evidence"),
-        Error::InvalidCheckpoint { .. } => ("CheckpointError", "invalid_checkpoint"),
-        Error::InvalidParameter { .. } => ("InvalidParameterError", "invalid_parameter"),
-        Error::MissingClass { .. } => ("TrainingError", "missing_class"),
-        Error::LengthMismatch { .. } => ("ShapeMismatchError", "length_mismatch"),
         Error::NonFiniteFeature { .. } => ("NonFiniteError", "non_finite_feature"),
+        Error::MissingClass { .. } => ("TrainingError", "missing_class"),
         Error::NumericalFailure { .. } => ("TrainingError", "numerical_failure"),
         Error::TrainerFailed { .. } => ("TrainingError", "trainer_failed"),
+        Error::CalibrationFailed { .. } => ("TrainingError", "calibration_failed"),
         Error::Manifest { .. } => ("FormatError", "manifest"),
-        Error::InvalidAggregatorParam { .. } => {
-            ("InvalidParameterError", "invalid_aggregator_param")
-        }
-        Error::TooFewClients { .. } => ("TooFewClientsError", "too_few_clients"),
-        Error::DuplicateClient { .. } => ("DuplicateClientError", "duplicate_client"),
+        Error::InvalidParameter { .. } => ("InvalidParameterError", "invalid_parameter"),
+        Error::Empty { .. } => ("EmptyInputError", "empty"),
+        Error::LengthMismatch { .. } => ("ShapeMismatchError", "length_mismatch"),
+        Error::Overflow { .. } => ("SizeOverflowError", "overflow"),
+        Error::InvalidEvidence { .. } => ("InvalidEvidenceError", "invalid_evidence"),
         Error::InvalidSecurityFactor { .. } => ("InvalidEvidenceError", "invalid_security_factor"),
-        Error::ClientKeyMismatch { .. } => ("MissingKeyError", "client_key_mismatch"),
-        Error::ClientShapeMismatch { .. } => ("ShapeMismatchError", "client_shape_mismatch"),
+        Error::DuplicateClient { .. } => ("DuplicateClientError", "duplicate_client"),
+        Error::TooFewClients { .. } => ("TooFewClientsError", "too_few_clients"),
+        Error::InvalidCheckpoint { .. } => ("CheckpointError", "invalid_checkpoint"),
+        Error::AttackInput { .. } => ("ShapeMismatchError", "attack_input"),
         Error::UnmappedTensor { .. } => ("KeyFormatError", "unmapped_tensor"),
         Error::InteropFailed { .. } => ("FormatError", "interop_failed"),
-        Error::CalibrationFailed { .. } => ("TrainingError", "calibration_failed"),
-        Error::ManifestSample { .. } => ("FormatError", "manifest_sample"),
-        Error::AttackInput { .. } => ("ShapeMismatchError", "attack_input"),
+        Error::Invariant { .. } => ("InternalError", "invariant"),
+        // Context wrappers never reach here (`to_py` passes the root); the
+        // enum is non-exhaustive, so a variant added later maps to the base
+        // class until it is listed above.
         _ => ("SafeFedLLMError", "other"),
     }
 }
 
+/// The root error's fields, under the attribute names `errors.py` declares.
 fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
     match e {
+        Error::Write { what, source } => {
+            d.set_item("what", what)?;
+            d.set_item("reason", source.to_string())?;
+        }
+        Error::NotAFile { kind, .. } => d.set_item("what", kind)?,
         Error::InputTooLarge { found, limit } => {
             d.set_item("found", found)?;
             d.set_item("limit", limit)?;
@@ -130,9 +143,41 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("found", declared)?;
             d.set_item("limit", limit)?;
         }
-        Error::UnsupportedDtype { tensor, dtype } => {
+        Error::InvalidMetadata {
+            field,
+            value,
+            reason,
+        } => {
+            d.set_item("param", field)?;
+            d.set_item("value", value)?;
+            d.set_item("reason", reason)?;
+        }
+        Error::Serialize { what, reason } => {
+            d.set_item("what", what)?;
+            d.set_item("reason", reason)?;
+        }
+        Error::UnsupportedDtype {
+            tensor,
+            dtype,
+            supported,
+        } => {
             d.set_item("key", tensor)?;
             d.set_item("dtype", dtype)?;
+            d.set_item("expected", supported)?;
+        }
+        Error::NotALoraKey { key } => d.set_item("key", key)?,
+        Error::DuplicateKey {
+            canonical,
+            first,
+            second,
+        } => {
+            d.set_item("key", canonical)?;
+            d.set_item("first", first)?;
+            d.set_item("second", second)?;
+        }
+        Error::MixedAdapters { first, second } => {
+            d.set_item("first", first)?;
+            d.set_item("second", second)?;
         }
         Error::NotAMatrix { tensor, shape } => {
             d.set_item("key", tensor)?;
@@ -148,20 +193,6 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("shape", shape.clone())?;
             d.set_item("expected", expected)?;
             d.set_item("found", found)?;
-        }
-        Error::NotALoraKey { key } => d.set_item("key", key)?,
-        Error::DuplicateKey {
-            canonical,
-            first,
-            second,
-        } => {
-            d.set_item("key", canonical)?;
-            d.set_item("first", first)?;
-            d.set_item("second", second)?;
-        }
-        Error::MixedAdapters { first, second } => {
-            d.set_item("first", first)?;
-            d.set_item("second", second)?;
         }
         Error::RankMismatch {
             module,
@@ -201,57 +232,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("value", value)?;
         }
         Error::EmptySelection { selection } => d.set_item("param", selection)?,
-        Error::Empty { what } => d.set_item("what", what)?,
-        Error::InvalidMetadata {
-            field,
-            value,
-            reason,
-        } => {
-            d.set_item("param", field)?;
-            d.set_item("value", value)?;
-            d.set_item("reason", reason)?;
-        }
         Error::DimensionMismatch {
-            what,
-            expected,
-            found,
-        } => {
-            d.set_item("what", what)?;
-            d.set_item("expected", expected)?;
-            d.set_item("found", found)?;
-        }
-        Error::InvalidDetectorParam {
-            param,
-            value,
-            expected,
-        }
-        | Error::InvalidParameter {
-            name: param,
-            value,
-            expected,
-        } => {
-            d.set_item("param", param)?;
-            d.set_item("value", value)?;
-            d.set_item("expected", expected)?;
-        }
-        Error::InvalidEvidence {
-            client,
-            round,
-            reason,
-        } => {
-            d.set_item("client", client)?;
-            d.set_item("round", round)?;
-            d.set_item("reason", reason)?;
-        }
-        Error::InvalidCheckpoint { what, value } => {
-            d.set_item("what", what)?;
-            d.set_item("value", value)?;
-        }
-        Error::MissingClass { missing, samples } => {
-            d.set_item("what", missing)?;
-            d.set_item("found", samples)?;
-        }
-        Error::LengthMismatch {
             what,
             expected,
             found,
@@ -270,6 +251,10 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("index", (row, column))?;
             d.set_item("value", value)?;
         }
+        Error::MissingClass { missing, samples } => {
+            d.set_item("what", missing)?;
+            d.set_item("found", samples)?;
+        }
         Error::NumericalFailure {
             solver,
             iteration,
@@ -283,21 +268,41 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("what", trainer)?;
             d.set_item("reason", reason)?;
         }
+        Error::CalibrationFailed { detail } => d.set_item("reason", detail)?,
         Error::Manifest { line, reason } => {
             d.set_item("index", line)?;
             d.set_item("reason", reason)?;
         }
-        Error::InvalidAggregatorParam {
-            rule,
-            param,
+        Error::InvalidParameter {
+            component,
+            name,
             value,
             expected,
         } => {
-            d.set_item("rule", rule)?;
-            d.set_item("param", param)?;
+            d.set_item("component", component)?;
+            d.set_item("param", name)?;
             d.set_item("value", value)?;
             d.set_item("expected", expected)?;
         }
+        Error::Empty { what } => d.set_item("what", what)?,
+        Error::LengthMismatch {
+            what,
+            expected,
+            found,
+        } => {
+            d.set_item("what", what)?;
+            d.set_item("expected", expected)?;
+            d.set_item("found", found)?;
+        }
+        Error::Overflow { what, detail } => {
+            d.set_item("what", what)?;
+            d.set_item("reason", detail)?;
+        }
+        Error::InvalidEvidence { round, reason, .. } => {
+            d.set_item("round", round)?;
+            d.set_item("reason", reason)?;
+        }
+        Error::InvalidSecurityFactor { value, .. } => d.set_item("value", value)?,
         Error::TooFewClients {
             rule,
             constraint,
@@ -309,30 +314,18 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("expected", required)?;
             d.set_item("found", found)?;
         }
-        Error::DuplicateClient { client } => d.set_item("client", client)?,
-        Error::InvalidSecurityFactor { client, value } => {
-            d.set_item("client", client)?;
+        Error::InvalidCheckpoint { what, value } => {
+            d.set_item("what", what)?;
             d.set_item("value", value)?;
         }
-        Error::ClientKeyMismatch {
-            client,
+        Error::AttackInput {
+            index,
             tensor,
-            present_in,
+            reason,
         } => {
-            d.set_item("client", client)?;
+            d.set_item("index", index)?;
             d.set_item("key", tensor)?;
-            d.set_item("present_in", present_in)?;
-        }
-        Error::ClientShapeMismatch {
-            client,
-            tensor,
-            expected,
-            found,
-        } => {
-            d.set_item("client", client)?;
-            d.set_item("key", tensor)?;
-            d.set_item("expected", expected.to_vec())?;
-            d.set_item("found", found.to_vec())?;
+            d.set_item("reason", reason)?;
         }
         Error::UnmappedTensor {
             library,
@@ -352,23 +345,17 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("what", library)?;
             d.set_item("reason", reason)?;
         }
-        Error::CalibrationFailed { detail } => d.set_item("reason", detail)?,
-        Error::ManifestSample {
-            line, path, source, ..
+        Error::Invariant {
+            location,
+            invariant,
+            detail,
         } => {
-            d.set_item("index", line)?;
-            d.set_item("path", path.display().to_string())?;
-            d.set_item("reason", source.to_string())?;
+            d.set_item("what", location)?;
+            d.set_item("expected", invariant)?;
+            d.set_item("reason", detail)?;
         }
-        Error::AttackInput {
-            index,
-            tensor,
-            reason,
-        } => {
-            d.set_item("index", index)?;
-            d.set_item("key", tensor)?;
-            d.set_item("reason", reason)?;
-        }
+        // `Io`, `Malformed`, `DuplicateClient` carry nothing beyond the
+        // message, path and client that `to_py` sets.
         _ => {}
     }
     Ok(())

@@ -213,8 +213,8 @@ impl TensorSource for ArraySource<'_> {
             .and_then(|e| e.data.get(range))
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "requested",
-                missing_from: "arrays",
+                present_in: "the requested keys",
+                missing_from: "the arrays",
             })?;
         out.copy_from_slice(part);
         Ok(())

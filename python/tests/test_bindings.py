@@ -90,7 +90,7 @@ def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
     update = client_update(global_arrays, rng, False)
     with pytest.raises(sf.MissingKeyError) as info:
         sf.delta(without(update, QB0), global_arrays)
-    assert info.value.key == QB0 and info.value.missing_from == "update"
+    assert info.value.key == QB0 and info.value.missing_from == "the update"
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(without(update, QB0), global_arrays)
     assert info.value.key == QB0
@@ -99,7 +99,7 @@ def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
     assert info.value.client == "c7" and info.value.key == QB0
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(update, without(global_arrays, QB0))
-    assert info.value.key == QB0 and info.value.missing_from == "base"
+    assert info.value.key == QB0 and info.value.missing_from == "the base adapter"
     # In a defended round a client's missing key is a typed rejection, not an error for everyone.
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"))
     reports = [{"client": f"b{i}", "update": client_update(global_arrays, rng, False), "samples": 10} for i in range(3)]

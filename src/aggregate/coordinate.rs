@@ -215,7 +215,7 @@ pub struct TrimmedMean {
 }
 
 impl TrimmedMean {
-    /// Fails with [`Error::InvalidAggregatorParam`](crate::Error::InvalidAggregatorParam)
+    /// Fails with [`Error::InvalidParameter`](crate::Error::InvalidParameter)
     /// unless β is in [0, 0.5), or for a per-side count whose constraint
     /// n ≥ 2k + 1 cannot be computed. Whether n suffices is checked per
     /// round ([`Error::TooFewClients`](crate::Error::TooFewClients)).

@@ -154,19 +154,16 @@ fn finish<S>(workers: Vec<Worker<S>>) -> Result<Vec<S>> {
 
 /// A failed read from a client's source, naming the client.
 pub(crate) fn client_read_error(client: &ClientId, source: Error) -> Error {
-    Error::ClientSource {
-        client: client.0.clone(),
-        source: Box::new(source),
-    }
+    Error::for_client(client.clone(), source)
 }
 
 /// An internal bookkeeping inconsistency (a bug, reported rather than hidden).
 fn internal(what: &str, expected: usize, found: usize) -> Error {
-    Error::DimensionMismatch {
-        what: format!("aggregation engine: {what}"),
-        expected,
-        found,
-    }
+    Error::invariant(
+        "aggregate::engine::chunk_at",
+        "the scratch buffer is sized to hold every converted row of the chunk",
+        format!("{what}: needed {expected}, had {found}"),
+    )
 }
 
 /// The chunks of a round's flat vector.

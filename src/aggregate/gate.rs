@@ -78,7 +78,7 @@ impl SafetyGate {
     pub const REFERENCE_THRESHOLD: f64 = 0.2;
 
     /// A gate with `threshold`; fails with
-    /// [`Error::InvalidAggregatorParam`](crate::Error::InvalidAggregatorParam)
+    /// [`Error::InvalidParameter`](crate::Error::InvalidParameter)
     /// unless it is finite and in [0, 1].
     pub fn new(threshold: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&threshold) {

@@ -173,17 +173,19 @@ pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<usize> {
     order
 }
 
-/// A first pass met a non-finite value: rescan (deferred) or report the
-/// overflow of finite inputs (scanned).
+/// A first pass met a non-finite value: rescan (deferred). On a scanned
+/// round every input is finite and the Gram entries and norms are f64 sums of
+/// f32 products (at most 1.2e77 each), which cannot overflow: reaching this
+/// there is a bug, reported as one.
 pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
     if round.deferred {
         Ok(None)
     } else {
-        Err(crate::Error::NonFinite {
-            tensor: "Gram matrix of the updates".into(),
-            index: 0,
-            value: f32::INFINITY,
-        })
+        Err(crate::Error::invariant(
+            "aggregate::krum::poisoned",
+            "a scanned round's Gram matrix and norms are finite",
+            format!("{} clients, all scanned finite", round.clients.len()),
+        ))
     }
 }
 

@@ -137,11 +137,7 @@ where
         Ok(None) | Err(Error::TooFewClients { .. }) => {}
         Err(other) => return Err(other),
     }
-    run(Round::prepare(global, updates)?)?.ok_or(Error::NonFinite {
-        tensor: "aggregation result".into(),
-        index: 0,
-        value: f32::NAN,
-    })
+    scanned(run(Round::prepare(global, updates)?)?)
 }
 
 /// Checks what can be checked without reading tensor values: a non-empty
@@ -158,13 +154,13 @@ pub(crate) fn validate_headers(global: &LoraAdapter, updates: &[ClientUpdate<'_>
     for update in updates {
         if !seen.insert(update.client.as_str()) {
             return Err(Error::DuplicateClient {
-                client: update.client.0.clone(),
+                client: update.client.clone(),
             });
         }
         let factor = update.security_factor;
         if !(0.0..=1.0).contains(&factor) {
             return Err(Error::InvalidSecurityFactor {
-                client: update.client.0.clone(),
+                client: update.client.clone(),
                 value: factor,
             });
         }
@@ -174,22 +170,21 @@ pub(crate) fn validate_headers(global: &LoraAdapter, updates: &[ClientUpdate<'_>
 }
 
 fn check_layout(global: &LoraAdapter, update: &ClientUpdate<'_>) -> Result<()> {
-    let client = || update.client.0.clone();
+    let culprit = |source| Err(Error::for_client(update.client.clone(), source));
     for entry in global.iter() {
         let name = entry.key.canonical();
         let Some(shape) = update.adapter.shape_of(name) else {
-            return Err(Error::ClientKeyMismatch {
-                client: client(),
+            return culprit(Error::MissingKey {
                 tensor: name.to_owned(),
-                present_in: "global",
+                present_in: "the global adapter",
+                missing_from: "the client's update",
             });
         };
         if shape != entry.tensor.shape() {
-            return Err(Error::ClientShapeMismatch {
-                client: client(),
+            return culprit(Error::ShapeMismatch {
                 tensor: name.to_owned(),
-                expected: entry.tensor.shape(),
-                found: shape,
+                expected: entry.tensor.shape().to_vec(),
+                found: shape.to_vec(),
             });
         }
     }
@@ -198,10 +193,10 @@ fn check_layout(global: &LoraAdapter, update: &ClientUpdate<'_>) -> Result<()> {
         .lora_keys()
         .find(|k| global.get(k.canonical()).is_none())
     {
-        return Err(Error::ClientKeyMismatch {
-            client: client(),
+        return culprit(Error::MissingKey {
             tensor: extra.canonical().to_owned(),
-            present_in: "client",
+            present_in: "the client's update",
+            missing_from: "the global adapter",
         });
     }
     Ok(())
@@ -253,10 +248,9 @@ impl<'a> Round<'a> {
             offsets.push(dim);
             dim = dim
                 .checked_add(entry.tensor.len())
-                .ok_or_else(|| Error::DimensionMismatch {
-                    what: "global adapter size".into(),
-                    expected: usize::MAX,
-                    found: dim,
+                .ok_or_else(|| Error::Overflow {
+                    what: "the global adapter's element count",
+                    detail: format!("{dim} + {} > usize::MAX", entry.tensor.len()),
                 })?;
         }
         let clients = updates
@@ -372,10 +366,12 @@ impl<'a> Round<'a> {
             }
             for (entry, values) in self.template.iter().zip(&segments) {
                 if let Some((index, value)) = crate::lora::tensor::first_non_finite(values) {
-                    return Err(Error::NonFinite {
-                        tensor: format!("aggregated {}", entry.key.canonical()),
-                        index,
-                        value,
+                    return Err(Error::Overflow {
+                        what: "the aggregated global adapter",
+                        detail: format!(
+                            "tensor `{}` holds {value} at flat index {index}: finite updates left f32's range",
+                            entry.key.canonical()
+                        ),
                     });
                 }
             }
@@ -561,10 +557,12 @@ impl Round<'_> {
 pub(crate) fn scanned(
     result: Option<crate::aggregate::Aggregation>,
 ) -> Result<crate::aggregate::Aggregation> {
-    result.ok_or(Error::NonFinite {
-        tensor: "aggregation result".into(),
-        index: 0,
-        value: f32::NAN,
+    result.ok_or_else(|| {
+        Error::invariant(
+            "aggregate::round::scanned",
+            "a rule run on a scanned round returns a result (None means a non-finite input, and there is none)",
+            "the rule returned None",
+        )
     })
 }
 
@@ -574,7 +572,7 @@ pub(crate) fn affine(a: usize, f: usize, b: usize) -> Option<usize> {
     a.checked_mul(f)?.checked_add(b)
 }
 
-/// Fails with [`Error::InvalidAggregatorParam`] when the size constraint
+/// Fails with [`Error::InvalidParameter`] when the size constraint
 /// `a·f + b` overflows `usize` (no round could ever satisfy it).
 pub(crate) fn check_affine(
     rule: &'static str,
@@ -597,10 +595,5 @@ pub(crate) fn param_error(
     value: impl std::fmt::Display,
     expected: &'static str,
 ) -> Error {
-    Error::InvalidAggregatorParam {
-        rule,
-        param,
-        value: value.to_string(),
-        expected,
-    }
+    Error::parameter(rule, param, value, expected)
 }

@@ -88,12 +88,17 @@ impl ClientLevelParams {
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_positive_finite("steepness", self.steepness)?;
+        check_positive_finite("client level", "steepness", self.steepness)?;
         if !(self.pivot.is_finite() && self.pivot > 0.0 && self.pivot < 1.0) {
-            return Err(invalid_param("pivot", self.pivot, "a number in (0, 1)"));
+            return Err(invalid_param(
+                "client level",
+                "pivot",
+                self.pivot,
+                "a number in (0, 1)",
+            ));
         }
-        check_unit("threshold", self.threshold)?;
-        check_unit("min_weight", self.min_weight)
+        check_unit("client level", "threshold", self.threshold)?;
+        check_unit("client level", "min_weight", self.min_weight)
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -327,8 +332,8 @@ mod tests {
             (ClientLevel::params().steepness(f64::INFINITY), "steepness"),
         ] {
             match params.build() {
-                Err(Error::InvalidDetectorParam { param, .. }) => assert_eq!(param, name),
-                other => panic!("expected InvalidDetectorParam, got {other:?}"),
+                Err(Error::InvalidParameter { name: param, .. }) => assert_eq!(param, name),
+                other => panic!("expected InvalidParameter, got {other:?}"),
             }
         }
     }

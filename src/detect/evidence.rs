@@ -110,7 +110,7 @@ impl ClientEvidence {
 
 fn invalid(round: u32, client: &ClientId, reason: String) -> Error {
     Error::InvalidEvidence {
-        client: client.to_string(),
+        client: client.clone(),
         round,
         reason,
     }

@@ -77,8 +77,12 @@ impl EvidenceLevelParams {
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         self.shadow.check()?;
-        check_positive_int("evidence_min", self.evidence_min as u64)?;
-        check_positive_int("audit_interval", u64::from(self.audit_interval))
+        check_positive_int("evidence level", "evidence_min", self.evidence_min as u64)?;
+        check_positive_int(
+            "evidence level",
+            "audit_interval",
+            u64::from(self.audit_interval),
+        )
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -492,15 +496,15 @@ mod tests {
     fn zero_settings_are_rejected() {
         assert!(matches!(
             EvidenceLevel::params().evidence_min(0).build(),
-            Err(Error::InvalidDetectorParam {
-                param: "evidence_min",
+            Err(Error::InvalidParameter {
+                name: "evidence_min",
                 ..
             })
         ));
         assert!(matches!(
             EvidenceLevel::params().audit_interval(0).build(),
-            Err(Error::InvalidDetectorParam {
-                param: "audit_interval",
+            Err(Error::InvalidParameter {
+                name: "audit_interval",
                 ..
             })
         ));

@@ -379,35 +379,46 @@ fn count_harmful(scores: &[f32], threshold: f64) -> usize {
         .count()
 }
 
-fn invalid_param(param: &'static str, value: impl fmt::Display, expected: &'static str) -> Error {
-    Error::InvalidDetectorParam {
-        param,
-        value: value.to_string(),
-        expected,
-    }
+fn invalid_param(
+    component: &'static str,
+    param: &'static str,
+    value: impl fmt::Display,
+    expected: &'static str,
+) -> Error {
+    Error::parameter(component, param, value, expected)
 }
 
-fn check_unit(param: &'static str, value: f64) -> Result<()> {
+fn check_unit(component: &'static str, param: &'static str, value: f64) -> Result<()> {
     if value.is_finite() && (0.0..=1.0).contains(&value) {
         Ok(())
     } else {
-        Err(invalid_param(param, value, "a finite number in [0, 1]"))
+        Err(invalid_param(
+            component,
+            param,
+            value,
+            "a finite number in [0, 1]",
+        ))
     }
 }
 
-fn check_positive_finite(param: &'static str, value: f64) -> Result<()> {
+fn check_positive_finite(component: &'static str, param: &'static str, value: f64) -> Result<()> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {
-        Err(invalid_param(param, value, "a finite number > 0"))
+        Err(invalid_param(
+            component,
+            param,
+            value,
+            "a finite number > 0",
+        ))
     }
 }
 
-fn check_positive_int(param: &'static str, value: u64) -> Result<()> {
+fn check_positive_int(component: &'static str, param: &'static str, value: u64) -> Result<()> {
     if value > 0 {
         Ok(())
     } else {
-        Err(invalid_param(param, value, "an integer ≥ 1"))
+        Err(invalid_param(component, param, value, "an integer ≥ 1"))
     }
 }
 

@@ -96,11 +96,11 @@ impl ShadowLevelParams {
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_positive_finite("eta", self.eta)?;
-        check_positive_int("batch_size", self.batch_size)?;
-        check_positive_int("grad_accum", self.grad_accum)?;
-        check_unit("threshold", self.threshold)?;
-        check_unit("min_weight", self.min_weight)
+        check_positive_finite("shadow level", "eta", self.eta)?;
+        check_positive_int("shadow level", "batch_size", self.batch_size)?;
+        check_positive_int("shadow level", "grad_accum", self.grad_accum)?;
+        check_unit("shadow level", "threshold", self.threshold)?;
+        check_unit("shadow level", "min_weight", self.min_weight)
     }
 
     /// Validates the settings and builds the detector.
@@ -313,7 +313,7 @@ mod tests {
     fn eta_must_be_positive() {
         assert!(matches!(
             ShadowLevel::params().eta(0.0).build(),
-            Err(Error::InvalidDetectorParam { param: "eta", .. })
+            Err(Error::InvalidParameter { name: "eta", .. })
         ));
     }
 }

@@ -120,14 +120,15 @@ impl StepLevelParams {
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_unit("decay", self.decay)?;
-        check_positive_int("batch_size", self.batch_size)?;
-        check_positive_int("grad_accum", self.grad_accum)?;
-        check_unit("threshold", self.threshold)?;
-        check_unit("min_weight", self.min_weight)?;
+        check_unit("step level", "decay", self.decay)?;
+        check_positive_int("step level", "batch_size", self.batch_size)?;
+        check_positive_int("step level", "grad_accum", self.grad_accum)?;
+        check_unit("step level", "threshold", self.threshold)?;
+        check_unit("step level", "min_weight", self.min_weight)?;
         let (a, b) = self.prior;
         if !(a.is_finite() && b.is_finite() && a >= 0.0 && b >= 0.0) {
             return Err(invalid_param(
+                "step level",
                 "prior",
                 format!("({a}, {b})"),
                 "two finite numbers ≥ 0",
@@ -443,8 +444,8 @@ mod tests {
         ];
         for (params, name) in cases {
             match params.build() {
-                Err(Error::InvalidDetectorParam { param, .. }) => assert_eq!(param, name),
-                other => panic!("{name}: expected InvalidDetectorParam, got {other:?}"),
+                Err(Error::InvalidParameter { name: param, .. }) => assert_eq!(param, name),
+                other => panic!("{name}: expected InvalidParameter, got {other:?}"),
             }
         }
     }

@@ -370,8 +370,8 @@ impl TensorSource for BurnLora {
 /// Before anything is written, the key sets must match exactly and every
 /// shape must be the transpose of the module's:
 /// - a module factor without a source tensor is [`Error::MissingKey`]
-///   (`present_in: "burn"`), a source tensor without a module factor is
-///   [`Error::MissingKey`] (`present_in: "source"`);
+///   (`present_in: "the burn module"`), a source tensor without a module factor is
+///   [`Error::MissingKey`] (`present_in: "the source"`);
 /// - a wrong shape is [`Error::ShapeMismatch`] with both shapes in PEFT
 ///   orientation;
 /// - unmapped paths, non-matrices and other dtypes fail as in
@@ -414,8 +414,8 @@ pub fn write_lora<M: Module, S: TensorSource + ?Sized>(
             .shape_of(canonical)
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "burn",
-                missing_from: "source",
+                present_in: "the burn module",
+                missing_from: "the source",
             })?;
         if found != *peft_shape {
             return Err(Error::ShapeMismatch {
@@ -431,8 +431,8 @@ pub fn write_lora<M: Module, S: TensorSource + ?Sized>(
     {
         return Err(Error::MissingKey {
             tensor: extra.canonical().to_owned(),
-            present_in: "source",
-            missing_from: "burn",
+            present_in: "the source",
+            missing_from: "the burn module",
         });
     }
     // Pass 2: convert everything, still without touching the module.
@@ -516,6 +516,7 @@ fn check_dtype(name: &str, dtype: DType) -> Result<()> {
         other => Err(Error::UnsupportedDtype {
             tensor: name.to_owned(),
             dtype: format!("{other:?}"),
+            supported: "F32, Flex32, F16 or BF16",
         }),
     }
 }

@@ -209,8 +209,8 @@ impl CandleLora {
     /// its own device: variables are set in place, plain tensors replaced.
     ///
     /// The key sets must match exactly (a held tensor without a source tensor
-    /// is [`Error::MissingKey`] with `present_in: "candle"`, a source
-    /// tensor without a held one `present_in: "source"`) and every shape must
+    /// is [`Error::MissingKey`] with `present_in: "the candle tensors"`, a source
+    /// tensor without a held one `present_in: "the source"`) and every shape must
     /// match ([`Error::ShapeMismatch`]). All values are converted before any
     /// tensor changes, so on an error nothing is written. Values are written
     /// as given: screening them is admission's job, upstream.
@@ -220,8 +220,8 @@ impl CandleLora {
                 .shape_of(canonical)
                 .ok_or_else(|| Error::MissingKey {
                     tensor: canonical.clone(),
-                    present_in: "candle",
-                    missing_from: "source",
+                    present_in: "the candle tensors",
+                    missing_from: "the source",
                 })?;
             if found != entry.shape {
                 return Err(Error::ShapeMismatch {
@@ -237,8 +237,8 @@ impl CandleLora {
         {
             return Err(Error::MissingKey {
                 tensor: extra.canonical().to_owned(),
-                present_in: "source",
-                missing_from: "candle",
+                present_in: "the source",
+                missing_from: "the candle tensors",
             });
         }
         let mut converted = Vec::with_capacity(self.entries.len());
@@ -285,8 +285,8 @@ pub fn adapter_to_tensors<S: TensorSource + ?Sized>(
             .shape_of(canonical)
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "key list",
-                missing_from: "source",
+                present_in: "the source's key list",
+                missing_from: "the source's shapes",
             })?;
         let mut values = LoraTensor::zeros(canonical, shape)?;
         source.copy_into(canonical, values.as_mut_slice())?;
@@ -309,8 +309,8 @@ impl TensorSource for CandleLora {
         let range = checked_range(self, canonical, offset, out.len())?;
         let tensor = self.tensor(canonical).ok_or_else(|| Error::MissingKey {
             tensor: canonical.to_owned(),
-            present_in: "requested",
-            missing_from: "source",
+            present_in: "the requested keys",
+            missing_from: "the candle tensors",
         })?;
         // Fast path: a contiguous CPU tensor, converted straight from its storage.
         {
@@ -403,6 +403,7 @@ fn check_dtype(name: &str, dtype: DType) -> Result<()> {
         other => Err(Error::UnsupportedDtype {
             tensor: name.to_owned(),
             dtype: format!("{other:?}"),
+            supported: "F32, F16 or BF16",
         }),
     }
 }

@@ -219,10 +219,10 @@ fn match_keys(
     }
     if policy == KeyPolicy::Strict {
         if let Some(name) = report.only_in_update.first() {
-            return Err(missing(name, "update", "base"));
+            return Err(missing(name, "the update", "the base adapter"));
         }
         if let Some(name) = report.only_in_base.first() {
-            return Err(missing(name, "base", "update"));
+            return Err(missing(name, "the base adapter", "the update"));
         }
     }
     Ok(report)

@@ -279,8 +279,8 @@ impl TensorSource for AdapterView<'_> {
             .get(canonical)
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "requested",
-                missing_from: "viewed",
+                present_in: "the requested keys",
+                missing_from: "the viewed file",
             })?;
         let width = dtype_width(canonical, entry.dtype)?;
         // The header check guarantees bytes.len() == elements × width, and
@@ -316,6 +316,7 @@ fn dtype_width(name: &str, dtype: Dtype) -> Result<usize> {
         other => Err(Error::UnsupportedDtype {
             tensor: name.to_owned(),
             dtype: other.to_string(),
+            supported: "F32, F16 or BF16",
         }),
     }
 }
@@ -382,6 +383,7 @@ fn view_entry<'data>(
         return Err(Error::UnsupportedDtype {
             tensor: raw,
             dtype: dtype.to_string(),
+            supported: "F32, F16 or BF16",
         });
     }
     Ok(ViewEntry {

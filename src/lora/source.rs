@@ -153,8 +153,8 @@ pub fn checked_range<S: TensorSource + ?Sized>(
 fn absent(canonical: &str) -> Error {
     Error::MissingKey {
         tensor: canonical.to_owned(),
-        present_in: "requested",
-        missing_from: "source",
+        present_in: "the requested keys",
+        missing_from: "the source",
     }
 }
 

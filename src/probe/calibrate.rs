@@ -61,6 +61,7 @@ impl FromStr for Threshold {
     /// Parses `fixed:T`, `target-fpr:F` or `max-f1` and checks the value.
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::InvalidParameter {
+            component: "calibrated trainer",
             name: "threshold_policy",
             value: s.to_owned(),
             expected: "fixed:T (T in [0, 1]), target-fpr:F (F in [0, 1]) or max-f1",
@@ -87,6 +88,7 @@ impl Threshold {
             Ok(())
         } else {
             Err(Error::InvalidParameter {
+                component: "calibrated trainer",
                 name: "threshold",
                 value: self.to_string(),
                 expected: "a fixed threshold or target rate in [0, 1]",
@@ -497,6 +499,7 @@ impl CalibratedParams {
     fn check(&self) -> Result<()> {
         let bad = |name: &'static str, value: String, expected: &'static str| {
             Err(Error::InvalidParameter {
+                component: "calibrated trainer",
                 name,
                 value,
                 expected,
@@ -678,8 +681,9 @@ impl Trainer for CalibratedParams {
             bias,
             trainer: TrainerInfo {
                 name: "logistic-lbfgs-calibrated".to_owned(),
-                settings: serde_json::to_value(self).map_err(|e| Error::CalibrationFailed {
-                    detail: format!("settings do not serialise: {e}"),
+                settings: serde_json::to_value(self).map_err(|e| Error::Serialize {
+                    what: "calibrated trainer settings",
+                    reason: e.to_string(),
                 })?,
             },
             report: plain.report,

@@ -351,8 +351,8 @@ impl TensorSource for KeyShapes {
     fn read_range(&self, canonical: &str, _offset: usize, _out: &mut [f32]) -> Result<()> {
         Err(Error::MissingKey {
             tensor: canonical.to_owned(),
-            present_in: "file header",
-            missing_from: "header-only source (no tensor data)",
+            present_in: "the file header",
+            missing_from: "a header-only source (which holds no tensor data)",
         })
     }
 }

@@ -192,6 +192,7 @@ pub fn expected_calibration_error(scores: &[f32], labels: &[Label], bins: usize)
     check_probabilities(scores)?;
     if bins == 0 {
         return Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "bins",
             value: "0".into(),
             expected: ">= 1",
@@ -239,6 +240,7 @@ pub fn brier_score(scores: &[f32], labels: &[Label]) -> Result<f64> {
 fn check_probabilities(scores: &[f32]) -> Result<()> {
     match scores.iter().find(|s| !(0.0..=1.0).contains(*s)) {
         Some(s) => Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "scores",
             value: s.to_string(),
             expected: "probabilities in [0, 1]",
@@ -345,6 +347,7 @@ pub fn select_threshold(
         && !(0.0..=1.0).contains(&target)
     {
         return Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "target_false_positive_rate",
             value: target.to_string(),
             expected: "in [0, 1]",
@@ -410,6 +413,7 @@ pub struct Fold {
 pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fold>> {
     if k < 2 {
         return Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "k",
             value: k.to_string(),
             expected: ">= 2",
@@ -423,6 +427,7 @@ pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fo
             .collect();
         if rows.len() < k {
             return Err(Error::InvalidParameter {
+                component: "probe evaluation",
                 name: "k",
                 value: k.to_string(),
                 expected: "at most the number of samples of the smaller class",
@@ -494,6 +499,7 @@ pub fn stratified_group_k_fold(
     }
     if k < 2 {
         return Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "k",
             value: k.to_string(),
             expected: ">= 2",
@@ -516,6 +522,7 @@ pub fn stratified_group_k_fold(
     }
     if counts.len() < k {
         return Err(Error::InvalidParameter {
+            component: "probe evaluation",
             name: "k",
             value: k.to_string(),
             expected: "at most the number of distinct groups",

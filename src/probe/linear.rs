@@ -213,6 +213,7 @@ pub(crate) fn check_weights(spec: &FeatureSpec, weights: &[f32], bias: f32) -> R
     }
     if !bias.is_finite() {
         return Err(Error::InvalidParameter {
+            component: "linear probe",
             name: "bias",
             value: bias.to_string(),
             expected: "a finite number",
@@ -226,6 +227,7 @@ pub(crate) fn check_threshold(threshold: f32) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidParameter {
+            component: "linear probe",
             name: "threshold",
             value: threshold.to_string(),
             expected: "a probability in [0, 1]",

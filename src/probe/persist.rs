@@ -79,8 +79,10 @@ impl LinearProbe {
             feature_spec: self.feature_spec().clone(),
             info: self.info().clone(),
         };
-        let json = serde_json::to_string(&metadata)
-            .map_err(|e| invalid("metadata", "", &e.to_string()))?;
+        let json = serde_json::to_string(&metadata).map_err(|e| Error::Serialize {
+            what: "probe file metadata",
+            reason: e.to_string(),
+        })?;
         let weight_bytes: Vec<u8> = self
             .weights()
             .iter()
@@ -105,7 +107,7 @@ impl LinearProbe {
             .and_then(|m| m.get(METADATA_KEY))
             .ok_or_else(|| Error::MissingKey {
                 tensor: format!("__metadata__.{METADATA_KEY}"),
-                present_in: "a saved probe",
+                present_in: "the probe file format",
                 missing_from: "this file",
             })?;
         let metadata: Metadata = serde_json::from_str(json)
@@ -220,13 +222,14 @@ fn check_spec(spec: &FeatureSpec) -> Result<()> {
 fn read_f32(tensors: &SafeTensors<'_>, name: &str, len: usize) -> Result<Vec<f32>> {
     let view = tensors.tensor(name).map_err(|_| Error::MissingKey {
         tensor: name.to_owned(),
-        present_in: "a saved probe",
+        present_in: "the probe file format",
         missing_from: "this file",
     })?;
     if view.dtype() != Dtype::F32 {
         return Err(Error::UnsupportedDtype {
             tensor: name.to_owned(),
             dtype: view.dtype().to_string(),
+            supported: "F32 (probe files store f32 weights)",
         });
     }
     if view.shape() != [len] {

@@ -77,6 +77,7 @@ impl SketchConfig {
             .checked_mul(self.nnz_per_column)
             .filter(|&t| t <= crate::features::MAX_FEATURE_DIM)
             .ok_or_else(|| Error::InvalidParameter {
+                component: "feature sketch",
                 name: "sketch input_dim × nnz_per_column",
                 value: format!("{input_dim} × {}", self.nnz_per_column),
                 expected: "at most 2^28 hashed entries",
@@ -100,6 +101,7 @@ impl SketchConfig {
 
     fn check(&self) -> Result<()> {
         let invalid = |name, value: usize, expected| Error::InvalidParameter {
+            component: "feature sketch",
             name,
             value: value.to_string(),
             expected,

@@ -138,6 +138,7 @@ impl SyntheticConfig {
     fn check(&self) -> Result<()> {
         let bad = |name, value: String, expected| {
             Err(Error::InvalidParameter {
+                component: "synthetic data",
                 name,
                 value,
                 expected,

@@ -223,11 +223,10 @@ impl Admission {
         messages: &[(&ClientId, &dyn TensorSource, u64)],
     ) -> Result<Vec<AdmissionDecision>> {
         self.check()?;
-        if let Some(entry) = global
+        if let Some((entry, (index, value))) = global
             .iter()
-            .find(|e| e.tensor.first_non_finite().is_some())
+            .find_map(|e| e.tensor.first_non_finite().map(|bad| (e, bad)))
         {
-            let (index, value) = entry.tensor.first_non_finite().unwrap_or((0, f32::NAN));
             return Err(Error::NonFinite {
                 tensor: format!("global adapter: {}", entry.key.canonical()),
                 index,
@@ -611,6 +610,7 @@ fn non_finite(tensor: &str, index: usize, value: f32) -> Rejection {
 
 fn param(name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Error {
     Error::InvalidParameter {
+        component: "admission",
         name,
         value: value.to_string(),
         expected,

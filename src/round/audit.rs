@@ -126,18 +126,17 @@ pub struct RoundOutcome {
 impl RoundOutcome {
     /// The audit record as one line of JSON (no trailing newline).
     pub fn to_json_line(&self) -> Result<String> {
-        serde_json::to_string(self).map_err(|e| Error::InvalidMetadata {
-            field: "round outcome".into(),
-            value: format!("round {}", self.round),
-            reason: e.to_string(),
+        serde_json::to_string(self).map_err(|e| Error::Serialize {
+            what: "round outcome",
+            reason: format!("round {}: {e}", self.round),
         })
     }
 
     /// Appends the audit record and a newline to `out` (an audit log).
     pub fn write_json_line(&self, mut out: impl Write) -> Result<()> {
         let line = self.to_json_line()?;
-        writeln!(out, "{line}").map_err(|source| Error::Io {
-            path: "<audit log>".into(),
+        writeln!(out, "{line}").map_err(|source| Error::Write {
+            what: "audit log",
             source,
         })
     }

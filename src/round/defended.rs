@@ -263,6 +263,7 @@ impl RoundParams {
             && !(t.is_finite() && t >= 0.0)
         {
             return Err(Error::InvalidParameter {
+                component: "defended round",
                 name: "trail",
                 value: t.to_string(),
                 expected: "a finite tolerance ≥ 0",
@@ -637,6 +638,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             (StepsReport::Scores(s), _) => Ok(s.to_vec()),
             (StepsReport::Adapters(a), Some(shadow)) => shadow.score_steps(&self.probe, a),
             (StepsReport::Adapters(_), None) => Err(Error::InvalidParameter {
+                component: "defended round",
                 name: "shadow_branch",
                 value: "none".into(),
                 expected: "a ShadowBranch (DefendedRound::with_shadow) to score shadow adapters against",
@@ -804,7 +806,7 @@ fn check_reports(reports: &[ClientReport<'_>]) -> Result<()> {
     for r in reports {
         if !seen.insert(r.client) {
             return Err(Error::DuplicateClient {
-                client: r.client.to_string(),
+                client: r.client.clone(),
             });
         }
     }
@@ -854,8 +856,8 @@ impl TensorSource for Clipped<'_> {
             .and_then(|b| b.get(range))
             .ok_or_else(|| Error::MissingKey {
                 tensor: canonical.to_owned(),
-                present_in: "update",
-                missing_from: "global adapter",
+                present_in: "the update",
+                missing_from: "the global adapter",
             })?;
         out.iter_mut()
             .zip(base)

@@ -119,6 +119,7 @@ impl ProbeRefresh {
     pub fn new(every: u32) -> Result<Self> {
         if every == 0 {
             return Err(Error::InvalidParameter {
+                component: "probe refresh",
                 name: "every",
                 value: "0".into(),
                 expected: "a refresh period of at least 1 round",
@@ -143,6 +144,7 @@ impl ProbeRefresh {
     pub fn min_runs_per_class(mut self, runs: usize) -> Result<Self> {
         if runs == 0 {
             return Err(Error::InvalidParameter {
+                component: "probe refresh",
                 name: "min_runs_per_class",
                 value: "0".into(),
                 expected: "at least 1 run per class",
@@ -296,6 +298,7 @@ mod tests {
         assert!(matches!(
             ProbeRefresh::new(2).unwrap().min_runs_per_class(0),
             Err(Error::InvalidParameter {
+                component: "probe refresh",
                 name: "min_runs_per_class",
                 ..
             })

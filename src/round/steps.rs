@@ -179,8 +179,9 @@ impl ShadowBranch {
     /// The base must be finite: every shadow delta is taken from it.
     pub fn with_learning_rate(base: LoraAdapter, learning_rate: f64) -> Result<Self> {
         if !(learning_rate.is_finite() && learning_rate > 0.0) {
-            return Err(Error::InvalidDetectorParam {
-                param: "learning_rate",
+            return Err(Error::InvalidParameter {
+                component: "shadow branch",
+                name: "learning_rate",
                 value: learning_rate.to_string(),
                 expected: "a finite number > 0",
             });

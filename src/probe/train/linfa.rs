@@ -37,6 +37,7 @@ fn positive(name: &'static str, value: f64) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidParameter {
+            component: "linfa trainer",
             name,
             value: value.to_string(),
             expected: "finite, > 0",
@@ -80,6 +81,7 @@ impl Trainer for LinfaLogistic {
         positive("gradient_tolerance", self.gradient_tolerance)?;
         if self.max_iterations == 0 {
             return Err(Error::InvalidParameter {
+                component: "linfa trainer",
                 name: "max_iterations",
                 value: "0".into(),
                 expected: ">= 1",

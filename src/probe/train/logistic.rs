@@ -284,6 +284,7 @@ fn ensure(
         Ok(())
     } else {
         Err(Error::InvalidParameter {
+            component: "logistic trainer",
             name,
             value: value.to_string(),
             expected,
