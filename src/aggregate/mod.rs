@@ -25,9 +25,10 @@
 //!   [`Error::DuplicateClient`](crate::Error::DuplicateClient); a security factor
 //!   outside [0, 1] [`Error::InvalidSecurityFactor`](crate::Error::InvalidSecurityFactor).
 //! * Every client adapter must hold exactly the global adapter's LoRA keys with the
-//!   same shapes ([`Error::ClientKeyMismatch`](crate::Error::ClientKeyMismatch),
-//!   [`Error::ClientShapeMismatch`](crate::Error::ClientShapeMismatch), naming the
-//!   client and the tensor). The global adapter must be finite.
+//!   same shapes: otherwise [`Error::Client`](crate::Error::Client) naming the
+//!   client, around [`Error::MissingKey`](crate::Error::MissingKey) or
+//!   [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) naming the tensor.
+//!   The global adapter must be finite.
 //! * A client update holding a NaN or infinity is **excluded** with
 //!   [`ExclusionReason::NonFinite`] (tensor and index) and never enters any
 //!   arithmetic. If no client is left the round is [`Outcome::Skipped`].
