@@ -777,6 +777,25 @@ pub(crate) fn row<T>(buf: &[T], len: usize, r: usize) -> &[T] {
 mod tests {
     use super::*;
 
+    /// What each group of `drive` saw, on 1 and 3 threads: the same groups,
+    /// so any in-order reduction of the states is thread-count independent.
+    #[test]
+    fn drive_groups_depend_on_the_item_count_only() {
+        for items in [3usize, 100, 1000, 5000] {
+            let groups = |threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| drive((0..items).collect(), Vec::new, |seen, i| seen.push(i)))
+            };
+            let one = groups(1);
+            assert_eq!(one, groups(3), "{items} items");
+            assert_eq!(one.concat(), (0..items).collect::<Vec<_>>());
+            assert!(one.len() <= crate::parallel::MAX_PARTS);
+        }
+    }
+
     #[test]
     fn pruned_network_still_places_the_needed_rows() {
         let mut state = 99u64;
