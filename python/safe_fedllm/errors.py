@@ -36,6 +36,7 @@ __all__ = [
     "TooFewClientsError",
     "DuplicateClientError",
     "SafeFedLLMIOError",
+    "ThreadPoolError",
 ]
 
 
@@ -143,3 +144,9 @@ class SafeFedLLMIOError(SafeFedLLMError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ThreadPoolError(SafeFedLLMError, RuntimeError):
+    """:func:`safe_fedllm.set_num_threads` came too late: rayon's global pool
+    already runs (it starts at the first parallel call, or an earlier
+    ``set_num_threads``)."""
