@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rayon::prelude::*;
 use safe_fedllm::aggregate::{
     Aggregator, Bulyan, ClientUpdate, ClipBound, CoordinateMedian, DnC, FedAvg, Flame, FoolsGold,
     GeometricMedian, Krum, MultiKrum, NormClipping, Trim, TrimmedMean,
@@ -143,34 +144,28 @@ fn peak_alloc(rule: &mut dyn Aggregator, round: &Round) -> usize {
     peak
 }
 
-/// Reading every client's values once on all cores: the floor for FedAvg.
+/// Reading every client's values once on the rayon pool: the floor for
+/// FedAvg. It runs on the same pool as the rules (rayon's global pool, sized
+/// by `RAYON_NUM_THREADS`), so `scripts/bench_threads.sh` scales the floor
+/// and the rules together and the ratio rule / floor stays meaningful.
 fn read_once(round: &Round) -> f32 {
     let slices: Vec<&[f32]> = round
         .clients
         .iter()
         .flat_map(|a| a.iter().map(|e| e.tensor.as_slice()))
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = slices.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = slices
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    let mut acc = [0.0f32; 16];
-                    for sl in part {
-                        for c in sl.chunks_exact(16) {
-                            for k in 0..16 {
-                                acc[k] += c[k];
-                            }
-                        }
-                    }
-                    acc.iter().sum::<f32>()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
-    })
+    slices
+        .par_iter()
+        .map(|sl| {
+            let mut acc = [0.0f32; 16];
+            for c in sl.chunks_exact(16) {
+                for k in 0..16 {
+                    acc[k] += c[k];
+                }
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
 }
 
 fn n20(c: &mut Criterion) {

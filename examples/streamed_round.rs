@@ -152,7 +152,9 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Samples resident − file-backed memory every millisecond.
+/// Samples resident − file-backed memory every millisecond. A monitor, not
+/// compute: it must run beside the round (which uses the rayon pool), so it
+/// is its own OS thread.
 struct AnonSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,

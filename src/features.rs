@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::lora::tensor::first_non_finite;
 use crate::lora::{Factor, LoraKey, TensorSource};
-use crate::parallel::{map_parts, worker_count};
+use crate::parallel::{map_parts, part_count};
 
 /// Which LoRA tensors enter the feature vector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,17 +394,19 @@ impl FeatureSpec {
     }
 }
 
-/// Below this many values per worker a transform stays on one thread:
-/// spawning would cost more than it saves.
+/// Below this many values per part a transform stays on one thread: a
+/// pool task would cost more than it saves.
 const VALUES_PER_WORKER: usize = 1 << 19;
 
 /// Splits the layout (and the matching output) into contiguous groups of
-/// roughly equal size, one per worker.
+/// roughly equal size, one per rayon task. The split depends on the layout
+/// only, so the L2 norm (summed per part, then in part order) is the same on
+/// any number of threads.
 fn split_for_workers<'a, 'o>(
     layout: &'a [FeatureBlock],
     out: &'o mut [f32],
 ) -> Vec<(&'a [FeatureBlock], &'o mut [f32])> {
-    let workers = worker_count(out.len(), VALUES_PER_WORKER);
+    let workers = part_count(out.len(), VALUES_PER_WORKER);
     let target = out.len().div_ceil(workers);
     let mut parts = Vec::with_capacity(workers);
     let (mut blocks, mut rest) = (layout, out);
@@ -479,9 +481,9 @@ fn fill_blocks(
     Ok((sum_squares, zero_filled))
 }
 
-/// Multiplies every value by `factor`, split over the workers.
+/// Multiplies every value by `factor`, split over rayon tasks.
 fn scale(values: &mut [f32], factor: f32) {
-    let workers = worker_count(values.len(), VALUES_PER_WORKER);
+    let workers = part_count(values.len(), VALUES_PER_WORKER);
     let parts: Vec<&mut [f32]> = values
         .chunks_mut(values.len().div_ceil(workers).max(1))
         .collect();

@@ -2,9 +2,10 @@
 //! defense), each recording per-round metrics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use rayon::prelude::*;
 
 use safe_fedllm::lora::{LoraAdapter, LoraDelta};
 use safe_fedllm::probe::eval::{Confusion, ECE_BINS, expected_calibration_error, roc_auc};
@@ -367,50 +368,21 @@ impl RunCache {
     }
 }
 
-/// Maps `f` over `items` on up to `threads` scoped threads, keeping order.
-/// Items are handed out one at a time (a shared counter), so uneven items
-/// (a federation with a shadow branch costs more) keep every core busy.
+/// Maps `f` over `items` on the current rayon pool, keeping order (`main`
+/// runs everything inside a pool of `--threads` workers); `threads <= 1`
+/// maps in order on this thread. One item per task, so uneven items (a
+/// federation with a shadow branch costs more) are balanced by work stealing.
 /// (The tiny model's tensors are far below burn-flex's own parallel
 /// thresholds, so clients or whole federations are the unit of parallelism.)
 pub fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
-    f: impl Fn(&T) -> R + Sync,
+    f: impl Fn(&T) -> R + Sync + Send,
 ) -> Vec<R> {
     if threads <= 1 || items.len() <= 1 {
         return items.iter().map(f).collect();
     }
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        let worker = || {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let r = f(item);
-                if let Some(slot) = results.get(i) {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                }
-            }
-        };
-        let handles: Vec<_> = (1..threads.min(items.len()))
-            .map(|_| scope.spawn(worker))
-            .collect();
-        worker();
-        for h in handles {
-            if let Err(e) = h.join() {
-                std::panic::resume_unwind(e);
-            }
-        }
-    });
-    results
-        .into_iter()
-        .map(|slot| {
-            slot.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .unwrap_or_else(|| unreachable!("every item is mapped exactly once"))
-        })
-        .collect()
+    items.par_iter().with_max_len(1).map(f).collect()
 }
 
 /// One federation of the comparison.

@@ -80,7 +80,9 @@ struct Args {
     /// Load a LLaMA-architecture GGUF (e.g. SmolLM2-135M-Instruct) instead of the tiny model.
     #[arg(long)]
     gguf: Option<PathBuf>,
-    /// Clients trained in parallel [default: available cores]. Does not change results.
+    /// Worker threads of the run's rayon pool (federations and clients in parallel,
+    /// and the library's own parallel work) [default: RAYON_NUM_THREADS, else the cores].
+    /// Does not change results.
     #[arg(long)]
     threads: Option<usize>,
     /// Start from the miniature configuration of the end-to-end test.
@@ -261,14 +263,24 @@ impl Progress for Bars {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    let args = Args::parse();
+    // Everything parallel (federations, clients, and safe-fedllm's own
+    // aggregation and probe training) runs in this one pool of `--threads`
+    // workers (0 = rayon's default: RAYON_NUM_THREADS, else the cores).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads.unwrap_or(0))
+        .build();
+    let result = match pool {
+        Ok(pool) => pool.install(|| run(args)),
+        Err(e) => Err(format!("thread pool: {e}")),
+    };
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), String> {
-    let args = Args::parse();
+fn run(args: Args) -> Result<(), String> {
     let started = Instant::now();
     let model_started = Instant::now();
     let bars = Bars {
@@ -339,9 +351,7 @@ fn run() -> Result<(), String> {
         corpus: &corpus,
         devices: &devices,
         max_len,
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: rayon::current_num_threads(),
     };
     let eval = EvalSet::new(
         codec.as_ref(),

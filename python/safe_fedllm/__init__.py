@@ -14,6 +14,11 @@ typed (:mod:`safe_fedllm.errors`).
 Arrays are read in place while the GIL is released: do not write to them
 from another thread while a call that reads them is running.
 
+Threads: parallel work (aggregation, admission, features, probe training)
+runs on one shared pool with one thread per core. Cap it with the
+``RAYON_NUM_THREADS`` environment variable or, once at start-up before any
+other call, :func:`set_num_threads`.
+
 Modules: :mod:`safe_fedllm.flower` (a Flower Message-API strategy),
 :mod:`safe_fedllm.client` (step trail and shadow branch for a ClientApp).
 """
@@ -28,6 +33,7 @@ from ._native import (
     __version__,
     canonical_key,
     delta,
+    set_num_threads,
 )
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
@@ -42,5 +48,6 @@ __all__ = [
     "__version__",
     "canonical_key",
     "delta",
+    "set_num_threads",
     *_errors_all,
 ]

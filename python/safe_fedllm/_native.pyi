@@ -14,6 +14,11 @@ import numpy.typing as npt
 
 __version__: str
 
+def set_num_threads(n: int) -> None:
+    """Sizes the shared thread pool to ``n`` threads (once, before any other call;
+    default: ``RAYON_NUM_THREADS``, else one per core). Raises ``InvalidParameterError``
+    for 0 and ``ThreadPoolError`` when the pool already runs."""
+
 Arrays = Mapping[str, npt.NDArray[np.float32]]
 UpdateLike = Union[Arrays, "Adapter"]
 Label = Union[bool, Literal["benign", "malicious"]]

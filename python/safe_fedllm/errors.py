@@ -38,6 +38,7 @@ __all__ = [
     "SafeFedLLMIOError",
     "SizeOverflowError",
     "InternalError",
+    "ThreadPoolError",
 ]
 
 
@@ -158,3 +159,9 @@ class InternalError(SafeFedLLMError, RuntimeError):
     ``what`` is where, ``expected`` the invariant and ``reason`` the values
     that broke it. Please report it.
     """
+
+
+class ThreadPoolError(SafeFedLLMError, RuntimeError):
+    """:func:`safe_fedllm.set_num_threads` came too late: rayon's global pool
+    already runs (it starts at the first parallel call, or an earlier
+    ``set_num_threads``)."""

@@ -1,8 +1,12 @@
 //! The parallel kernels every rule is built from.
 //!
 //! The flat parameter vector is cut into chunks of [`CHUNK`] coordinates
-//! (never straddling two tensors); worker threads (`std::thread::scope`, one
-//! per core) pull chunks from a shared queue. A kernel sees, for its chunk,
+//! (never straddling two tensors); runs of consecutive chunks (groups whose
+//! boundaries depend on the round's size only) are rayon tasks on the
+//! caller's current pool ([`crate::parallel`]), and per-group results are
+//! combined in group order, so no result depends on the thread count. Rounds
+//! below [`MIN_PART_WORK`](crate::parallel::MIN_PART_WORK) values run on the
+//! calling thread. A kernel sees, for its chunk,
 //! one slice per selected client plus the global adapter's slice, so rules are
 //! written once over `&[&[f32]]`. Chunks are small enough that a chunk of 20
 //! clients stays in the L2 cache, so kernels that touch the inputs several
@@ -11,8 +15,8 @@
 //! A client's slice of a chunk is borrowed from its source when the source
 //! holds native `f32` ([`TensorSource::as_f32`](crate::lora::TensorSource::as_f32),
 //! resolved once per round), and otherwise converted into the worker's own
-//! scratch buffer with `read_range`: extra memory is threads × clients × chunk,
-//! whatever the adapter size.
+//! scratch buffer with `read_range`: extra memory is O(threads × clients ×
+//! chunk), whatever the adapter size.
 //!
 //! Accumulations that one large client could overflow in `f32` (dot products,
 //! norms, means) run in `f32` first, for speed, and are recomputed in `f64`
@@ -20,12 +24,11 @@
 //! cost what they did, and a client sending 1e20 or `f32::MAX` is just a very
 //! distant point to every rule.
 
-use std::sync::Mutex;
-
 use crate::aggregate::ClientId;
 use crate::aggregate::round::{Round, Seg};
 use crate::error::{Error, Result};
 use crate::lora::tensor::first_non_finite;
+use crate::parallel;
 
 /// Coordinates per work item.
 pub(crate) const CHUNK: usize = 4096;
@@ -72,61 +75,32 @@ impl<'a> ChunkRef<'a> {
     }
 }
 
-/// Worker threads to use for `items` work items.
-fn thread_count(items: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Spawning costs ~20 µs a thread: not worth it for a handful of chunks.
-    if items < 8 {
-        1
-    } else {
-        cores.min(items).min(64)
-    }
-}
-
-/// Runs `work` over `items` on all cores; each thread folds into its own
-/// state made by `init`. Returns the states (one per thread).
+/// Runs `work` over `items` (engine chunks of at most [`CHUNK`] coordinates)
+/// on the current rayon pool; each group of consecutive items folds into its
+/// own state made by `init`. Returns the states in group order: group
+/// boundaries depend on the number of items only, so reducing the states in
+/// order gives the same result on any number of threads.
 pub(crate) fn drive<I, S, Init, Work>(items: Vec<I>, init: Init, work: Work) -> Vec<S>
 where
     I: Send,
     S: Send,
-    Init: Fn() -> S + Sync,
-    Work: Fn(&mut S, I) + Sync,
+    Init: Fn() -> S + Sync + Send,
+    Work: Fn(&mut S, I) + Sync + Send,
 {
-    let threads = thread_count(items.len());
-    if threads <= 1 {
-        let mut state = init();
-        items.into_iter().for_each(|item| work(&mut state, item));
-        return vec![state];
-    }
-    let queue = Mutex::new(items.into_iter());
-    let next = || match queue.lock() {
-        Ok(mut q) => q.next(),
-        Err(poisoned) => poisoned.into_inner().next(),
-    };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut state = init();
-                    while let Some(item) = next() {
-                        work(&mut state, item);
-                    }
-                    state
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
+    let group = parallel::group_len(items.len(), items.len().saturating_mul(CHUNK));
+    parallel::fold_groups(
+        items,
+        group,
+        || (),
+        init,
+        |_, state, item| work(state, item),
+    )
 }
 
-/// A worker's state for kernels that read chunks: the kernel's own state,
-/// the scratch buffer for converted rows, and the first read error.
+/// A group's state for kernels that read chunks: the kernel's own state and
+/// the first read error.
 struct Worker<S> {
     state: S,
-    scratch: Vec<f32>,
     failed: Option<Error>,
 }
 
@@ -134,13 +108,47 @@ impl<S> Worker<S> {
     fn new(state: S) -> Self {
         Worker {
             state,
-            scratch: Vec::new(),
             failed: None,
         }
     }
 }
 
-/// The kernel states, or the first read error any worker met.
+/// Runs `work` over chunk items of a round whose kernels read `members`
+/// clients: groups sized by the work (`coordinates × clients`), a scratch
+/// buffer for converted rows per rayon task, one [`Worker`] per group.
+fn drive_chunks<I, S, Init, Work>(
+    round: &Round<'_>,
+    members: &[usize],
+    items: Vec<I>,
+    init: Init,
+    work: Work,
+) -> Vec<Worker<S>>
+where
+    I: Send,
+    S: Send,
+    Init: Fn() -> S + Sync + Send,
+    Work: Fn(&mut Vec<f32>, &mut S, I) -> Result<()> + Sync + Send,
+{
+    let values = round.dim.saturating_mul(members.len().max(1));
+    let group = parallel::group_len(items.len(), values);
+    parallel::fold_groups(
+        items,
+        group,
+        Vec::new,
+        || Worker::new(init()),
+        |scratch, w: &mut Worker<S>, item| {
+            if w.failed.is_some() {
+                return;
+            }
+            if let Err(e) = work(scratch, &mut w.state, item) {
+                w.failed = Some(e);
+            }
+        },
+    )
+}
+
+/// The kernel states, or the first read error (in group order, so the same
+/// error on any number of threads).
 fn finish<S>(workers: Vec<Worker<S>>) -> Result<Vec<S>> {
     let mut out = Vec::with_capacity(workers.len());
     for worker in workers {
@@ -240,20 +248,18 @@ pub(crate) fn fold<S, Init, Kernel>(
 ) -> Result<Vec<S>>
 where
     S: Send,
-    Init: Fn() -> S + Sync,
-    Kernel: Fn(&mut S, &ChunkRef<'_>) + Sync,
+    Init: Fn() -> S + Sync + Send,
+    Kernel: Fn(&mut S, &ChunkRef<'_>) + Sync + Send,
 {
-    let workers = drive(
+    let workers = drive_chunks(
+        round,
+        members,
         spans(round),
-        || Worker::new(init()),
-        |w: &mut Worker<S>, span| {
-            if w.failed.is_some() {
-                return;
-            }
-            match chunk_at(round, members, span, &mut w.scratch) {
-                Ok(chunk) => kernel(&mut w.state, &chunk),
-                Err(e) => w.failed = Some(e),
-            }
+        init,
+        |scratch, state, span| {
+            let chunk = chunk_at(round, members, span, scratch)?;
+            kernel(state, &chunk);
+            Ok(())
         },
     );
     finish(workers)
@@ -276,8 +282,8 @@ pub(crate) fn map<S, Init, Kernel>(
 ) -> Result<Mapped>
 where
     S: Send,
-    Init: Fn() -> S + Sync,
-    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync,
+    Init: Fn() -> S + Sync + Send,
+    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync + Send,
 {
     map_in_chunks(round, members, CHUNK, init, kernel)
 }
@@ -292,8 +298,8 @@ fn map_in_chunks<S, Init, Kernel>(
 ) -> Result<Mapped>
 where
     S: Send,
-    Init: Fn() -> S + Sync,
-    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync,
+    Init: Fn() -> S + Sync + Send,
+    Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync + Send,
 {
     let mut outputs: Vec<Vec<f32>> = round.global.iter().map(|g| vec![0.0; g.len()]).collect();
     let mut items = Vec::with_capacity(round.dim / CHUNK + outputs.len());
@@ -305,21 +311,16 @@ where
             start += len;
         }
     }
-    let workers = drive(
+    let workers = drive_chunks(
+        round,
+        members,
         items,
-        || Worker::new((init(), true)),
-        |w: &mut Worker<(S, bool)>, (span, out): (Span, &mut [f32])| {
-            if w.failed.is_some() {
-                return;
-            }
-            let (scratch, finite) = &mut w.state;
-            match chunk_at(round, members, span, &mut w.scratch) {
-                Ok(chunk) => {
-                    kernel(scratch, &chunk, out);
-                    *finite &= all_finite(out);
-                }
-                Err(e) => w.failed = Some(e),
-            }
+        || (init(), true),
+        |scratch, (state, finite): &mut (S, bool), (span, out): (Span, &mut [f32])| {
+            let chunk = chunk_at(round, members, span, scratch)?;
+            kernel(state, &chunk, out);
+            *finite &= all_finite(out);
+            Ok(())
         },
     );
     let states = finish(workers)?;
@@ -349,32 +350,31 @@ pub(crate) fn first_non_finite_per_client(
             }
         }
     }
-    let workers = drive(
+    let workers = drive_chunks(
+        round,
+        members,
         items,
-        || Worker::new(vec![None; members.len()]),
-        |w: &mut Worker<Found>, (k, client, seg, start, len)| {
-            if w.failed.is_some() {
-                return;
-            }
+        || vec![None; members.len()],
+        |scratch, found: &mut Found, (k, client, seg, start, len)| {
             let values: &[f32] = match client.segments.get(seg) {
                 Some(Seg::Slice(values)) => values.get(start..start + len).unwrap_or_default(),
                 Some(Seg::Read(source)) => {
-                    w.scratch.resize(len, 0.0);
+                    scratch.resize(len, 0.0);
                     let key = round.keys.get(seg).copied().unwrap_or_default();
-                    if let Err(e) = source.read_range(key, start, &mut w.scratch) {
-                        w.failed = Some(client_read_error(&client.id, e));
-                        return;
-                    }
-                    &w.scratch
+                    source
+                        .read_range(key, start, scratch)
+                        .map_err(|e| client_read_error(&client.id, e))?;
+                    scratch
                 }
                 None => &[],
             };
             if let Some((i, v)) = first_non_finite(values)
-                && let Some(slot) = w.state.get_mut(k)
+                && let Some(slot) = found.get_mut(k)
                 && slot.is_none_or(|(s, idx, _)| (seg, start + i) < (s, idx))
             {
                 *slot = Some((seg, start + i, v));
             }
+            Ok(())
         },
     );
     let states = finish(workers)?;
@@ -773,6 +773,25 @@ pub(crate) fn row<T>(buf: &[T], len: usize, r: usize) -> &[T] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What each group of `drive` saw, on 1 and 3 threads: the same groups,
+    /// so any in-order reduction of the states is thread-count independent.
+    #[test]
+    fn drive_groups_depend_on_the_item_count_only() {
+        for items in [3usize, 100, 1000, 5000] {
+            let groups = |threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| drive((0..items).collect(), Vec::new, |seen, i| seen.push(i)))
+            };
+            let one = groups(1);
+            assert_eq!(one, groups(3), "{items} items");
+            assert_eq!(one.concat(), (0..items).collect::<Vec<_>>());
+            assert!(one.len() <= crate::parallel::MAX_PARTS);
+        }
+    }
 
     #[test]
     fn pruned_network_still_places_the_needed_rows() {

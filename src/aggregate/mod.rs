@@ -105,6 +105,43 @@
 //! assert_eq!(round.exclusions.len(), 5); // c5 gated, four others not selected by Krum
 //! # Ok::<(), safe_fedllm::Error>(())
 //! ```
+//!
+//! # Threads
+//!
+//! Aggregation (like admission, feature extraction and probe training) runs
+//! on the [rayon] pool current at the call and never spawns threads of its
+//! own: run it inside your pool to cap the threads it uses, or set
+//! `RAYON_NUM_THREADS` to size rayon's global pool (used when no pool is
+//! installed). Rounds below about 10⁵ values stay on the calling thread.
+//! Results are bit-for-bit the same on any number of threads: work is split
+//! by size only and partial results are combined in a fixed order.
+//!
+//! ```
+//! use safe_fedllm::aggregate::{Aggregator, ClientUpdate, FedAvg};
+//! use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+//!
+//! let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+//! let adapter = |v: f32| -> safe_fedllm::Result<LoraAdapter> {
+//!     let mut a = LoraAdapter::new();
+//!     a.insert(key, LoraTensor::new("b", [512, 512], vec![v; 512 * 512])?)?;
+//!     Ok(a)
+//! };
+//! let global = adapter(0.0)?;
+//! let clients = [adapter(1.0)?, adapter(2.0)?, adapter(3.0)?];
+//! let updates: Vec<ClientUpdate> = clients
+//!     .iter()
+//!     .enumerate()
+//!     .map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 10))
+//!     .collect();
+//!
+//! // At most 2 threads for this aggregation, whatever the machine has (a
+//! // server builds its pool once and reuses it for every round).
+//! let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+//! let round = pool.install(|| FedAvg::new().aggregate(&global, &updates))?;
+//! let new_global = round.new_global().ok_or("round skipped")?;
+//! assert_eq!(new_global.get(key).map(|t| t.as_slice()[0]), Some(2.0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -149,7 +186,7 @@ pub use crate::client::ClientId;
 /// safetensors bytes (F32, F16 or BF16), a tensor library's module — and the
 /// aggregator never copies them. Sources that hold native `f32` are read in
 /// place ([`TensorSource::as_f32`]); any other source is converted one chunk
-/// at a time into per-thread scratch buffers, so a round of n BF16 uploads
+/// at a time into per-task scratch buffers, so a round of n BF16 uploads
 /// needs O(threads × n × chunk) extra memory, independent of the adapter size.
 #[derive(Clone)]
 pub struct ClientUpdate<'a> {

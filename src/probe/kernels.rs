@@ -69,28 +69,6 @@ pub(crate) fn logistic_loss(margin: f64) -> f64 {
     }
 }
 
-/// Splits `0..n` into at most `parts` contiguous, nearly equal ranges.
-pub(crate) fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
-    let parts = parts.clamp(1, n.max(1));
-    let base = n / parts;
-    let extra = n % parts;
-    let mut start = 0;
-    (0..parts)
-        .map(|i| {
-            let len = base + usize::from(i < extra);
-            let range = start..start + len;
-            start += len;
-            range
-        })
-        .collect()
-}
-
-/// Worker threads to use when the caller did not say: the machine's
-/// available parallelism (1 if unknown).
-pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,14 +83,6 @@ mod tests {
             .map(|(x, y)| f64::from(*x) * f64::from(*y))
             .sum();
         assert!((dot(&a, &b) - naive).abs() < 1e-3);
-    }
-
-    #[test]
-    fn split_ranges_cover_everything_once() {
-        let ranges = split_ranges(10, 3);
-        assert_eq!(ranges, vec![0..4, 4..7, 7..10]);
-        assert_eq!(split_ranges(2, 8).len(), 2);
-        assert_eq!(split_ranges(0, 4), vec![0..0]);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::ClientId;
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, TensorSource};
-use crate::parallel::{map_parts, worker_count};
+use crate::parallel::map_items;
 
 /// How a client's declared sample count becomes its aggregation count.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -233,18 +233,12 @@ impl Admission {
                 value,
             });
         }
-        // One full read of every update: split the clients over the cores.
-        let workers = worker_count(messages.len(), 1);
-        let per_worker = messages.len().div_ceil(workers.max(1)).max(1);
-        let parts: Vec<_> = messages.chunks(per_worker).collect();
-        let inspected: Vec<Inspection> = map_parts(parts, |part| {
-            part.iter()
-                .map(|(_, update, _)| inspect(global, probe_keys, *update, self.require_probe_keys))
-                .collect::<Vec<_>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect();
+        // One full read of every update: one rayon task per client (on the
+        // calling thread when the round is tiny).
+        let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
+        let inspected: Vec<Inspection> = map_items(messages, per_client, |(_, update, _)| {
+            inspect(global, probe_keys, *update, self.require_probe_keys)
+        });
         let declared: Vec<u64> = messages.iter().map(|(_, _, n)| *n).collect();
         let stats = RoundStats::of(&inspected, &declared);
         let decisions = messages

@@ -24,8 +24,11 @@
 //! L-BFGS (memory 10) with an Armijo backtracking line search, in `f64`
 //! parameters over `f32` data. Each evaluation is **one pass** over the rows:
 //! per row the dot product zᵢ = wᵀxᵢ and the gradient update
-//! g += rᵢ·xᵢ are done while the row is in cache, and rows are split over
-//! threads (`std::thread::scope`), each with its own gradient buffer. It stops
+//! g += rᵢ·xᵢ are done while the row is in cache, and rows are split into
+//! blocks (rayon tasks on the caller's pool, see [`crate::parallel`]), each
+//! with its own gradient buffer. Block boundaries depend on n and d only and
+//! the blocks' partial sums are added in block order, so the fitted model is
+//! bit-for-bit the same on any number of threads. It stops
 //! when max|∇f| ≤ `tolerance` (scikit-learn's `tol`, also applied to max|∇f|
 //! there), when the relative decrease of f falls below 64·ε (as
 //! scikit-learn's), or after `max_iterations`.
@@ -50,8 +53,9 @@ use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::parallel::{MIN_PART_WORK, map_parts, part_count, split_ranges};
 use crate::probe::Label;
-use crate::probe::kernels::{axpy, default_threads, dot, logistic_loss, sigmoid, split_ranges};
+use crate::probe::kernels::{axpy, dot, logistic_loss, sigmoid};
 use crate::probe::train::{
     FitReport, LinearModel, StopReason, Trainer, TrainerInfo, check_both_classes,
     check_training_set, class_counts,
@@ -136,7 +140,7 @@ impl EarlyStopping {
 /// | `max_iterations` | 100 | ≥ 1 |
 /// | `tolerance` (on max\|∇f\|) | 1e-4 | finite, ≥ 0 |
 /// | `memory` (L-BFGS pairs) | 10 | 1 ..= 1000 |
-/// | `threads` (0 = all cores) | 0 | ≤ 1024 |
+/// | `threads` (ignored, see [`LogisticParams::threads`]) | 0 | ≤ 1024 |
 /// | `early_stopping` | [`EarlyStopping::Off`] | fraction in (0, 0.5], patience ≥ 1 |
 ///
 /// ```
@@ -214,7 +218,14 @@ impl LogisticParams {
         self
     }
 
-    /// Worker threads (0 = the machine's available parallelism).
+    /// Kept for compatibility (configurations and saved parameters that set
+    /// it still load and validate); it no longer changes anything.
+    ///
+    /// The trainer runs on the caller's current rayon pool, like all of the
+    /// crate's parallel work: cap its threads with
+    /// `rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(|| ..)`
+    /// or `RAYON_NUM_THREADS` (see the [`aggregate`](crate::aggregate) module
+    /// docs). The fitted model is the same on any number of threads.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self
@@ -306,13 +317,6 @@ impl ValidLogisticParams {
     /// The settings.
     pub fn params(&self) -> &LogisticParams {
         &self.0
-    }
-
-    fn threads(&self) -> usize {
-        match self.0.threads {
-            0 => default_threads(),
-            n => n,
-        }
     }
 }
 
@@ -421,10 +425,14 @@ struct Objective<'a> {
     /// 1/(C·S); 0 for a validation objective (C = ∞).
     l2: f64,
     intercept: Intercept,
-    threads: usize,
 }
 
-/// One thread's share of an evaluation.
+/// Fewest rows per block of an evaluation: a block's gradient buffer (d
+/// values, summed into the total at the end) then costs at most 1/64 of the
+/// block's own pass over its rows.
+const MIN_ROWS_PER_BLOCK: usize = 64;
+
+/// One block's share of an evaluation.
 struct Partial {
     loss: f64,
     grad: Vec<f32>,
@@ -459,7 +467,6 @@ impl<'a> Objective<'a> {
             weights,
             l2: 1.0 / (c * sum),
             intercept: params.0.intercept,
-            threads: params.threads(),
         }
     }
 
@@ -477,25 +484,12 @@ impl<'a> Objective<'a> {
             Intercept::Zero => 0.0,
         };
         let with_grad = grad.is_some();
-        let ranges = split_ranges(self.rows.len(), self.threads);
-        let partials = std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges
-                .into_iter()
-                .map(|range| {
-                    let w32 = &w32;
-                    scope.spawn(move || self.partial(range, w32, bias, with_grad))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join())
-                .collect::<std::result::Result<Vec<_>, _>>()
-        })
-        .map_err(|_| Error::NumericalFailure {
-            solver: SOLVER,
-            iteration: 0,
-            detail: "a worker thread panicked".into(),
-        })?;
+        let n = self.rows.len();
+        let blocks = part_count(n.saturating_mul(self.dim), MIN_PART_WORK)
+            .min(n / MIN_ROWS_PER_BLOCK)
+            .max(1);
+        let ranges = split_ranges(n, blocks);
+        let partials = map_parts(ranges, |range| self.partial(range, &w32, bias, with_grad));
         let penalty: f64 = w.iter().take(self.dim).map(|v| v * v).sum::<f64>() * 0.5 * self.l2;
         let loss = partials.iter().map(|p| p.loss).sum::<f64>() + penalty;
         if let Some(grad) = grad {
@@ -541,15 +535,29 @@ impl<'a> Objective<'a> {
         }
     }
 
+    /// Adds the blocks' gradients coordinate by coordinate, always in block
+    /// order (coordinate ranges are rayon tasks when the sum is large).
     fn reduce_gradient(&self, w: &[f64], partials: &[Partial], grad: &mut [f64]) {
-        for (j, g) in grad.iter_mut().enumerate().take(self.dim) {
-            let data: f64 = partials
-                .iter()
-                .filter_map(|p| p.grad.get(j))
-                .map(|&v| f64::from(v))
-                .sum();
-            *g = data + self.l2 * w.get(j).copied().unwrap_or(0.0);
-        }
+        let coords = grad.len().min(self.dim);
+        let (data_grad, _) = grad.split_at_mut(coords);
+        let parts = part_count(coords.saturating_mul(partials.len()), MIN_PART_WORK);
+        let per_part = coords.div_ceil(parts).max(1);
+        let slices: Vec<(usize, &mut [f64])> = data_grad
+            .chunks_mut(per_part)
+            .enumerate()
+            .map(|(k, chunk)| (k * per_part, chunk))
+            .collect();
+        map_parts(slices, |(start, chunk)| {
+            for (offset, g) in chunk.iter_mut().enumerate() {
+                let j = start + offset;
+                let data: f64 = partials
+                    .iter()
+                    .filter_map(|p| p.grad.get(j))
+                    .map(|&v| f64::from(v))
+                    .sum();
+                *g = data + self.l2 * w.get(j).copied().unwrap_or(0.0);
+            }
+        });
         if let Some(g) = grad.get_mut(self.dim) {
             *g = match self.intercept {
                 Intercept::Fit => partials.iter().map(|p| p.grad_bias).sum(),

@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::{FeatureConfig, FeatureSpec};
 use crate::lora::TensorSource;
+use crate::parallel::{MIN_PART_WORK, map_parts, part_count, split_ranges};
 use crate::probe::calibrate::CalibrationReport;
 use crate::probe::dataset::Manifest;
-use crate::probe::kernels::{default_threads, dot, sigmoid, split_ranges};
+use crate::probe::kernels::{dot, sigmoid};
 use crate::probe::linear::{LinearProbe, ProbeInfo, TrainingSummary, check_threshold};
 use crate::probe::sketch::{Sketch, SketchConfig};
 use crate::probe::{DEFAULT_THRESHOLD, Label};
@@ -180,21 +181,17 @@ pub(crate) fn check_both_classes(labels: &[Label]) -> Result<()> {
     Ok(())
 }
 
-/// Finds the first non-finite value, scanning row blocks on all cores. A
+/// Finds the first non-finite value, scanning row blocks as rayon tasks
+/// (one block on the calling thread for small matrices). A
 /// row's `f32` sum is finite for every finite row except astronomically large
 /// ones, so the precise scan runs only where the sum is not.
 pub(crate) fn check_finite(x: ArrayView2<'_, f32>, what: &'static str) -> Result<()> {
-    let ranges = split_ranges(x.nrows(), default_threads());
-    let first_bad = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranges
-            .into_iter()
-            .map(|rows| scope.spawn(move || first_bad_in_rows(x, rows)))
-            .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().ok().flatten())
-            .min_by_key(|&(row, column, _)| (row, column))
-    });
+    let parts = part_count(x.len(), MIN_PART_WORK);
+    let ranges = split_ranges(x.nrows(), parts);
+    let first_bad = map_parts(ranges, |rows| first_bad_in_rows(x, rows))
+        .into_iter()
+        .flatten()
+        .min_by_key(|&(row, column, _)| (row, column));
     match first_bad {
         Some((row, column, value)) => Err(Error::NonFiniteFeature {
             what,

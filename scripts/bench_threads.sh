@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Before/after figures for the move to rayon (issue 10, item 1), and its thread scaling.
+#
+#   (a) builds the commit before the change (BEFORE, default 880f93f: scoped threads per
+#       call) in a temporary git worktree and saves criterion baselines `before` for the
+#       aggregation, feature-extraction and probe-training benches;
+#   (b) runs the same benches on this tree with `--baseline before`, so criterion prints
+#       the change per bench ("change: [...] Performance has improved/regressed");
+#   (c) runs FedAvg, Krum, the coordinate median and feature extraction on this tree with
+#       RAYON_NUM_THREADS=1 and =2 (baselines `threads1`, `threads2`) for the scaling figure.
+#
+# Both trees build into the same CARGO_TARGET_DIR and criterion writes every baseline to
+# the same CRITERION_HOME, so the baselines are comparable. Time it on a quiet machine
+# (the script takes the same lock as bench_side_by_side.sh).
+#
+#   scripts/bench_threads.sh                 # full run
+#   QUICK=1 scripts/bench_threads.sh         # smoke test: tiny warm-up/measurement, one
+#                                            # bench per step; the numbers mean nothing
+#
+# Environment: BEFORE (commit, default 880f93f), CARGO_TARGET_DIR (default ./target),
+# CRITERION_HOME (default $CARGO_TARGET_DIR/criterion), QUICK.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+BEFORE=${BEFORE:-880f93f}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export CRITERION_HOME=${CRITERION_HOME:-$CARGO_TARGET_DIR/criterion}
+
+if [[ -n "${QUICK:-}" ]]; then
+  TIMES=(--warm-up-time 0.1 --measurement-time 0.2 --noplot)
+  AGG='^n20_d3407872/fedavg$'
+  FEAT='^extract_f32/first_layer_b$'
+  PROBE=''
+  SCALE_AGG='^n20_d3407872/fedavg$'
+else
+  TIMES=(--warm-up-time 1 --measurement-time 5 --noplot)
+  AGG='^n20_d3407872/'
+  FEAT='^extract_'
+  PROBE='^probe_train_2000x40960/logistic-lbfgs$'
+  SCALE_AGG='^n20_d3407872/(read_once|fedavg|krum|median)$'
+fi
+
+# Runs `cargo bench --bench $1 -- $2 <criterion args...>` in the current directory,
+# keeping criterion's result lines (id, time, change) and dropping the rest.
+bench() {
+  local name=$1 filter=$2
+  shift 2
+  [[ -z "$filter" ]] && return 0
+  cargo bench --quiet --bench "$name" -- "$filter" "${TIMES[@]}" "$@" 2>&1 |
+    grep -vE '^(Gnuplot|Benchmarking|Warning|peak_alloc|Found|  [0-9]+ \(|$)' || true
+}
+
+exec 9>/tmp/safe-fedllm-bench.lock
+flock 9
+echo "== load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== CARGO_TARGET_DIR=$CARGO_TARGET_DIR CRITERION_HOME=$CRITERION_HOME"
+
+# (a) the commit before the change, in a temporary worktree (removed on exit).
+WT=$(mktemp -d /tmp/safe-fedllm-before.XXXXXX)
+rmdir "$WT"
+cleanup() { git -C "$ROOT" worktree remove --force "$WT" 2>/dev/null || true; }
+trap cleanup EXIT
+git -C "$ROOT" worktree add --detach "$WT" "$BEFORE" >/dev/null
+echo "== (a) before: $(git -C "$WT" log -1 --format='%h %s')"
+(
+  cd "$WT"
+  # Fixtures (if any bench reads them) live beside the sources; the worktree has them.
+  bench aggregate "$AGG" --save-baseline before
+  bench features "$FEAT" --save-baseline before
+  bench probe "$PROBE" --save-baseline before
+)
+
+# (b) this tree against the `before` baseline.
+echo "== (b) after: $(git log -1 --format='%h %s') (change against 'before')"
+bench aggregate "$AGG" --baseline before
+bench features "$FEAT" --baseline before
+bench probe "$PROBE" --baseline before
+
+# (c) thread scaling of this tree (rayon's global pool, sized by RAYON_NUM_THREADS).
+for threads in 1 2; do
+  echo "== (c) RAYON_NUM_THREADS=$threads"
+  RAYON_NUM_THREADS=$threads bench aggregate "$SCALE_AGG" --save-baseline "threads$threads"
+  RAYON_NUM_THREADS=$threads bench features "$FEAT" --save-baseline "threads$threads"
+done
+echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"
