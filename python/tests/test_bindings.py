@@ -153,6 +153,11 @@ def test_adapter_round_trip_and_delta(tmp_path, global_arrays, rng):
     assert info.value.path.endswith("missing.safetensors")
     with pytest.raises(sf.InvalidParameterError):
         a.save(str(path), dtype="int8")
+    # A directory (or a FIFO, a device) is refused before it is opened.
+    with pytest.raises(sf.SafeFedLLMIOError) as info:
+        sf.Adapter.load(str(tmp_path))
+    assert info.value.kind == "not_a_file" and info.value.what == "directory"
+    assert info.value.path == str(tmp_path)
 
 
 def test_canonical_key_drops_the_adapter_name():
@@ -336,7 +341,8 @@ def test_rule_errors_are_typed(global_arrays, rng):
         sf.Aggregator("krum", f=-1)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Aggregator("trimmed_mean", beta=0.7)
-    assert info.value.param == "beta"
+    assert info.value.param == "beta" and info.value.component == "trimmed_mean"
+    assert info.value.kind == "invalid_parameter"
     with pytest.raises(sf.InvalidParameterError):
         sf.Aggregator("nope")
     with pytest.raises(sf.InvalidParameterError):
@@ -345,8 +351,9 @@ def test_rule_errors_are_typed(global_arrays, rng):
     with pytest.raises(sf.TooFewClientsError) as info:
         sf.Aggregator("krum", f=1).aggregate(global_arrays, few)
     assert info.value.found == 3
-    with pytest.raises(sf.DuplicateClientError):
+    with pytest.raises(sf.DuplicateClientError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [few[0], few[0]])
+    assert info.value.client == "0"
     with pytest.raises(sf.InvalidEvidenceError):
         sf.Aggregator("fedavg").aggregate(global_arrays, [("a", few[0][1], 10, 1.5)])
     shape_bad = dict(few[0][1])
@@ -354,6 +361,13 @@ def test_rule_errors_are_typed(global_arrays, rng):
     with pytest.raises(sf.ShapeMismatchError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("a", shape_bad, 10)])
     assert info.value.client == "a" and info.value.key == QB0
+    assert info.value.kind == "shape_mismatch" and info.value.found == [3, 3]
+    missing = dict(few[0][1])
+    del missing[QB0]
+    with pytest.raises(sf.MissingKeyError) as info:
+        sf.Aggregator("fedavg").aggregate(global_arrays, [("b", missing, 10)])
+    assert info.value.client == "b" and info.value.key == QB0
+    assert info.value.missing_from == "the client's update"
 
 
 def test_factor_gate_and_safety_gate(global_arrays, rng):
