@@ -509,8 +509,12 @@ pub fn stratified_group_k_fold(
         if dense == next {
             counts.push([0, 0]);
         }
-        if let Some(c) = counts.get_mut(dense) {
-            c[usize::from(l.is_malicious())] += 1;
+        if let Some([benign, malicious]) = counts.get_mut(dense) {
+            if l.is_malicious() {
+                *malicious += 1;
+            } else {
+                *benign += 1;
+            }
         }
         group_of.push(dense);
     }
@@ -570,21 +574,22 @@ pub fn stratified_group_k_fold(
 /// fold's share of that class — after adding `add` to fold `target`.
 fn fold_evenness(folds: &[[usize; 2]], target: usize, add: [usize; 2], totals: [usize; 2]) -> f64 {
     let k = folds.len() as f64;
-    let mut sum = 0.0;
-    for class in 0..2 {
-        let total = totals[class].max(1) as f64;
+    // The standard deviation of one class's shares; `class` picks its count.
+    let spread = |class: fn(&[usize; 2]) -> usize| -> f64 {
+        let total = class(&totals).max(1) as f64;
         let shares: Vec<f64> = folds
             .iter()
             .enumerate()
             .map(|(f, c)| {
-                let extra = if f == target { add[class] } else { 0 };
-                (c[class] + extra) as f64 / total
+                let extra = if f == target { class(&add) } else { 0 };
+                (class(c) + extra) as f64 / total
             })
             .collect();
         let mean = shares.iter().sum::<f64>() / k;
-        sum += (shares.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt();
-    }
-    sum / 2.0
+        (shares.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt()
+    };
+    let [benign, malicious]: [fn(&[usize; 2]) -> usize; 2] = [|c| c[0], |c| c[1]];
+    (spread(benign) + spread(malicious)) / 2.0
 }
 
 /// Stratified k-fold cross-validation of a trainer on a feature matrix: one
