@@ -258,12 +258,12 @@ fn check_pairs(scores: &[f32], labels: &[Label]) -> Result<()> {
     if scores.is_empty() {
         return Err(Error::Empty { what: "scores" });
     }
-    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+    if let Some((i, &value)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
         return Err(Error::NonFiniteFeature {
             what: "scores",
             row: i,
             column: 0,
-            value: scores.get(i).copied().unwrap_or(f32::NAN),
+            value,
         });
     }
     Ok(())
@@ -287,16 +287,11 @@ pub fn roc_auc(scores: &[f32], labels: &[Label]) -> Result<f64> {
     });
     let mut rank_sum = 0.0f64;
     let mut start = 0;
-    while start < order.len() {
-        let score_at = |k: usize| order.get(k).and_then(|&i| scores.get(i)).copied();
-        let mut end = start + 1;
-        while end < order.len() && score_at(end) == score_at(start) {
-            end += 1;
-        }
+    // Runs of equal scores (sorted and finite, so equality is transitive).
+    for tied in order.chunk_by(|&a, &b| scores.get(a) == scores.get(b)) {
+        let end = start + tied.len();
         let average_rank = (start + end + 1) as f64 / 2.0; // 1-based ranks start+1 ..= end
-        let positives = order
-            .get(start..end)
-            .unwrap_or_default()
+        let positives = tied
             .iter()
             .filter(|&&i| labels.get(i).is_some_and(|l| l.is_malicious()))
             .count();
