@@ -877,6 +877,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn symmetric_total_refuses_an_accumulator_that_is_not_m_by_m() {
+        let err = symmetric_total([vec![0.0; 4], vec![0.0; 3]], 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invariant {
+                    location: "aggregate::linalg::Square::new",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let total =
+            symmetric_total([vec![1.0, 0.0, 2.0, 3.0], vec![1.0, 0.0, 0.0, 1.0]], 2).unwrap();
+        assert_eq!(total.as_slice(), [2.0, 2.0, 2.0, 4.0]);
+    }
+
+    #[test]
     fn pruned_network_still_places_the_needed_rows() {
         let mut state = 99u64;
         for m in 2..=30 {

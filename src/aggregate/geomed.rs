@@ -270,3 +270,29 @@ impl Aggregator for GeometricMedian {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solve_with_a_gram_matrix_of_another_size_is_an_invariant_error() {
+        let gram = Square::zeros(3);
+        let err = GeometricMedian::new()
+            .solve(&gram, &[1.0, 1.0])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invariant {
+                    location: "aggregate::geomed::solve",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The matching size solves.
+        let c = GeometricMedian::new().solve(&gram, &[1.0; 3]).unwrap();
+        assert_eq!(c.len(), 3);
+    }
+}
