@@ -544,7 +544,11 @@ fn selected_shapes<D: TensorSource>(
     for delta in deltas {
         for key in delta.lora_keys().filter(|k| rule.selects(k)) {
             let name = key.canonical();
-            let found = delta.shape_of(name).unwrap_or_default();
+            let found = delta.shape_of(name).ok_or_else(|| Error::MissingKey {
+                tensor: name.to_owned(),
+                present_in: "the source's key list",
+                missing_from: "the source's shapes",
+            })?;
             match shapes.get(name) {
                 Some(&expected) if expected != found => {
                     return Err(Error::ShapeMismatch {
@@ -639,8 +643,8 @@ fn glob_match(pattern: &str, text: &str) -> bool {
         return rest.is_empty();
     };
     for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = rest.get(at + part.len()..).unwrap_or_default(),
+        match rest.split_once(part) {
+            Some((_, after)) => rest = after,
             None => return false,
         }
     }

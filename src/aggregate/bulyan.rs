@@ -2,8 +2,9 @@
 //! of distributed learning in Byzantium").
 
 use crate::aggregate::coordinate::sorted_reduce;
-use crate::aggregate::engine::{finite, gram, row, sq_distances};
+use crate::aggregate::engine::{gram, row, sq_distances};
 use crate::aggregate::krum::{poisoned, ranking, scores};
+use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
 use crate::error::Result;
@@ -81,10 +82,10 @@ impl Aggregator for Bulyan {
             let all = round.all();
             let n = all.len();
             let g = gram(&round, &all)?;
-            if !finite(&g) {
+            if !g.is_finite() {
                 return poisoned(&round);
             }
-            let dist = sq_distances(&g, n);
+            let dist = sq_distances(&g);
             // n ≥ 4f + 3 was checked above, so neither subtraction wraps.
             let theta = n.saturating_sub(2 * f);
             let beta = theta.saturating_sub(2 * f);
@@ -111,7 +112,7 @@ impl Aggregator for Bulyan {
 /// Recursive Krum: θ picks from n; returns the picks (sorted) and, for
 /// clients never picked, their score in the last step.
 fn select<K: Ord>(
-    dist: &[f64],
+    dist: &Square,
     keys: &[K],
     f: usize,
     theta: usize,
@@ -122,19 +123,15 @@ fn select<K: Ord>(
     let mut last = vec![None; n];
     for _ in 0..theta {
         let r = remaining.len();
-        let sub: Vec<f64> = remaining
-            .iter()
-            .flat_map(|&i| remaining.iter().map(move |&j| (i, j)))
-            .map(|(i, j)| dist.get(i * n + j).copied().unwrap_or(0.0))
-            .collect();
-        let s = scores(&sub, r, r.saturating_sub(f + 2).max(1));
-        for (k, &i) in remaining.iter().enumerate() {
+        let sub = dist.submatrix(&remaining);
+        let s = scores(&sub, r.saturating_sub(f + 2).max(1));
+        for (&i, &score) in remaining.iter().zip(&s) {
             if let Some(slot) = last.get_mut(i) {
-                *slot = s.get(k).copied();
+                *slot = Some(score);
             }
         }
         let sub_keys: Vec<&K> = remaining.iter().filter_map(|&i| keys.get(i)).collect();
-        let Some(&best) = ranking(&s, &sub_keys).first() else {
+        let Some(&(best, _)) = ranking(&s, &sub_keys).first() else {
             break;
         };
         picked.push(remaining.remove(best));

@@ -6,7 +6,7 @@ use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
 use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 
 /// The norm bound M of [`NormClipping`].
@@ -107,7 +107,13 @@ impl Aggregator for NormClipping {
             let norms: Vec<f64> = squares.iter().map(|s| s.sqrt()).collect();
             let bound = match self.bound {
                 ClipBound::Fixed(m) => m,
-                ClipBound::MedianNorm => median(&norms).unwrap_or(0.0),
+                ClipBound::MedianNorm => median(&norms).ok_or_else(|| {
+                    Error::invariant(
+                        "aggregate::clipping",
+                        "a round that reaches the clipping bound has at least one client",
+                        "no norm",
+                    )
+                })?,
             };
             let scales: Vec<f64> = norms.iter().map(|&n| clip_scale(n, bound)).collect();
             round.weighted_mean(&members, self.weighting, &scales)

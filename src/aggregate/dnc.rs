@@ -2,13 +2,13 @@
 //! Byzantine: optimizing model poisoning attacks and defenses for federated
 //! learning").
 
-use crate::aggregate::engine::client_read_error;
-use crate::aggregate::linalg::symmetric_eigen;
+use crate::aggregate::engine::{client_read_error, segment_key};
+use crate::aggregate::linalg::{Square, symmetric_eigen};
 use crate::aggregate::round::{Round, Seg, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::rng::Rng;
 
@@ -165,44 +165,54 @@ fn sample_indices(rng: &mut Rng, d: usize, b: usize) -> Vec<usize> {
 /// The clients' updates at the sampled coordinates, as m rows of b (in f64:
 /// the sub-matrix products below cannot overflow).
 fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Vec<Vec<f64>>> {
-    let locate = |flat: usize| -> (usize, usize) {
-        let seg = round
-            .offsets
-            .partition_point(|&o| o <= flat)
-            .saturating_sub(1);
-        (seg, flat - round.offsets.get(seg).copied().unwrap_or(0))
+    // Sampled indices are < d, the offsets start at 0 and every segment of
+    // every usable client has the global tensor's length: a place outside is
+    // a bug, reported with the index.
+    let outside = |flat: usize| {
+        Error::invariant(
+            "aggregate::dnc::gather",
+            "a sampled index lies inside the flat vector, in the global and in every client",
+            format!("index {flat} of d = {}", round.dim),
+        )
     };
-    let places: Vec<(usize, usize)> = indices.iter().map(|&i| locate(i)).collect();
-    let global = |(seg, k): (usize, usize)| -> f64 {
-        f64::from(
-            round
+    // (segment, index in it, global value) of each sampled flat index.
+    let places = indices
+        .iter()
+        .map(|&flat| {
+            let seg = round
+                .offsets
+                .partition_point(|&o| o <= flat)
+                .saturating_sub(1);
+            let start = round.offsets.get(seg).ok_or_else(|| outside(flat))?;
+            let k = flat - start;
+            let g = round
                 .global
                 .get(seg)
                 .and_then(|s| s.get(k))
-                .copied()
-                .unwrap_or(0.0),
-        )
-    };
+                .ok_or_else(|| outside(flat))?;
+            Ok((seg, k, f64::from(*g), flat))
+        })
+        .collect::<Result<Vec<_>>>()?;
     round
         .clients
         .iter()
         .map(|c| {
             places
                 .iter()
-                .map(|&(seg, k)| {
+                .map(|&(seg, k, g, flat)| {
                     let x = match c.segments.get(seg) {
-                        Some(Seg::Slice(values)) => values.get(k).copied().unwrap_or(0.0),
+                        Some(Seg::Slice(values)) => *values.get(k).ok_or_else(|| outside(flat))?,
                         Some(Seg::Read(source)) => {
                             let mut one = [0.0f32];
-                            let key = round.keys.get(seg).copied().unwrap_or_default();
                             source
-                                .read_range(key, k, &mut one)
+                                .read_range(segment_key(round, seg)?, k, &mut one)
                                 .map_err(|e| client_read_error(&c.id, e))?;
-                            one[0]
+                            let [x] = one;
+                            x
                         }
-                        None => 0.0,
+                        None => return Err(outside(flat)),
                     };
-                    Ok(f64::from(x) - global((seg, k)))
+                    Ok(f64::from(x) - g)
                 })
                 .collect()
         })
@@ -223,19 +233,22 @@ fn outlier_scores(rows: &[Vec<f64>]) -> Vec<f64> {
         .iter()
         .map(|r| r.iter().zip(&mean).map(|(x, mu)| x - mu).collect())
         .collect();
-    let mut k = vec![0.0; m * m];
-    for i in 0..m {
-        for j in 0..=i {
-            let v: f64 = centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum();
-            k[i * m + j] = v;
-            k[j * m + i] = v;
+    let mut k = Square::zeros(m);
+    for (i, a) in centred.iter().enumerate() {
+        for (j, b) in centred.iter().enumerate().take(i + 1) {
+            let v: f64 = a.iter().zip(b).map(|(a, b)| a * b).sum();
+            k.set(i, j, v);
+            k.set(j, i, v);
         }
     }
-    let (values, vectors) = symmetric_eigen(&k, m);
-    let lambda = values.first().copied().unwrap_or(0.0).max(0.0);
-    (0..m)
-        .map(|i| lambda * vectors.get(i * m).copied().unwrap_or(0.0).powi(2))
-        .collect()
+    let (values, vectors) = symmetric_eigen(&k);
+    // No eigenvalue only for m = 0 rows: then there is no client to score.
+    let Some(&top) = values.first() else {
+        return Vec::new();
+    };
+    let lambda = top.max(0.0);
+    // The top eigenvector is column 0 of `vectors` (m ≥ 1 here).
+    (0..m).map(|i| lambda * vectors.get(i, 0).powi(2)).collect()
 }
 
 impl Aggregator for DnC {
@@ -264,11 +277,20 @@ impl Aggregator for DnC {
         for _ in 0..self.iterations {
             let indices = sample_indices(&mut rng, round.dim, self.subsample_dim);
             let scores = outlier_scores(&gather(&round, &indices)?);
-            let mut order: Vec<usize> = (0..m).collect();
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            for &i in order.iter().take(removed) {
-                let s = scores[i];
-                flagged[i] = Some(flagged[i].map_or(s, |old: f64| old.max(s)));
+            if scores.len() != m {
+                return Err(Error::invariant(
+                    "aggregate::dnc",
+                    "one outlier score per usable client",
+                    format!("{} scores for {m} clients", scores.len()),
+                ));
+            }
+            let mut order: Vec<(usize, f64)> = scores.into_iter().enumerate().collect();
+            order.sort_by(|&(a, sa), &(b, sb)| sb.total_cmp(&sa).then(a.cmp(&b)));
+            for &(i, s) in order.iter().take(removed) {
+                // i < m = flagged.len() (checked just above).
+                if let Some(flag) = flagged.get_mut(i) {
+                    *flag = Some(flag.map_or(s, |old: f64| old.max(s)));
+                }
             }
         }
         let mut members = Vec::new();

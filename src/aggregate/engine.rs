@@ -25,6 +25,7 @@
 //! distant point to every rule.
 
 use crate::aggregate::ClientId;
+use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, Seg};
 use crate::error::{Error, Result};
 use crate::lora::tensor::first_non_finite;
@@ -52,6 +53,9 @@ pub(crate) struct Span {
 }
 
 /// What a kernel sees for one chunk.
+///
+/// Invariant: every row has `global.len()` values ([`chunk_at`] checks it
+/// when it builds the chunk, so kernels may zip rows with `global`).
 pub(crate) struct ChunkRef<'a> {
     /// One slice per selected client, each `len` long.
     pub rows: Vec<&'a [f32]>,
@@ -65,13 +69,18 @@ impl<'a> ChunkRef<'a> {
         self.global.len()
     }
 
-    /// The sub-chunk of coordinates `range` (clamped to the chunk).
-    pub fn slice(&self, range: std::ops::Range<usize>) -> ChunkRef<'a> {
-        let cut = |s: &'a [f32]| -> &'a [f32] { s.get(range.clone()).unwrap_or_default() };
-        ChunkRef {
-            rows: self.rows.iter().map(|r| cut(r)).collect(),
-            global: cut(self.global),
-        }
+    /// The sub-chunk of coordinates `range`; `None` when `range` is not
+    /// inside the chunk (or, against the invariant, inside a shorter row).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Option<ChunkRef<'a>> {
+        let rows = self
+            .rows
+            .iter()
+            .map(|r| r.get(range.clone()))
+            .collect::<Option<_>>()?;
+        Some(ChunkRef {
+            rows,
+            global: self.global.get(range)?,
+        })
     }
 }
 
@@ -165,15 +174,6 @@ pub(crate) fn client_read_error(client: &ClientId, source: Error) -> Error {
     Error::for_client(client.clone(), source)
 }
 
-/// An internal bookkeeping inconsistency (a bug, reported rather than hidden).
-fn internal(what: &str, expected: usize, found: usize) -> Error {
-    Error::invariant(
-        "aggregate::engine::chunk_at",
-        "the scratch buffer is sized to hold every converted row of the chunk",
-        format!("{what}: needed {expected}, had {found}"),
-    )
-}
-
 /// The chunks of a round's flat vector.
 pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
     let mut out = Vec::with_capacity(round.dim / CHUNK + round.global.len());
@@ -202,23 +202,47 @@ pub(crate) fn chunk_at<'s>(
         .filter_map(|&i| round.clients.get(i))
         .filter(|c| matches!(c.segments.get(span.seg), Some(Seg::Read(_))))
         .count();
-    let need = reads
-        .checked_mul(span.len)
-        .ok_or_else(|| internal("scratch size", usize::MAX, reads))?;
+    let need = reads.checked_mul(span.len).ok_or_else(|| {
+        Error::invariant(
+            "aggregate::engine::chunk_at",
+            "the scratch rows of one chunk fit in memory (clients × chunk length)",
+            format!("{reads} rows of {}", span.len),
+        )
+    })?;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
-    let key = round.keys.get(span.seg).copied().unwrap_or_default();
+    let global = round
+        .global
+        .get(span.seg)
+        .and_then(|s| s.get(range.clone()))
+        .ok_or_else(|| span_outside(round, span))?;
+    let key = segment_key(round, span.seg)?;
     let mut free: &'s mut [f32] = scratch.as_mut_slice();
     let mut rows: Vec<&'s [f32]> = Vec::with_capacity(members.len());
-    for client in members.iter().filter_map(|&i| round.clients.get(i)) {
+    for &i in members {
+        let client = round.clients.get(i).ok_or_else(|| {
+            Error::invariant(
+                "aggregate::engine::chunk_at",
+                "members are positions of usable clients of the round",
+                format!("member {i} of {} clients", round.clients.len()),
+            )
+        })?;
         match client.segments.get(span.seg) {
-            Some(Seg::Slice(values)) => rows.push(values.get(range.clone()).unwrap_or_default()),
+            Some(Seg::Slice(values)) => rows.push(
+                values
+                    .get(range.clone())
+                    .ok_or_else(|| span_outside(round, span))?,
+            ),
             Some(Seg::Read(source)) => {
                 let available = free.len();
                 let Some((head, tail)) = std::mem::take(&mut free).split_at_mut_checked(span.len)
                 else {
-                    return Err(internal("scratch rows", span.len, available));
+                    return Err(Error::invariant(
+                        "aggregate::engine::chunk_at",
+                        "the scratch holds one row of the chunk per converted client",
+                        format!("{available} values left for a row of {}", span.len),
+                    ));
                 };
                 source
                     .read_range(key, span.start, head)
@@ -227,15 +251,49 @@ pub(crate) fn chunk_at<'s>(
                 rows.push(head);
                 free = tail;
             }
-            None => rows.push(&[]),
+            None => {
+                return Err(Error::invariant(
+                    "aggregate::engine::chunk_at",
+                    "every usable client has one tensor per segment of the round",
+                    format!(
+                        "client `{}` has {} segments, segment {} asked",
+                        client.id,
+                        client.segments.len(),
+                        span.seg
+                    ),
+                ));
+            }
         }
     }
-    let global = round
-        .global
-        .get(span.seg)
-        .and_then(|s| s.get(range))
-        .unwrap_or_default();
     Ok(ChunkRef { rows, global })
+}
+
+/// The canonical key of segment `seg` ([`Error::Invariant`] when the round
+/// has no such segment: keys and segments are built together).
+pub(crate) fn segment_key<'r>(round: &Round<'r>, seg: usize) -> Result<&'r str> {
+    round.keys.get(seg).copied().ok_or_else(|| {
+        Error::invariant(
+            "aggregate::engine",
+            "the round has one key per segment",
+            format!("segment {seg} of {} keys", round.keys.len()),
+        )
+    })
+}
+
+/// A chunk that does not lie inside its segment: spans are cut from the
+/// global tensors and every client slice was checked to have their length.
+fn span_outside(round: &Round<'_>, span: Span) -> Error {
+    Error::invariant(
+        "aggregate::engine::chunk_at",
+        "a span lies inside its segment, in the global and in every client slice",
+        format!(
+            "span {}..+{} of segment {} ({} values in the global)",
+            span.start,
+            span.len,
+            span.seg,
+            round.global.get(span.seg).map_or(0, |g| g.len())
+        ),
+    )
 }
 
 /// Folds a kernel over every chunk of the selected clients; one state per
@@ -356,17 +414,19 @@ pub(crate) fn first_non_finite_per_client(
         items,
         || vec![None; members.len()],
         |scratch, found: &mut Found, (k, client, seg, start, len)| {
+            let span = Span { seg, start, len };
             let values: &[f32] = match client.segments.get(seg) {
-                Some(Seg::Slice(values)) => values.get(start..start + len).unwrap_or_default(),
+                Some(Seg::Slice(values)) => values
+                    .get(start..start + len)
+                    .ok_or_else(|| span_outside(round, span))?,
                 Some(Seg::Read(source)) => {
                     scratch.resize(len, 0.0);
-                    let key = round.keys.get(seg).copied().unwrap_or_default();
                     source
-                        .read_range(key, start, scratch)
+                        .read_range(segment_key(round, seg)?, start, scratch)
                         .map_err(|e| client_read_error(&client.id, e))?;
                     scratch
                 }
-                None => &[],
+                None => return Err(span_outside(round, span)),
             };
             if let Some((i, v)) = first_non_finite(values)
                 && let Some(slot) = found.get_mut(k)
@@ -378,18 +438,16 @@ pub(crate) fn first_non_finite_per_client(
         },
     );
     let states = finish(workers)?;
-    Ok((0..members.len())
+    (0..members.len())
         .map(|k| {
             states
                 .iter()
                 .filter_map(|s| s.get(k).copied().flatten())
                 .min_by_key(|&(seg, idx, _)| (seg, idx))
-                .map(|(seg, idx, v)| {
-                    let key = round.keys.get(seg).copied().unwrap_or_default();
-                    (key.to_owned(), idx, v)
-                })
+                .map(|(seg, idx, v)| Ok((segment_key(round, seg)?.to_owned(), idx, v)))
+                .transpose()
         })
-        .collect())
+        .collect()
 }
 
 /// Copies the chunk's updates Δᵢ = xᵢ − g into `buf` (m rows of `len`).
@@ -415,21 +473,24 @@ struct GramState {
     buf: Vec<f32>,
     /// The block's f32 dot products (lower triangle).
     block: Vec<f32>,
+    /// A broken invariant met by this worker.
+    failed: Option<Error>,
 }
 
 /// The m × m Gram matrix of the selected clients' updates, G[i][j] = ⟨Δᵢ, Δⱼ⟩,
 /// row-major, accumulated block by block (f32 within a 512-column block, f64
 /// across blocks; a block whose f32 products are not finite is recomputed
 /// entirely in f64, Δ included, so finite inputs always give a finite G).
-pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
+pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Square> {
     let m = members.len();
-    let states = fold(
+    let mut states = fold(
         round,
         members,
         || GramState {
             acc: vec![0.0f64; m * m],
             buf: Vec::new(),
             block: vec![0.0f32; m * m],
+            failed: None,
         },
         |st, chunk| {
             // Sub-blocks small enough that the m rows of Δ stay in L1 while
@@ -437,7 +498,16 @@ pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
             let mut start = 0;
             while start < chunk.len() {
                 let end = (start + GRAM_BLOCK).min(chunk.len());
-                let block = chunk.slice(start..end);
+                let Some(block) = chunk.slice(start..end) else {
+                    st.failed.get_or_insert_with(|| {
+                        Error::invariant(
+                            "aggregate::engine::gram",
+                            "every row of a chunk has the chunk's length",
+                            format!("block {start}..{end} of a chunk of {}", chunk.len()),
+                        )
+                    });
+                    return;
+                };
                 deltas_into(&block, &mut st.buf);
                 gram_chunk(&st.buf, m, end - start, &mut st.block);
                 if all_finite(&st.block) {
@@ -449,7 +519,10 @@ pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
             }
         },
     )?;
-    Ok(symmetric_total(states.iter().map(|s| s.acc.as_slice()), m))
+    if let Some(error) = states.iter_mut().find_map(|s| s.failed.take()) {
+        return Err(error);
+    }
+    symmetric_total(states.into_iter().map(|s| s.acc), m)
 }
 
 /// `acc += block` over the lower triangle a Gram block wrote (the upper
@@ -467,38 +540,51 @@ pub(crate) fn gram_rows_f64(rows: &[&[f32]], global: Option<&[f32]>, acc: &mut [
     let len = rows.first().map_or(0, |r| r.len());
     let mut deltas = vec![0.0f64; m * len];
     for (row, out) in rows.iter().zip(deltas.chunks_exact_mut(len.max(1))) {
-        for (k, (o, x)) in out.iter_mut().zip(row.iter()).enumerate() {
-            let g = global.and_then(|g| g.get(k)).copied().unwrap_or(0.0);
-            *o = f64::from(*x) - f64::from(g);
+        match global {
+            // Rows and global have the chunk's length (the `ChunkRef` invariant).
+            Some(global) => {
+                for ((o, x), g) in out.iter_mut().zip(row.iter()).zip(global) {
+                    *o = f64::from(*x) - f64::from(*g);
+                }
+            }
+            None => {
+                for (o, x) in out.iter_mut().zip(row.iter()) {
+                    *o = f64::from(*x);
+                }
+            }
         }
     }
-    let row = |i: usize| deltas.get(i * len..(i + 1) * len).unwrap_or_default();
-    for i in 0..m {
-        for j in 0..=i {
-            let dot: f64 = row(i).iter().zip(row(j)).map(|(a, b)| a * b).sum();
-            if let Some(slot) = acc.get_mut(i * m + j) {
-                *slot += dot;
-            }
+    // `acc` is m × m: row i of it takes the dot products with rows 0..=i.
+    let deltas: Vec<&[f64]> = deltas.chunks_exact(len.max(1)).collect();
+    for (i, (a, acc_row)) in deltas
+        .iter()
+        .zip(acc.chunks_exact_mut(m.max(1)))
+        .enumerate()
+    {
+        for (b, slot) in deltas.iter().take(i + 1).zip(acc_row.iter_mut()) {
+            *slot += a.iter().zip(b.iter()).map(|(x, y)| x * y).sum::<f64>();
         }
     }
 }
 
 /// Sums per-thread lower-triangle accumulators and mirrors them into a full
-/// symmetric m × m matrix.
-pub(crate) fn symmetric_total<'a>(parts: impl Iterator<Item = &'a [f64]>, m: usize) -> Vec<f64> {
-    let mut total = vec![0.0f64; m * m];
+/// symmetric m × m matrix ([`Error::Invariant`] for an accumulator that is
+/// not m × m: each was created with m·m values).
+pub(crate) fn symmetric_total(
+    parts: impl IntoIterator<Item = Vec<f64>>,
+    m: usize,
+) -> Result<Square> {
+    let mut total = Square::zeros(m);
     for acc in parts {
-        total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
+        let acc = Square::new(m, acc)?;
+        total
+            .as_mut_slice()
+            .iter_mut()
+            .zip(acc.as_slice())
+            .for_each(|(t, a)| *t += a);
     }
-    for i in 0..m {
-        for j in 0..i {
-            let lower = total.get(i * m + j).copied().unwrap_or(0.0);
-            if let Some(slot) = total.get_mut(j * m + i) {
-                *slot = lower;
-            }
-        }
-    }
-    total
+    total.mirror_lower();
+    Ok(total)
 }
 
 pub(crate) use super::simd::gram_chunk;
@@ -514,18 +600,19 @@ pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>>
         |acc, chunk| {
             for (slot, row) in acc.iter_mut().zip(&chunk.rows) {
                 let mut part = [0.0f32; 16];
-                let mut pieces = row.chunks_exact(16).zip(chunk.global.chunks_exact(16));
-                for (x, g) in &mut pieces {
-                    for k in 0..16 {
-                        let d = x[k] - g[k];
-                        part[k] += d * d;
+                // Row and global have the chunk's length (the `ChunkRef`
+                // invariant): 16-wide arrays, then the same tail of both.
+                let (row_blocks, row_tail) = row.as_chunks::<16>();
+                let (g_blocks, g_tail) = chunk.global.as_chunks::<16>();
+                for (x, g) in row_blocks.iter().zip(g_blocks) {
+                    for ((p, x), g) in part.iter_mut().zip(x).zip(g) {
+                        let d = x - g;
+                        *p += d * d;
                     }
                 }
-                let done = row.len() - row.len() % 16;
-                let tail: f32 = row
+                let tail: f32 = row_tail
                     .iter()
-                    .zip(chunk.global)
-                    .skip(done)
+                    .zip(g_tail)
                     .map(|(x, g)| (x - g) * (x - g))
                     .sum();
                 let sum = part.iter().sum::<f32>() + tail;
@@ -554,20 +641,14 @@ pub(crate) fn finite(values: &[f64]) -> bool {
 
 /// Squared Euclidean distances from a Gram matrix: ‖Δᵢ − Δⱼ‖² = Gᵢᵢ + Gⱼⱼ − 2Gᵢⱼ
 /// (clamped at 0 against rounding).
-pub(crate) fn sq_distances(gram: &[f64], m: usize) -> Vec<f64> {
-    let diag = |i: usize| gram.get(i * m + i).copied().unwrap_or(0.0);
-    let mut out = vec![0.0; m * m];
-    for i in 0..m {
-        for j in 0..m {
-            if i != j {
-                let g = gram.get(i * m + j).copied().unwrap_or(0.0);
-                if let Some(slot) = out.get_mut(i * m + j) {
-                    *slot = (diag(i) + diag(j) - 2.0 * g).max(0.0);
-                }
-            }
+pub(crate) fn sq_distances(gram: &Square) -> Square {
+    Square::from_fn(gram.m(), |i, j| {
+        if i == j {
+            0.0
+        } else {
+            (gram.get(i, i) + gram.get(j, j) - 2.0 * gram.get(i, j)).max(0.0)
         }
-    }
-    out
+    })
 }
 
 /// An f64 result stored as f32: finite values saturate at ±`f32::MAX` (a mean
@@ -719,12 +800,12 @@ pub(crate) fn pruned_network(
     network: &[(usize, usize)],
     needed_rows: impl Fn(usize) -> bool,
 ) -> Vec<(usize, usize)> {
+    // Rows 0..=max b cover every comparator (a < b); an empty network has no row.
     let size = network.iter().map(|&(_, b)| b + 1).max().unwrap_or(0);
     let mut needed: Vec<bool> = (0..size).map(needed_rows).collect();
     let mut kept = Vec::with_capacity(network.len());
     for &(a, b) in network.iter().rev() {
-        let hit =
-            needed.get(a).copied().unwrap_or(false) || needed.get(b).copied().unwrap_or(false);
+        let hit = needed.get(a) == Some(&true) || needed.get(b) == Some(&true);
         if hit {
             kept.push((a, b));
             for r in [a, b] {
@@ -766,8 +847,14 @@ pub(crate) fn all_finite(values: &[f32]) -> bool {
 }
 
 /// Row `r` (of `len`) of a column-sorted buffer.
+///
+/// The buffer is built by [`sort_columns`] (or its f64 twin) from a chunk:
+/// m rows of `len` (the `ChunkRef` invariant), and the reducers ask for
+/// rows r < m only. A row outside is a bug and panics here, loudly, rather
+/// than reading as an empty row (which would silently drop values).
+#[allow(clippy::indexing_slicing)] // buf holds m rows of len and r < m: (r + 1)·len ≤ buf.len()
 pub(crate) fn row<T>(buf: &[T], len: usize, r: usize) -> &[T] {
-    buf.get(r * len..(r + 1) * len).unwrap_or_default()
+    &buf[r * len..(r + 1) * len]
 }
 
 #[cfg(test)]
@@ -791,6 +878,24 @@ mod tests {
             assert_eq!(one.concat(), (0..items).collect::<Vec<_>>());
             assert!(one.len() <= crate::parallel::MAX_PARTS);
         }
+    }
+
+    #[test]
+    fn symmetric_total_refuses_an_accumulator_that_is_not_m_by_m() {
+        let err = symmetric_total([vec![0.0; 4], vec![0.0; 3]], 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invariant {
+                    location: "aggregate::linalg::Square::new",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let total =
+            symmetric_total([vec![1.0, 0.0, 2.0, 3.0], vec![1.0, 0.0, 0.0, 1.0]], 2).unwrap();
+        assert_eq!(total.as_slice(), [2.0, 2.0, 2.0, 4.0]);
     }
 
     #[test]

@@ -4,12 +4,12 @@
 use crate::aggregate::clipping::clip_scale;
 use crate::aggregate::engine::{self, gram};
 use crate::aggregate::krum::poisoned;
-use crate::aggregate::linalg::median;
+use crate::aggregate::linalg::{Square, median};
 use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, Outcome, SkipReason, Weighting,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::rng::{gaussian_at, mix64};
 
@@ -120,12 +120,13 @@ impl Flame {
 
 /// Single-linkage majority cluster over a distance matrix: returns
 /// (admitted flags, each client's link distance to the majority component).
-pub(crate) fn majority_cluster(dist: &[f64], m: usize) -> (Vec<bool>, Vec<f64>) {
+pub(crate) fn majority_cluster(dist: &Square) -> Result<(Vec<bool>, Vec<f64>)> {
+    let m = dist.m();
     let need = m / 2 + 1;
     let mut edges: Vec<(f64, usize, usize)> = Vec::with_capacity(m * m / 2);
-    for i in 0..m {
-        for j in i + 1..m {
-            edges.push((dist.get(i * m + j).copied().unwrap_or(0.0), i, j));
+    for (i, row) in dist.rows().enumerate() {
+        for (j, d) in row.iter().enumerate().skip(i + 1) {
+            edges.push((*d, i, j));
         }
     }
     edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
@@ -157,12 +158,15 @@ pub(crate) fn majority_cluster(dist: &[f64], m: usize) -> (Vec<bool>, Vec<f64>) 
         if ri == rj {
             continue;
         }
-        let (big, small) = if size.get(ri) >= size.get(rj) {
-            (ri, rj)
-        } else {
-            (rj, ri)
+        let (Some(&size_i), Some(&size_j)) = (size.get(ri), size.get(rj)) else {
+            return Err(Error::invariant(
+                "aggregate::flame::majority_cluster",
+                "union-find roots are client positions < m",
+                format!("roots {ri}, {rj} for m = {m}"),
+            ));
         };
-        let merged = size.get(big).copied().unwrap_or(0) + size.get(small).copied().unwrap_or(0);
+        let (big, small) = if size_i >= size_j { (ri, rj) } else { (rj, ri) };
+        let merged = size_i + size_j;
         if let Some(p) = parent.get_mut(small) {
             *p = big;
         }
@@ -172,26 +176,26 @@ pub(crate) fn majority_cluster(dist: &[f64], m: usize) -> (Vec<bool>, Vec<f64>) 
         match majority {
             None if merged >= need => {
                 majority = Some(big);
-                for k in 0..m {
+                for (k, (a, l)) in admitted.iter_mut().zip(link.iter_mut()).enumerate() {
                     if find(&mut parent, k) == big {
-                        admitted[k] = true;
-                        link[k] = d;
+                        *a = true;
+                        *l = d;
                     }
                 }
             }
             Some(_) => {
                 // Record when the others would join the majority component.
                 let root = majority.map(|r| find(&mut parent, r));
-                for k in 0..m {
-                    if !admitted[k] && link[k] == 0.0 && Some(find(&mut parent, k)) == root {
-                        link[k] = d;
+                for (k, (a, l)) in admitted.iter().zip(link.iter_mut()).enumerate() {
+                    if !a && *l == 0.0 && Some(find(&mut parent, k)) == root {
+                        *l = d;
                     }
                 }
             }
             None => {}
         }
     }
-    (admitted, link)
+    Ok((admitted, link))
 }
 
 impl Aggregator for Flame {
@@ -211,39 +215,36 @@ impl Aggregator for Flame {
             let all = round.all();
             let m = all.len();
             let g = gram(&round, &all)?;
-            if !engine::finite(&g) {
+            if !g.is_finite() {
                 return poisoned(&round);
             }
-            let norms: Vec<f64> = (0..m)
-                .map(|i| g.get(i * m + i).copied().unwrap_or(0.0).max(0.0).sqrt())
-                .collect();
-            let mut cosine_distance = vec![0.0; m * m];
-            for i in 0..m {
-                for j in 0..m {
-                    let denom = norms[i] * norms[j];
-                    let cos = if denom > 0.0 {
-                        g.get(i * m + j).copied().unwrap_or(0.0) / denom
-                    } else {
-                        0.0
-                    };
-                    cosine_distance[i * m + j] = if i == j { 0.0 } else { 1.0 - cos };
+            let norms: Vec<f64> = g.diagonal().map(|d| d.max(0.0).sqrt()).collect();
+            let mut cosine_distance = Square::zeros(m);
+            let pairs = g.rows().zip(cosine_distance.rows_mut()).zip(&norms);
+            for (i, ((row, out), ni)) in pairs.enumerate() {
+                for (j, ((gij, o), nj)) in row.iter().zip(out.iter_mut()).zip(&norms).enumerate() {
+                    let denom = ni * nj;
+                    let cos = if denom > 0.0 { gij / denom } else { 0.0 };
+                    *o = if i == j { 0.0 } else { 1.0 - cos };
                 }
             }
-            let (admitted, link) = majority_cluster(&cosine_distance, m);
-            let bound = median(&norms).unwrap_or(0.0);
+            let (admitted, link) = majority_cluster(&cosine_distance)?;
+            let Some(bound) = median(&norms) else {
+                return Err(Error::invariant(
+                    "aggregate::flame",
+                    "a round that reaches the clipping bound has at least one client",
+                    format!("{m} norms"),
+                ));
+            };
             let mut members = Vec::new();
             let mut scales = Vec::new();
-            for i in 0..m {
-                if admitted[i] {
+            let clients = admitted.iter().zip(&norms).zip(&link).enumerate();
+            for (i, ((&admitted, &norm), &link_distance)) in clients {
+                if admitted {
                     members.push(i);
-                    scales.push(clip_scale(norms[i], bound));
+                    scales.push(clip_scale(norm, bound));
                 } else {
-                    round.exclude(
-                        i,
-                        ExclusionReason::OutsideMajorityCluster {
-                            link_distance: link[i],
-                        },
-                    );
+                    round.exclude(i, ExclusionReason::OutsideMajorityCluster { link_distance });
                 }
             }
             let Some(mut result) = round.weighted_mean(&members, self.weighting, &scales)? else {

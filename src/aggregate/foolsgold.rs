@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::engine::{
     self, add_lower, all_finite, deltas_into, gram_chunk, gram_rows_f64, spans,
 };
+use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
@@ -95,41 +96,47 @@ impl FoolsGold {
 
     /// FoolsGold weights α from the history Gram matrix; also returns each
     /// client's largest pardoned similarity.
-    pub(crate) fn weights(&self, gram: &[f64], m: usize) -> (Vec<f64>, Vec<f64>) {
+    pub(crate) fn weights(&self, gram: &Square) -> (Vec<f64>, Vec<f64>) {
+        let m = gram.m();
         // Normalised in f64, one norm at a time (‖i‖·‖j‖ of two 1e20 histories
         // would overflow f32), clamped to [−1, 1] against rounding; a
         // similarity that is not a number counts as 1 (a copy): it must never
         // be skipped by a max that ignores NaN.
-        let norm = |i: usize| gram.get(i * m + i).copied().unwrap_or(0.0).max(0.0).sqrt();
-        let mut cs = vec![0.0; m * m];
-        for i in 0..m {
-            for j in 0..m {
-                let (ni, nj) = (norm(i), norm(j));
+        let norms: Vec<f64> = gram.diagonal().map(|d| d.max(0.0).sqrt()).collect();
+        let mut cs = Square::zeros(m);
+        for (i, ((row, out), &ni)) in gram.rows().zip(cs.rows_mut()).zip(&norms).enumerate() {
+            for (j, ((gij, c), &nj)) in row.iter().zip(out.iter_mut()).zip(&norms).enumerate() {
                 if i != j && ni > 0.0 && nj > 0.0 {
-                    let c = gram.get(i * m + j).copied().unwrap_or(0.0) / ni / nj;
-                    cs[i * m + j] = if c.is_nan() { 1.0 } else { c.clamp(-1.0, 1.0) };
+                    let cos = gij / ni / nj;
+                    *c = if cos.is_nan() {
+                        1.0
+                    } else {
+                        cos.clamp(-1.0, 1.0)
+                    };
                 }
             }
         }
-        let row_max = |cs: &[f64], i: usize| {
-            // Over the whole row, the diagonal's 0 included (as the
-            // reference's `cs − I`).
-            (0..m)
-                .map(|j| cs.get(i * m + j).copied().unwrap_or(1.0))
-                .fold(
-                    f64::NEG_INFINITY,
-                    |a, b| if b.is_nan() || b > a { b } else { a },
-                )
+        // Over the whole row, the diagonal's 0 included (as the reference's
+        // `cs − I`).
+        let row_max = |cs: &Square| -> Vec<f64> {
+            cs.rows()
+                .map(|row| {
+                    row.iter().fold(
+                        f64::NEG_INFINITY,
+                        |a, &b| if b.is_nan() || b > a { b } else { a },
+                    )
+                })
+                .collect()
         };
-        let v: Vec<f64> = (0..m).map(|i| row_max(&cs, i)).collect();
-        for i in 0..m {
-            for j in 0..m {
-                if i != j && v[i] < v[j] && v[j] > 0.0 {
-                    cs[i * m + j] *= v[i] / v[j];
+        let v = row_max(&cs);
+        for (i, (row, vi)) in cs.rows_mut().zip(&v).enumerate() {
+            for (j, (c, vj)) in row.iter_mut().zip(&v).enumerate() {
+                if i != j && vi < vj && *vj > 0.0 {
+                    *c *= vi / vj;
                 }
             }
         }
-        let max_sim: Vec<f64> = (0..m).map(|i| row_max(&cs, i)).collect();
+        let max_sim = row_max(&cs);
         let mut alpha: Vec<f64> = max_sim
             .iter()
             .map(|s| {
@@ -191,16 +198,16 @@ impl Aggregator for FoolsGold {
             }
         }
         let gram = update_histories(&round, &mut self.state, m)?;
-        let (alpha, max_sim) = self.weights(&gram, m);
+        let (alpha, max_sim) = self.weights(&gram);
         let mut kept = Vec::new();
         let mut weights = Vec::new();
-        for (k, &i) in members.iter().enumerate() {
-            let a = alpha.get(k).copied().unwrap_or(0.0) * round.raw_weight(i, self.weighting);
+        // alpha and max_sim have one entry per member (the Gram matrix is m × m).
+        for ((&i, alpha), &max_similarity) in members.iter().zip(&alpha).zip(&max_sim) {
+            let a = alpha * round.raw_weight(i, self.weighting);
             if a > 0.0 {
                 kept.push(i);
                 weights.push(a);
             } else {
-                let max_similarity = max_sim.get(k).copied().unwrap_or(0.0);
                 round.exclude(i, ExclusionReason::FoolsGoldZeroWeight { max_similarity });
             }
         }
@@ -216,7 +223,7 @@ impl Aggregator for FoolsGold {
 
 /// Hᵢ += Δᵢ for every usable client, and the Gram matrix of the updated
 /// histories, in one pass.
-fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Vec<f64>> {
+fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Square> {
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     // Split every member's history at the chunk boundaries, in lockstep.
     let mut by_id: BTreeMap<&ClientId, &mut [f32]> = state
@@ -276,7 +283,8 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
             // 1e-20 copy of another client, whose squares vanish in f32):
             // either would hide a copy from the cosine, so such blocks are
             // recomputed in f64.
-            let tiny = (0..m).any(|i| block.get(i * m + i).is_some_and(|d| *d < 1e-30));
+            // The diagonal of the m × m block: entries 0, m + 1, 2(m + 1), …
+            let tiny = block.iter().step_by(m + 1).any(|d| *d < 1e-30);
             if all_finite(block) && !tiny {
                 add_lower(block, acc);
             } else {
@@ -292,7 +300,7 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
         }
         parts.push(acc);
     }
-    Ok(engine::symmetric_total(parts.iter().map(Vec::as_slice), m))
+    engine::symmetric_total(parts, m)
 }
 
 /// A worker of [`update_histories`]: Gram accumulator, Δ rows, one block's

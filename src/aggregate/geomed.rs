@@ -2,14 +2,14 @@
 //! Harchaoui, IEEE Trans. Signal Processing 2022, "Robust aggregation for
 //! federated learning").
 
-use crate::aggregate::engine::{finite, gram, sq_distances};
+use crate::aggregate::engine::{gram, sq_distances};
 use crate::aggregate::krum::poisoned;
-use crate::aggregate::linalg::median;
+use crate::aggregate::linalg::{Square, median};
 use crate::aggregate::round::{param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 
 /// The (weighted) geometric median `argmin_z Σ αᵢ‖z − xᵢ‖`, computed with RFA's
@@ -139,25 +139,29 @@ impl GeometricMedian {
     }
 
     /// Weiszfeld on coefficients: returns the final convex weights c.
-    pub(crate) fn solve(&self, gram: &[f64], alpha: &[f64]) -> Vec<f64> {
+    ///
+    /// [`Error::Invariant`] unless `gram` is m × m for the m weights `alpha`.
+    pub(crate) fn solve(&self, gram: &Square, alpha: &[f64]) -> Result<Vec<f64>> {
         let m = alpha.len();
+        if gram.m() != m {
+            return Err(Error::invariant(
+                "aggregate::geomed::solve",
+                "the Gram matrix has one row per weighted client",
+                format!("{0}×{0} Gram matrix for {m} weights", gram.m()),
+            ));
+        }
         let total: f64 = alpha.iter().sum();
-        let g = |i: usize, j: usize| gram.get(i * m + j).copied().unwrap_or(0.0);
+        // Gc and the distances ‖Δᵢ − Σⱼ cⱼΔⱼ‖ = √(cᵀGc − 2(Gc)ᵢ + Gᵢᵢ); every
+        // vector here has m entries, the rows of G too.
         let distances = |c: &[f64]| -> Vec<f64> {
-            let gc: Vec<f64> = (0..m)
-                .map(|i| {
-                    (0..m)
-                        .map(|j| g(i, j) * c.get(j).copied().unwrap_or(0.0))
-                        .sum()
-                })
+            let gc: Vec<f64> = gram
+                .rows()
+                .map(|row| row.iter().zip(c).map(|(g, c)| g * c).sum())
                 .collect();
             let cgc: f64 = c.iter().zip(&gc).map(|(a, b)| a * b).sum();
-            (0..m)
-                .map(|i| {
-                    (cgc - 2.0 * gc.get(i).copied().unwrap_or(0.0) + g(i, i))
-                        .max(0.0)
-                        .sqrt()
-                })
+            gc.iter()
+                .zip(gram.diagonal())
+                .map(|(gci, gii)| (cgc - 2.0 * gci + gii).max(0.0).sqrt())
                 .collect()
         };
         let mut c = self.start(gram, alpha, total);
@@ -172,22 +176,26 @@ impl GeometricMedian {
             let next: Vec<f64> = beta.iter().map(|b| b / sum).collect();
             // ‖z' − z‖² = (c' − c)ᵀ G (c' − c).
             let step: Vec<f64> = next.iter().zip(&c).map(|(a, b)| a - b).collect();
-            let moved = (0..m)
-                .map(|i| {
-                    let row: f64 = (0..m).map(|j| g(i, j) * step[j]).sum();
-                    step[i] * row
+            let moved = gram
+                .rows()
+                .zip(&step)
+                .map(|(row, s)| {
+                    let row: f64 = row.iter().zip(&step).map(|(g, s)| g * s).sum();
+                    s * row
                 })
                 .sum::<f64>()
                 .max(0.0)
                 .sqrt();
             c = next;
             dist = distances(&c);
+            // m ≥ 1 (the caller skips a round without weighted clients), so
+            // the median exists; with none there would be no scale to move by.
             let scale = median(&dist).unwrap_or(0.0);
             if moved <= self.tolerance * scale {
                 break;
             }
         }
-        c
+        Ok(c)
     }
 
     /// The starting point: the weighted mean of the ⌊m/2⌋ + 1 clients
@@ -196,23 +204,30 @@ impl GeometricMedian {
     /// at 1e20 drags arbitrarily far, leaving Weiszfeld dozens of iterations
     /// to walk back; a majority around the medoid cannot be dragged by a
     /// minority.
-    fn start(&self, gram: &[f64], alpha: &[f64], total: f64) -> Vec<f64> {
+    fn start(&self, gram: &Square, alpha: &[f64], total: f64) -> Vec<f64> {
         let m = alpha.len();
-        let dist = sq_distances(gram, m);
-        let d = |i: usize, j: usize| dist.get(i * m + j).copied().unwrap_or(0.0).sqrt();
-        let cost = |k: usize| -> f64 { (0..m).map(|i| alpha[i] * d(k, i)).sum() };
+        let dist = sq_distances(gram);
+        let d = |i: usize, j: usize| dist.get(i, j).sqrt();
+        let cost = |k: usize| -> f64 { alpha.iter().enumerate().map(|(i, a)| a * d(k, i)).sum() };
         let Some(medoid) = (0..m).min_by(|&a, &b| cost(a).total_cmp(&cost(b))) else {
             return alpha.iter().map(|a| a / total).collect();
         };
         let mut near: Vec<usize> = (0..m).collect();
         near.sort_by(|&a, &b| d(medoid, a).total_cmp(&d(medoid, b)).then(a.cmp(&b)));
         near.truncate(m / 2 + 1);
-        let mut c = vec![0.0; m];
-        let sum: f64 = near.iter().map(|&i| alpha[i]).sum();
+        // The majority nearest the medoid, as flags in client order.
+        let mut chosen = vec![false; m];
         for &i in &near {
-            c[i] = alpha[i] / sum;
+            if let Some(flag) = chosen.get_mut(i) {
+                *flag = true;
+            }
         }
-        c
+        let sum: f64 = near.iter().filter_map(|&i| alpha.get(i)).sum();
+        alpha
+            .iter()
+            .zip(&chosen)
+            .map(|(a, &chosen)| if chosen { a / sum } else { 0.0 })
+            .collect()
     }
 }
 
@@ -247,11 +262,37 @@ impl Aggregator for GeometricMedian {
                 return Ok(Some(round.skip(reason)));
             }
             let g = gram(&round, &members)?;
-            if !finite(&g) {
+            if !g.is_finite() {
                 return poisoned(&round);
             }
-            let c = self.solve(&g, &alpha);
+            let c = self.solve(&g, &alpha)?;
             round.combination(&members, &c, &[])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solve_with_a_gram_matrix_of_another_size_is_an_invariant_error() {
+        let gram = Square::zeros(3);
+        let err = GeometricMedian::new()
+            .solve(&gram, &[1.0, 1.0])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invariant {
+                    location: "aggregate::geomed::solve",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The matching size solves.
+        let c = GeometricMedian::new().solve(&gram, &[1.0; 3]).unwrap();
+        assert_eq!(c.len(), 3);
     }
 }

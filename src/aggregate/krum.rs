@@ -1,7 +1,8 @@
 //! Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017,
 //! "Machine learning with adversaries: Byzantine tolerant gradient descent").
 
-use crate::aggregate::engine::{finite, gram, sq_distances};
+use crate::aggregate::engine::{gram, sq_distances};
+use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
@@ -145,12 +146,15 @@ impl MultiKrum {
 
 /// Krum scores over `members` given their squared-distance matrix (m × m):
 /// each score sums the `closest` smallest distances to the other members.
-pub(crate) fn scores(dist: &[f64], m: usize, closest: usize) -> Vec<f64> {
-    (0..m)
-        .map(|i| {
-            let mut others: Vec<f64> = (0..m)
-                .filter(|&j| j != i)
-                .map(|j| dist.get(i * m + j).copied().unwrap_or(0.0))
+pub(crate) fn scores(dist: &Square, closest: usize) -> Vec<f64> {
+    dist.rows()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut others: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, d)| *d)
                 .collect();
             others.sort_by(f64::total_cmp);
             others.iter().take(closest).sum()
@@ -158,16 +162,14 @@ pub(crate) fn scores(dist: &[f64], m: usize, closest: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Member positions sorted by ascending score. Exact ties (common: two
+/// Member positions with their scores, sorted by ascending score. Exact ties (common: two
 /// mutual nearest neighbours with one neighbour counted have equal scores)
 /// go to the smaller key, the client id, so the choice does not depend on
 /// the order in which updates arrive.
-pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (sa, sb) = (scores.get(a), scores.get(b));
-        sa.zip(sb)
-            .map_or(std::cmp::Ordering::Equal, |(x, y)| x.total_cmp(y))
+pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<(usize, f64)> {
+    let mut order: Vec<(usize, f64)> = scores.iter().copied().enumerate().collect();
+    order.sort_by(|&(a, sa), &(b, sb)| {
+        sa.total_cmp(&sb)
             .then_with(|| keys.get(a).cmp(&keys.get(b)))
     });
     order
@@ -194,16 +196,16 @@ fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
 }
 
 /// Scores every usable client; `None` when the Gram matrix is not finite.
-type Scored = (Vec<f64>, Vec<usize>, Vec<f64>);
+type Scored = (Vec<f64>, Vec<(usize, f64)>, Square);
 fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
     let members = round.all();
     let n = members.len();
     let g = gram(round, &members)?;
-    if !finite(&g) {
+    if !g.is_finite() {
         return Ok(None);
     }
-    let dist = sq_distances(&g, n);
-    let s = scores(&dist, n, n.saturating_sub(f + 2).max(1));
+    let dist = sq_distances(&g);
+    let s = scores(&dist, n.saturating_sub(f + 2).max(1));
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     let order = ranking(&s, &ids);
     Ok(Some((s, order, dist)))
@@ -228,31 +230,23 @@ impl Aggregator for Krum {
                 return poisoned(&round);
             };
             let n = s.len();
-            let Some(&winner) = order.first() else {
+            let Some(&(winner, _)) = order.first() else {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             };
             let members = match self.variant {
                 KrumVariant::Paper => vec![winner],
                 KrumVariant::WinnerNeighbourhood => {
                     let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
-                    near.sort_by(|&a, &b| {
-                        let d = |j: usize| dist.get(winner * n + j).copied().unwrap_or(0.0);
-                        d(a).total_cmp(&d(b))
-                    });
+                    near.sort_by(|&a, &b| dist.get(winner, a).total_cmp(&dist.get(winner, b)));
                     near.truncate(n.saturating_sub(self.f + 2).max(1));
                     near.insert(0, winner);
                     near.sort_unstable();
                     near
                 }
             };
-            for i in 0..n {
+            for (i, &score) in s.iter().enumerate() {
                 if !members.contains(&i) {
-                    round.exclude(
-                        i,
-                        ExclusionReason::NotSelected {
-                            score: s.get(i).copied().unwrap_or(0.0),
-                        },
-                    );
+                    round.exclude(i, ExclusionReason::NotSelected { score });
                 }
             }
             round.weighted_mean(&members, Weighting::Uniform, &[])
@@ -276,18 +270,13 @@ impl Aggregator for MultiKrum {
             }
             check_n(&round, "multi_krum", self.f)?;
             round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
-            let Some((s, order, _)) = score_round(&round, self.f)? else {
+            let Some((_, order, _)) = score_round(&round, self.f)? else {
                 return poisoned(&round);
             };
-            let mut members: Vec<usize> = order.iter().take(self.m).copied().collect();
+            let mut members: Vec<usize> = order.iter().take(self.m).map(|&(i, _)| i).collect();
             members.sort_unstable();
-            for &i in order.iter().skip(self.m) {
-                round.exclude(
-                    i,
-                    ExclusionReason::NotSelected {
-                        score: s.get(i).copied().unwrap_or(0.0),
-                    },
-                );
+            for &(i, score) in order.iter().skip(self.m) {
+                round.exclude(i, ExclusionReason::NotSelected { score });
             }
             round.weighted_mean(&members, self.weighting, &[])
         })

@@ -53,13 +53,21 @@ pub fn unflatten(template: &LoraAdapter, flat: &[f32]) -> Result<LoraAdapter> {
         });
     }
     let mut out = empty_like(template);
-    let mut offset = 0;
+    let mut rest = flat;
     for entry in template.iter() {
-        let len = entry.tensor.len();
-        let values = flat.get(offset..offset + len).unwrap_or_default().to_vec();
-        let tensor = LoraTensor::new(entry.key.canonical(), entry.tensor.shape(), values)?;
+        let Some((values, tail)) = rest.split_at_checked(entry.tensor.len()) else {
+            return Err(Error::invariant(
+                "aggregate::unflatten",
+                "an adapter's tensors hold num_params() values in total",
+                format!(
+                    "tensor `{}` runs past {expected} values",
+                    entry.key.canonical()
+                ),
+            ));
+        };
+        let tensor = LoraTensor::new(entry.key.canonical(), entry.tensor.shape(), values.to_vec())?;
         out.insert_parsed(entry.key.clone(), tensor);
-        offset += len;
+        rest = tail;
     }
     Ok(out)
 }

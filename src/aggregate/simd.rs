@@ -39,13 +39,18 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Four dot products sharing the left operand: each `a` block is loaded once
 /// for four rows, which keeps the kernel compute-bound rather than load-bound.
+///
+/// The rows all have `a`'s length (rows of one buffer, cut by `chunks_exact`).
 #[inline(always)]
+// SAFETY-OF-INDEX: `x`, `y0`…`y3` are `[f32; LANES]` arrays (from `as_chunks`),
+// `acc` is `[[f32; LANES]; 4]`, and k < LANES: every index is in bounds by type
+// (the checks compile away; the body is the exact loop that vectorises).
+#[allow(clippy::indexing_slicing)]
 fn dot4<const FMA: bool>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     let mut acc = [[0.0f32; LANES]; 4];
-    let n = a.len() - a.len() % LANES;
-    let blocks = a[..n].chunks_exact(LANES);
-    let [b0, b1, b2, b3] = b.map(|r| r.get(..n).unwrap_or_default().chunks_exact(LANES));
-    for ((((x, y0), y1), y2), y3) in blocks.zip(b0).zip(b1).zip(b2).zip(b3) {
+    let (blocks, a_tail) = a.as_chunks::<LANES>();
+    let [b0, b1, b2, b3] = b.map(|r| r.as_chunks::<LANES>().0);
+    for ((((x, y0), y1), y2), y3) in blocks.iter().zip(b0).zip(b1).zip(b2).zip(b3) {
         for k in 0..LANES {
             acc[0][k] = madd::<FMA>(x[k], y0[k], acc[0][k]);
             acc[1][k] = madd::<FMA>(x[k], y1[k], acc[1][k]);
@@ -55,9 +60,9 @@ fn dot4<const FMA: bool>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     }
     let mut out = [0.0f32; 4];
     for (o, (lane, row)) in out.iter_mut().zip(acc.iter().zip(b)) {
-        let tail: f32 = a[n..]
+        let tail: f32 = a_tail
             .iter()
-            .zip(row.get(n..).unwrap_or_default())
+            .zip(row.as_chunks::<LANES>().1)
             .map(|(x, y)| x * y)
             .sum();
         *o = lane.iter().sum::<f32>() + tail;
@@ -65,48 +70,41 @@ fn dot4<const FMA: bool>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
+/// One dot product (`b` has `a`'s length, as in [`dot4`]).
 #[inline(always)]
 fn dot1<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
-    let n = a.len() - a.len() % LANES;
-    for (x, y) in a[..n]
-        .chunks_exact(LANES)
-        .zip(b.get(..n).unwrap_or_default().chunks_exact(LANES))
-    {
-        for k in 0..LANES {
-            acc[k] = madd::<FMA>(x[k], y[k], acc[k]);
+    let (a_blocks, a_tail) = a.as_chunks::<LANES>();
+    let (b_blocks, b_tail) = b.as_chunks::<LANES>();
+    for (x, y) in a_blocks.iter().zip(b_blocks) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s = madd::<FMA>(*x, *y, *s);
         }
     }
-    let tail: f32 = a[n..]
-        .iter()
-        .zip(b.get(n..).unwrap_or_default())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
 fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
     let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
-    let row = |j: usize| rows.get(j).copied().unwrap_or_default();
-    let mut add = |i: usize, j: usize, v: f32| {
-        if let Some(slot) = acc.get_mut(i * m + j) {
-            *slot = v;
+    // Row i of the m × m output takes ⟨rowᵢ, rowⱼ⟩ for j ≤ i: rows 0..=i in
+    // groups of four, then one at a time.
+    for ((i, a), out) in rows.iter().enumerate().zip(acc.chunks_exact_mut(m.max(1))) {
+        // Cannot fail: i < rows.len() ≤ m = out.len().
+        let (Some((lower, _)), Some((out, _))) = (
+            rows.split_at_checked(i + 1),
+            out.split_at_mut_checked(i + 1),
+        ) else {
+            continue;
+        };
+        let (quads, singles) = lower.as_chunks::<4>();
+        let (out_quads, out_singles) = out.as_chunks_mut::<4>();
+        for (q, o) in quads.iter().zip(out_quads) {
+            *o = dot4::<FMA>(a, *q);
         }
-    };
-    for i in 0..rows.len() {
-        let a = row(i);
-        let mut j = 0;
-        while j + 4 <= i + 1 {
-            let d = dot4::<FMA>(a, [row(j), row(j + 1), row(j + 2), row(j + 3)]);
-            for (k, v) in d.into_iter().enumerate() {
-                add(i, j + k, v);
-            }
-            j += 4;
-        }
-        while j <= i {
-            add(i, j, dot1::<FMA>(a, row(j)));
-            j += 1;
+        for (b, o) in singles.iter().zip(out_singles) {
+            *o = dot1::<FMA>(a, b);
         }
     }
 }
@@ -162,24 +160,25 @@ fn sort_network_impl(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
 #[inline(always)]
 fn compare_exchange(a: &mut [f32], b: &mut [f32]) {
     const W: usize = 16;
-    let mut blocks_a = a.chunks_exact_mut(W);
-    let mut blocks_b = b.chunks_exact_mut(W);
-    for (xa, xb) in (&mut blocks_a).zip(&mut blocks_b) {
+    let (blocks_a, rest_a) = a.as_chunks_mut::<W>();
+    let (blocks_b, rest_b) = b.as_chunks_mut::<W>();
+    for (xa, xb) in blocks_a.iter_mut().zip(blocks_b.iter_mut()) {
         let mut lo = [0.0f32; W];
         let mut hi = [0.0f32; W];
-        for k in 0..W {
-            let (p, q) = (xa[k], xb[k]);
-            lo[k] = p.min(q);
-            hi[k] = p.max(q);
+        // Fixed-size arrays zipped: W lanes, no bounds checks.
+        for (((l, h), p), q) in lo
+            .iter_mut()
+            .zip(hi.iter_mut())
+            .zip(xa.iter())
+            .zip(xb.iter())
+        {
+            *l = p.min(*q);
+            *h = p.max(*q);
         }
-        xa.copy_from_slice(&lo);
-        xb.copy_from_slice(&hi);
+        *xa = lo;
+        *xb = hi;
     }
-    for (x, y) in blocks_a
-        .into_remainder()
-        .iter_mut()
-        .zip(blocks_b.into_remainder())
-    {
+    for (x, y) in rest_a.iter_mut().zip(rest_b.iter_mut()) {
         let (p, q) = (*x, *y);
         *x = if q < p { q } else { p };
         *y = if q < p { p } else { q };

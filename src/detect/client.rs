@@ -238,6 +238,7 @@ impl Detector for ClientLevel {
             let mean = self.clients.get(client).map_or(1.0, |s| s.mean);
             let reason = format!(
                 "client-level frozen from round {} on (round {round}): keeps mean factor {mean:.6}",
+                // Not active means active_rounds is Some(r) with round ≥ r.
                 p.active_rounds.unwrap_or_default()
             );
             return Ok(Assessment::new(

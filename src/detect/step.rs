@@ -267,6 +267,7 @@ impl StepLevel {
         };
         let reason = format!(
             "step-level frozen from round {} on (round {round}): keeps {source} {factor:.6}",
+            // Not active means active_rounds is Some(r) with round ≥ r.
             p.active_rounds.unwrap_or_default()
         );
         Assessment::new(factor, p.min_weight, Verdict::Undecided, reason)

@@ -94,7 +94,9 @@ impl LoraConfig {
             out.push(("lora_alpha".to_owned(), a.to_string()));
         }
         if !self.target_modules.is_empty() {
-            let list = serde_json::to_string(&self.target_modules).unwrap_or_default();
+            // A JSON array of strings, built as a `Value` (whose Display is
+            // infallible) rather than through a fallible serializer.
+            let list = serde_json::Value::from(self.target_modules.clone()).to_string();
             out.push(("target_modules".to_owned(), list));
         }
         out

@@ -199,7 +199,11 @@ fn match_keys(
     let mut report = DeltaReport::default();
     for key in update.lora_keys() {
         let name = key.canonical();
-        let found = update.shape_of(name).unwrap_or_default();
+        let found = update.shape_of(name).ok_or_else(|| Error::MissingKey {
+            tensor: name.to_owned(),
+            present_in: "the update's key list",
+            missing_from: "the update's shapes",
+        })?;
         match base.shape_of(name) {
             Some(expected) if expected == found => {}
             Some(expected) => {

@@ -582,6 +582,8 @@ pub fn read_file(path: &Path, limits: &ReadLimits) -> Result<Vec<u8>> {
     if len > limits.max_bytes {
         return Err(too_large(len));
     }
+    // A capacity hint only (len ≤ max_bytes was checked): where u64 does not
+    // fit usize, start empty and let read_to_end grow the buffer.
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.take(limits.max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)

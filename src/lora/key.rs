@@ -98,10 +98,12 @@ impl LoraKey {
     /// Everything before the LoRA segment, e.g.
     /// `base_model.model.model.layers.0.self_attn.q_proj`. The `A` and `B`
     /// tensors of one adapted module share it.
+    // `parse` sets both offsets from `module_path`, which `canonical` starts
+    // with (module_start is a segment start inside it); the fields are private
+    // and never change: the ranges are in bounds and on char boundaries.
+    #[allow(clippy::indexing_slicing)] // module_start ≤ module_path_end ≤ canonical.len(), set by parse
     pub fn module_path(&self) -> &str {
-        self.canonical
-            .get(..self.module_path_end)
-            .unwrap_or_default()
+        &self.canonical[..self.module_path_end]
     }
 
     /// The transformer layer index: the first all-digit segment of the path,
@@ -112,10 +114,9 @@ impl LoraKey {
 
     /// The module within its layer (`self_attn.q_proj`, `mlp.down_proj`,
     /// `attn.c_attn`); the whole path when there is no layer index.
+    #[allow(clippy::indexing_slicing)] // module_start ≤ module_path_end ≤ canonical.len(), set by parse
     pub fn module(&self) -> &str {
-        self.canonical
-            .get(self.module_start..self.module_path_end)
-            .unwrap_or_default()
+        &self.canonical[self.module_start..self.module_path_end]
     }
 
     /// `A` or `B`.
@@ -176,13 +177,11 @@ fn find_lora_segment(raw: &str) -> Option<(usize, usize, Factor, LoraKind)> {
 /// chars: `.` is ASCII, so every piece is still valid UTF-8, and the byte
 /// loop is several times cheaper than the `char` pattern searcher.
 fn segments(s: &str) -> impl Iterator<Item = (usize, &str)> {
-    s.as_bytes()
-        .split(|&b| b == b'.')
-        .scan(0usize, move |at, piece| {
-            let start = *at;
-            *at += piece.len() + 1;
-            Some((start, s.get(start..start + piece.len()).unwrap_or_default()))
-        })
+    s.split('.').scan(0usize, move |at, piece| {
+        let start = *at;
+        *at += piece.len() + 1;
+        Some((start, piece))
+    })
 }
 
 /// Reads what follows the LoRA segment (`suffix` starts at the dot, or is

@@ -101,9 +101,14 @@ pub trait TensorSource: Sync {
         }
         let mut scratch = vec![0.0f32; SCRATCH.min(out.len())];
         for (index, piece) in out.chunks_mut(SCRATCH).enumerate() {
-            let part = scratch.get_mut(..piece.len()).unwrap_or_default();
-            self.read_range(canonical, index * SCRATCH, part)?;
-            piece.iter_mut().zip(part.iter()).for_each(|(o, s)| *o -= s);
+            // Every piece but the last is SCRATCH long and the last is
+            // shorter: truncating keeps the scratch exactly one piece long.
+            scratch.truncate(piece.len());
+            self.read_range(canonical, index * SCRATCH, &mut scratch)?;
+            piece
+                .iter_mut()
+                .zip(scratch.iter())
+                .for_each(|(o, s)| *o -= s);
         }
         Ok(())
     }
@@ -140,6 +145,7 @@ pub fn checked_range<S: TensorSource + ?Sized>(
         Some(end) if end <= total => Ok(offset..end),
         _ => Err(Error::DataLength {
             tensor: canonical.to_owned(),
+            // An absent shape is reported as the empty shape.
             shape: source
                 .shape_of(canonical)
                 .map(|s| s.to_vec())
@@ -166,6 +172,7 @@ fn length_error<S: TensorSource + ?Sized>(
 ) -> Error {
     Error::DataLength {
         tensor: canonical.to_owned(),
+        // An absent shape is reported as the empty shape.
         shape: source
             .shape_of(canonical)
             .map(|s| s.to_vec())

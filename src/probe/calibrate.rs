@@ -569,8 +569,8 @@ impl Trainer for CalibratedParams {
                     inner.solve(data, dim, &fold.train, labels, c, init.as_deref())?;
                 fits += 1;
                 iterations += report.iterations;
-                let bias = solution.get(dim).copied().unwrap_or(0.0);
-                let weights: Vec<f32> = solution.iter().take(dim).map(|&w| w as f32).collect();
+                let (weights, bias) = crate::probe::train::split_solution(&solution, dim)?;
+                let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
                 if let Some(column) = oof.get_mut(ci) {
                     for &i in &fold.test {
                         let row = data.get(i * dim..(i + 1) * dim).unwrap_or(&[]);
@@ -666,7 +666,7 @@ impl Trainer for CalibratedParams {
             iterations,
         };
 
-        let plain = inner.model(solution, report, dim);
+        let plain = inner.model(solution, report, dim)?;
         let (weights, bias) = platt.fold(&plain.weights, plain.bias);
         if let Some((column, value)) = crate::probe::kernels::first_non_finite(&weights) {
             return Err(Error::NonFiniteFeature {

@@ -260,12 +260,12 @@ fn check_pairs(scores: &[f32], labels: &[Label]) -> Result<()> {
     if scores.is_empty() {
         return Err(Error::Empty { what: "scores" });
     }
-    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+    if let Some((i, &value)) = scores.iter().enumerate().find(|(_, s)| !s.is_finite()) {
         return Err(Error::NonFiniteFeature {
             what: "scores",
             row: i,
             column: 0,
-            value: scores.get(i).copied().unwrap_or(f32::NAN),
+            value,
         });
     }
     Ok(())
@@ -289,16 +289,11 @@ pub fn roc_auc(scores: &[f32], labels: &[Label]) -> Result<f64> {
     });
     let mut rank_sum = 0.0f64;
     let mut start = 0;
-    while start < order.len() {
-        let score_at = |k: usize| order.get(k).and_then(|&i| scores.get(i)).copied();
-        let mut end = start + 1;
-        while end < order.len() && score_at(end) == score_at(start) {
-            end += 1;
-        }
+    // Runs of equal scores (sorted and finite, so equality is transitive).
+    for tied in order.chunk_by(|&a, &b| scores.get(a) == scores.get(b)) {
+        let end = start + tied.len();
         let average_rank = (start + end + 1) as f64 / 2.0; // 1-based ranks start+1 ..= end
-        let positives = order
-            .get(start..end)
-            .unwrap_or_default()
+        let positives = tied
             .iter()
             .filter(|&&i| labels.get(i).is_some_and(|l| l.is_malicious()))
             .count();
@@ -515,8 +510,12 @@ pub fn stratified_group_k_fold(
         if dense == next {
             counts.push([0, 0]);
         }
-        if let Some(c) = counts.get_mut(dense) {
-            c[usize::from(l.is_malicious())] += 1;
+        if let Some([benign, malicious]) = counts.get_mut(dense) {
+            if l.is_malicious() {
+                *malicious += 1;
+            } else {
+                *benign += 1;
+            }
         }
         group_of.push(dense);
     }
@@ -577,21 +576,22 @@ pub fn stratified_group_k_fold(
 /// fold's share of that class — after adding `add` to fold `target`.
 fn fold_evenness(folds: &[[usize; 2]], target: usize, add: [usize; 2], totals: [usize; 2]) -> f64 {
     let k = folds.len() as f64;
-    let mut sum = 0.0;
-    for class in 0..2 {
-        let total = totals[class].max(1) as f64;
+    // The standard deviation of one class's shares; `class` picks its count.
+    let spread = |class: fn(&[usize; 2]) -> usize| -> f64 {
+        let total = class(&totals).max(1) as f64;
         let shares: Vec<f64> = folds
             .iter()
             .enumerate()
             .map(|(f, c)| {
-                let extra = if f == target { add[class] } else { 0 };
-                (c[class] + extra) as f64 / total
+                let extra = if f == target { class(&add) } else { 0 };
+                (class(c) + extra) as f64 / total
             })
             .collect();
         let mean = shares.iter().sum::<f64>() / k;
-        sum += (shares.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt();
-    }
-    sum / 2.0
+        (shares.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / k).sqrt()
+    };
+    let [benign, malicious]: [fn(&[usize; 2]) -> usize; 2] = [|c| c[0], |c| c[1]];
+    (spread(benign) + spread(malicious)) / 2.0
 }
 
 /// Stratified k-fold cross-validation of a trainer on a feature matrix: one

@@ -116,10 +116,14 @@ impl LinearProbe {
         check_spec(&metadata.feature_spec)?;
         let dim = metadata.feature_spec.dim();
         let weights = read_f32(&tensors, "weight", dim)?;
-        let bias = read_f32(&tensors, "bias", 1)?
-            .first()
-            .copied()
-            .unwrap_or(f32::NAN);
+        // read_f32 checked the shape [1]: exactly one value.
+        let [bias] = <[f32; 1]>::try_from(read_f32(&tensors, "bias", 1)?).map_err(|v| {
+            Error::invariant(
+                "probe::persist",
+                "a tensor read with shape [1] holds one value",
+                format!("{} values", v.len()),
+            )
+        })?;
         if tensors.len() != 2 {
             return Err(invalid(
                 "tensors",

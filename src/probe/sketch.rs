@@ -186,6 +186,8 @@ impl Sketch {
                 entries
                     .iter()
                     .map(|&e| {
+                        // Rows are b·block + (h mod block) < dim by `new`, and
+                        // w.len() == dim was checked above: the get never misses.
                         let v = w.get((e >> 1) as usize).copied().unwrap_or(0.0) * self.scale;
                         if e & 1 == 1 { -v } else { v }
                     })

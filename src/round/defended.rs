@@ -538,6 +538,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
                     trail: TrailStatus::NotChecked,
                 };
             }
+            // Only a rejected status has no sample count; it returned above.
             admitted => admitted.samples().unwrap_or(0),
         };
         // The update is the client's last step: the server scores `update − global` itself.
@@ -696,6 +697,7 @@ fn assess<D: Detector>(
     staged: Staged,
 ) -> Result<ClientOutcome> {
     let Staged { decision, scored } = staged;
+    // A rejected client reports no sample count: it contributes none.
     let samples = decision.status.samples().unwrap_or(0);
     let outcome = |disposition, factor: f64, verdict, detail, update_score, trail| ClientOutcome {
         client: report.client.clone(),

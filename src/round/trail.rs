@@ -109,7 +109,10 @@ pub fn check_trail(
             let reason = format!("tensor `{key}`: last step has shape {sa:?}, update {sb:?}");
             return Ok(TrailStatus::Mismatch { reason });
         }
-        let [rows, cols] = sa.unwrap_or_default();
+        let Some([rows, cols]) = sa else {
+            let reason = format!("tensor `{key}` is listed without a shape");
+            return Ok(TrailStatus::Mismatch { reason });
+        };
         let n = rows.saturating_mul(cols);
         a.resize(n, 0.0);
         b.resize(n, 0.0);

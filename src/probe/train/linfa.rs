@@ -102,7 +102,7 @@ impl Trainer for LinfaLogistic {
             bias: sign * model.intercept(),
             trainer: TrainerInfo {
                 name: NAME.to_owned(),
-                settings: serde_json::to_value(self).unwrap_or_default(),
+                settings: crate::probe::train::settings_json(self, "probe::train::linfa")?,
             },
             report: FitReport::default(),
             calibration: None,
@@ -169,7 +169,7 @@ impl Trainer for LinfaSvm {
             bias: a * svm.rho - b,
             trainer: TrainerInfo {
                 name: NAME.to_owned(),
-                settings: serde_json::to_value(self).unwrap_or_default(),
+                settings: crate::probe::train::settings_json(self, "probe::train::linfa")?,
             },
             report: FitReport {
                 stop: StopReason::Unreported,

@@ -330,7 +330,7 @@ impl Trainer for ValidLogisticParams {
         let dim = x.ncols();
         let rows: Vec<usize> = (0..labels.len()).collect();
         let (solution, report) = self.solve(data, dim, &rows, labels, self.0.c, None)?;
-        Ok(self.model(solution, report, dim))
+        self.model(solution, report, dim)
     }
 }
 
@@ -361,19 +361,23 @@ impl ValidLogisticParams {
     }
 
     /// Wraps a solution (weights then bias) as a [`LinearModel`].
-    pub(crate) fn model(&self, solution: Vec<f64>, report: FitReport, dim: usize) -> LinearModel {
-        let weights = solution.iter().take(dim).map(|&w| w as f32).collect();
-        let bias = solution.get(dim).copied().unwrap_or(0.0) as f32;
-        LinearModel {
-            weights,
-            bias,
+    pub(crate) fn model(
+        &self,
+        solution: Vec<f64>,
+        report: FitReport,
+        dim: usize,
+    ) -> Result<LinearModel> {
+        let (weights, bias) = split_solution(&solution, dim)?;
+        Ok(LinearModel {
+            weights: weights.iter().map(|&w| w as f32).collect(),
+            bias: bias as f32,
             trainer: TrainerInfo {
                 name: "logistic-lbfgs".to_owned(),
-                settings: serde_json::to_value(&self.0).unwrap_or(serde_json::Value::Null),
+                settings: settings_json(&self.0, "probe::train::logistic")?,
             },
             report,
             calibration: None,
-        }
+        })
     }
 }
 
@@ -480,7 +484,7 @@ impl<'a> Objective<'a> {
     fn evaluate(&self, w: &[f64], grad: Option<&mut [f64]>) -> Result<f64> {
         let w32: Vec<f32> = w.iter().take(self.dim).map(|&v| v as f32).collect();
         let bias = match self.intercept {
-            Intercept::Fit => w.get(self.dim).copied().unwrap_or(0.0),
+            Intercept::Fit => split_solution(w, self.dim)?.1,
             Intercept::Zero => 0.0,
         };
         let with_grad = grad.is_some();
@@ -538,24 +542,27 @@ impl<'a> Objective<'a> {
     /// Adds the blocks' gradients coordinate by coordinate, always in block
     /// order (coordinate ranges are rayon tasks when the sum is large).
     fn reduce_gradient(&self, w: &[f64], partials: &[Partial], grad: &mut [f64]) {
-        let coords = grad.len().min(self.dim);
+        // grad and w both hold dim weights then the bias.
+        let coords = grad.len().min(self.dim).min(w.len());
         let (data_grad, _) = grad.split_at_mut(coords);
+        let (data_w, _) = w.split_at(coords);
         let parts = part_count(coords.saturating_mul(partials.len()), MIN_PART_WORK);
         let per_part = coords.div_ceil(parts).max(1);
-        let slices: Vec<(usize, &mut [f64])> = data_grad
+        let slices: Vec<(usize, &mut [f64], &[f64])> = data_grad
             .chunks_mut(per_part)
+            .zip(data_w.chunks(per_part))
             .enumerate()
-            .map(|(k, chunk)| (k * per_part, chunk))
+            .map(|(k, (chunk, w_chunk))| (k * per_part, chunk, w_chunk))
             .collect();
-        map_parts(slices, |(start, chunk)| {
-            for (offset, g) in chunk.iter_mut().enumerate() {
+        map_parts(slices, |(start, chunk, w_chunk)| {
+            for (offset, (g, wj)) in chunk.iter_mut().zip(w_chunk).enumerate() {
                 let j = start + offset;
                 let data: f64 = partials
                     .iter()
                     .filter_map(|p| p.grad.get(j))
                     .map(|&v| f64::from(v))
                     .sum();
-                *g = data + self.l2 * w.get(j).copied().unwrap_or(0.0);
+                *g = data + self.l2 * wj;
             }
         });
         if let Some(g) = grad.get_mut(self.dim) {
@@ -806,6 +813,35 @@ fn norm(a: &[f64]) -> f64 {
 
 fn max_abs(a: &[f64]) -> f64 {
     a.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// A solution's `dim` weights and its bias ([`Error::Invariant`] unless it
+/// holds exactly `dim + 1` values: the optimiser works on that vector).
+pub(crate) fn split_solution(solution: &[f64], dim: usize) -> Result<(&[f64], f64)> {
+    match solution.split_at_checked(dim) {
+        Some((weights, &[bias])) => Ok((weights, bias)),
+        _ => Err(Error::invariant(
+            "probe::train::logistic",
+            "a solution holds dim weights then the bias",
+            format!("{} values for dim = {dim}", solution.len()),
+        )),
+    }
+}
+
+/// A trainer's settings as JSON for [`TrainerInfo`]. The settings are plain
+/// structs that always serialise; a failure is a bug, reported as
+/// [`Error::Invariant`] rather than recorded as `null`.
+pub(crate) fn settings_json<T: Serialize>(
+    settings: &T,
+    location: &'static str,
+) -> Result<serde_json::Value> {
+    serde_json::to_value(settings).map_err(|e| {
+        Error::invariant(
+            location,
+            "trainer settings serialise to JSON",
+            e.to_string(),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod logistic;
 #[cfg(feature = "linfa")]
 pub use self::linfa::{LinfaLogistic, LinfaSvm};
 pub use logistic::{ClassWeight, EarlyStopping, Intercept, LogisticParams, ValidLogisticParams};
+pub(crate) use logistic::{settings_json, split_solution};
 
 /// Fits a linear model s = σ(wᵀx + b), s = P(malicious), to a feature matrix.
 ///
