@@ -146,6 +146,15 @@ where
     W: Fn(&[f64], usize, usize, &mut [f32]) + Sync,
 {
     let m = members.len();
+    // The kernel sorts m rows per chunk: every comparator must join two of
+    // them (`sort_network` relies on it and cannot report per chunk).
+    if let Some(&(a, b)) = network.iter().find(|&&(a, b)| !(a < b && b < m)) {
+        return Err(crate::Error::invariant(
+            "aggregate::coordinate",
+            "a sorting network for m rows compares rows a < b < m",
+            format!("comparator ({a}, {b}) for m = {m}"),
+        ));
+    }
     engine::map(
         round,
         members,

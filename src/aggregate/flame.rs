@@ -139,6 +139,8 @@ pub(crate) fn majority_cluster(dist: &Square) -> Result<(Vec<bool>, Vec<f64>)> {
             if p == x {
                 break;
             }
+            // Parents are node indices < m (set only by the union below), so
+            // the lookup cannot miss; `p` is the value a root would give.
             let gp = parent.get(p).copied().unwrap_or(p);
             if let Some(slot) = parent.get_mut(x) {
                 *slot = gp;

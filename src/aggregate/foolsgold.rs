@@ -233,12 +233,28 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
         .map(|(id, h)| (id, h.as_mut_slice()))
         .collect();
     let mut rests: Vec<&mut [f32]> = ids.iter().filter_map(|id| by_id.remove(*id)).collect();
+    // `aggregate` gave every client of the round a history of `round.dim`
+    // values just before: one per client, each cut exactly by the spans.
+    if rests.len() != m {
+        return Err(crate::Error::invariant(
+            "aggregate::foolsgold::update_histories",
+            "every client of the round has a history",
+            format!("{} histories for {m} clients", rests.len()),
+        ));
+    }
     let mut items = Vec::new();
     for span in spans(round) {
         let mut pieces = Vec::with_capacity(m);
         for rest in rests.iter_mut() {
             let taken = std::mem::take(rest);
-            let (head, tail) = taken.split_at_mut(span.len.min(taken.len()));
+            let available = taken.len();
+            let Some((head, tail)) = taken.split_at_mut_checked(span.len) else {
+                return Err(crate::Error::invariant(
+                    "aggregate::foolsgold::update_histories",
+                    "a client's history has the round's dimension",
+                    format!("{available} values left for a span of {}", span.len),
+                ));
+            };
             pieces.push(head);
             *rest = tail;
         }

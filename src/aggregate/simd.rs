@@ -141,6 +141,8 @@ fn sort_network_avx2(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
 fn sort_network_impl(buf: &mut [f32], len: usize, network: &[(usize, usize)]) {
     // Whole rows per comparator: blocking the columns to stay in L1 was
     // measured slower (per-comparator overhead outweighs the L2 traffic).
+    // Callers check every comparator joins rows a < b < m of an m-row buffer
+    // (`coordinate::reduce_with_network`), so both rows always exist here.
     for &(a, b) in network {
         let (low, high) = buf.split_at_mut(b * len);
         if let (Some(ra), Some(rb)) = (low.get_mut(a * len..(a + 1) * len), high.get_mut(..len)) {

@@ -573,6 +573,8 @@ impl Trainer for CalibratedParams {
                 let weights: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
                 if let Some(column) = oof.get_mut(ci) {
                     for &i in &fold.test {
+                        // `solve` above checked data is [labels, dim] and fold
+                        // rows index labels: the range is inside `data`.
                         let row = data.get(i * dim..(i + 1) * dim).unwrap_or(&[]);
                         if let Some(z) = column.get_mut(i) {
                             *z = dot(&weights, row) + bias;

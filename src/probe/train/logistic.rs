@@ -353,6 +353,7 @@ impl ValidLogisticParams {
         c: f64,
         init: Option<&[f64]>,
     ) -> Result<(Vec<f64>, FitReport)> {
+        check_layout(data, dim, rows, labels)?;
         let (train_rows, valid_rows) = split_rows(rows, labels, &self.0.early_stopping)?;
         let train = Objective::new(self, data, dim, train_rows, labels, c);
         let valid =
@@ -378,6 +379,26 @@ impl ValidLogisticParams {
             report,
             calibration: None,
         })
+    }
+}
+
+/// The invariant [`Objective`] relies on: `data` is `[labels.len(), dim]`
+/// row-major and every row index names a labelled row. Callers build all
+/// three from one checked training set, so a failure is a bug.
+fn check_layout(data: &[f32], dim: usize, rows: &[usize], labels: &[Label]) -> Result<()> {
+    let fits = labels.len().checked_mul(dim) == Some(data.len());
+    match rows.iter().find(|&&i| i >= labels.len()) {
+        Some(&i) => Err(Error::invariant(
+            "probe::train::logistic::solve",
+            "every row index names a labelled row of the training matrix",
+            format!("row {i} of {} labelled rows", labels.len()),
+        )),
+        None if !fits => Err(Error::invariant(
+            "probe::train::logistic::solve",
+            "the training matrix is [labels, dim] row-major",
+            format!("{} values for {} labels × {dim}", data.len(), labels.len()),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -452,6 +473,8 @@ impl<'a> Objective<'a> {
         labels: &[Label],
         c: f64,
     ) -> Self {
+        // Every row has a label (checked in `solve`), so `row_labels` stays
+        // aligned with `rows`.
         let row_labels: Vec<Label> = rows
             .iter()
             .filter_map(|&i| labels.get(i).copied())
@@ -474,6 +497,9 @@ impl<'a> Objective<'a> {
         }
     }
 
+    /// Row `i` of the matrix. `solve` checked that `data` is
+    /// `[labels, dim]` and that every row index is below the label count, so
+    /// the range is always inside `data` and the empty fallback is unreachable.
     fn row(&self, i: usize) -> &[f32] {
         self.data
             .get(i * self.dim..(i + 1) * self.dim)
