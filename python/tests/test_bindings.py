@@ -449,3 +449,31 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
         sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"samples": {"cap_at_median_multiple": 0.5}})
     with pytest.raises(sf.InvalidParameterError):
         sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"bogus": 1})
+
+
+def test_set_num_threads_sizes_the_pool_once():
+    # A fresh interpreter: this test process has already started the pool.
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+import safe_fedllm as sf
+try:
+    sf.set_num_threads(0)
+except sf.InvalidParameterError as e:
+    assert e.param == "num_threads"
+else:
+    raise AssertionError("0 threads accepted")
+sf.set_num_threads(1)
+try:
+    sf.set_num_threads(2)
+except sf.ThreadPoolError as e:
+    assert e.kind == "thread_pool"
+else:
+    raise AssertionError("the pool was sized twice")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
