@@ -331,7 +331,7 @@ pub(crate) struct Mapped {
 }
 
 /// Maps a kernel over every chunk, writing one output value per coordinate.
-/// `init` makes per-thread scratch space.
+/// `init` makes scratch space, once per rayon task (it must not carry results).
 pub(crate) fn map<S, Init, Kernel>(
     round: &Round<'_>,
     members: &[usize],
@@ -369,22 +369,36 @@ where
             start += len;
         }
     }
-    let workers = drive_chunks(
-        round,
-        members,
+    let values = round.dim.saturating_mul(members.len().max(1));
+    let group = parallel::group_len(items.len(), values);
+    // The kernel's state is scratch (sort buffers, f64 rows): made once per
+    // rayon task and reused across the groups it runs, never once per group,
+    // since a fresh m × CHUNK buffer per group is a page-faulting allocation
+    // each time (measured: the median ran 30 % slower that way).
+    let groups = parallel::fold_groups(
         items,
-        || (init(), true),
-        |scratch, (state, finite): &mut (S, bool), (span, out): (Span, &mut [f32])| {
-            let chunk = chunk_at(round, members, span, scratch)?;
-            kernel(state, &chunk, out);
-            *finite &= all_finite(out);
-            Ok(())
+        group,
+        || (Vec::new(), init()),
+        || Worker::new(true),
+        |(scratch, state): &mut (Vec<f32>, S),
+         w: &mut Worker<bool>,
+         (span, out): (Span, &mut [f32])| {
+            if w.failed.is_some() {
+                return;
+            }
+            match chunk_at(round, members, span, scratch) {
+                Ok(chunk) => {
+                    kernel(state, &chunk, out);
+                    w.state &= all_finite(out);
+                }
+                Err(e) => w.failed = Some(e),
+            }
         },
     );
-    let states = finish(workers)?;
+    let finite = finish(groups)?.into_iter().all(|finite| finite);
     Ok(Mapped {
         segments: outputs,
-        finite: states.iter().all(|(_, finite)| *finite),
+        finite,
     })
 }
 
