@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # Before/after figures for the move to rayon (issue 10, item 1), and its thread scaling.
 #
-#   (a) builds the commit before the change (BEFORE, default 880f93f: scoped threads per
-#       call) in a temporary git worktree and saves criterion baselines `before` for the
-#       aggregation, feature-extraction and probe-training benches;
-#   (b) runs the same benches on this tree with `--baseline before`, so criterion prints
-#       the change per bench ("change: [...] Performance has improved/regressed");
+#   (a) checks out the commit before the change (BEFORE, default 880f93f: scoped threads
+#       per call) in a temporary git worktree;
+#   (b) runs the aggregation, feature-extraction and probe-training benches on both trees,
+#       interleaved ROUNDS times (default 3), and prints the median per bench and tree
+#       and the after/before ratio;
 #   (c) runs FedAvg, Krum, the coordinate median and feature extraction on this tree with
-#       RAYON_NUM_THREADS=1 and =2 (baselines `threads1`, `threads2`) for the scaling figure.
+#       RAYON_NUM_THREADS=1 and =2 (twice each, interleaved) for the scaling figure.
 #
-# Both trees build into the same CARGO_TARGET_DIR and criterion writes every baseline to
-# the same CRITERION_HOME, so the baselines are comparable. Time it on a quiet machine
-# (the script takes the same lock as bench_side_by_side.sh).
+# Both trees build into the same CARGO_TARGET_DIR. Time it on a quiet machine (the
+# script takes the same lock as bench_side_by_side.sh).
 #
 #   scripts/bench_threads.sh                 # full run
 #   QUICK=1 scripts/bench_threads.sh         # smoke test: tiny warm-up/measurement, one
@@ -61,25 +60,36 @@ rmdir "$WT"
 cleanup() { git -C "$ROOT" worktree remove --force "$WT" 2>/dev/null || true; }
 trap cleanup EXIT
 git -C "$ROOT" worktree add --detach "$WT" "$BEFORE" >/dev/null
-echo "== (a) before: $(git -C "$WT" log -1 --format='%h %s')"
-(
-  cd "$WT"
-  # Fixtures (if any bench reads them) live beside the sources; the worktree has them.
-  bench aggregate "$AGG" --save-baseline before
-  bench features "$FEAT" --save-baseline before
-  bench probe "$PROBE" --save-baseline before
-)
+echo "== before: $(git -C "$WT" log -1 --format='%h %s')"
+echo "== after:  $(git log -1 --format='%h %s')"
 
-# (b) this tree against the `before` baseline.
-echo "== (b) after: $(git log -1 --format='%h %s') (change against 'before')"
-bench aggregate "$AGG" --baseline before
-bench features "$FEAT" --baseline before
-bench probe "$PROBE" --baseline before
+# (b) before and after, interleaved ROUNDS times: this machine drifts by ~10 %
+# over minutes, so a before-then-after sequence would time the drift. Each
+# round runs both trees back to back; the summary gives the median over rounds
+# of criterion's point estimate, per tree, and the after/before ratio.
+ROUNDS=${ROUNDS:-3}
+LOG=$(mktemp /tmp/safe-fedllm-bench-threads.XXXXXX)
+for round in $(seq "$ROUNDS"); do
+  for tree in before after; do
+    dir=$ROOT
+    [[ $tree == before ]] && dir=$WT
+    echo "== round $round: $tree"
+    (
+      cd "$dir"
+      bench aggregate "$AGG"
+      bench features "$FEAT"
+      bench probe "$PROBE"
+    ) | sed "s/^/$tree\t/" | tee -a "$LOG"
+  done
+done
 
 # (c) thread scaling of this tree (rayon's global pool, sized by RAYON_NUM_THREADS).
-for threads in 1 2; do
-  echo "== (c) RAYON_NUM_THREADS=$threads"
-  RAYON_NUM_THREADS=$threads bench aggregate "$SCALE_AGG" --save-baseline "threads$threads"
-  RAYON_NUM_THREADS=$threads bench features "$FEAT" --save-baseline "threads$threads"
+for threads in 1 2 1 2; do
+  echo "== RAYON_NUM_THREADS=$threads"
+  (
+    RAYON_NUM_THREADS=$threads bench aggregate "$SCALE_AGG"
+    RAYON_NUM_THREADS=$threads bench features "$FEAT"
+  ) | sed "s/^/threads$threads\t/" | tee -a "$LOG"
 done
 echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 "$ROOT/scripts/bench_threads_summary.py" "$LOG"
