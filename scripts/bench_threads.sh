@@ -24,6 +24,11 @@ ROOT=$(pwd)
 BEFORE=${BEFORE:-880f93f}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 export CRITERION_HOME=${CRITERION_HOME:-$CARGO_TARGET_DIR/criterion}
+# One codegen unit for every crate of both trees: with the default 16, code
+# layout alone moved Krum by up to 20 % between builds of identical kernels,
+# which would be timed as a before/after difference (Cargo.toml sets the same
+# for this crate; the environment makes the before tree match).
+export CARGO_PROFILE_BENCH_CODEGEN_UNITS=1
 
 if [[ -n "${QUICK:-}" ]]; then
   TIMES=(--warm-up-time 0.1 --measurement-time 0.2 --noplot)

@@ -11,6 +11,8 @@ times = defaultdict(list)  # (tree, bench) -> [ms]
 pending = {}  # tree -> bench id whose time line has not come yet
 for line in open(sys.argv[1], encoding="utf-8"):
     tree, _, rest = line.rstrip("\n").partition("\t")
+    if "%" in rest or "thrpt:" in rest:
+        continue  # criterion's change against its last run, throughput lines
     m = re.match(r"^(\S+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) ", rest)
     if m:
         bench = rest.split()[0]
@@ -21,7 +23,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
             if rest.strip() and not rest.startswith(" "):
                 pending[tree] = rest.split()[0]
             continue
-    value, unit = m.group(1), m.group(2)
+    value, unit = m.group(m.lastindex - 1), m.group(m.lastindex)
     times[(tree, bench)].append(float(value) * UNITS[unit])
     pending.pop(tree, None)
 
