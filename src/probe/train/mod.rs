@@ -22,7 +22,9 @@ mod logistic;
 #[cfg(feature = "linfa")]
 pub use self::linfa::{LinfaLogistic, LinfaSvm};
 pub use logistic::{ClassWeight, EarlyStopping, Intercept, LogisticParams, ValidLogisticParams};
-pub(crate) use logistic::{settings_json, split_solution};
+#[cfg(feature = "linfa")]
+pub(crate) use logistic::settings_json;
+pub(crate) use logistic::split_solution;
 
 /// Fits a linear model s = σ(wᵀx + b), s = P(malicious), to a feature matrix.
 ///
