@@ -21,10 +21,10 @@ mod logistic;
 
 #[cfg(feature = "linfa")]
 pub use self::linfa::{LinfaLogistic, LinfaSvm};
-pub use logistic::{ClassWeight, EarlyStopping, Intercept, LogisticParams, ValidLogisticParams};
 #[cfg(feature = "linfa")]
 pub(crate) use logistic::settings_json;
 pub(crate) use logistic::split_solution;
+pub use logistic::{ClassWeight, EarlyStopping, Intercept, LogisticParams, ValidLogisticParams};
 
 /// Fits a linear model s = σ(wᵀx + b), s = P(malicious), to a feature matrix.
 ///
