@@ -433,11 +433,20 @@ fn path_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> Err
     let path = error.path().to_string();
     let reason = error.inner().to_string();
     let (key, suggestion) = match unknown_field(&reason) {
-        Some((field, expected)) => {
+        Some((field, expected, is_field)) => {
+            // The path ends at the key holding the bad name: an unknown
+            // field's own key, or the tag (`level`, `rule`) of an unknown variant.
+            // The path ends at the key holding the bad name (an unknown
+            // field's own key, the tag of an unknown variant), except inside
+            // a tagged section (`detector`, `aggregator`), whose content
+            // serde reads as a whole: there the field is appended.
+            let ends_at_field = path == field || path.ends_with(&format!(".{field}"));
             let key = if path == "." || path.is_empty() {
                 field.clone()
-            } else {
+            } else if is_field && !ends_at_field {
                 format!("{path}.{field}")
+            } else {
+                path
             };
             let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
             (key, closest(&field, &expected))
@@ -453,11 +462,11 @@ fn path_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> Err
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown
 /// variant"), as the name and the expected names.
-fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
-    let rest = message
-        .split_once("unknown field `")
-        .or_else(|| message.split_once("unknown variant `"))?
-        .1;
+fn unknown_field(message: &str) -> Option<(String, Vec<String>, bool)> {
+    let (rest, is_field) = match message.split_once("unknown field `") {
+        Some((_, rest)) => (rest, true),
+        None => (message.split_once("unknown variant `")?.1, false),
+    };
     let (field, tail) = rest.split_once('`')?;
     let expected = tail
         .split('`')
@@ -465,7 +474,7 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
         .step_by(2)
         .map(str::to_owned)
         .collect();
-    Some((field.to_owned(), expected))
+    Some((field.to_owned(), expected, is_field))
 }
 
 fn first_line(message: &str) -> String {
@@ -488,9 +497,16 @@ mod tests {
 
     #[test]
     fn unknown_field_reads_serde_messages() {
-        let (f, e) = unknown_field("unknown field `ff`, expected one of `f`, `variant`").unwrap();
+        let (f, e, is_field) =
+            unknown_field("unknown field `ff`, expected one of `f`, `variant`").unwrap();
         assert_eq!(f, "ff");
         assert_eq!(e, ["f", "variant"]);
+        assert!(is_field);
+        assert!(
+            !unknown_field("unknown variant `krumm`, expected `krum`")
+                .unwrap()
+                .2
+        );
         assert_eq!(unknown_field("invalid type: string"), None);
     }
 
