@@ -4,7 +4,7 @@
 Reads the matrix that `cargo bench --bench probe` writes to
 target/probe-bench/ (2,500 x 40,960 f32, L2-normalised rows; first 2,000 rows
 train, last 500 held out), fits scikit-learn's LogisticRegression with the
-objective of the crate's default trainer (lbfgs, C=1, class_weight="balanced",
+objective of the crate's plain trainer, LogisticParams::default() (lbfgs, C=1, class_weight="balanced",
 tol=1e-4, max_iter=100), and prints its median fit time and held-out ROC AUC
 next to the Rust figures of the same run (criterion's median from
 target/criterion, AUC and held-out scores from target/probe-bench/rust_results.json).

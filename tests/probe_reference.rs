@@ -1,4 +1,4 @@
-//! The default trainer and the evaluation helpers against scikit-learn.
+//! The plain logistic trainer and the evaluation helpers against scikit-learn.
 //!
 //! Reference vectors: `fixtures/probe/logistic.json`, written by
 //! `fixtures/probe/generate.py` (scikit-learn `LogisticRegression`, lbfgs,

@@ -372,7 +372,8 @@ pub struct CalibrationReport {
 
 /// Calibrated probes: the regularisation chosen by group cross-validation,
 /// probabilities calibrated on out-of-fold scores, and a threshold chosen in
-/// the terms a server operator cares about.
+/// the terms a server operator cares about. The default trainer
+/// ([`ProbeBuilder::default`](crate::probe::ProbeBuilder::default)).
 ///
 /// # Why
 ///
@@ -384,7 +385,7 @@ pub struct CalibrationReport {
 ///
 /// 1. **C by group k-fold.** For each C of a grid, each of `k` folds from
 ///    [`stratified_group_k_fold`] (no run or client straddles folds) is fitted
-///    with the default L-BFGS trainer ([`LogisticParams`], warm-started along
+///    with the plain L-BFGS trainer ([`LogisticParams`], warm-started along
 ///    the grid as scikit-learn's `LogisticRegressionCV` does), giving an
 ///    out-of-fold (OOF) decision value zᵢ for every sample. The C with the
 ///    lowest OOF log loss wins (ties: the smaller C).

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::features::{FeatureConfig, FeatureSpec};
 use crate::lora::TensorSource;
 use crate::parallel::{MIN_PART_WORK, map_parts, part_count, split_ranges};
-use crate::probe::calibrate::CalibrationReport;
+use crate::probe::calibrate::{CalibratedParams, CalibrationReport};
 use crate::probe::dataset::Manifest;
 use crate::probe::kernels::{dot, sigmoid};
 use crate::probe::linear::{LinearProbe, ProbeInfo, TrainingSummary, check_threshold};
@@ -231,11 +231,16 @@ pub(crate) fn class_counts(labels: &[Label]) -> (usize, usize) {
 /// builds the training matrix (through a sketch when one is set), runs the
 /// trainer and attaches the threshold and provenance.
 ///
-/// Defaults: the given trainer, [`FeatureConfig::default`] (`first_layer_b`,
-/// L2), no sketch, and the threshold the trainer chose (a
+/// Defaults: the given trainer ([`ProbeBuilder::default`] gives the default
+/// trainer, [`CalibratedParams`](crate::probe::CalibratedParams)),
+/// [`FeatureConfig::default`] (`first_layer_b`, L2), no sketch, and the
+/// threshold the trainer chose (a
 /// [`CalibratedParams`](crate::probe::CalibratedParams) fit picks τ by its [`Threshold`](crate::probe::Threshold)
 /// policy on out-of-fold scores), else [`DEFAULT_THRESHOLD`]. An explicit
 /// [`ProbeBuilder::threshold`] overrides both.
+///
+/// With the plain trainer on four deltas (too few for the default trainer's
+/// five folds) and a threshold set by hand:
 ///
 /// ```
 /// use safe_fedllm::features::{FeatureConfig, Selection};
@@ -264,6 +269,22 @@ pub struct ProbeBuilder<T> {
     features: FeatureConfig,
     sketch: Option<SketchConfig>,
     threshold: Option<f32>,
+}
+
+/// The default trainer, [`CalibratedParams::default`]: C by group k-fold,
+/// Platt-calibrated scores and τ by its [`Threshold`](crate::probe::Threshold)
+/// policy. [`ProbeBuilder::new`] takes any other trainer, such as the plain
+/// [`LogisticParams`].
+///
+/// ```
+/// use safe_fedllm::probe::{CalibratedParams, ProbeBuilder};
+///
+/// assert_eq!(ProbeBuilder::default().trainer(), &CalibratedParams::default());
+/// ```
+impl Default for ProbeBuilder<CalibratedParams> {
+    fn default() -> Self {
+        ProbeBuilder::new(CalibratedParams::default())
+    }
 }
 
 impl<T: Trainer> ProbeBuilder<T> {

@@ -90,8 +90,16 @@ impl EarlyStopping {
     }
 }
 
-/// Settings of the default trainer (unchecked; [`LogisticParams::check`] or
-/// [`Trainer::fit`] validates them).
+/// Settings of the plain logistic trainer (unchecked; [`LogisticParams::check`]
+/// or [`Trainer::fit`] validates them).
+///
+/// One fit at a fixed C, fast, and the probe keeps τ at
+/// [`DEFAULT_THRESHOLD`](crate::probe::DEFAULT_THRESHOLD) unless told
+/// otherwise. At the default `C = 1` the L2 penalty squeezes scores towards
+/// 0.5, so τ = 0.8 can miss most malicious updates of a perfectly separable
+/// set; the default trainer,
+/// [`CalibratedParams`](crate::probe::CalibratedParams), runs this one inside
+/// and chooses C, calibrates the scores and picks τ.
 ///
 /// | setting | default | valid |
 /// |---|---|---|
