@@ -707,3 +707,33 @@ impl Error {
         matches!(self.root(), Error::Invariant { .. })
     }
 }
+
+/// `Ok(())` when `ok`, else [`Error::parameter`]: the one check every
+/// params type's validation is written with.
+pub(crate) fn check_parameter(
+    ok: bool,
+    component: &'static str,
+    name: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::parameter(component, name, value, expected))
+    }
+}
+
+/// `Ok(())` when `found == expected`, else [`Error::LengthMismatch`]
+/// naming what was being paired.
+pub(crate) fn check_length(what: &'static str, expected: usize, found: usize) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            found,
+        })
+    }
+}

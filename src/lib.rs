@@ -105,6 +105,9 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
 pub mod aggregate;
 pub mod attack;
 mod client;

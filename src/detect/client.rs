@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_PIVOT, DEFAULT_STEEPNESS,
-    DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_finite, check_state,
-    check_unit, invalid_param,
+    DefenseLevel, Detector, LevelRepr, MissingEvidence, Verdict, check_positive_finite,
+    check_state, check_unit,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 
 /// Unchecked client-level settings; [`ClientLevelParams::build`] validates them.
 ///
@@ -44,52 +44,31 @@ impl Default for ClientLevelParams {
 }
 
 impl ClientLevelParams {
-    /// Slope k (> 0) of both sigmoid halves.
-    pub fn steepness(mut self, k: f64) -> Self {
-        self.steepness = k;
-        self
-    }
-
-    /// Pivot p ∈ (0, 1) where the two sigmoid halves meet (t = 0.5 there,
-    /// up to the halves' saturation): scores below p map into [0, 0.5],
-    /// scores above into [0.5, 1].
-    pub fn pivot(mut self, pivot: f64) -> Self {
-        self.pivot = pivot;
-        self
-    }
-
-    /// Rounds 0..R update the mean; from round R on every client keeps its
-    /// mean (1.0 for a client never assessed). `None` updates every round.
-    pub fn active_rounds(mut self, rounds: Option<u32>) -> Self {
-        self.active_rounds = rounds;
-        self
-    }
-
-    /// Lower bound ∈ [0, 1] of every factor (the stored mean is not clamped).
-    pub fn min_weight(mut self, min_weight: f64) -> Self {
-        self.min_weight = min_weight;
-        self
-    }
-
-    /// How a missing last-step score counts. Default
-    /// [`MissingEvidence::Malicious`]: s = 1, as in the reference.
-    pub fn missing_score(mut self, policy: MissingEvidence) -> Self {
-        self.missing_score = policy;
-        self
+    setters! {
+        /// Slope k (> 0) of both sigmoid halves.
+        steepness: f64;
+        /// Pivot p ∈ (0, 1) where the two sigmoid halves meet (t = 0.5 there,
+        /// up to the halves' saturation): scores below p map into [0, 0.5],
+        /// scores above into [0.5, 1].
+        pivot: f64;
+        /// Rounds 0..R update the mean; from round R on every client keeps its
+        /// mean (1.0 for a client never assessed). `None` updates every round.
+        active_rounds: Option<u32>;
+        /// Lower bound ∈ [0, 1] of every factor (the stored mean is not clamped).
+        min_weight: f64;
+        /// How a missing last-step score counts. Default
+        /// [`MissingEvidence::Malicious`]: s = 1, as in the reference.
+        missing_score: MissingEvidence;
     }
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_positive_finite("client level", "steepness", self.steepness)?;
-        if !(self.pivot.is_finite() && self.pivot > 0.0 && self.pivot < 1.0) {
-            return Err(invalid_param(
-                "client level",
-                "pivot",
-                self.pivot,
-                "a number in (0, 1)",
-            ));
-        }
-        check_unit("client level", "min_weight", self.min_weight)
+        const LEVEL: &str = "client level";
+        check_positive_finite(LEVEL, "steepness", self.steepness)?;
+        let pivot = self.pivot;
+        let ok = pivot.is_finite() && pivot > 0.0 && pivot < 1.0;
+        check_parameter(ok, LEVEL, "pivot", pivot, "a number in (0, 1)")?;
+        check_unit(LEVEL, "min_weight", self.min_weight)
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -160,34 +139,24 @@ pub struct ClientMeanState {
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "ClientLevelRepr")]
+#[serde(try_from = "LevelRepr<ClientLevelParams, ClientMeanState>")]
 pub struct ClientLevel {
     params: ClientLevelParams,
     clients: BTreeMap<ClientId, ClientMeanState>,
 }
 
-#[derive(Deserialize)]
-struct ClientLevelRepr {
-    params: ClientLevelParams,
-    clients: BTreeMap<ClientId, ClientMeanState>,
-}
-
-impl TryFrom<ClientLevelRepr> for ClientLevel {
+impl TryFrom<LevelRepr<ClientLevelParams, ClientMeanState>> for ClientLevel {
     type Error = Error;
 
-    fn try_from(repr: ClientLevelRepr) -> Result<Self> {
-        repr.params.check()?;
-        for state in repr.clients.values() {
+    fn try_from(repr: LevelRepr<ClientLevelParams, ClientMeanState>) -> Result<Self> {
+        let (params, clients) = repr.checked(ClientLevelParams::check, |_, state| {
             let ok = (0.0..=1.0).contains(&state.mean);
             check_state("running mean", ok, state.mean)?;
             // Rounds are u32: no client can have been averaged over more.
             let ok = state.rounds <= u64::from(u32::MAX);
-            check_state("rounds averaged", ok, state.rounds)?;
-        }
-        Ok(ClientLevel {
-            params: repr.params,
-            clients: repr.clients,
-        })
+            check_state("rounds averaged", ok, state.rounds)
+        })?;
+        Ok(ClientLevel { params, clients })
     }
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::detect::shadow::ShadowLevelParams;
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_AUDIT_INTERVAL, DEFAULT_EVIDENCE_MIN,
-    DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_int, check_state,
+    DefenseLevel, Detector, LevelRepr, MissingEvidence, Verdict, check_positive_int, check_state,
 };
 use crate::error::{Error, Result};
 
@@ -44,46 +44,30 @@ impl Default for EvidenceLevelParams {
 }
 
 impl EvidenceLevelParams {
-    /// The shadow-level settings used for the per-round factor (η, batch,
-    /// grad-accum, `min_weight`, missing
-    /// shadow steps).
-    pub fn shadow(mut self, shadow: ShadowLevelParams) -> Self {
-        self.shadow = shadow;
-        self
-    }
-
-    /// Consecutive agreeing verdicts (≥ 1) that freeze a client.
-    pub fn evidence_min(mut self, n: usize) -> Self {
-        self.evidence_min = n;
-        self
-    }
-
-    /// A client frozen as benign is audited in every `interval`-th round it
-    /// takes part in (≥ 1), counted from its freeze or last audit.
-    pub fn audit_interval(mut self, interval: u32) -> Self {
-        self.audit_interval = interval;
-        self
-    }
-
-    /// How a missing last shadow-step score counts. Default
-    /// [`MissingEvidence::Benign`] reproduces the reference (whose
-    /// client level does the opposite); [`MissingEvidence::Malicious`] is the
-    /// safer choice: a client that withholds its last step cannot collect
-    /// benign evidence or pass an audit by doing so.
-    pub fn missing_last_score(mut self, policy: MissingEvidence) -> Self {
-        self.missing_last_score = policy;
-        self
+    setters! {
+        /// The shadow-level settings used for the per-round factor (η, batch,
+        /// grad-accum, `min_weight`, missing
+        /// shadow steps).
+        shadow: ShadowLevelParams;
+        /// Consecutive agreeing verdicts (≥ 1) that freeze a client.
+        evidence_min: usize;
+        /// A client frozen as benign is audited in every `audit_interval`-th round it
+        /// takes part in (≥ 1), counted from its freeze or last audit.
+        audit_interval: u32;
+        /// How a missing last shadow-step score counts. Default
+        /// [`MissingEvidence::Benign`] reproduces the reference (whose
+        /// client level does the opposite); [`MissingEvidence::Malicious`] is the
+        /// safer choice: a client that withholds its last step cannot collect
+        /// benign evidence or pass an audit by doing so.
+        missing_last_score: MissingEvidence;
     }
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
+        const LEVEL: &str = "evidence level";
         self.shadow.check()?;
-        check_positive_int("evidence level", "evidence_min", self.evidence_min as u64)?;
-        check_positive_int(
-            "evidence level",
-            "audit_interval",
-            u64::from(self.audit_interval),
-        )
+        check_positive_int(LEVEL, "evidence_min", self.evidence_min as u64)?;
+        check_positive_int(LEVEL, "audit_interval", u64::from(self.audit_interval))
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -198,24 +182,17 @@ impl Default for EvidenceClientState {
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "EvidenceLevelRepr")]
+#[serde(try_from = "LevelRepr<EvidenceLevelParams, EvidenceClientState>")]
 pub struct EvidenceLevel {
     params: EvidenceLevelParams,
     clients: BTreeMap<ClientId, EvidenceClientState>,
 }
 
-#[derive(Deserialize)]
-struct EvidenceLevelRepr {
-    params: EvidenceLevelParams,
-    clients: BTreeMap<ClientId, EvidenceClientState>,
-}
-
-impl TryFrom<EvidenceLevelRepr> for EvidenceLevel {
+impl TryFrom<LevelRepr<EvidenceLevelParams, EvidenceClientState>> for EvidenceLevel {
     type Error = Error;
 
-    fn try_from(repr: EvidenceLevelRepr) -> Result<Self> {
-        repr.params.check()?;
-        for state in repr.clients.values() {
+    fn try_from(repr: LevelRepr<EvidenceLevelParams, EvidenceClientState>) -> Result<Self> {
+        let (params, clients) = repr.checked(EvidenceLevelParams::check, |params, state| {
             if let EvidenceStatus::FrozenBenign { weight } = state.status {
                 check_state("frozen weight", (0.0..=1.0).contains(&weight), weight)?;
             }
@@ -223,12 +200,9 @@ impl TryFrom<EvidenceLevelRepr> for EvidenceLevel {
                 check_state("evidence factor", (0.0..=1.0).contains(&e.factor), e.factor)?;
             }
             let n = state.evidence.len();
-            check_state("evidence count", n <= repr.params.evidence_min, n)?;
-        }
-        Ok(EvidenceLevel {
-            params: repr.params,
-            clients: repr.clients,
-        })
+            check_state("evidence count", n <= params.evidence_min, n)
+        })?;
+        Ok(EvidenceLevel { params, clients })
     }
 }
 

@@ -50,11 +50,12 @@ mod evidence_level;
 mod shadow;
 mod step;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 
 pub use any::AnyDetector;
 pub use client::{ClientLevel, ClientLevelParams};
@@ -366,46 +367,42 @@ fn count_harmful(scores: &[f32], threshold: f32) -> usize {
     scores.iter().filter(|&&s| s >= threshold).count()
 }
 
-fn invalid_param(
-    component: &'static str,
-    param: &'static str,
-    value: impl fmt::Display,
-    expected: &'static str,
-) -> Error {
-    Error::parameter(component, param, value, expected)
-}
-
 fn check_unit(component: &'static str, param: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() && (0.0..=1.0).contains(&value) {
-        Ok(())
-    } else {
-        Err(invalid_param(
-            component,
-            param,
-            value,
-            "a finite number in [0, 1]",
-        ))
-    }
+    let ok = value.is_finite() && (0.0..=1.0).contains(&value);
+    check_parameter(ok, component, param, value, "a finite number in [0, 1]")
 }
 
 fn check_positive_finite(component: &'static str, param: &'static str, value: f64) -> Result<()> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
-        Err(invalid_param(
-            component,
-            param,
-            value,
-            "a finite number > 0",
-        ))
-    }
+    let ok = value.is_finite() && value > 0.0;
+    check_parameter(ok, component, param, value, "a finite number > 0")
 }
 
 fn check_positive_int(component: &'static str, param: &'static str, value: u64) -> Result<()> {
-    if value > 0 {
-        Ok(())
-    } else {
-        Err(invalid_param(component, param, value, "an integer ≥ 1"))
+    check_parameter(value > 0, component, param, value, "an integer ≥ 1")
+}
+
+/// A level's checkpoint as read: its settings and per-client states, both
+/// unchecked until [`LevelRepr::checked`].
+#[derive(Deserialize)]
+struct LevelRepr<P, S> {
+    params: P,
+    clients: BTreeMap<ClientId, S>,
+}
+
+impl<P, S> LevelRepr<P, S> {
+    /// The settings and client states, once `check` accepts the settings and
+    /// `check_state` every client's state: a checkpoint is untrusted input, so
+    /// a level is rebuilt only from values its own updates could produce.
+    fn checked(
+        self,
+        check: impl FnOnce(&P) -> Result<()>,
+        check_state: impl Fn(&P, &S) -> Result<()>,
+    ) -> Result<(P, BTreeMap<ClientId, S>)> {
+        check(&self.params)?;
+        for state in self.clients.values() {
+            check_state(&self.params, state)?;
+        }
+        Ok((self.params, self.clients))
     }
 }
 
@@ -436,6 +433,102 @@ mod tests {
     #[test]
     fn count_harmful_uses_greater_or_equal() {
         assert_eq!(count_harmful(&[0.8, 0.79, 0.81, 1.0], 0.8), 3);
+    }
+
+    /// Restores `d` from its checkpoint after `tamper` and returns the error
+    /// (the untampered checkpoint must restore `d` itself).
+    fn restore_tampered<T>(d: &T, tamper: impl Fn(&mut serde_json::Value)) -> String
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let mut json = serde_json::to_value(d).unwrap();
+        let back: T = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(&back, d);
+        tamper(&mut json);
+        serde_json::from_value::<T>(json).unwrap_err().to_string()
+    }
+
+    /// The one client's state in a level's checkpoint.
+    fn client_state(json: &mut serde_json::Value) -> &mut serde_json::Value {
+        json["clients"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+            .next()
+            .unwrap()
+    }
+
+    /// A checkpoint is untrusted input: each level refuses settings its
+    /// `check` refuses and client states its own updates cannot produce,
+    /// naming the value.
+    #[test]
+    fn tampered_level_checkpoints_are_rejected() {
+        let id = ClientId::from("c");
+        let e = ClientEvidence::new(32)
+            .with_steps(vec![0.1, 0.9])
+            .with_shadow_steps(vec![0.1, 0.2]);
+        let mut step = StepLevel::params().build().unwrap();
+        let mut client = ClientLevel::params().build().unwrap();
+        let mut evidence = EvidenceLevel::params().build().unwrap();
+        step.assess(0, &id, &e).unwrap();
+        client.assess(0, &id, &e).unwrap();
+        evidence.assess(0, &id, &e).unwrap();
+
+        let cases = [
+            (
+                restore_tampered(&step, |j| j["params"]["decay"] = 2.0.into()),
+                "parameter `decay` = 2",
+            ),
+            (
+                restore_tampered(&step, |j| client_state(j)["alpha"] = (-1.0).into()),
+                "invalid Beta α: -1",
+            ),
+            (
+                restore_tampered(&step, |j| client_state(j)["last_factor"] = 2.0.into()),
+                "invalid factor: 2",
+            ),
+            (
+                restore_tampered(&client, |j| j["params"]["pivot"] = 1.0.into()),
+                "parameter `pivot` = 1",
+            ),
+            (
+                restore_tampered(&client, |j| client_state(j)["mean"] = 1.5.into()),
+                "invalid running mean: 1.5",
+            ),
+            (
+                restore_tampered(&client, |j| {
+                    client_state(j)["rounds"] = (u64::from(u32::MAX) + 1).into()
+                }),
+                "invalid rounds averaged",
+            ),
+            (
+                restore_tampered(&evidence, |j| j["params"]["evidence_min"] = 0.into()),
+                "parameter `evidence_min` = 0",
+            ),
+            (
+                restore_tampered(&evidence, |j| {
+                    client_state(j)["evidence"][0]["factor"] = 3.0.into()
+                }),
+                "invalid evidence factor: 3",
+            ),
+            (
+                restore_tampered(&evidence, |j| {
+                    let entry = client_state(j)["evidence"][0].clone();
+                    client_state(j)["evidence"] = vec![entry; 4].into();
+                }),
+                "invalid evidence count: 4",
+            ),
+            (
+                restore_tampered(&evidence, |j| {
+                    client_state(j)["status"] =
+                        serde_json::json!({"status": "frozen_benign", "weight": 2.0});
+                }),
+                "invalid frozen weight: 2",
+            ),
+        ];
+        for (err, expected) in cases {
+            assert!(err.contains(expected), "{err:?} does not name {expected:?}");
+        }
     }
 
     #[test]

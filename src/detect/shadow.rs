@@ -45,53 +45,33 @@ impl Default for ShadowLevelParams {
 }
 
 impl ShadowLevelParams {
-    /// Exponent η (> 0): a larger η punishes a small harmful share harder
-    /// (η = 7 halves the weight at r ≈ 0.094).
-    pub fn eta(mut self, eta: f64) -> Self {
-        self.eta = eta;
-        self
-    }
-
-    /// Per-device batch size (≥ 1).
-    pub fn batch_size(mut self, batch_size: u64) -> Self {
-        self.batch_size = batch_size;
-        self
-    }
-
-    /// Gradient-accumulation steps (≥ 1).
-    pub fn grad_accum(mut self, grad_accum: u64) -> Self {
-        self.grad_accum = grad_accum;
-        self
-    }
-
-    /// Lower bound ∈ [0, 1] of every factor.
-    pub fn min_weight(mut self, min_weight: f64) -> Self {
-        self.min_weight = min_weight;
-        self
-    }
-
-    /// How a client that reports samples but no shadow step scores counts.
-    /// Default [`MissingEvidence::Benign`] (reference: r = 0, factor 1);
-    /// [`MissingEvidence::Malicious`] sets r = 1 (factor 0).
-    pub fn missing_steps(mut self, policy: MissingEvidence) -> Self {
-        self.missing_steps = policy;
-        self
-    }
-
-    /// How the harmful share r is counted. Default [`SampleCounting::Steps`]
-    /// (r = harmful shadow steps / shadow steps: no declared count can
-    /// dilute it); [`SampleCounting::Reference`] reproduces the paper.
-    pub fn counting(mut self, counting: SampleCounting) -> Self {
-        self.counting = counting;
-        self
+    setters! {
+        /// Exponent η (> 0): a larger η punishes a small harmful share harder
+        /// (η = 7 halves the weight at r ≈ 0.094).
+        eta: f64;
+        /// Per-device batch size (≥ 1).
+        batch_size: u64;
+        /// Gradient-accumulation steps (≥ 1).
+        grad_accum: u64;
+        /// Lower bound ∈ [0, 1] of every factor.
+        min_weight: f64;
+        /// How a client that reports samples but no shadow step scores counts.
+        /// Default [`MissingEvidence::Benign`] (reference: r = 0, factor 1);
+        /// [`MissingEvidence::Malicious`] sets r = 1 (factor 0).
+        missing_steps: MissingEvidence;
+        /// How the harmful share r is counted. Default [`SampleCounting::Steps`]
+        /// (r = harmful shadow steps / shadow steps: no declared count can
+        /// dilute it); [`SampleCounting::Reference`] reproduces the paper.
+        counting: SampleCounting;
     }
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_positive_finite("shadow level", "eta", self.eta)?;
-        check_positive_int("shadow level", "batch_size", self.batch_size)?;
-        check_positive_int("shadow level", "grad_accum", self.grad_accum)?;
-        check_unit("shadow level", "min_weight", self.min_weight)
+        const LEVEL: &str = "shadow level";
+        check_positive_finite(LEVEL, "eta", self.eta)?;
+        check_positive_int(LEVEL, "batch_size", self.batch_size)?;
+        check_positive_int(LEVEL, "grad_accum", self.grad_accum)?;
+        check_unit(LEVEL, "min_weight", self.min_weight)
     }
 
     /// Validates the settings and builds the detector.

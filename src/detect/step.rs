@@ -6,11 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, BranchCounts, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE,
-    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DefenseLevel, Detector, MissingEvidence, SampleCounting,
-    Verdict, apply_min_weight, branch_counts, check_positive_int, check_state, check_unit,
-    invalid_param,
+    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DefenseLevel, Detector, LevelRepr, MissingEvidence,
+    SampleCounting, Verdict, apply_min_weight, branch_counts, check_positive_int, check_state,
+    check_unit,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 
 /// Unchecked step-level settings; [`StepLevelParams::build`] validates them.
 ///
@@ -53,39 +53,30 @@ impl Default for StepLevelParams {
 }
 
 impl StepLevelParams {
-    /// Decay γ ∈ [0, 1] applied to (α, β) before each round's counts are
-    /// added: older rounds weigh γ, γ², … so a client that turns malicious
-    /// loses trust within a few rounds.
-    pub fn decay(mut self, decay: f64) -> Self {
-        self.decay = decay;
-        self
-    }
-
-    /// Per-device batch size (≥ 1): each harmful step stands for
-    /// `batch_size × grad_accum` harmful samples.
-    pub fn batch_size(mut self, batch_size: u64) -> Self {
-        self.batch_size = batch_size;
-        self
-    }
-
-    /// Gradient-accumulation steps (≥ 1).
-    pub fn grad_accum(mut self, grad_accum: u64) -> Self {
-        self.grad_accum = grad_accum;
-        self
-    }
-
-    /// Rounds 0..R update the trust; from round R on every client keeps its
-    /// last factor (a client never assessed gets the prior's α₀/(α₀+β₀)).
-    /// `None` updates every round.
-    pub fn active_rounds(mut self, rounds: Option<u32>) -> Self {
-        self.active_rounds = rounds;
-        self
-    }
-
-    /// Lower bound ∈ [0, 1] of every factor.
-    pub fn min_weight(mut self, min_weight: f64) -> Self {
-        self.min_weight = min_weight;
-        self
+    setters! {
+        /// Decay γ ∈ [0, 1] applied to (α, β) before each round's counts are
+        /// added: older rounds weigh γ, γ², … so a client that turns malicious
+        /// loses trust within a few rounds.
+        decay: f64;
+        /// Per-device batch size (≥ 1): each harmful step stands for
+        /// `batch_size × grad_accum` harmful samples.
+        batch_size: u64;
+        /// Gradient-accumulation steps (≥ 1).
+        grad_accum: u64;
+        /// Rounds 0..R update the trust; from round R on every client keeps its
+        /// last factor (a client never assessed gets the prior's α₀/(α₀+β₀)).
+        /// `None` updates every round.
+        active_rounds: Option<u32>;
+        /// Lower bound ∈ [0, 1] of every factor.
+        min_weight: f64;
+        /// How a client that reports samples but no step scores is counted.
+        /// Default [`MissingEvidence::Benign`] (the reference: no harmful step was
+        /// recorded, so zero harmful samples).
+        missing_steps: MissingEvidence;
+        /// How harmful and benign samples are counted. Default
+        /// [`SampleCounting::Steps`] (no declared count can dilute a verdict);
+        /// [`SampleCounting::Reference`] reproduces the paper.
+        counting: SampleCounting;
     }
 
     /// Initial Beta parameters (α₀, β₀), both finite and ≥ 0.
@@ -94,38 +85,22 @@ impl StepLevelParams {
         self
     }
 
-    /// How a client that reports samples but no step scores is counted.
-    /// Default [`MissingEvidence::Benign`] (the reference: no harmful step was
-    /// recorded, so zero harmful samples).
-    pub fn missing_steps(mut self, policy: MissingEvidence) -> Self {
-        self.missing_steps = policy;
-        self
-    }
-
-    /// How harmful and benign samples are counted. Default
-    /// [`SampleCounting::Steps`] (no declared count can dilute a verdict);
-    /// [`SampleCounting::Reference`] reproduces the paper.
-    pub fn counting(mut self, counting: SampleCounting) -> Self {
-        self.counting = counting;
-        self
-    }
-
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        check_unit("step level", "decay", self.decay)?;
-        check_positive_int("step level", "batch_size", self.batch_size)?;
-        check_positive_int("step level", "grad_accum", self.grad_accum)?;
-        check_unit("step level", "min_weight", self.min_weight)?;
+        const LEVEL: &str = "step level";
+        check_unit(LEVEL, "decay", self.decay)?;
+        check_positive_int(LEVEL, "batch_size", self.batch_size)?;
+        check_positive_int(LEVEL, "grad_accum", self.grad_accum)?;
+        check_unit(LEVEL, "min_weight", self.min_weight)?;
         let (a, b) = self.prior;
-        if !(a.is_finite() && b.is_finite() && a >= 0.0 && b >= 0.0) {
-            return Err(invalid_param(
-                "step level",
-                "prior",
-                format!("({a}, {b})"),
-                "two finite numbers ≥ 0",
-            ));
-        }
-        Ok(())
+        let ok = a.is_finite() && b.is_finite() && a >= 0.0 && b >= 0.0;
+        check_parameter(
+            ok,
+            LEVEL,
+            "prior",
+            format!("({a}, {b})"),
+            "two finite numbers ≥ 0",
+        )
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -193,35 +168,26 @@ pub struct StepClientState {
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "StepLevelRepr")]
+#[serde(try_from = "LevelRepr<StepLevelParams, StepClientState>")]
 pub struct StepLevel {
     params: StepLevelParams,
     clients: BTreeMap<ClientId, StepClientState>,
 }
 
-#[derive(Deserialize)]
-struct StepLevelRepr {
-    params: StepLevelParams,
-    clients: BTreeMap<ClientId, StepClientState>,
-}
-
-impl TryFrom<StepLevelRepr> for StepLevel {
+impl TryFrom<LevelRepr<StepLevelParams, StepClientState>> for StepLevel {
     type Error = Error;
 
-    fn try_from(repr: StepLevelRepr) -> Result<Self> {
-        repr.params.check()?;
-        for state in repr.clients.values() {
+    fn try_from(repr: LevelRepr<StepLevelParams, StepClientState>) -> Result<Self> {
+        let (params, clients) = repr.checked(StepLevelParams::check, |_, state| {
             let ok = |x: f64| x.is_finite() && x >= 0.0;
             check_state("Beta α", ok(state.alpha), state.alpha)?;
             check_state("Beta β", ok(state.beta), state.beta)?;
-            if let Some(f) = state.last_factor {
-                check_state("factor", (0.0..=1.0).contains(&f), f)?;
+            match state.last_factor {
+                Some(f) => check_state("factor", (0.0..=1.0).contains(&f), f),
+                None => Ok(()),
             }
-        }
-        Ok(StepLevel {
-            params: repr.params,
-            clients: repr.clients,
-        })
+        })?;
+        Ok(StepLevel { params, clients })
     }
 }
 

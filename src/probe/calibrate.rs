@@ -7,7 +7,7 @@ use std::str::FromStr;
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_length, check_parameter};
 use crate::probe::eval::{
     Confusion, ECE_BINS, Fold, ThresholdRule, brier_score, expected_calibration_error, roc_auc,
     select_threshold, stratified_group_k_fold,
@@ -225,13 +225,7 @@ impl Platt {
     /// # Ok::<(), safe_fedllm::Error>(())
     /// ```
     pub fn fit(decision: &[f64], labels: &[Label]) -> Result<Platt> {
-        if decision.len() != labels.len() {
-            return Err(Error::LengthMismatch {
-                what: "labels for decision values",
-                expected: decision.len(),
-                found: labels.len(),
-            });
-        }
+        check_length("labels for decision values", decision.len(), labels.len())?;
         if let Some(i) = decision.iter().position(|z| !z.is_finite()) {
             return Err(Error::NonFiniteFeature {
                 what: "decision values",
@@ -461,35 +455,18 @@ impl Default for CalibratedParams {
 }
 
 impl CalibratedParams {
-    /// The inner trainer's settings (class weights, tolerance, threads, …);
-    /// its `c` is replaced by each value of the grid.
-    pub fn base(mut self, base: LogisticParams) -> Self {
-        self.base = base;
-        self
-    }
-
-    /// The values of C to try.
-    pub fn c_grid(mut self, c_grid: Vec<f64>) -> Self {
-        self.c_grid = c_grid;
-        self
-    }
-
-    /// Number of folds.
-    pub fn folds(mut self, folds: usize) -> Self {
-        self.folds = folds;
-        self
-    }
-
-    /// Seed of the fold assignment.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// Threshold policy.
-    pub fn threshold(mut self, threshold: Threshold) -> Self {
-        self.threshold = threshold;
-        self
+    setters! {
+        /// The inner trainer's settings (class weights, tolerance, threads, …);
+        /// its `c` is replaced by each value of the grid.
+        base: LogisticParams;
+        /// The values of C to try.
+        c_grid: Vec<f64>;
+        /// Number of folds.
+        folds: usize;
+        /// Seed of the fold assignment.
+        seed: u64;
+        /// Threshold policy.
+        threshold: Threshold;
     }
 
     /// The threshold policy.
@@ -498,27 +475,21 @@ impl CalibratedParams {
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |name: &'static str, value: String, expected: &'static str| {
-            Err(Error::InvalidParameter {
-                component: "calibrated trainer",
-                name,
-                value,
-                expected,
-            })
-        };
-        if self.c_grid.is_empty() || self.c_grid.len() > 64 {
-            return bad(
-                "c_grid",
-                format!("{} values", self.c_grid.len()),
-                "1 to 64 values",
-            );
-        }
+        const TRAINER: &str = "calibrated trainer";
+        let n = self.c_grid.len();
+        let ok = (1..=64).contains(&n);
+        check_parameter(
+            ok,
+            TRAINER,
+            "c_grid",
+            format!("{n} values"),
+            "1 to 64 values",
+        )?;
         if let Some(c) = self.c_grid.iter().find(|c| !(c.is_finite() && **c > 0.0)) {
-            return bad("c_grid", c.to_string(), "finite values > 0");
+            return Err(Error::parameter(TRAINER, "c_grid", c, "finite values > 0"));
         }
-        if !(2..=100).contains(&self.folds) {
-            return bad("folds", self.folds.to_string(), "2 ..= 100");
-        }
+        let ok = (2..=100).contains(&self.folds);
+        check_parameter(ok, TRAINER, "folds", self.folds, "2 ..= 100")?;
         self.threshold.check()
     }
 }

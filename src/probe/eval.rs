@@ -25,7 +25,7 @@
 use ndarray::{ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_length};
 use crate::probe::Label;
 use crate::probe::train::{Trainer, check_both_classes};
 use crate::rng::Rng;
@@ -191,12 +191,7 @@ pub fn expected_calibration_error(scores: &[f32], labels: &[Label], bins: usize)
     check_pairs(scores, labels)?;
     check_probabilities(scores)?;
     if bins == 0 {
-        return Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "bins",
-            value: "0".into(),
-            expected: ">= 1",
-        });
+        return Err(Error::parameter("probe evaluation", "bins", 0, ">= 1"));
     }
     let mut count = vec![0usize; bins];
     let mut score_sum = vec![0.0f64; bins];
@@ -239,24 +234,18 @@ pub fn brier_score(scores: &[f32], labels: &[Label]) -> Result<f64> {
 
 fn check_probabilities(scores: &[f32]) -> Result<()> {
     match scores.iter().find(|s| !(0.0..=1.0).contains(*s)) {
-        Some(s) => Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "scores",
-            value: s.to_string(),
-            expected: "probabilities in [0, 1]",
-        }),
+        Some(s) => Err(Error::parameter(
+            "probe evaluation",
+            "scores",
+            s,
+            "probabilities in [0, 1]",
+        )),
         None => Ok(()),
     }
 }
 
 fn check_pairs(scores: &[f32], labels: &[Label]) -> Result<()> {
-    if scores.len() != labels.len() {
-        return Err(Error::LengthMismatch {
-            what: "labels for scores",
-            expected: scores.len(),
-            found: labels.len(),
-        });
-    }
+    check_length("labels for scores", scores.len(), labels.len())?;
     if scores.is_empty() {
         return Err(Error::Empty { what: "scores" });
     }
@@ -341,12 +330,12 @@ pub fn select_threshold(
     if let ThresholdRule::TargetFalsePositiveRate(target) = rule
         && !(0.0..=1.0).contains(&target)
     {
-        return Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "target_false_positive_rate",
-            value: target.to_string(),
-            expected: "in [0, 1]",
-        });
+        return Err(Error::parameter(
+            "probe evaluation",
+            "target_false_positive_rate",
+            target,
+            "in [0, 1]",
+        ));
     }
     let mut candidates: Vec<f32> = scores.to_vec();
     candidates.sort_by(|a, b| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal));
@@ -407,12 +396,7 @@ pub struct Fold {
 /// than `k` samples (a fold would miss it).
 pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fold>> {
     if k < 2 {
-        return Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "k",
-            value: k.to_string(),
-            expected: ">= 2",
-        });
+        return Err(Error::parameter("probe evaluation", "k", k, ">= 2"));
     }
     let mut rng = Rng::new(seed);
     let mut fold_of = vec![0usize; labels.len()];
@@ -421,12 +405,12 @@ pub fn stratified_k_fold(labels: &[Label], k: usize, seed: u64) -> Result<Vec<Fo
             .filter(|&i| labels.get(i) == Some(&class))
             .collect();
         if rows.len() < k {
-            return Err(Error::InvalidParameter {
-                component: "probe evaluation",
-                name: "k",
-                value: k.to_string(),
-                expected: "at most the number of samples of the smaller class",
-            });
+            return Err(Error::parameter(
+                "probe evaluation",
+                "k",
+                k,
+                "at most the number of samples of the smaller class",
+            ));
         }
         rng.shuffle(&mut rows);
         for (position, row) in rows.into_iter().enumerate() {
@@ -485,20 +469,9 @@ pub fn stratified_group_k_fold(
     k: usize,
     seed: u64,
 ) -> Result<Vec<Fold>> {
-    if groups.len() != labels.len() {
-        return Err(Error::LengthMismatch {
-            what: "group ids for labels",
-            expected: labels.len(),
-            found: groups.len(),
-        });
-    }
+    check_length("group ids for labels", labels.len(), groups.len())?;
     if k < 2 {
-        return Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "k",
-            value: k.to_string(),
-            expected: ">= 2",
-        });
+        return Err(Error::parameter("probe evaluation", "k", k, ">= 2"));
     }
     // Dense group index and per-group class counts [benign, malicious].
     let mut index: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
@@ -520,12 +493,12 @@ pub fn stratified_group_k_fold(
         group_of.push(dense);
     }
     if counts.len() < k {
-        return Err(Error::InvalidParameter {
-            component: "probe evaluation",
-            name: "k",
-            value: k.to_string(),
-            expected: "at most the number of distinct groups",
-        });
+        return Err(Error::parameter(
+            "probe evaluation",
+            "k",
+            k,
+            "at most the number of distinct groups",
+        ));
     }
     let totals = counts
         .iter()
@@ -604,13 +577,7 @@ pub fn cross_validate<T: Trainer>(
     seed: u64,
     threshold: f32,
 ) -> Result<Vec<Evaluation>> {
-    if labels.len() != x.nrows() {
-        return Err(Error::LengthMismatch {
-            what: "labels for feature rows",
-            expected: x.nrows(),
-            found: labels.len(),
-        });
-    }
+    check_length("labels for feature rows", x.nrows(), labels.len())?;
     stratified_k_fold(labels, k, seed)?
         .into_iter()
         .map(|fold| {

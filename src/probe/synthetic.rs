@@ -22,7 +22,7 @@
 
 use ndarray::Array2;
 
-use crate::error::{Error, Result};
+use crate::error::{Result, check_parameter};
 use crate::features::l2_normalise;
 use crate::probe::Label;
 use crate::rng::Rng;
@@ -53,36 +53,19 @@ impl SyntheticConfig {
         }
     }
 
-    /// Rank of the class subspace (≥ 1).
-    pub fn rank(mut self, rank: usize) -> Self {
-        self.rank = rank;
-        self
-    }
-
-    /// Distance of each class mean from the centre, along μ (finite, ≥ 0).
-    pub fn separation(mut self, separation: f64) -> Self {
-        self.separation = separation;
-        self
-    }
-
-    /// Norm scale of the isotropic noise (finite, ≥ 0).
-    pub fn noise(mut self, noise: f64) -> Self {
-        self.noise = noise;
-        self
-    }
-
-    /// Expected share of malicious rows, in [0, 1]; each row is malicious
-    /// with this probability, and the first two rows are one of each class
-    /// so both are always present.
-    pub fn malicious_fraction(mut self, fraction: f64) -> Self {
-        self.malicious_fraction = fraction;
-        self
-    }
-
-    /// Seed.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
+    setters! {
+        /// Rank of the class subspace (≥ 1).
+        rank: usize;
+        /// Distance of each class mean from the centre, along μ (finite, ≥ 0).
+        separation: f64;
+        /// Norm scale of the isotropic noise (finite, ≥ 0).
+        noise: f64;
+        /// Expected share of malicious rows, in [0, 1]; each row is malicious
+        /// with this probability, and the first two rows are one of each class
+        /// so both are always present.
+        malicious_fraction: f64;
+        /// Seed.
+        seed: u64;
     }
 
     /// Generates `[samples, dim]` L2-normalised rows and their labels.
@@ -136,35 +119,16 @@ impl SyntheticConfig {
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |name, value: String, expected| {
-            Err(Error::InvalidParameter {
-                component: "synthetic data",
-                name,
-                value,
-                expected,
-            })
-        };
-        if self.samples < 2 {
-            return bad("samples", self.samples.to_string(), ">= 2");
-        }
-        if self.dim == 0 {
-            return bad("dim", self.dim.to_string(), ">= 1");
-        }
-        if self.rank == 0 {
-            return bad("rank", self.rank.to_string(), ">= 1");
-        }
+        const DATA: &str = "synthetic data";
+        check_parameter(self.samples >= 2, DATA, "samples", self.samples, ">= 2")?;
+        check_parameter(self.dim >= 1, DATA, "dim", self.dim, ">= 1")?;
+        check_parameter(self.rank >= 1, DATA, "rank", self.rank, ">= 1")?;
         for (name, v) in [("separation", self.separation), ("noise", self.noise)] {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad(name, v.to_string(), "finite, >= 0");
-            }
+            check_parameter(v.is_finite() && v >= 0.0, DATA, name, v, "finite, >= 0")?;
         }
-        if !(0.0..=1.0).contains(&self.malicious_fraction) {
-            return bad(
-                "malicious_fraction",
-                self.malicious_fraction.to_string(),
-                "in [0, 1]",
-            );
-        }
+        let fraction = self.malicious_fraction;
+        let ok = (0.0..=1.0).contains(&fraction);
+        check_parameter(ok, DATA, "malicious_fraction", fraction, "in [0, 1]")?;
         Ok(())
     }
 }

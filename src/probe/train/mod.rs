@@ -4,7 +4,7 @@
 use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_length};
 use crate::features::{FeatureConfig, FeatureSpec};
 use crate::lora::TensorSource;
 use crate::parallel::{MIN_PART_WORK, map_parts, part_count, split_ranges};
@@ -156,13 +156,7 @@ impl LinearModel {
 /// Errors: [`Error::LengthMismatch`], [`Error::Empty`], [`Error::MissingClass`],
 /// [`Error::NonFiniteFeature`] (with row and column).
 pub fn check_training_set(x: ArrayView2<'_, f32>, labels: &[Label]) -> Result<()> {
-    if labels.len() != x.nrows() {
-        return Err(Error::LengthMismatch {
-            what: "labels for feature rows",
-            expected: x.nrows(),
-            found: labels.len(),
-        });
-    }
+    check_length("labels for feature rows", x.nrows(), labels.len())?;
     if x.nrows() == 0 || x.ncols() == 0 {
         return Err(Error::Empty {
             what: "training feature matrix",
@@ -343,13 +337,7 @@ impl<T: Trainer> ProbeBuilder<T> {
     ) -> Result<LinearProbe> {
         self.check_threshold()?;
         let spec = self.features.fit(deltas)?;
-        if labels.len() != deltas.len() {
-            return Err(Error::LengthMismatch {
-                what: "labels for deltas",
-                expected: deltas.len(),
-                found: labels.len(),
-            });
-        }
+        check_length("labels for deltas", deltas.len(), labels.len())?;
         let sketch = self.build_sketch(spec.dim())?;
         let x = feature_matrix(&spec, deltas, sketch.as_ref())?;
         self.train(spec, x.view(), labels, groups, sketch.as_ref())
@@ -363,13 +351,7 @@ impl<T: Trainer> ProbeBuilder<T> {
         labels: &[Label],
     ) -> Result<LinearProbe> {
         self.check_threshold()?;
-        if labels.len() != deltas.len() {
-            return Err(Error::LengthMismatch {
-                what: "labels for deltas",
-                expected: deltas.len(),
-                found: labels.len(),
-            });
-        }
+        check_length("labels for deltas", deltas.len(), labels.len())?;
         let sketch = self.build_sketch(spec.dim())?;
         let x = feature_matrix(&spec, deltas, sketch.as_ref())?;
         self.train(spec, x.view(), labels, None, sketch.as_ref())

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use self::lbfgs::Lbfgs;
 use self::objective::{Objective, check_layout, split_rows};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::probe::Label;
 use crate::probe::train::{FitReport, LinearModel, Trainer, TrainerInfo, check_training_set};
 
@@ -151,124 +151,63 @@ impl Default for LogisticParams {
 }
 
 impl LogisticParams {
-    /// Inverse regularisation strength, as scikit-learn's `C`.
-    pub fn c(mut self, c: f64) -> Self {
-        self.c = c;
-        self
-    }
-
-    /// Sample weighting.
-    pub fn class_weight(mut self, class_weight: ClassWeight) -> Self {
-        self.class_weight = class_weight;
-        self
-    }
-
-    /// Bias term or none.
-    pub fn intercept(mut self, intercept: Intercept) -> Self {
-        self.intercept = intercept;
-        self
-    }
-
-    /// Iteration limit.
-    pub fn max_iterations(mut self, max_iterations: usize) -> Self {
-        self.max_iterations = max_iterations;
-        self
-    }
-
-    /// Convergence tolerance on the largest gradient component.
-    pub fn tolerance(mut self, tolerance: f64) -> Self {
-        self.tolerance = tolerance;
-        self
-    }
-
-    /// Number of L-BFGS correction pairs kept.
-    pub fn memory(mut self, memory: usize) -> Self {
-        self.memory = memory;
-        self
-    }
-
-    /// Kept for compatibility (configurations and saved parameters that set
-    /// it still load and validate); it no longer changes anything.
-    ///
-    /// The trainer runs on the caller's current rayon pool, like all of the
-    /// crate's parallel work: cap its threads with
-    /// `rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(|| ..)`
-    /// or `RAYON_NUM_THREADS` (see the [`aggregate`](crate::aggregate) module
-    /// docs). The fitted model is the same on any number of threads.
-    pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = threads;
-        self
-    }
-
-    /// Early stopping policy.
-    pub fn early_stopping(mut self, early_stopping: EarlyStopping) -> Self {
-        self.early_stopping = early_stopping;
-        self
+    setters! {
+        /// Inverse regularisation strength, as scikit-learn's `C`.
+        c: f64;
+        /// Sample weighting.
+        class_weight: ClassWeight;
+        /// Bias term or none.
+        intercept: Intercept;
+        /// Iteration limit.
+        max_iterations: usize;
+        /// Convergence tolerance on the largest gradient component.
+        tolerance: f64;
+        /// Number of L-BFGS correction pairs kept.
+        memory: usize;
+        /// Kept for compatibility (configurations and saved parameters that set
+        /// it still load and validate); it no longer changes anything.
+        ///
+        /// The trainer runs on the caller's current rayon pool, like all of the
+        /// crate's parallel work: cap its threads with
+        /// `rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(|| ..)`
+        /// or `RAYON_NUM_THREADS` (see the [`aggregate`](crate::aggregate) module
+        /// docs). The fitted model is the same on any number of threads.
+        threads: usize;
+        /// Early stopping policy.
+        early_stopping: EarlyStopping;
     }
 
     /// Validates every setting.
     pub fn check(&self) -> Result<ValidLogisticParams> {
-        ensure(
-            self.c.is_finite() && self.c > 0.0,
-            "c",
-            self.c,
-            "finite, > 0",
-        )?;
-        ensure(
-            self.tolerance.is_finite() && self.tolerance >= 0.0,
-            "tolerance",
-            self.tolerance,
-            "finite, >= 0",
-        )?;
-        ensure(
-            self.max_iterations >= 1,
-            "max_iterations",
-            self.max_iterations,
-            ">= 1",
-        )?;
-        ensure(
-            (1..=1000).contains(&self.memory),
-            "memory",
-            self.memory,
-            "1 ..= 1000",
-        )?;
-        ensure(self.threads <= 1024, "threads", self.threads, "0 ..= 1024")?;
+        const TRAINER: &str = "logistic trainer";
+        let c = self.c;
+        check_parameter(c.is_finite() && c > 0.0, TRAINER, "c", c, "finite, > 0")?;
+        let tol = self.tolerance;
+        let ok = tol.is_finite() && tol >= 0.0;
+        check_parameter(ok, TRAINER, "tolerance", tol, "finite, >= 0")?;
+        let iterations = self.max_iterations;
+        let ok = iterations >= 1;
+        check_parameter(ok, TRAINER, "max_iterations", iterations, ">= 1")?;
+        let ok = (1..=1000).contains(&self.memory);
+        check_parameter(ok, TRAINER, "memory", self.memory, "1 ..= 1000")?;
+        let ok = self.threads <= 1024;
+        check_parameter(ok, TRAINER, "threads", self.threads, "0 ..= 1024")?;
         if let ClassWeight::Custom { benign, malicious } = self.class_weight {
             for w in [benign, malicious] {
-                ensure(w.is_finite() && w > 0.0, "class_weight", w, "finite, > 0")?;
+                let ok = w.is_finite() && w > 0.0;
+                check_parameter(ok, TRAINER, "class_weight", w, "finite, > 0")?;
             }
         }
         if let EarlyStopping::Validation {
             fraction, patience, ..
         } = self.early_stopping
         {
-            ensure(
-                fraction > 0.0 && fraction <= 0.5,
-                "early_stopping.fraction",
-                fraction,
-                "in (0, 0.5]",
-            )?;
-            ensure(patience >= 1, "early_stopping.patience", patience, ">= 1")?;
+            let (name, ok) = ("early_stopping.fraction", fraction > 0.0 && fraction <= 0.5);
+            check_parameter(ok, TRAINER, name, fraction, "in (0, 0.5]")?;
+            let name = "early_stopping.patience";
+            check_parameter(patience >= 1, TRAINER, name, patience, ">= 1")?;
         }
         Ok(ValidLogisticParams(self.clone()))
-    }
-}
-
-fn ensure(
-    ok: bool,
-    name: &'static str,
-    value: impl ToString,
-    expected: &'static str,
-) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidParameter {
-            component: "logistic trainer",
-            name,
-            value: value.to_string(),
-            expected,
-        })
     }
 }
 

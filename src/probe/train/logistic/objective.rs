@@ -280,15 +280,9 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let x = Array2::from_shape_fn((7, 3), |(i, j)| ((i * 3 + j) as f32 * 0.7).sin());
-        let labels: Vec<Label> = (0..7)
-            .map(|i| {
-                if i % 3 == 0 {
-                    Label::Malicious
-                } else {
-                    Label::Benign
-                }
-            })
-            .collect();
+        // Rows 0, 3 and 6 malicious.
+        let (b, m) = (Label::Benign, Label::Malicious);
+        let labels = [m, b, b, m, b, b, m];
         let params = LogisticParams::default().c(0.5).threads(2).check().unwrap();
         let data = x.as_slice().unwrap();
         let f = Objective::new(&params, data, 3, (0..7).collect(), &labels, 0.5);
