@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from safe_fedllm.state import StrategyState
+
 APP = Path(__file__).parent / "flower_app"
 NODES = 5
 MALICIOUS = {0, 1}
@@ -218,5 +220,13 @@ def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str
             assert c["step_evidence"] == evidence, c
             if level == "evidence":
                 assert c["shadow_evidence"] == "server_scored_unverified", c
-    checkpoint = json.loads((out_dir / "detector.json").read_text())
-    assert checkpoint["server_round"] == ROUNDS and checkpoint["level"] == level
+        # every sampled node accounted for; totals as the reply table says
+        statuses = [r["status"] for r in a["replies"].values()]
+        assert a["totals"]["safe-fedllm.sampled"] == NODES == len(statuses), a["totals"]
+        for status in ("admitted", "rejected", "failed", "dropped"):
+            assert a["totals"][f"safe-fedllm.{status}"] == statuses.count(status), (status, a["totals"])
+        # identities are the SuperNodes' public keys (hashed), as the SuperLink reports them
+        assert all(r["client"].startswith("pk:") for r in a["replies"].values()), a["replies"]
+    state = StrategyState.load(str(out_dir / "state.npz"))
+    assert state.completed_rounds == ROUNDS and state.level == level
+    assert sorted(state.global_arrays) == summary["final_keys"]

@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         level=str(cfg["level"]),
         rule=str(cfg["rule"]),
         audit_path=os.path.join(out_dir, "audit.jsonl"),
-        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        state_path=os.path.join(out_dir, "state.npz"),
         fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=n,
