@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ class StrategyState:
                 data = f.read()
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 files = {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"state file {path}: {e}", kind="checkpoint", path=path) from e
         raw = files.get("state.json")
         if raw is None:
