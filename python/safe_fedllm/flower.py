@@ -50,12 +50,13 @@ Identities: the detector's memory is keyed by a client id. With
 ``identity="auto"`` (default) it is the SuperNode's public key (hashed,
 ``pk:<hex>``) as Flower's SuperLink reports it (``grid.get_nodes()``), else
 the node id. A SuperNode started with ``--auth-supernode-private-key`` keeps
-its key, hence its identity, across its own restarts, reconnects and
-SuperLink restarts (it gets a new node id each time; metrics keep using node
-ids, the audit maps them). Without a key file a SuperNode generates a new
-key on every start: its history then starts over, and nothing stops a client
-from doing that on purpose unless the SuperLink runs with
-``--enable-supernode-auth`` (only keys the operator registered may connect).
+its key, hence its identity, across its own restarts and reconnects, and
+across SuperLink restarts once its key is registered again (it may get a new
+node id; metrics keep using node ids, the audit maps them). Without a key
+file a SuperNode generates a new key on every start: its history then starts
+over, and nothing stops a client from doing that on purpose unless the
+SuperLink runs with ``--enable-supernode-auth`` (only keys the operator
+registered may connect). See ``python/README.md``.
 
 What the server verifies and what is self-reported: the update itself is the
 evidence for the client level (its last step): verified. A step trail sent as
