@@ -526,15 +526,13 @@ class SafeFedLLMStrategy(FedAvg):
             out[name] = Array(new_global[canonical if canonical is not None else name])
         return ArrayRecord(out)
 
-    def _sender(self, msg: Message) -> int:
+    @staticmethod
+    def _sender(msg: Message, instructions: dict[str, int]) -> int:
         """The node a reply answers for: the destination of the instruction it
         replies to (Flower's own "Node Unavailable" replies come from the
         SuperLink), else its source node."""
-        reply_to = msg.metadata.reply_to_message_id
-        for sent in self._sent:
-            if reply_to and sent.metadata.message_id == reply_to:
-                return int(sent.metadata.dst_node_id)
-        return int(msg.metadata.src_node_id)
+        node = instructions.get(msg.metadata.reply_to_message_id)
+        return node if node is not None else int(msg.metadata.src_node_id)
 
     def _intake(self, replies: list[Message]) -> _ledger.Intake:
         """One report per node: sampled nodes without a reply are dropped,
@@ -542,9 +540,11 @@ class SafeFedLLMStrategy(FedAvg):
         admission decides all of them."""
         sampled = [int(m.metadata.dst_node_id) for m in self._sent]
         intake = _ledger.Intake(sampled=len(sampled), replied=sum(not m.has_error() for m in replies))
+        # Flower sets each instruction's message id when it pushes it.
+        instructions = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
         by_node: dict[int, list[Message]] = {}
         for msg in replies:
-            by_node.setdefault(self._sender(msg), []).append(msg)
+            by_node.setdefault(self._sender(msg, instructions), []).append(msg)
         for node, msgs in by_node.items():
             client = self._client(node)
             msg = msgs[0]
