@@ -1,0 +1,97 @@
+//! The attacker's tests for the bounds a round puts on what an admitted
+//! client can do: the magnitude and sample medians, the sybils that stay
+//! inside them, the scale of a delta the probe sees, and the global the round
+//! writes. Each test is named after the hole and asserts the typed outcome
+//! and how far the global moved. (`attack_round.rs` holds the lies about
+//! values, keys, counts and evidence.)
+//!
+//! Setting: a toy linear probe over the layer-0 lora_B delta (+x is
+//! malicious, +y benign); honest clients move along +y, and lora_A is a
+//! channel the probe does not read.
+
+use safe_fedllm::Error;
+use safe_fedllm::aggregate::FedAvg;
+use safe_fedllm::detect::{AnyDetector, DefenseLevel};
+use safe_fedllm::features::{FeatureConfig, Selection};
+use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, StorageDtype};
+use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{DefendedRound, OwnedReport, RoundParams, borrow_reports};
+
+const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+
+/// lora_B = (x, y); lora_A = (a0, a1).
+fn adapter(x: f32, y: f32, a: [f32; 2]) -> LoraAdapter {
+    let mut out = LoraAdapter::new();
+    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
+        .unwrap();
+    out.insert(A, LoraTensor::new("a", [1, 2], a.to_vec()).unwrap())
+        .unwrap();
+    out
+}
+
+fn global() -> LoraAdapter {
+    adapter(0.0, 0.0, [0.5, 0.5])
+}
+
+fn probe() -> LinearProbe {
+    let spec = FeatureConfig::new(Selection::FirstLayerB)
+        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, [0.5, 0.5]), &global()).unwrap()])
+        .unwrap();
+    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
+}
+
+fn round(level: DefenseLevel) -> DefendedRound<LinearProbe, AnyDetector, FedAvg> {
+    DefendedRound::new(
+        probe(),
+        AnyDetector::with_defaults(level).unwrap(),
+        FedAvg::new(),
+    )
+    .with_params(RoundParams::default())
+    .unwrap()
+}
+
+#[test]
+fn writing_the_global_refuses_values_that_overflow_f16_and_keeps_the_old_file() {
+    // Every client (honestly) moves lora_A from 64,992 (exact in f16) to 66,000: a finite
+    // global that f16 cannot hold.
+    let start = adapter(0.0, 0.0, [64_992.0, 1.0]);
+    let reports: Vec<OwnedReport> = (0..4)
+        .map(|i| OwnedReport::new(format!("h{i}"), adapter(0.0, 0.1, [66_000.0, 1.0]), 100))
+        .collect();
+    let out = round(DefenseLevel::Client)
+        .run(0, &start, &borrow_reports(&reports))
+        .unwrap();
+    let new = out.new_global.unwrap();
+    assert_eq!(new.get(A).unwrap().as_slice()[0], 66_000.0);
+
+    let dir = std::env::temp_dir().join(format!("sfl-write-global-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("global.safetensors");
+    start.save(&path, StorageDtype::F16).unwrap();
+    let before = std::fs::read(&path).unwrap();
+
+    match new.save(&path, StorageDtype::F16) {
+        Err(Error::StorageOverflow {
+            tensor,
+            index,
+            value,
+            dtype,
+        }) => {
+            assert_eq!(tensor, A);
+            assert_eq!(index, 0);
+            assert_eq!(value, 66_000.0);
+            assert_eq!(dtype, "F16");
+        }
+        other => panic!("expected StorageOverflow, got {other:?}"),
+    }
+    // The file the next round reads is untouched: the global did not move on disk.
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let reloaded = LoraAdapter::load(&path).unwrap();
+    assert_eq!(reloaded.get(A).unwrap().as_slice()[0], 64_992.0);
+    // BF16 holds 66,000 (rounded to 8 bits of mantissa: 66,048).
+    new.save(&path, StorageDtype::Bf16).unwrap();
+    let reloaded = LoraAdapter::load(&path).unwrap();
+    assert!(reloaded.get(A).unwrap().as_slice()[0].is_finite());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
