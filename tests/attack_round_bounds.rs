@@ -95,3 +95,41 @@ fn writing_the_global_refuses_values_that_overflow_f16_and_keeps_the_old_file() 
     assert!(reloaded.get(A).unwrap().as_slice()[0].is_finite());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tiny_deltas_are_normalised_and_score_like_the_unscaled_direction() {
+    use safe_fedllm::detect::Verdict;
+    use safe_fedllm::probe::Probe;
+
+    let probe = probe();
+    let unscaled = probe
+        .score(&LoraDelta::between(&adapter(1.0, 0.2, [0.5, 0.5]), &global()).unwrap())
+        .unwrap();
+    assert!(unscaled > 0.99, "{unscaled}");
+    // 1e-30 squares to 0 in f32; 1e-40 is subnormal and 1/‖Δ‖ overflows f32.
+    for scale in [1e-20f32, 1e-30, 1e-40] {
+        let tiny = adapter(scale, 0.2 * scale, [0.5, 0.5]);
+        let score = probe
+            .score(&LoraDelta::between(&tiny, &global()).unwrap())
+            .unwrap();
+        // 1e-40 is stored with 17 significant bits: its direction is off by ~1e-5.
+        assert!(
+            (score - unscaled).abs() < 1e-3,
+            "{scale}: {score} vs {unscaled}"
+        );
+
+        let mut reports: Vec<OwnedReport> = (0..4)
+            .map(|i| OwnedReport::new(format!("h{i}"), adapter(0.0, 0.5, [0.5, 0.5]), 100))
+            .collect();
+        reports.push(OwnedReport::new("tiny", tiny, 100));
+        let out = round(DefenseLevel::Client)
+            .run(0, &global(), &borrow_reports(&reports))
+            .unwrap();
+        let tiny = out.client("tiny").unwrap();
+        assert_eq!(tiny.verdict, Verdict::Malicious, "{scale}");
+        assert!(tiny.factor < 0.5, "{scale}: factor {}", tiny.factor);
+        // Its pull on the malicious coordinate is at most its own size.
+        let x = out.new_global.unwrap().get(B).unwrap().as_slice()[0];
+        assert!(x.abs() <= scale, "{scale}: x moved to {x}");
+    }
+}
