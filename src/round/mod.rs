@@ -30,6 +30,7 @@ mod defended;
 mod refresh;
 mod steps;
 pub mod trail;
+mod update_norm;
 
 pub use admission::{
     Admission, AdmissionDecision, Admitted, NormBound, OverBound, Rejection, SamplePolicy,
