@@ -53,7 +53,10 @@ pub enum Selection {
     /// The `lora_B` tensors of the lowest-numbered layer present (all target
     /// modules of that layer). The Safe-FedLLM reference default (`first_B`):
     /// small (40,960 values for Llama-3.1-8B q/v r = 8) and, since `B` starts
-    /// at zero, a direct record of what local training wrote.
+    /// at zero, a direct record of what local training wrote. Every other
+    /// tensor (lora_A, later layers) is then a channel the probe does not
+    /// score; admission's default pull bound limits what a client gains
+    /// through it, and [`Selection::AllLayers`] (sketched when large) closes it.
     FirstLayerB,
     /// Every `lora_A` and `lora_B` tensor.
     AllLayers,

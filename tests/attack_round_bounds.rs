@@ -274,3 +274,72 @@ fn half_the_clients_cannot_set_the_median_bound() {
         );
     }
 }
+
+/// `k` sybils among `n` clients: honest clients with norms 0.9 … (spread
+/// 0.01) and 100 samples, sybils pushing lora_A with 9.9 × the honest median
+/// norm and declaring 1.99 × the median count (just inside the bounds before
+/// they were tightened).
+fn sybil_round(n: usize, k: usize, admission: Admission) -> (RoundOutcome, f64) {
+    let honest_norms: Vec<f32> = (0..n - k).map(|i| 0.9 + 0.01 * i as f32).collect();
+    let mut reports: Vec<OwnedReport> = honest_norms
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| honest(i, y))
+        .collect();
+    // The lower median of all n norms, with the sybils above every honest one.
+    let median = f64::from(honest_norms[(n - 1) / 2]);
+    reports.extend((0..k).map(|i| a_pusher(&format!("sybil{i}"), 9.9 * median as f32, 199)));
+    let out = round_with(DefenseLevel::Client, admission)
+        .run(0, &global(), &borrow_reports(&reports))
+        .unwrap();
+    (out, median)
+}
+
+#[test]
+fn sybils_pushing_lora_a_inside_the_default_bounds_pull_no_more_than_as_many_honest_clients() {
+    let n = 20;
+    for k in [1, 3, n / 2 - 1] {
+        let (out, median) = sybil_round(n, k, Admission::default());
+        for i in 0..k {
+            let sybil = out.client(&format!("sybil{i}")).unwrap();
+            let Admitted::Clipped {
+                samples,
+                norm,
+                scale,
+                ..
+            } = sybil.admission
+            else {
+                panic!("k = {k}: {:?}", sybil.admission);
+            };
+            assert_eq!(samples, 100, "k = {k}: capped at the median count");
+            assert!((norm * scale - median).abs() < 1e-6, "k = {k}");
+            assert_eq!(
+                sybil.factor,
+                out.client("h0").unwrap().factor,
+                "benign-looking"
+            );
+        }
+        // The goal: k sybils move the global by at most k median clients'
+        // worth, k · M / n. Every value passes through f32 three times (the
+        // clip g + s·(u − g), the FedAvg output, the reference 0.5), each
+        // within half an ulp of values below 2 (2⁻²⁴): under 2.6e-7 over the
+        // two lora_A coordinates, so 1e-6 of slack.
+        let moved = a_movement(&out);
+        let goal = k as f64 * median / n as f64;
+        assert!(moved <= goal + 1e-6, "k = {k}: moved {moved} > {goal}");
+        // And the sybils do pull (the bound is tight, not vacuous).
+        assert!(moved >= 0.99 * goal, "k = {k}: moved {moved} < {goal}");
+
+        // The bounds this replaced (count ≤ 2 × median, exclude beyond 10 ×
+        // median) let the same sybils pull 13–19 × further.
+        let old = Admission::default()
+            .samples(safe_fedllm::round::SamplePolicy::CapAtMedianMultiple(2.0))
+            .unwrap()
+            .norm_bound(NormBound::MedianMultiple(10.0))
+            .unwrap()
+            .over_bound(OverBound::Exclude);
+        let (old_out, _) = sybil_round(n, k, old);
+        let old_moved = a_movement(&old_out);
+        assert!(old_moved > 10.0 * goal, "k = {k}: {old_moved} vs {goal}");
+    }
+}

@@ -34,8 +34,22 @@
 //! Evidence (step trails, shadow reports) is checked after admission, so a
 //! client later rejected for its evidence is eligible here.
 //!
-//! Defaults fail closed: counts capped at 2 × the round's median, updates
-//! beyond 10 × the round's median norm excluded, missing probe keys rejected.
+//! # Pull
+//!
+//! Under FedAvg a client moves the global by (its count / the total count) ×
+//! its Δ. The defaults bound both factors by a median client's: counts are
+//! capped at the round's lower median count and every Δ longer than the
+//! round's lower median norm M is clipped to M. So each admitted client pulls
+//! the global by at most M·(median count)/(total count), one median client's
+//! worth, and k sybils that stay inside the bounds move it by at most k·M/n
+//! among n equally weighted clients, in any direction, including the tensors
+//! the probe does not read. Honest clients above the medians lose some weight
+//! and length: that is the price of a bound that holds whatever the attacker
+//! chooses. A round of m eligible clients needs ⌊m/2⌋ + 1 colluders to raise
+//! either median (see [Medians](#medians)).
+//!
+//! Defaults fail closed: counts capped at the round's lower median, updates
+//! clipped to the round's lower median norm, missing probe keys rejected.
 //! [`Admission::reference`] reproduces the reference implementation (trust
 //! the count, no magnitude bound, zero-fill missing probe keys) for
 //! reproducing the paper; it is documented as unsafe.
@@ -63,8 +77,8 @@ pub enum SamplePolicy {
     /// Cap every count at this multiple (≥ 1) of the round's lower median
     /// declared count (over the eligible clients: see the
     /// [module docs](self#medians)).
-    /// The default, with multiple 2: one liar can at most double its weight
-    /// relative to a typical client.
+    /// The default, with multiple 1: no client weighs more than the median
+    /// client (see [Pull](self#pull)).
     CapAtMedianMultiple(f64),
     /// Ignore declared counts: every admitted client counts 1.
     Uniform,
@@ -72,7 +86,7 @@ pub enum SamplePolicy {
 
 impl Default for SamplePolicy {
     fn default() -> Self {
-        SamplePolicy::CapAtMedianMultiple(2.0)
+        SamplePolicy::CapAtMedianMultiple(1.0)
     }
 }
 
@@ -87,15 +101,16 @@ pub enum NormBound {
     Absolute(f64),
     /// A multiple (≥ 1) of the round's lower median update norm (over the
     /// eligible clients: see the [module docs](self#medians)). The default,
-    /// with multiple 10. Only a strict majority of the eligible clients can
-    /// raise it: use [`NormBound::Absolute`] when the server knows typical
-    /// norms.
+    /// with multiple 1 and [`OverBound::Clip`]: no admitted update is longer
+    /// than the median one (see [Pull](self#pull)). Only a strict majority of
+    /// the eligible clients can raise it: use [`NormBound::Absolute`] when the
+    /// server knows typical norms.
     MedianMultiple(f64),
 }
 
 impl Default for NormBound {
     fn default() -> Self {
-        NormBound::MedianMultiple(10.0)
+        NormBound::MedianMultiple(1.0)
     }
 }
 
@@ -103,10 +118,14 @@ impl Default for NormBound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OverBound {
-    /// Reject the client (default: an update that large is not a fine-tuning step).
-    #[default]
+    /// Reject the client: for a bound set well above honest norms (an
+    /// [`NormBound::Absolute`] from known training settings), where an update
+    /// beyond it is not a fine-tuning step.
     Exclude,
-    /// Scale Δ down to the bound and admit the client (norm clipping).
+    /// Scale Δ down to the bound and admit the client (norm clipping). The
+    /// default: with the default bound at the median norm, half the honest
+    /// clients are above it, and clipping keeps them.
+    #[default]
     Clip,
 }
 
