@@ -1,7 +1,7 @@
 //! Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017,
 //! "Machine learning with adversaries: Byzantine tolerant gradient descent").
 
-use crate::aggregate::engine::{gram, sq_distances};
+use crate::aggregate::engine::{gram, into_sq_distances};
 use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
 use crate::aggregate::{
@@ -204,7 +204,7 @@ fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
     if !g.is_finite() {
         return Ok(None);
     }
-    let dist = sq_distances(&g);
+    let dist = into_sq_distances(g);
     let s = scores(&dist, n.saturating_sub(f + 2).max(1));
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     let order = ranking(&s, &ids);

@@ -1,5 +1,5 @@
-//! Hot loops, compiled twice: for the baseline target and, on x86-64 CPUs
-//! that have them, with AVX2 + FMA (selected at run time).
+//! Hot loops, compiled for the baseline target and, on x86-64 CPUs that have
+//! them, with AVX2 + FMA (and AVX-512 for the Gram tiles), selected at run time.
 //!
 //! The loops are plain Rust written so that they vectorise (fixed-width
 //! accumulator arrays, unconditional stores); the AVX2 copies only widen the
@@ -7,106 +7,179 @@
 //! `#[target_feature]` copy, made only after `is_x86_feature_detected!`
 //! confirmed the CPU supports the features.
 
-/// Lower triangle of one block's Gram matrix, written to `out` (m × m,
-/// row-major): `out[i][j] = ⟨rowᵢ, rowⱼ⟩` in f32 for j ≤ i (the upper triangle
-/// is left as it is). `buf` holds m rows of `len`.
-///
-/// The products are f32 for speed: the caller checks the block for
-/// non-finite entries (an f32 overflow of finite inputs, or a non-finite
-/// input) and recomputes it in f64 when needed.
-pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { gram_chunk_avx2(buf, m, len, acc) };
-        return;
-    }
-    gram_chunk_impl::<false>(buf, m, len, acc);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gram_chunk_avx2(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
-    gram_chunk_impl::<true>(buf, m, len, acc);
-}
-
-const LANES: usize = 16;
-
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Four dot products sharing the left operand: each `a` block is loaded once
-/// for four rows, which keeps the kernel compute-bound rather than load-bound.
+/// Rows of a panel (see [`gram_tiles`]) are padded with zeros to a multiple
+/// of this many values, so the tile kernels have no tail.
+pub(crate) const PANEL_ALIGN: usize = 16;
+
+/// The shape of the register tile [`gram_tiles`] uses on this CPU: rows ×
+/// columns of the Gram block computed at once. Row ranges handed to
+/// [`gram_tiles`] by parallel callers are multiples of [`TILE_ROWS`].
+pub(crate) const TILE_ROWS: usize = 4;
+
+/// One Gram tile's f32 results, handed to the caller's sink: `(i0, j0,
+/// values)` with `values[r][c] = ⟨row i0 + r, row j0 + c⟩` (rows beyond the
+/// panel read as zero; the sink drops them and the upper triangle).
+pub(crate) type Tile<'a> = (usize, usize, &'a [[f32; 4]; 4]);
+
+/// The lower triangle (j ≤ i) of the Gram matrix of a panel's rows, tile by
+/// tile: `rows` holds `m` rows of `stride` values (only the first `len` used,
+/// `len` a multiple of [`PANEL_ALIGN`], zero beyond), and `sink` receives
+/// every tile whose rows start in `row_range` (a range of multiples of
+/// [`TILE_ROWS`], or ending at m).
 ///
-/// The rows all have `a`'s length (rows of one buffer, cut by `chunks_exact`).
+/// Register-tiled: each tile keeps its 16 dot products in registers while it
+/// streams its 8 rows once, so loads are half the multiply–adds (a
+/// one-pair-at-a-time dot product loads two values per multiply–add and is
+/// load-bound). Column blocks of [`COL_BLOCK`] rows keep the rows a stripe of
+/// tiles revisits in L2 whatever m is. The products are f32; the caller
+/// checks and fixes non-finite or suspicious entries.
+pub(crate) fn gram_tiles(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { gram_tiles_avx512(rows, stride, m, len, row_range, sink) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { gram_tiles_avx2(rows, stride, m, len, row_range, sink) };
+            return;
+        }
+    }
+    gram_tiles_impl::<8, false>(rows, stride, m, len, row_range, sink);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn gram_tiles_avx512(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    gram_tiles_impl::<16, true>(rows, stride, m, len, row_range, sink);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gram_tiles_avx2(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    gram_tiles_impl::<8, true>(rows, stride, m, len, row_range, sink);
+}
+
+/// Rows per column block of [`gram_tiles`]: 128 rows of a 512-value panel
+/// are 256 KB, within L2.
+pub(crate) const COL_BLOCK: usize = 128;
+
+/// A zero row for tile positions beyond the last row.
+static ZEROS: [f32; 1024] = [0.0; 1024];
+
 #[inline(always)]
-// SAFETY-OF-INDEX: `x`, `y0`…`y3` are `[f32; LANES]` arrays (from `as_chunks`),
-// `acc` is `[[f32; LANES]; 4]`, and k < LANES: every index is in bounds by type
-// (the checks compile away; the body is the exact loop that vectorises).
+fn gram_tiles_impl<const L: usize, const FMA: bool>(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    let len = len.min(stride);
+    let zero = ZEROS.get(..len).unwrap_or(&[]);
+    let row = |i: usize| -> &[f32] {
+        if i < m {
+            rows.get(i * stride..i * stride + len).unwrap_or(zero)
+        } else {
+            zero
+        }
+    };
+    let end = row_range.end.min(m);
+    let mut jb = 0;
+    while jb < end {
+        let jb_end = (jb + COL_BLOCK).min(m);
+        // Tiles of rows i0..i0 + 4 against columns j0..j0 + 4 of this block,
+        // for j0 ≤ the tile's last row (lower triangle).
+        let mut i0 = row_range.start.max(jb - jb % TILE_ROWS);
+        while i0 < end {
+            let a = [row(i0), row(i0 + 1), row(i0 + 2), row(i0 + 3)];
+            let mut j0 = jb;
+            while j0 < jb_end && j0 <= i0 + TILE_ROWS - 1 {
+                let b = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
+                let values = tile::<L, FMA>(a, b);
+                sink((i0, j0, &values));
+                j0 += 4;
+            }
+            i0 += TILE_ROWS;
+        }
+        jb = jb_end;
+    }
+}
+
+/// The 4 × 4 dot products of rows `a` against rows `b` (all of one length,
+/// a multiple of `L`; any tail is ignored), each accumulated in `L` lanes.
+#[inline(always)]
+// SAFETY-OF-INDEX: `acc` is `[[[f32; L]; 4]; 4]`, `x`/`y` are `[&[f32; L]; 4]`
+// and every index is a constant below those sizes after unrolling: in bounds by
+// type (the checks compile away; the body is the loop that vectorises).
 #[allow(clippy::indexing_slicing)]
-fn dot4<const FMA: bool>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0.0f32; LANES]; 4];
-    let (blocks, a_tail) = a.as_chunks::<LANES>();
-    let [b0, b1, b2, b3] = b.map(|r| r.as_chunks::<LANES>().0);
-    for ((((x, y0), y1), y2), y3) in blocks.iter().zip(b0).zip(b1).zip(b2).zip(b3) {
-        for k in 0..LANES {
-            acc[0][k] = madd::<FMA>(x[k], y0[k], acc[0][k]);
-            acc[1][k] = madd::<FMA>(x[k], y1[k], acc[1][k]);
-            acc[2][k] = madd::<FMA>(x[k], y2[k], acc[2][k]);
-            acc[3][k] = madd::<FMA>(x[k], y3[k], acc[3][k]);
+fn tile<const L: usize, const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let mut acc = [[[0.0f32; L]; 4]; 4];
+    let n = a
+        .iter()
+        .chain(b.iter())
+        .map(|r| r.len() / L)
+        .min()
+        .unwrap_or(0);
+    // Cut to n blocks each, so the indices below are visibly in bounds.
+    let a = a.map(|r| r.as_chunks::<L>().0.get(..n).unwrap_or(&[]));
+    let b = b.map(|r| r.as_chunks::<L>().0.get(..n).unwrap_or(&[]));
+    for t in 0..n {
+        let x = [&a[0][t], &a[1][t], &a[2][t], &a[3][t]];
+        let y = [&b[0][t], &b[1][t], &b[2][t], &b[3][t]];
+        for r in 0..4 {
+            for c in 0..4 {
+                for k in 0..L {
+                    acc[r][c][k] = madd::<FMA>(x[r][k], y[c][k], acc[r][c][k]);
+                }
+            }
         }
     }
-    let mut out = [0.0f32; 4];
-    for (o, (lane, row)) in out.iter_mut().zip(acc.iter().zip(b)) {
-        let tail: f32 = a_tail
-            .iter()
-            .zip(row.as_chunks::<LANES>().1)
-            .map(|(x, y)| x * y)
-            .sum();
-        *o = lane.iter().sum::<f32>() + tail;
-    }
-    out
+    acc.map(|row| row.map(|lanes| lane_sum(&lanes)))
 }
 
-/// One dot product (`b` has `a`'s length, as in [`dot4`]).
+/// Sum of an array's lanes as a pairwise tree (fixed order).
 #[inline(always)]
-fn dot1<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (a_blocks, a_tail) = a.as_chunks::<LANES>();
-    let (b_blocks, b_tail) = b.as_chunks::<LANES>();
-    for (x, y) in a_blocks.iter().zip(b_blocks) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s = madd::<FMA>(*x, *y, *s);
+fn lane_sum<const L: usize>(lanes: &[f32; L]) -> f32 {
+    let mut v = *lanes;
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        let (lo, hi) = v.split_at_mut(w);
+        for (l, h) in lo.iter_mut().zip(hi.iter()) {
+            *l += *h;
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
-    let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
-    // Row i of the m × m output takes ⟨rowᵢ, rowⱼ⟩ for j ≤ i: rows 0..=i in
-    // groups of four, then one at a time.
-    for ((i, a), out) in rows.iter().enumerate().zip(acc.chunks_exact_mut(m.max(1))) {
-        // Cannot fail: i < rows.len() ≤ m = out.len().
-        let (Some((lower, _)), Some((out, _))) = (
-            rows.split_at_checked(i + 1),
-            out.split_at_mut_checked(i + 1),
-        ) else {
-            continue;
-        };
-        let (quads, singles) = lower.as_chunks::<4>();
-        let (out_quads, out_singles) = out.as_chunks_mut::<4>();
-        for (q, o) in quads.iter().zip(out_quads) {
-            *o = dot4::<FMA>(a, *q);
-        }
-        for (b, o) in singles.iter().zip(out_singles) {
-            *o = dot1::<FMA>(a, b);
-        }
-    }
+    v.first().copied().unwrap_or(0.0)
 }
 
 /// Applies a sorting network to the columns of `buf` (rows of `len`):
@@ -208,22 +281,43 @@ mod tests {
     }
 
     #[test]
-    fn gram_chunk_matches_naive() {
-        let (m, len) = (7, 53);
-        let buf: Vec<f32> = (0..m * len)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-            .collect();
-        let mut acc = vec![0.0f32; m * m];
-        gram_chunk(&buf, m, len, &mut acc);
-        for i in 0..m {
-            for j in 0..=i {
-                let naive: f64 = (0..len)
-                    .map(|k| f64::from(buf[i * len + k]) * f64::from(buf[j * len + k]))
-                    .sum();
-                assert!(
-                    (f64::from(acc[i * m + j]) - naive).abs() < 1e-4,
-                    "({i},{j})"
-                );
+    fn gram_tiles_match_naive_lower_triangle() {
+        for (m, len) in [(1, 16), (7, 48), (13, 32), (37, 64), (300, 16)] {
+            let stride = 64;
+            let buf: Vec<f32> = (0..m * stride)
+                .map(|i| {
+                    if i % stride < len {
+                        ((i * 37 % 101) as f32 - 50.0) / 50.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut got = vec![f32::NAN; m * m];
+            let mut seen = vec![0u32; m * m];
+            let mut sink = |(i0, j0, v): Tile<'_>| {
+                for r in 0..4 {
+                    for c in 0..4 {
+                        let (i, j) = (i0 + r, j0 + c);
+                        if i < m && j <= i {
+                            got[i * m + j] = v[r][c];
+                            seen[i * m + j] += 1;
+                        }
+                    }
+                }
+            };
+            gram_tiles(&buf, stride, m, len, 0..m, &mut sink);
+            for i in 0..m {
+                for j in 0..=i {
+                    let naive: f64 = (0..len)
+                        .map(|k| f64::from(buf[i * stride + k]) * f64::from(buf[j * stride + k]))
+                        .sum();
+                    assert_eq!(seen[i * m + j], 1, "({i},{j}) of m = {m}");
+                    assert!(
+                        (f64::from(got[i * m + j]) - naive).abs() < 1e-4,
+                        "({i},{j})"
+                    );
+                }
             }
         }
     }

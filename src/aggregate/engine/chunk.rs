@@ -30,20 +30,6 @@ impl<'a> ChunkRef<'a> {
     pub fn len(&self) -> usize {
         self.global.len()
     }
-
-    /// The sub-chunk of coordinates `range`; `None` when `range` is not
-    /// inside the chunk (or, against the invariant, inside a shorter row).
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Option<ChunkRef<'a>> {
-        let rows = self
-            .rows
-            .iter()
-            .map(|r| r.get(range.clone()))
-            .collect::<Option<_>>()?;
-        Some(ChunkRef {
-            rows,
-            global: self.global.get(range)?,
-        })
-    }
 }
 
 /// A failed read from a client's source, naming the client.

@@ -31,12 +31,11 @@ mod gram;
 mod scan;
 mod sort;
 
-pub(crate) use chunk::{Span, chunk_at, client_read_error, segment_key, spans};
+pub(crate) use chunk::{Span, chunk_at, client_read_error, segment_key};
 pub(crate) use combine::combine;
 pub(crate) use drive::{Mapped, drive, map};
 pub(crate) use gram::{
-    add_lower, deltas_into, finite, gram, gram_chunk, gram_rows_f64, sq_distances, sq_norms,
-    symmetric_total,
+    finite, gram, gram_of, into_sq_distances, panels, pieces, sq_distances, sq_norms,
 };
 pub(crate) use scan::first_non_finite_per_client;
 pub(crate) use sort::{extremes_network, pruned_network, row, sort_columns, sorting_network};
