@@ -7,11 +7,6 @@
 //! `#[target_feature]` copy, made only after `is_x86_feature_detected!`
 //! confirmed the CPU supports the features.
 
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
-}
-
 /// Rows of a panel (see [`gram_tiles`]) are padded with zeros to a multiple
 /// of this many values, so the tile kernels have no tail.
 pub(crate) const PANEL_ALIGN: usize = 16;
@@ -59,7 +54,7 @@ pub(crate) fn gram_tiles(
             return;
         }
     }
-    gram_tiles_impl::<8, false>(rows, stride, m, len, row_range, sink);
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, tile::<8>);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -72,7 +67,10 @@ fn gram_tiles_avx512(
     row_range: std::ops::Range<usize>,
     sink: &mut dyn FnMut(Tile<'_>),
 ) {
-    gram_tiles_impl::<16, true>(rows, stride, m, len, row_range, sink);
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, |a, b| {
+        // SAFETY: this function only runs where AVX-512F was detected.
+        unsafe { x86::tile_avx512(a, b) }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -85,7 +83,10 @@ fn gram_tiles_avx2(
     row_range: std::ops::Range<usize>,
     sink: &mut dyn FnMut(Tile<'_>),
 ) {
-    gram_tiles_impl::<8, true>(rows, stride, m, len, row_range, sink);
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, |a, b| {
+        // SAFETY: this function only runs where AVX2 and FMA were detected.
+        unsafe { x86::tile_avx2(a, b) }
+    });
 }
 
 /// Rows per column block of [`gram_tiles`]: 128 rows of a 512-value panel
@@ -96,13 +97,14 @@ pub(crate) const COL_BLOCK: usize = 128;
 static ZEROS: [f32; 1024] = [0.0; 1024];
 
 #[inline(always)]
-fn gram_tiles_impl<const L: usize, const FMA: bool>(
+fn gram_tiles_impl(
     rows: &[f32],
     stride: usize,
     m: usize,
     len: usize,
     row_range: std::ops::Range<usize>,
     sink: &mut dyn FnMut(Tile<'_>),
+    tile: impl Fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4],
 ) {
     let len = len.min(stride);
     let zero = ZEROS.get(..len).unwrap_or(&[]);
@@ -125,7 +127,7 @@ fn gram_tiles_impl<const L: usize, const FMA: bool>(
             let mut j0 = jb;
             while j0 < jb_end && j0 <= i0 + TILE_ROWS - 1 {
                 let b = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
-                let values = tile::<L, FMA>(a, b);
+                let values = tile(a, b);
                 sink((i0, j0, &values));
                 j0 += 4;
             }
@@ -136,13 +138,13 @@ fn gram_tiles_impl<const L: usize, const FMA: bool>(
 }
 
 /// The 4 × 4 dot products of rows `a` against rows `b` (all of one length,
-/// a multiple of `L`; any tail is ignored), each accumulated in `L` lanes.
-#[inline(always)]
+/// a multiple of `L`; any tail is ignored), each accumulated in `L` lanes:
+/// the portable kernel (the x86 ones are in [`x86`]).
 // SAFETY-OF-INDEX: `acc` is `[[[f32; L]; 4]; 4]`, `x`/`y` are `[&[f32; L]; 4]`
 // and every index is a constant below those sizes after unrolling: in bounds by
 // type (the checks compile away; the body is the loop that vectorises).
 #[allow(clippy::indexing_slicing)]
-fn tile<const L: usize, const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+fn tile<const L: usize>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
     let mut acc = [[[0.0f32; L]; 4]; 4];
     let n = a
         .iter()
@@ -159,12 +161,105 @@ fn tile<const L: usize, const FMA: bool>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f3
         for r in 0..4 {
             for c in 0..4 {
                 for k in 0..L {
-                    acc[r][c][k] = madd::<FMA>(x[r][k], y[c][k], acc[r][c][k]);
+                    acc[r][c][k] += x[r][k] * y[c][k];
                 }
             }
         }
     }
     acc.map(|row| row.map(|lanes| lane_sum(&lanes)))
+}
+
+/// The Gram tile kernels written with x86 intrinsics: the portable kernel's
+/// 4 × 4 × lanes accumulators do not stay in registers when left to the
+/// auto-vectoriser (it emitted scalar FMAs through the stack).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 4 × 4 dot products, 16 lanes each: 16 accumulators, 8 loads per 16
+    /// multiply–adds.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = a
+            .iter()
+            .chain(b.iter())
+            .map(|r| r.len() / 16)
+            .min()
+            .unwrap_or(0);
+        let [a0, a1, a2, a3] = a.map(|r| r.as_ptr());
+        let [b0, b1, b2, b3] = b.map(|r| r.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        for t in 0..n {
+            let off = t * 16;
+            // SAFETY: every row has at least n·16 values, so off + 16 ≤ len.
+            let (x, y) = unsafe {
+                (
+                    [a0, a1, a2, a3].map(|p| _mm512_loadu_ps(p.add(off))),
+                    [b0, b1, b2, b3].map(|p| _mm512_loadu_ps(p.add(off))),
+                )
+            };
+            for (acc_row, xr) in acc.iter_mut().zip(x) {
+                for (slot, yc) in acc_row.iter_mut().zip(y) {
+                    *slot = _mm512_fmadd_ps(xr, yc, *slot);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+    }
+
+    /// 4 × 4 dot products, 8 lanes each, as two 4 × 2 halves (8
+    /// accumulators each: AVX2 has 16 vector registers).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = a
+            .iter()
+            .chain(b.iter())
+            .map(|r| r.len() / 8)
+            .min()
+            .unwrap_or(0);
+        let [a0, a1, a2, a3] = a.map(|r| r.as_ptr());
+        let [b0, b1, b2, b3] = b.map(|r| r.as_ptr());
+        let mut out = [[0.0f32; 4]; 4];
+        for (half, (c0, c1)) in [(b0, b1), (b2, b3)].into_iter().enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for t in 0..n {
+                let off = t * 8;
+                // SAFETY: every row has at least n·8 values, so off + 8 ≤ len.
+                let (x, y) = unsafe {
+                    (
+                        [a0, a1, a2, a3].map(|p| _mm256_loadu_ps(p.add(off))),
+                        [c0, c1].map(|p| _mm256_loadu_ps(p.add(off))),
+                    )
+                };
+                for (acc_row, xr) in acc.iter_mut().zip(x) {
+                    for (slot, yc) in acc_row.iter_mut().zip(y) {
+                        *slot = _mm256_fmadd_ps(xr, yc, *slot);
+                    }
+                }
+            }
+            for (out_row, acc_row) in out.iter_mut().zip(acc) {
+                for (o, v) in out_row.iter_mut().skip(2 * half).zip(acc_row) {
+                    *o = hsum256(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of the 8 lanes (fixed order).
+    #[target_feature(enable = "avx2")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
 }
 
 /// Sum of an array's lanes as a pairwise tree (fixed order).

@@ -563,7 +563,10 @@ mod tests {
             );
             if acc > ACC_BUDGET {
                 assert_eq!(plan.parts, 1, "m = {m}");
-                assert!(plan.split_tiles, "m = {m}: one part, so the tiles are split");
+                assert!(
+                    plan.split_tiles,
+                    "m = {m}: one part, so the tiles are split"
+                );
             }
         }
         // The bench round keeps its coordinate parallelism.
@@ -604,18 +607,24 @@ mod tests {
                     .build()
                     .unwrap()
                     .install(|| {
-                        gram_of(m, panels(pieces.clone()), true, || (), |_, start, w| {
-                            let n = (len - start).min(PANEL);
-                            for (i, row) in rows.iter().enumerate() {
-                                let piece = &row[start..start + n];
-                                let out = w.row(i).unwrap();
-                                for (o, v) in out.iter_mut().zip(piece) {
-                                    *o = *v as f32;
+                        gram_of(
+                            m,
+                            panels(pieces.clone()),
+                            true,
+                            || (),
+                            |_, start, w| {
+                                let n = (len - start).min(PANEL);
+                                for (i, row) in rows.iter().enumerate() {
+                                    let piece = &row[start..start + n];
+                                    let out = w.row(i).unwrap();
+                                    for (o, v) in out.iter_mut().zip(piece) {
+                                        *o = *v as f32;
+                                    }
+                                    w.settle(i, |e| e.copy_from_slice(piece));
                                 }
-                                w.settle(i, |e| e.copy_from_slice(piece));
-                            }
-                            Ok(())
-                        })
+                                Ok(())
+                            },
+                        )
                         .unwrap()
                     })
             };
@@ -625,7 +634,9 @@ mod tests {
                 for j in 0..m {
                     let exact: f64 = rows[i].iter().zip(&rows[j]).map(|(a, b)| a * b).sum();
                     let got = one.get(i, j);
-                    let scale = (one.get(i, i) * one.get(j, j)).sqrt().max(f64::MIN_POSITIVE);
+                    let scale = (one.get(i, i) * one.get(j, j))
+                        .sqrt()
+                        .max(f64::MIN_POSITIVE);
                     assert!(
                         got.is_finite() && ((got - exact) / scale).abs() < 1e-5,
                         "m = {m} ({i},{j}): {got} vs {exact}"
