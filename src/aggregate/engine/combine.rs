@@ -35,30 +35,10 @@ pub(crate) fn combine(
     )
 }
 
+/// [`combine`]'s f32 pass over one chunk: see [`simd::weighted_sum`](crate::aggregate::simd::weighted_sum).
 fn combine_f32(chunk: &ChunkRef<'_>, coefs: &[f32], g_coef: f32, out: &mut [f32]) {
-    if g_coef == 0.0 {
-        out.iter_mut().for_each(|o| *o = 0.0);
-    } else {
-        out.iter_mut()
-            .zip(chunk.global)
-            .for_each(|(o, g)| *o = g_coef * g);
-    }
-    // Four clients per pass quarters the read-modify-write traffic on `out`.
-    let mut quads = chunk.rows.chunks_exact(4);
-    let mut cs = coefs.chunks_exact(4);
-    for (rows, c) in (&mut quads).zip(&mut cs) {
-        if let ([a, b, x, y], [ca, cb, cx, cy]) = (rows, c) {
-            let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
-            for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
-                *o += (ca * va + cb * vb) + (cx * vx + cy * vy);
-            }
-        }
-    }
-    for (row, c) in quads.remainder().iter().zip(cs.remainder()) {
-        for (o, x) in out.iter_mut().zip(row.iter()) {
-            *o += c * x;
-        }
-    }
+    let global = (g_coef != 0.0).then_some(chunk.global);
+    crate::aggregate::simd::weighted_sum(&chunk.rows, coefs, global.map(|g| (g, g_coef)), out);
 }
 
 /// [`combine`]'s overflow-free path for one chunk.
