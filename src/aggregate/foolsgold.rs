@@ -277,7 +277,8 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
                 if let Some(out) = w.row(i) {
                     out.copy_from_slice(history);
                 }
-                w.settle(i, |exact| {
+                let finite = engine::all_finite(history);
+                w.settle(i, finite, |exact| {
                     for (e, h) in exact.iter_mut().zip(history.iter()) {
                         *e = f64::from(*h);
                     }

@@ -105,6 +105,60 @@ fn weighted_sum_impl<const FMA: bool>(
     }
 }
 
+/// `out = x − g` (all three of one length); true when every result is
+/// finite. One vectorised pass: the finiteness test is folded in as
+/// `acc += v − v`, which stays 0 for finite values and turns NaN for any
+/// infinity or NaN.
+pub(crate) fn sub_finite(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { sub_finite_avx512(out, x, g) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { sub_finite_avx2(out, x, g) };
+        }
+    }
+    sub_finite_impl(out, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn sub_finite_avx512(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    sub_finite_impl(out, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sub_finite_avx2(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    sub_finite_impl(out, x, g)
+}
+
+#[inline(always)]
+fn sub_finite_impl(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    const W: usize = 16;
+    let mut acc = [0.0f32; W];
+    let (ob, ot) = out.as_chunks_mut::<W>();
+    let (xb, xt) = x.as_chunks::<W>();
+    let (gb, gt) = g.as_chunks::<W>();
+    for ((o, x), g) in ob.iter_mut().zip(xb).zip(gb) {
+        for (((o, x), g), a) in o.iter_mut().zip(x).zip(g).zip(acc.iter_mut()) {
+            let v = x - g;
+            *o = v;
+            *a += v - v;
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((o, x), g) in ot.iter_mut().zip(xt).zip(gt) {
+        let v = x - g;
+        *o = v;
+        tail += v - v;
+    }
+    acc.iter().fold(tail, |s, a| s + a) == 0.0
+}
+
 /// Rows of a panel (see [`gram_tiles`]) are padded with zeros to a multiple
 /// of this many values, so the tile kernels have no tail.
 pub(crate) const PANEL_ALIGN: usize = 16;
@@ -478,7 +532,11 @@ mod tests {
         let len = 133;
         for n in 0..11 {
             let rows: Vec<Vec<f32>> = (0..n)
-                .map(|i| (0..len).map(|k| ((i * 7 + k * 3) % 13) as f32 - 6.0).collect())
+                .map(|i| {
+                    (0..len)
+                        .map(|k| ((i * 7 + k * 3) % 13) as f32 - 6.0)
+                        .collect()
+                })
                 .collect();
             let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
             let coefs: Vec<f32> = (0..n).map(|i| 0.25 * (i + 1) as f32).collect();

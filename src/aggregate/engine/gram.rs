@@ -130,11 +130,11 @@ impl PanelWriter<'_> {
         self.buf.get_mut(start..start.checked_add(self.len)?)
     }
 
-    /// After row `i` of the piece is written: when its f32 values are not
-    /// all finite (or the row already has exact values from an earlier
-    /// piece), `exact` writes the piece's values in f64, which the fix-ups
-    /// then use for every product of the row.
-    pub(crate) fn settle(&mut self, i: usize, exact: impl FnOnce(&mut [f64])) {
+    /// After row `i` of the piece is written (`finite`: whether its f32
+    /// values all are): when they are not (or the row already has exact
+    /// values from an earlier piece), `exact` writes the piece's values in
+    /// f64, which the fix-ups then use for every product of the row.
+    pub(crate) fn settle(&mut self, i: usize, finite: bool, exact: impl FnOnce(&mut [f64])) {
         let (offset, len) = (self.offset, self.len);
         let Some(row) = i
             .checked_mul(PANEL)
@@ -145,8 +145,7 @@ impl PanelWriter<'_> {
         let Some(slot) = self.wide.get_mut(i) else {
             return;
         };
-        let piece = row.get(offset..).unwrap_or(&[]);
-        if slot.is_none() && super::all_finite(piece) {
+        if slot.is_none() && finite {
             return;
         }
         let wide = slot.get_or_insert_with(|| {
@@ -409,12 +408,10 @@ pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Square> {
         |scratch, span, w| {
             let chunk = chunk_at(round, members, span, scratch)?;
             for (i, x) in chunk.rows.iter().enumerate() {
-                if let Some(out) = w.row(i) {
-                    for ((o, x), g) in out.iter_mut().zip(x.iter()).zip(chunk.global) {
-                        *o = x - g;
-                    }
-                }
-                w.settle(i, |exact| {
+                let finite = w
+                    .row(i)
+                    .is_some_and(|out| crate::aggregate::simd::sub_finite(out, x, chunk.global));
+                w.settle(i, finite, |exact| {
                     for ((e, x), g) in exact.iter_mut().zip(x.iter()).zip(chunk.global) {
                         *e = f64::from(*x) - f64::from(*g);
                     }
@@ -620,7 +617,8 @@ mod tests {
                                     for (o, v) in out.iter_mut().zip(piece) {
                                         *o = *v as f32;
                                     }
-                                    w.settle(i, |e| e.copy_from_slice(piece));
+                                    let finite = out.iter().all(|v| v.is_finite());
+                                    w.settle(i, finite, |e| e.copy_from_slice(piece));
                                 }
                                 Ok(())
                             },
