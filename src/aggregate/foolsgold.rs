@@ -272,16 +272,7 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
                 for ((h, x), g) in history.iter_mut().zip(x.iter()).zip(chunk.global) {
                     // Saturating: a client sending f32::MAX every round keeps
                     // a finite (maximal) history instead of poisoning it.
-                    // (Written as selects, not `clamp`, so it vectorises; a NaN
-                    // stays NaN as with `clamp`.)
-                    let v = *h + (x - g);
-                    *h = if v > f32::MAX {
-                        f32::MAX
-                    } else if v < -f32::MAX {
-                        -f32::MAX
-                    } else {
-                        v
-                    };
+                    *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
                 }
                 if let Some(out) = w.row(i) {
                     out.copy_from_slice(history);

@@ -107,7 +107,7 @@ fn weighted_sum_impl<const FMA: bool>(
 
 /// `out = x − g` (all three of one length); true when every result is
 /// finite. One vectorised pass: the finiteness test is folded in as
-/// `acc += v − v`, which stays 0 for finite values and turns NaN for any
+/// `acc += v · 0`, which stays 0 for finite values and turns NaN for any
 /// infinity or NaN.
 pub(crate) fn sub_finite(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -147,14 +147,14 @@ fn sub_finite_impl(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
         for (((o, x), g), a) in o.iter_mut().zip(x).zip(g).zip(acc.iter_mut()) {
             let v = x - g;
             *o = v;
-            *a += v - v;
+            *a += v * 0.0;
         }
     }
     let mut tail = 0.0f32;
     for ((o, x), g) in ot.iter_mut().zip(xt).zip(gt) {
         let v = x - g;
         *o = v;
-        tail += v - v;
+        tail += v * 0.0;
     }
     acc.iter().fold(tail, |s, a| s + a) == 0.0
 }
@@ -277,7 +277,7 @@ fn gram_tiles_impl(
         while i0 < end {
             let a = [row(i0), row(i0 + 1), row(i0 + 2), row(i0 + 3)];
             let mut j0 = jb;
-            while j0 < jb_end && j0 <= i0 + TILE_ROWS - 1 {
+            while j0 < jb_end && j0 < i0 + TILE_ROWS {
                 let b = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
                 let values = tile(a, b);
                 sink((i0, j0, &values));
@@ -571,11 +571,11 @@ mod tests {
             let mut got = vec![f32::NAN; m * m];
             let mut seen = vec![0u32; m * m];
             let mut sink = |(i0, j0, v): Tile<'_>| {
-                for r in 0..4 {
-                    for c in 0..4 {
+                for (r, row) in v.iter().enumerate() {
+                    for (c, value) in row.iter().enumerate() {
                         let (i, j) = (i0 + r, j0 + c);
                         if i < m && j <= i {
-                            got[i * m + j] = v[r][c];
+                            got[i * m + j] = *value;
                             seen[i * m + j] += 1;
                         }
                     }

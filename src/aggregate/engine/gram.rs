@@ -275,7 +275,9 @@ where
         .zip(&sc.wide)
         .zip(sc.buf.chunks_exact(PANEL))
     {
-        *bad = wide.is_some() || (tiny && !(sum_sq(row.get(..padded).unwrap_or(&[])) >= TINY));
+        let sq = sum_sq(row.get(..padded).unwrap_or(&[]));
+        // NaN counts as tiny: it must not be trusted either.
+        *bad = wide.is_some() || (tiny && (sq.is_nan() || sq < TINY));
     }
     let rows = Rows {
         buf: &sc.buf,
