@@ -10,7 +10,8 @@
 //! one slice per selected client plus the global adapter's slice, so rules are
 //! written once over `&[&[f32]]`. Chunks are small enough that a chunk of 20
 //! clients stays in the L2 cache, so kernels that touch the inputs several
-//! times (Gram matrix, sorting network) read them from memory once.
+//! times (sorting networks) read them from memory once; the Gram matrix
+//! gathers chunks into panels of its own (`engine/gram.rs`).
 //!
 //! A client's slice of a chunk is borrowed from its source when the source
 //! holds native `f32` ([`TensorSource::as_f32`](crate::lora::TensorSource::as_f32),
@@ -47,7 +48,7 @@ pub(crate) const CHUNK: usize = 4096;
 /// client's slice of a chunk is one sequential read, and longer reads let the
 /// hardware prefetcher run ahead on each of the n input streams (FedAvg,
 /// n = 20, d = 3.4 M: 23.1 → 20.6 ms against 4096). Kernels that revisit a
-/// chunk (Gram matrix, sorting networks) keep [`CHUNK`] so it stays in L2.
+/// chunk (sorting networks) keep [`CHUNK`] so it stays in L2.
 pub(crate) const STREAM_CHUNK: usize = 16384;
 
 /// An f64 result stored as f32: finite values saturate at ±`f32::MAX` (a mean
