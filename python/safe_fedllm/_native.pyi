@@ -169,6 +169,9 @@ class Report(TypedDict, total=False):
     samples: int
     steps: Sequence[UpdateLike] | Sequence[float] | None
     shadow: Sequence[UpdateLike] | Sequence[float] | None
+    # A reply the caller could not use (failed, dropped): a reason or (code, detail).
+    # The round's admission rejects it; it counts 0 in the safety gate.
+    refused: str | tuple[str, str]
 
 class DefendedRound:
     """admission -> probe -> detector level -> safety gate -> rule, with an audit line."""

@@ -18,6 +18,7 @@ use crate::detect::{Detector, level_name};
 use crate::errors::{IntoPy, raise};
 use crate::json::to_py_json;
 use crate::probe::Probe;
+use crate::refused::{Refusal, Refused};
 use crate::source::{Held, Source};
 
 /// Step evidence from Python: None, a list of scores, or a list of updates.
@@ -72,35 +73,141 @@ impl StepViews<'_> {
     }
 }
 
+/// One report from Python: readable evidence, or a refusal the core's
+/// admission records as a rejection (see [`crate::refused`]).
+enum Body<'py> {
+    Readable {
+        update: Held<'py>,
+        steps: PySteps<'py>,
+        shadow: PySteps<'py>,
+    },
+    Refused(Refusal),
+}
+
 struct PyReport<'py> {
     client: ClientId,
-    update: Held<'py>,
     samples: u64,
-    steps: PySteps<'py>,
-    shadow: PySteps<'py>,
+    body: Body<'py>,
 }
 
 impl<'py> PyReport<'py> {
+    /// Only a report without a `client` is an error (the caller's bug); any
+    /// problem with what the client sent becomes a refusal of that client.
     fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let field = |name: &str| -> PyResult<Option<Bound<'py, PyAny>>> {
-            obj.get_item(name).map(Some).or_else(|_| Ok(None))
+        let field = |name: &str| -> Option<Bound<'py, PyAny>> {
+            obj.get_item(name).ok().filter(|v| !v.is_none())
         };
-        let need = |name: &str| -> PyResult<Bound<'py, PyAny>> {
-            field(name)?.ok_or_else(|| {
-                raise(
-                    "InputTypeError",
-                    format!("a report needs the field `{name}`"),
-                    |d| d.set_item("key", name),
-                )
-            })
+        let client = field("client").ok_or_else(|| {
+            raise(
+                "InputTypeError",
+                "a report needs the field `client`".to_owned(),
+                |d| d.set_item("key", "client"),
+            )
+        })?;
+        let client = ClientId::from(client.str()?.extract::<String>()?);
+        let samples = field("samples").map(|s| s.extract::<u64>());
+        let body = match field("refused") {
+            Some(reason) => Body::Refused(refusal_of(&reason)?),
+            None => {
+                let readable = Self::readable(field("update"), field("steps"), field("shadow"));
+                match (samples.as_ref(), readable) {
+                    (Some(Err(e)), _) => Body::Refused(refusal_from_error(obj.py(), e)),
+                    (_, Err(e)) => Body::Refused(refusal_from_error(obj.py(), &e)),
+                    (None, Ok(_)) => Body::Refused(Refusal {
+                        code: "no_samples".to_owned(),
+                        detail: "the report declares no sample count".to_owned(),
+                    }),
+                    (Some(Ok(_)), Ok(body)) => body,
+                }
+            }
         };
         Ok(PyReport {
-            client: ClientId::from(need("client")?.str()?.extract::<String>()?),
-            update: Held::extract(&need("update")?)?,
-            samples: need("samples")?.extract()?,
-            steps: PySteps::extract(field("steps")?)?,
-            shadow: PySteps::extract(field("shadow")?)?,
+            client,
+            samples: samples.and_then(Result::ok).unwrap_or(0),
+            body,
         })
+    }
+
+    fn readable(
+        update: Option<Bound<'py, PyAny>>,
+        steps: Option<Bound<'py, PyAny>>,
+        shadow: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Body<'py>> {
+        let update = update.ok_or_else(|| {
+            raise(
+                "InputTypeError",
+                "the report carries no update".to_owned(),
+                |d| d.set_item("key", "update"),
+            )
+        })?;
+        let update = Held::extract(&update)?;
+        // Names, ranks and layout are checked here, per client, so that a bad
+        // array refuses its sender instead of failing the round.
+        update.source()?;
+        let steps = PySteps::extract(steps)?;
+        steps.views()?;
+        let shadow = PySteps::extract(shadow)?;
+        shadow.views()?;
+        Ok(Body::Readable {
+            update,
+            steps,
+            shadow,
+        })
+    }
+}
+
+/// `refused` as Python gives it: a reason string, or a `(code, detail)` pair.
+fn refusal_of(obj: &Bound<'_, PyAny>) -> PyResult<Refusal> {
+    if let Ok((code, detail)) = obj.extract::<(String, String)>() {
+        return Ok(Refusal { code, detail });
+    }
+    Ok(Refusal {
+        code: "refused".to_owned(),
+        detail: obj.str()?.extract()?,
+    })
+}
+
+/// A per-client extraction error as a refusal: the exception's class name
+/// is the code, its message the detail.
+fn refusal_from_error(py: Python<'_>, err: &PyErr) -> Refusal {
+    let code = err
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Error".to_owned());
+    Refusal {
+        code,
+        detail: err.value(py).to_string(),
+    }
+}
+
+/// The zero-copy views of one report (a refused one reads nothing).
+enum ReportView<'a> {
+    Readable(Source<'a>, StepViews<'a>, StepViews<'a>),
+    Refused(Refused<'a>),
+}
+
+impl<'a> ReportView<'a> {
+    fn of(report: &'a PyReport<'_>, global: &dyn TensorSource) -> PyResult<Self> {
+        Ok(match &report.body {
+            Body::Readable {
+                update,
+                steps,
+                shadow,
+            } => ReportView::Readable(update.source()?, steps.views()?, shadow.views()?),
+            Body::Refused(r) => ReportView::Refused(Refused::new(global, r)),
+        })
+    }
+
+    fn report<'r>(&'r self, client: &'r ClientId, samples: u64) -> ClientReport<'r> {
+        match self {
+            ReportView::Readable(update, steps, shadow) => {
+                ClientReport::new(client, update as &dyn TensorSource, samples)
+                    .with_steps(steps.report())
+                    .with_shadow(shadow.report())
+            }
+            ReportView::Refused(r) => ClientReport::new(client, r as &dyn TensorSource, samples),
+        }
     }
 }
 
@@ -235,6 +342,16 @@ fn read_spec(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<DefenseSpec> {
 /// an Adapter), `samples`, and optional `steps` / `shadow`: a list of step
 /// adapters (verifiable: scored by the server, last one checked against the
 /// update) or a list of self-reported scores (unverifiable).
+///
+/// A report may instead carry `refused`: a reason string or a `(code,
+/// detail)` pair for a reply the caller could not use (a failed reply, a
+/// dropped node). A report whose arrays, steps or count cannot be read (a
+/// float64 array, a 3-D array, a non-LoRA name, a negative count) is refused
+/// the same way, with the exception's class as the code. A refused client is
+/// rejected by the round's own admission stage (`reason: "unreadable"` in the
+/// audit, with the refusal's text): factor 0 in the safety gate's mean, no
+/// detector update, no weight in the aggregate. Only a report without
+/// `client` raises.
 #[pyclass(module = "safe_fedllm._native")]
 pub struct DefendedRound {
     inner: CoreRound<LinearProbe, AnyDetector, BoxedRule>,
@@ -345,7 +462,7 @@ impl DefendedRound {
         let global_view = global.source()?;
         let views = items
             .iter()
-            .map(|r| Ok((r.update.source()?, r.steps.views()?, r.shadow.views()?)))
+            .map(|r| ReportView::of(r, &global_view))
             .collect::<PyResult<Vec<_>>>()?;
         let meta: Vec<(ClientId, u64)> = items
             .iter()
@@ -360,11 +477,7 @@ impl DefendedRound {
                 let reports: Vec<ClientReport<'_>> = meta
                     .iter()
                     .zip(&views)
-                    .map(|((client, samples), (update, steps, shadow))| {
-                        ClientReport::new(client, update as &dyn TensorSource, *samples)
-                            .with_steps(steps.report())
-                            .with_shadow(shadow.report())
-                    })
+                    .map(|((client, samples), view)| view.report(client, *samples))
                     .collect();
                 inner.run(round, &global, &reports)
             })
