@@ -9,7 +9,8 @@
 use safe_fedllm::ClientId;
 use safe_fedllm::aggregate::{FactorGate, FedAvg, Krum, SkipReason};
 use safe_fedllm::detect::{
-    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel, Verdict,
+    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
+    Verdict,
 };
 use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
@@ -157,6 +158,7 @@ fn trusting_the_count_reproduces_the_dilution_the_default_prevents() {
     );
     let step = StepLevel::params()
         .counting(safe_fedllm::detect::SampleCounting::Reference)
+        .safeguards(Safeguards::reference())
         .build()
         .unwrap();
     let mut round = DefendedRound::new(probe(), step, FedAvg::new())
@@ -470,8 +472,8 @@ fn self_reported_scores_are_marked_in_the_audit() {
 #[test]
 fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_update() {
     // The shadow branch is unverifiable: a liar reports clean shadow steps.
-    // Shadow level believes it (documented); the audit says so, and the
-    // update's own score (server-computed) shows the lie.
+    // The audit says so, and the update's own score (server-computed) caps
+    // the factor whatever the shadow branch claims.
     let mut reports = honest();
     reports.push(
         OwnedReport::new("liar", malicious(1.0), 100)
@@ -482,8 +484,15 @@ fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_upda
         .unwrap();
     let liar = out.client("liar").unwrap();
     assert_eq!(liar.shadow_evidence, Provenance::SelfReported);
-    assert!(liar.update_score.unwrap() > 0.99);
-    assert_eq!(liar.verdict, Verdict::Benign);
+    let s = liar.update_score.unwrap();
+    assert!(s > 0.99);
+    assert_eq!(liar.verdict, Verdict::Malicious);
+    let raw = ClientLevel::params()
+        .build()
+        .unwrap()
+        .settings()
+        .raw_factor(f64::from(s));
+    assert!(liar.factor <= raw, "{} > {raw}", liar.factor);
 }
 
 #[test]

@@ -1,0 +1,182 @@
+//! The attacker's tests for the round *protocol*: the evidence a client
+//! chooses to send or withhold, the history it builds, the identities it uses
+//! and the timing of audits. One named test per hole, each asserting the
+//! typed outcome AND the bound on how far the global adapter moved.
+//!
+//! Setting (as in `attack_round.rs`): a toy linear probe over the layer-0
+//! lora_B delta (+x is malicious, +y benign), honest clients that move along
+//! +y, and an attacker whose update moves x to 1.
+
+use safe_fedllm::aggregate::FedAvg;
+use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, Verdict};
+use safe_fedllm::features::{FeatureConfig, Selection};
+use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::round::{
+    ClientOutcome, DefendedRound, OwnedReport, OwnedSteps, RoundOutcome, RoundParams,
+    borrow_reports,
+};
+
+const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+
+const LEVELS: [DefenseLevel; 4] = [
+    DefenseLevel::Step,
+    DefenseLevel::Client,
+    DefenseLevel::Shadow,
+    DefenseLevel::Evidence,
+];
+
+fn adapter(x: f32, y: f32) -> LoraAdapter {
+    let mut out = LoraAdapter::new();
+    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
+        .unwrap();
+    out.insert(A, LoraTensor::new("a", [1, 2], vec![0.5, 0.5]).unwrap())
+        .unwrap();
+    out
+}
+
+fn global() -> LoraAdapter {
+    adapter(0.0, 0.0)
+}
+
+fn probe() -> LinearProbe {
+    let spec = FeatureConfig::new(Selection::FirstLayerB)
+        .fit(&[LoraDelta::between(&adapter(1.0, 0.0), &global()).unwrap()])
+        .unwrap();
+    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
+}
+
+type Round = DefendedRound<LinearProbe, AnyDetector, FedAvg>;
+
+/// The safe defaults, except that client-computed shadow scores are read
+/// (honest clients here report their shadow as scores).
+fn round_with(level: DefenseLevel) -> Round {
+    DefendedRound::new(
+        probe(),
+        AnyDetector::with_defaults(level).unwrap(),
+        FedAvg::new(),
+    )
+    .with_params(RoundParams::default().accept_self_reported(true))
+    .unwrap()
+}
+
+/// An honest message: a benign update with its two-step trail and a clean
+/// shadow branch.
+fn honest_report(id: &str, y: f32) -> OwnedReport {
+    OwnedReport::new(id, adapter(0.0, y), 100)
+        .with_steps(OwnedSteps::Adapters(vec![
+            adapter(0.0, y / 2.0),
+            adapter(0.0, y),
+        ]))
+        .with_shadow(OwnedSteps::Scores(vec![0.1, 0.1]))
+}
+
+fn honest() -> Vec<OwnedReport> {
+    (0..4)
+        .map(|i| honest_report(&format!("h{i}"), 0.5 + 0.1 * i as f32))
+        .collect()
+}
+
+/// A malicious update (x = 1) that sends no step trail and no shadow report.
+fn silent_attacker(id: &str) -> OwnedReport {
+    OwnedReport::new(id, adapter(1.0, 0.0), 100)
+}
+
+fn run(round: &mut Round, r: u32, reports: &[OwnedReport]) -> RoundOutcome {
+    round.run(r, &global(), &borrow_reports(reports)).unwrap()
+}
+
+/// The client level's raw factor for a score: the cap every level applies
+/// to a round whose update the server scored malicious.
+fn raw(score: f32) -> f64 {
+    ClientLevel::params()
+        .build()
+        .unwrap()
+        .settings()
+        .raw_factor(f64::from(score))
+}
+
+/// Asserts the attacker's factor is at most the raw factor of its update's
+/// server score, and that the global's malicious coordinate moved by at most
+/// that factor's share of the round.
+fn assert_capped(out: &RoundOutcome, attacker: &str, what: &str) -> f64 {
+    let a: &ClientOutcome = out.client(attacker).unwrap();
+    let s = a
+        .update_score
+        .expect("the server scores every admitted update");
+    assert!(s > 0.99, "{what}: score {s}");
+    assert_eq!(a.verdict, Verdict::Malicious, "{what}: {}", a.detail);
+    assert!(
+        a.factor <= raw(s) + 1e-12,
+        "{what}: factor {} > raw {} ({})",
+        a.factor,
+        raw(s),
+        a.detail
+    );
+    if let Some(new) = &out.new_global {
+        let x = new.get(B).unwrap().as_slice()[0];
+        let total: f64 = out.clients.iter().map(|c| c.effective_weight).sum();
+        let bound = a.effective_weight / total;
+        assert!(f64::from(x) <= bound + 1e-6, "{what}: x = {x} > {bound}");
+        assert!(x < 0.01, "{what}: x = {x}");
+    }
+    a.factor
+}
+
+#[test]
+fn silence_is_judged_on_the_server_scored_update_at_every_level() {
+    for level in LEVELS {
+        let mut reports = honest();
+        reports.push(silent_attacker("quiet"));
+        let out = run(&mut round_with(level), 0, &reports);
+        assert!(!out.skipped, "{level}");
+        assert_capped(&out, "quiet", &format!("{level}"));
+    }
+}
+
+#[test]
+fn a_malicious_update_is_capped_whatever_the_history_or_freeze_state() {
+    // Honest for 22 rounds (past R = 20, where step and client levels freeze,
+    // and long enough for the evidence level to freeze it benign), then a
+    // silent malicious update every round.
+    for level in LEVELS {
+        let mut round = round_with(level);
+        for r in 0..22 {
+            let mut reports = honest();
+            reports.push(honest_report("sleeper", 0.6));
+            run(&mut round, r, &reports);
+        }
+        for r in 22..30 {
+            let mut reports = honest();
+            reports.push(silent_attacker("sleeper"));
+            let out = run(&mut round, r, &reports);
+            assert_capped(&out, "sleeper", &format!("{level} round {r}"));
+        }
+    }
+}
+
+#[test]
+fn weight_does_not_come_back_in_a_malicious_round() {
+    // Alternating honest and malicious rounds: the running mean (client
+    // level) or Beta trust (step level) recovers between attacks, but every
+    // malicious round is bounded by that round's raw factor.
+    for level in [DefenseLevel::Client, DefenseLevel::Step] {
+        let mut round = round_with(level);
+        for r in 0..30 {
+            let mut reports = honest();
+            let malicious = r % 2 == 1;
+            if malicious {
+                reports.push(OwnedReport::new("flip", adapter(1.0, 0.0), 100).with_steps(
+                    OwnedSteps::Adapters(vec![adapter(0.5, 0.0), adapter(1.0, 0.0)]),
+                ));
+            } else {
+                reports.push(honest_report("flip", 0.6));
+            }
+            let out = run(&mut round, r, &reports);
+            if malicious {
+                assert_capped(&out, "flip", &format!("{level} round {r}"));
+            }
+        }
+    }
+}
