@@ -7,14 +7,15 @@
 //! lora_B delta (+x is malicious, +y benign), honest clients that move along
 //! +y, and an attacker whose update moves x to 1.
 
+use safe_fedllm::ClientId;
 use safe_fedllm::aggregate::FedAvg;
 use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, Verdict};
 use safe_fedllm::features::{FeatureConfig, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, TensorSource};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    ClientOutcome, DefendedRound, OwnedReport, OwnedSteps, RoundOutcome, RoundParams,
-    borrow_reports,
+    ClientOutcome, ClientReport, DefendedRound, OwnedReport, OwnedSteps, Provenance, RoundOutcome,
+    RoundParams, StepsReport, borrow_reports,
 };
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
@@ -179,4 +180,81 @@ fn weight_does_not_come_back_in_a_malicious_round() {
             }
         }
     }
+}
+
+/// Runs one step-level round in which the attacker's trail is `padding`
+/// copies of the global followed by its malicious update; returns the
+/// attacker's outcome, the detector's Beta state for it and the round.
+fn padded_round(padding: usize) -> (ClientOutcome, (f64, f64), RoundOutcome) {
+    let g = global();
+    let evil = adapter(1.0, 0.0);
+    let honest = honest();
+    let mut trail: Vec<&dyn TensorSource> = vec![&g; padding];
+    trail.push(&evil);
+    let id = ClientId::from("padder");
+    let mut reports = borrow_reports(&honest);
+    reports.push(ClientReport::new(&id, &evil, 100).with_steps(StepsReport::Adapters(trail)));
+    let mut round = round_with(DefenseLevel::Step);
+    let out = round.run(0, &g, &reports).unwrap();
+    let AnyDetector::Step(step) = round.detector() else {
+        unreachable!("a step-level round")
+    };
+    let state = step.client_state(&id).unwrap();
+    let attacker = out.client("padder").unwrap().clone();
+    (attacker, (state.alpha, state.beta), out)
+}
+
+#[test]
+fn trail_padding_with_copies_of_the_global_buys_nothing() {
+    let (plain, plain_beta, _) = padded_round(0);
+    assert_eq!(plain.verdict, Verdict::Malicious);
+    for padding in [9, 9_999] {
+        let (padded, beta, out) = padded_round(padding);
+        assert_eq!(padded.verdict, Verdict::Malicious, "{padding}");
+        assert!(
+            padded.factor <= plain.factor,
+            "{padding} copies: {} > {}",
+            padded.factor,
+            plain.factor
+        );
+        // Nor does it dilute what the level remembers.
+        assert_eq!(beta, plain_beta, "{padding} copies");
+        // "Verified" is only the last step; the audit shows what moved.
+        assert_eq!(padded.step_evidence, Provenance::LastStepVerified);
+        let trail = padded.step_trail.unwrap();
+        assert_eq!((trail.steps, trail.moved), (padding + 1, 1));
+        assert!((trail.distance - 1.0).abs() < 1e-12);
+        assert_capped(&out, "padder", &format!("{padding} copies"));
+    }
+    // The unpadded one-step trail is the update itself: fully verified.
+    assert_eq!(plain.step_evidence, Provenance::Verified);
+}
+
+#[test]
+fn trail_padding_with_tiny_steps_weighs_by_distance() {
+    // 99 benign-looking steps that barely move (1e-6 along +y each), then
+    // the jump to the malicious update: the harmful share is the jump's
+    // share of the distance travelled, ≈ 1, not 1/100.
+    let g = global();
+    let steps: Vec<LoraAdapter> = (1..100)
+        .map(|i| adapter(0.0, 1e-6 * i as f32))
+        .chain([adapter(1.0, 0.0)])
+        .collect();
+    let honest = honest();
+    let mut reports = honest.clone();
+    reports.push(
+        OwnedReport::new("creeper", adapter(1.0, 0.0), 100).with_steps(OwnedSteps::Adapters(steps)),
+    );
+    let mut round = round_with(DefenseLevel::Step);
+    let out = run(&mut round, 0, &reports);
+    let a = out.client("creeper").unwrap();
+    assert_eq!(a.verdict, Verdict::Malicious);
+    let AnyDetector::Step(step) = round.detector() else {
+        unreachable!()
+    };
+    let state = step.client_state(&ClientId::from("creeper")).unwrap();
+    // 100 moving steps × 16 samples; the benign ones travelled ~1e-4 of ~1.
+    assert!(state.alpha < 0.95 + 1.0, "α = {}", state.alpha);
+    assert!(state.beta > 0.95 + 1599.0, "β = {}", state.beta);
+    assert_capped(&out, "creeper", "tiny steps");
 }

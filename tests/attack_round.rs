@@ -415,10 +415,10 @@ fn a_lying_step_trail_is_caught_by_the_trail_check() {
     assert_eq!(liar.disposition, Disposition::TrailMismatch);
     assert_eq!(liar.factor, 0.0);
     assert!(liar.trail.is_mismatch());
-    // Honest trails end at their update: verified provenance.
+    // Honest trails end at their update: only their last step is verified.
     assert_eq!(
         out.client("h0").unwrap().step_evidence,
-        Provenance::Verified
+        Provenance::LastStepVerified
     );
     assert!(max_diff(&out.new_global.unwrap(), &honest_only(DefenseLevel::Step)) < 1e-6);
 }

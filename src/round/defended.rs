@@ -13,8 +13,10 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
 use crate::probe::Probe;
 use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection};
-use crate::round::audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
-use crate::round::steps::{ShadowBranch, score_step, score_steps};
+use crate::round::audit::{
+    ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary,
+};
+use crate::round::steps::{ShadowBranch, score_step, score_steps, step_distances};
 use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
 
 /// A branch's step evidence as a client reports it.
@@ -348,6 +350,7 @@ enum Scored {
         trail: TrailStatus,
         steps: Provenance,
         shadow: Provenance,
+        step_trail: Option<TrailSummary>,
     },
     Rejected {
         rejection: Rejection,
@@ -581,11 +584,14 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         }
         let mut evidence = ClientEvidence::new(samples).with_last_step_score(Some(update_score));
         let mut steps = Provenance::Absent;
+        let mut step_trail = None;
         if reads_steps {
             match self.main_scores(global, &report.steps) {
-                Ok(scores) => {
+                Ok((scores, distances)) => {
                     steps = provenance(&report.steps, &trail);
+                    step_trail = TrailSummary::of(&distances);
                     evidence.step_scores = scores;
+                    evidence.step_distances = distances;
                 }
                 Err(e) => return rejected(format!("step adapters rejected: {e}"), trail),
             }
@@ -593,13 +599,15 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         let mut shadow = Provenance::Absent;
         if reads_shadow {
             match self.shadow_scores(&report.shadow) {
-                Ok(scores) => {
+                Ok((scores, distances)) => {
                     shadow = match &report.shadow {
                         StepsReport::None => Provenance::Absent,
                         StepsReport::Scores(_) => Provenance::SelfReported,
                         StepsReport::Adapters(_) => Provenance::ServerScoredUnverified,
                     };
-                    evidence = evidence.with_shadow_steps(scores);
+                    evidence = evidence
+                        .with_shadow_steps(scores)
+                        .with_shadow_distances(distances);
                 }
                 Err(e) => return rejected(format!("shadow steps rejected: {e}"), trail),
             }
@@ -612,6 +620,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             trail,
             steps,
             shadow,
+            step_trail,
         }
     }
 
@@ -625,19 +634,27 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         }
     }
 
-    fn main_scores(&self, global: &LoraAdapter, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+    /// Scores and distances travelled of the main branch's steps (no
+    /// distances for self-reported scores: the server saw no step).
+    fn main_scores(&self, global: &LoraAdapter, steps: &StepsReport<'_>) -> Result<Branch> {
         match steps {
-            StepsReport::None => Ok(Vec::new()),
-            StepsReport::Scores(s) => Ok(s.to_vec()),
-            StepsReport::Adapters(a) => score_steps(&self.probe, global, a),
+            StepsReport::None => Ok((Vec::new(), Vec::new())),
+            StepsReport::Scores(s) => Ok((s.to_vec(), Vec::new())),
+            StepsReport::Adapters(a) => Ok((
+                score_steps(&self.probe, global, a)?,
+                step_distances(global, a)?,
+            )),
         }
     }
 
-    fn shadow_scores(&self, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+    fn shadow_scores(&self, steps: &StepsReport<'_>) -> Result<Branch> {
         match (steps, &self.shadow) {
-            (StepsReport::None, _) => Ok(Vec::new()),
-            (StepsReport::Scores(s), _) => Ok(s.to_vec()),
-            (StepsReport::Adapters(a), Some(shadow)) => shadow.score_steps(&self.probe, a),
+            (StepsReport::None, _) => Ok((Vec::new(), Vec::new())),
+            (StepsReport::Scores(s), _) => Ok((s.to_vec(), Vec::new())),
+            (StepsReport::Adapters(a), Some(shadow)) => Ok((
+                shadow.score_steps(&self.probe, a)?,
+                step_distances(shadow.base(), a)?,
+            )),
             (StepsReport::Adapters(_), None) => Err(Error::InvalidParameter {
                 component: "defended round",
                 name: "shadow_branch",
@@ -679,12 +696,17 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     }
 }
 
-/// Provenance of main-branch step scores.
+/// A branch's step scores and the distance each step travelled.
+type Branch = (Vec<f32>, Vec<f64>);
+
+/// Provenance of main-branch step scores: [`Provenance::Verified`] only for
+/// a one-step trail that is the update itself.
 fn provenance(steps: &StepsReport<'_>, trail: &TrailStatus) -> Provenance {
     match (steps, trail) {
         (StepsReport::None, _) => Provenance::Absent,
         (StepsReport::Scores(_), _) => Provenance::SelfReported,
-        (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::Verified,
+        (StepsReport::Adapters(a), TrailStatus::Verified) if a.len() == 1 => Provenance::Verified,
+        (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::LastStepVerified,
         (StepsReport::Adapters(_), _) => Provenance::ServerScoredUnverified,
     }
 }
@@ -718,6 +740,7 @@ fn assess<D: Detector>(
         trail,
         step_evidence: Provenance::Absent,
         shadow_evidence: Provenance::Absent,
+        step_trail: None,
         excluded: None,
     };
     Ok(match scored {
@@ -763,6 +786,7 @@ fn assess<D: Detector>(
             trail,
             steps,
             shadow,
+            step_trail,
         } => {
             let a = detector.assess(round, report.client, &evidence)?;
             let mut o = outcome(
@@ -775,6 +799,7 @@ fn assess<D: Detector>(
             );
             o.step_evidence = steps;
             o.shadow_evidence = shadow;
+            o.step_trail = step_trail;
             o
         }
     })

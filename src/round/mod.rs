@@ -35,7 +35,7 @@ pub use admission::{
     Admission, AdmissionDecision, Admitted, NormBound, OverBound, Rejection, SamplePolicy,
     ShapeDifference,
 };
-pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
+pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary};
 pub use defended::{
     ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
 };
