@@ -235,7 +235,6 @@ fn trail_padding_with_tiny_steps_weighs_by_distance() {
     // 99 benign-looking steps that barely move (1e-6 along +y each), then
     // the jump to the malicious update: the harmful share is the jump's
     // share of the distance travelled, ≈ 1, not 1/100.
-    let g = global();
     let steps: Vec<LoraAdapter> = (1..100)
         .map(|i| adapter(0.0, 1e-6 * i as f32))
         .chain([adapter(1.0, 0.0)])
@@ -257,4 +256,57 @@ fn trail_padding_with_tiny_steps_weighs_by_distance() {
     assert!(state.alpha < 0.95 + 1.0, "α = {}", state.alpha);
     assert!(state.beta > 0.95 + 1599.0, "β = {}", state.beta);
     assert_capped(&out, "creeper", "tiny steps");
+}
+
+#[test]
+fn an_attacker_changing_identity_every_round_stays_on_probation() {
+    // A mildly poisoned update (x = 0.3 beside a benign y) from a new id in
+    // every round, before and after the levels freeze (R = 20).
+    for level in [
+        DefenseLevel::Client,
+        DefenseLevel::Step,
+        DefenseLevel::Evidence,
+    ] {
+        let mut round = round_with(level);
+        for r in 0..26 {
+            let mut reports = honest();
+            reports.push(
+                OwnedReport::new(format!("sybil{r}"), adapter(0.3, 0.6), 100)
+                    .with_steps(OwnedSteps::Adapters(vec![adapter(0.3, 0.6)]))
+                    .with_shadow(OwnedSteps::Scores(vec![0.1])),
+            );
+            let out = run(&mut round, r, &reports);
+            let sybil = out.client(&format!("sybil{r}")).unwrap();
+            // Below τ: probation, not the verdict cap, is what binds.
+            let score = sybil.update_score.unwrap();
+            assert!(score < 0.8, "{level}: score {score}");
+            assert!(
+                sybil.factor <= 0.5,
+                "{level} round {r}: a new id weighs {} ({})",
+                sybil.factor,
+                sybil.detail
+            );
+            if r >= 3 {
+                // Known honest clients left probation: the new id weighs less.
+                let h0 = out.client("h0").unwrap().factor;
+                assert!(h0 > sybil.factor, "{level} round {r}: {h0}");
+            }
+            let x = out.new_global.as_ref().unwrap().get(B).unwrap().as_slice()[0];
+            let total: f64 = out.clients.iter().map(|c| c.effective_weight).sum();
+            let bound = 0.3 * sybil.effective_weight / total;
+            assert!(f64::from(x) <= bound + 1e-6, "{level} round {r}: x = {x}");
+        }
+    }
+}
+
+#[test]
+fn a_never_seen_id_after_the_levels_froze_gets_the_probation_factor() {
+    for level in [DefenseLevel::Client, DefenseLevel::Step] {
+        let mut round = round_with(level);
+        let reports = honest();
+        let out = run(&mut round, 25, &reports);
+        for c in &out.clients {
+            assert!(c.factor <= 0.5, "{level}: {} {}", c.client, c.factor);
+        }
+    }
 }
