@@ -8,14 +8,14 @@
 //! +y, and an attacker whose update moves x to 1.
 
 use safe_fedllm::ClientId;
-use safe_fedllm::aggregate::FedAvg;
+use safe_fedllm::aggregate::{Aggregator, Bulyan, FactorGate, FedAvg, Krum, SkipReason};
 use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, Verdict};
 use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, TensorSource};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    ClientOutcome, ClientReport, DefendedRound, OwnedReport, OwnedSteps, Provenance, RoundOutcome,
-    RoundParams, StepsReport, borrow_reports,
+    Admitted, ClientOutcome, ClientReport, DefendedRound, Disposition, OwnedReport, OwnedSteps,
+    Provenance, Rejection, RoundOutcome, RoundParams, StepsReport, borrow_reports,
 };
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
@@ -309,4 +309,142 @@ fn a_never_seen_id_after_the_levels_froze_gets_the_probation_factor() {
             assert!(c.factor <= 0.5, "{level}: {} {}", c.client, c.factor);
         }
     }
+}
+
+fn robust_round<A: Aggregator>(rule: A) -> DefendedRound<LinearProbe, AnyDetector, A> {
+    DefendedRound::new(
+        probe(),
+        AnyDetector::with_defaults(DefenseLevel::Step).unwrap(),
+        rule,
+    )
+    .with_params(RoundParams::default().accept_self_reported(true))
+    .unwrap()
+}
+
+fn honest_n(n: usize) -> Vec<OwnedReport> {
+    (0..n)
+        .map(|i| honest_report(&format!("h{i}"), 0.5 + 0.05 * i as f32))
+        .collect()
+}
+
+/// The three liars of a minimum-size round: a NaN, a declared 0 and a
+/// trail that ends somewhere else than the update.
+fn liars() -> Vec<(&'static str, OwnedReport)> {
+    vec![
+        ("nan", OwnedReport::new("liar", adapter(f32::NAN, 0.0), 100)),
+        ("zero", OwnedReport::new("liar", adapter(1.0, 0.0), 0)),
+        (
+            "trail",
+            OwnedReport::new("liar", adapter(1.0, 0.0), 100)
+                .with_steps(OwnedSteps::Adapters(vec![adapter(0.0, 0.1)])),
+        ),
+    ]
+}
+
+/// The new global holds no malicious x and a y inside the honest range.
+fn assert_inside_honest_hull(out: &RoundOutcome, honest: &[OwnedReport], what: &str) {
+    assert!(!out.skipped, "{what}: {:?}", out.skip_reason);
+    let new = out.new_global.as_ref().unwrap().get(B).unwrap().as_slice();
+    let ys: Vec<f32> = honest
+        .iter()
+        .map(|r| r.update.get(B).unwrap().as_slice()[1])
+        .collect();
+    let (lo, hi) = ys
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &y| (l.min(y), h.max(y)));
+    assert_eq!(new[0], 0.0, "{what}: x moved");
+    assert!(new[1] >= lo && new[1] <= hi, "{what}: y = {}", new[1]);
+}
+
+#[test]
+fn one_liar_in_a_minimum_size_round_never_fails_it() {
+    for (rule, n) in [("krum", 5), ("bulyan", 7)] {
+        for (lie, liar) in liars() {
+            let what = format!("{rule} n = {n}, {lie}");
+            let mut reports = honest_n(n - 1);
+            reports.push(liar);
+            let batch = borrow_reports(&reports);
+            let out = match rule {
+                "krum" => {
+                    robust_round(FactorGate::new(Krum::new(1).unwrap())).run(0, &global(), &batch)
+                }
+                _ => {
+                    robust_round(FactorGate::new(Bulyan::new(1).unwrap())).run(0, &global(), &batch)
+                }
+            }
+            .unwrap_or_else(|e| panic!("{what}: the round failed: {e}"));
+            let l = out.client("liar").unwrap();
+            assert_eq!(l.factor, 0.0, "{what}");
+            assert!(
+                matches!(
+                    l.disposition,
+                    Disposition::Rejected | Disposition::TrailMismatch
+                ),
+                "{what}: {:?}",
+                l.disposition
+            );
+            assert_inside_honest_hull(&out, &reports[..n - 1], &what);
+        }
+    }
+}
+
+#[test]
+fn liars_beyond_the_budget_skip_the_round_with_a_typed_reason() {
+    // Krum(f = 1) over 5 messages, 3 of them rejected: f − 3 = 0 leaves 2
+    // clients where Krum needs 3. The round is skipped, not failed.
+    let mut reports = honest_n(2);
+    for i in 0..3 {
+        reports.push(OwnedReport::new(
+            format!("nan{i}"),
+            adapter(f32::NAN, 0.0),
+            100,
+        ));
+    }
+    let out = robust_round(FactorGate::new(Krum::new(1).unwrap()))
+        .run(0, &global(), &borrow_reports(&reports))
+        .unwrap();
+    assert!(out.skipped);
+    assert!(out.new_global.is_none(), "the global stays where it was");
+    match &out.skip_reason {
+        Some(SkipReason::TooFewClients {
+            rule,
+            required,
+            found,
+            ..
+        }) => {
+            assert_eq!(rule, "krum");
+            assert_eq!((*required, *found), (3, 2));
+        }
+        other => panic!("expected TooFewClients, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_repeated_client_id_rejects_every_copy_not_the_round() {
+    let mut reports = honest_n(5);
+    reports.push(OwnedReport::new("twin", adapter(1.0, 0.0), 100));
+    reports.push(OwnedReport::new("twin", adapter(0.0, 0.6), 100));
+    let out = robust_round(FactorGate::new(Krum::new(1).unwrap()))
+        .run(0, &global(), &borrow_reports(&reports))
+        .unwrap();
+    let twins: Vec<&ClientOutcome> = out
+        .clients
+        .iter()
+        .filter(|c| c.client.as_str() == "twin")
+        .collect();
+    assert_eq!(twins.len(), 2);
+    for t in twins {
+        assert_eq!(t.disposition, Disposition::Rejected);
+        assert_eq!(t.factor, 0.0);
+        assert_eq!(
+            t.admission,
+            Admitted::Rejected(Rejection::DuplicateClient { copies: 2 })
+        );
+    }
+    assert_inside_honest_hull(&out, &reports[..5], "twins");
+    // FedAvg too: the twins weigh nothing.
+    let out = round_with(DefenseLevel::Client)
+        .run(0, &global(), &borrow_reports(&reports))
+        .unwrap();
+    assert_inside_honest_hull(&out, &reports[..5], "twins under FedAvg");
 }

@@ -1,7 +1,7 @@
 //! The defended round: admission → probe → detector → safety gate →
 //! aggregator, with an audit record.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -285,8 +285,12 @@ impl RoundParams {
 /// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`], not
 /// aggregated, detector state untouched); a message whose last step differs
 /// from its update is [`Disposition::TrailMismatch`] (factor 0,
-/// [`Verdict::Malicious`]). Round-level faults are errors: no reports, a
-/// repeated client id, a non-finite global adapter, an aggregator error.
+/// [`Verdict::Malicious`]). Every message carrying a repeated client id is
+/// rejected ([`Rejection::DuplicateClient`]). Rejected and mismatched clients
+/// count against the rule's Byzantine budget
+/// ([`Aggregator::aggregate_after_removal`]); a rule still short of clients
+/// skips the round ([`SkipReason::TooFewClients`]). Round-level faults are
+/// errors: no reports, a non-finite global adapter, another aggregator error.
 ///
 /// **A failed round changes nothing**: the detector assesses a copy of its
 /// state, committed only when the round completes (applied or skipped), so a
@@ -461,14 +465,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             .iter()
             .map(|b| b.key.as_str())
             .collect();
-        let messages: Vec<(&ClientId, &dyn TensorSource, u64)> = reports
-            .iter()
-            .map(|r| (r.client, r.update, r.samples))
-            .collect();
-        let decisions = self
-            .params
-            .admission
-            .admit(global, &probe_keys, &messages)?;
+        let decisions = self.admit(global, &probe_keys, reports)?;
         let admission_s = admission_start.elapsed().as_secs_f64();
 
         let probe_start = Instant::now();
@@ -523,6 +520,53 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         self.detector = detector;
         outcome.timings.total_s = start.elapsed().as_secs_f64();
         Ok(outcome)
+    }
+
+    /// Admission, with every copy of a repeated client id rejected before
+    /// it (so duplicates never enter the round's medians).
+    fn admit(
+        &self,
+        global: &LoraAdapter,
+        probe_keys: &[&str],
+        reports: &[ClientReport<'_>],
+    ) -> Result<Vec<AdmissionDecision>> {
+        let mut copies: BTreeMap<&ClientId, usize> = BTreeMap::new();
+        for r in reports {
+            *copies.entry(r.client).or_default() += 1;
+        }
+        let repeated = |r: &ClientReport<'_>| copies.get(r.client).copied().unwrap_or(0) > 1;
+        let messages: Vec<(&ClientId, &dyn TensorSource, u64)> = reports
+            .iter()
+            .filter(|r| !repeated(r))
+            .map(|r| (r.client, r.update, r.samples))
+            .collect();
+        let mut admitted = self
+            .params
+            .admission
+            .admit(global, probe_keys, &messages)?
+            .into_iter();
+        let mut decisions = Vec::with_capacity(reports.len());
+        for r in reports {
+            let decision = if repeated(r) {
+                Some(AdmissionDecision {
+                    client: r.client.clone(),
+                    declared_samples: r.samples,
+                    status: Admitted::Rejected(Rejection::DuplicateClient {
+                        copies: copies.get(r.client).copied().unwrap_or(0),
+                    }),
+                })
+            } else {
+                admitted.next()
+            };
+            decisions.push(decision.ok_or_else(|| {
+                Error::invariant(
+                    "round::defended::admit",
+                    "admission returns one decision per message",
+                    format!("{} reports", reports.len()),
+                )
+            })?);
+        }
+        Ok(decisions)
     }
 
     fn score_report(
@@ -684,15 +728,37 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             })
             .collect();
         if updates.is_empty() {
-            return Ok(Aggregation {
-                outcome: crate::aggregate::Outcome::Skipped {
-                    reason: SkipReason::NoClientLeft,
-                },
-                contributions: Vec::new(),
-                exclusions: Vec::new(),
-            });
+            return Ok(skipped(SkipReason::NoClientLeft));
         }
-        self.aggregator.aggregate(global, &updates)
+        // Rejected and trail-mismatched clients count against the rule's
+        // Byzantine budget; a rule still left without enough clients skips
+        // the round (typed) rather than failing it for everyone.
+        let removed = reports.len().saturating_sub(updates.len());
+        match self
+            .aggregator
+            .aggregate_after_removal(global, &updates, removed)
+        {
+            Err(Error::TooFewClients {
+                rule,
+                constraint,
+                required,
+                found,
+            }) => Ok(skipped(SkipReason::TooFewClients {
+                rule: rule.to_owned(),
+                constraint,
+                required,
+                found,
+            })),
+            other => other,
+        }
+    }
+}
+
+fn skipped(reason: SkipReason) -> Aggregation {
+    Aggregation {
+        outcome: crate::aggregate::Outcome::Skipped { reason },
+        contributions: Vec::new(),
+        exclusions: Vec::new(),
     }
 }
 
@@ -828,14 +894,6 @@ fn check_reports(reports: &[ClientReport<'_>]) -> Result<()> {
         return Err(Error::Empty {
             what: "the round's client reports",
         });
-    }
-    let mut seen = BTreeSet::new();
-    for r in reports {
-        if !seen.insert(r.client) {
-            return Err(Error::DuplicateClient {
-                client: r.client.clone(),
-            });
-        }
     }
     Ok(())
 }
