@@ -9,13 +9,14 @@
 
 use safe_fedllm::ClientId;
 use safe_fedllm::aggregate::{Aggregator, Bulyan, FactorGate, FedAvg, Krum, SkipReason};
-use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, Verdict};
+use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, EvidenceStatus, Verdict};
 use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, TensorSource};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admitted, ClientOutcome, ClientReport, DefendedRound, Disposition, OwnedReport, OwnedSteps,
-    Provenance, Rejection, RoundOutcome, RoundParams, StepsReport, borrow_reports,
+    Admitted, AuditDraw, ClientOutcome, ClientReport, CommitmentStatus, DefendedRound, Disposition,
+    OwnedReport, OwnedSteps, Provenance, Rejection, RoundOutcome, RoundParams, StepsReport,
+    borrow_reports,
 };
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
@@ -447,4 +448,133 @@ fn a_repeated_client_id_rejects_every_copy_not_the_round() {
         .run(0, &global(), &borrow_reports(&reports))
         .unwrap();
     assert_inside_honest_hull(&out, &reports[..5], "twins under FedAvg");
+}
+
+/// The "benign shadow only when asked" attacker against the evidence level.
+/// Rounds 0..3 it behaves and is frozen benign; from round 3 on its update
+/// still looks benign to the probe (the drift the shadow branch exists for)
+/// but its honestly trained shadow branch is harmful. It sends a benign
+/// shadow whenever the server asks for one and, under commit–reveal, has
+/// committed to its real (harmful) shadow before it knew.
+fn timing_attack(round: &mut Round, commit_reveal: bool) -> Vec<ClientOutcome> {
+    let honest_shadow = OwnedSteps::Scores(vec![0.1, 0.1]);
+    let harmful_shadow = OwnedSteps::Scores(vec![0.9, 0.95]);
+    let mut seen = Vec::new();
+    for r in 0..20 {
+        let malicious = r >= 3;
+        let sneak = ClientId::from("sneak");
+        let mut reports = honest();
+        let mut own = OwnedReport::new("sneak", adapter(0.0, 0.6), 100);
+        if commit_reveal {
+            own.shadow = if malicious {
+                harmful_shadow.clone()
+            } else {
+                honest_shadow.clone()
+            };
+            own = own.commit_shadow(r).unwrap();
+            // Asked only after the upload: too late to change the commitment.
+            own.shadow = if round.opens(r, &sneak) {
+                honest_shadow.clone()
+            } else {
+                OwnedSteps::None
+            };
+            for h in &mut reports {
+                *h = h.clone().commit_shadow(r).unwrap();
+                let id = h.client.clone();
+                if !round.opens(r, &id) {
+                    h.shadow = OwnedSteps::None;
+                }
+            }
+        } else if !malicious || round.needs_shadow(&sneak) {
+            own.shadow = honest_shadow.clone();
+        }
+        reports.push(own);
+        let out = run(round, r, &reports);
+        if malicious {
+            for id in ["h0", "h1", "h2", "h3"] {
+                let h = out.client(id).unwrap();
+                assert!(h.factor > 0.5, "round {r}: honest {id} at {}", h.factor);
+            }
+            seen.push(out.client("sneak").unwrap().clone());
+        }
+    }
+    seen
+}
+
+#[test]
+fn announced_audits_let_a_timed_attacker_keep_full_weight() {
+    // The reference schedule, reproduced: `needs_shadow` tells the attacker
+    // when to behave.
+    let seen = timing_attack(&mut round_with(DefenseLevel::Evidence), false);
+    assert_eq!(seen.len(), 17);
+    assert!(seen.iter().all(|c| c.factor == 1.0), "{seen:?}");
+}
+
+#[test]
+fn commit_reveal_audits_catch_the_attacker_that_behaves_only_when_asked() {
+    let draw = AuditDraw::new([42; 32], 0.2).unwrap();
+    let mut round = round_with(DefenseLevel::Evidence).with_audits(draw);
+    let seen = timing_attack(&mut round, true);
+    let caught = seen
+        .iter()
+        .position(|c| c.shadow_commitment == Some(CommitmentStatus::Mismatch))
+        .expect("an unpredictable audit opens the commitment within 17 rounds");
+    let first = &seen[caught];
+    assert_eq!(first.factor, 0.0);
+    assert_eq!(first.verdict, Verdict::Malicious);
+    assert_eq!(first.aggregation_weight.unwrap_or(0.0), 0.0);
+    // From then on it never regains weight: un-frozen, every later round is
+    // opened and broken, and three broken rounds freeze it malicious.
+    for c in &seen[caught..] {
+        assert_eq!(c.factor, 0.0, "{}", c.detail);
+        assert_eq!(c.aggregation_weight.unwrap_or(0.0), 0.0);
+    }
+    let AnyDetector::Evidence(level) = round.detector() else {
+        unreachable!()
+    };
+    let status = &level.client_state(&ClientId::from("sneak")).unwrap().status;
+    // The failed audit plus `evidence_min` (3) broken rounds freeze it.
+    let want = if seen.len() - caught > 3 {
+        EvidenceStatus::FrozenMalicious
+    } else {
+        EvidenceStatus::Collecting
+    };
+    assert_eq!(*status, want, "caught in malicious round {caught}");
+}
+
+#[test]
+fn under_commit_reveal_needs_shadow_says_nothing_about_the_schedule() {
+    let draw = AuditDraw::new([1; 32], 0.2).unwrap();
+    let mut round = round_with(DefenseLevel::Evidence).with_audits(draw);
+    let id = ClientId::from("h0");
+    for r in 0..12 {
+        let reports: Vec<OwnedReport> = honest()
+            .into_iter()
+            .map(|h| h.commit_shadow(r).unwrap())
+            .collect();
+        // Every round, before training: "commit to a shadow branch".
+        assert!(round.needs_shadow(&id), "round {r}");
+        run(&mut round, r, &reports);
+    }
+    // A client that does not commit breaks the protocol: a failed audit.
+    let mut reports = honest();
+    reports.truncate(3);
+    let mut quiet = honest_report("h3", 0.8);
+    quiet.shadow = OwnedSteps::None;
+    reports.push(quiet);
+    let reports: Vec<OwnedReport> = reports
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            if i < 3 {
+                h.commit_shadow(12).unwrap()
+            } else {
+                h
+            }
+        })
+        .collect();
+    let out = run(&mut round, 12, &reports);
+    let q = out.client("h3").unwrap();
+    assert_eq!(q.shadow_commitment, Some(CommitmentStatus::Missing));
+    assert_eq!((q.factor, q.verdict), (0.0, Verdict::Malicious));
 }

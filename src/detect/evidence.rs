@@ -51,6 +51,37 @@ pub struct ClientEvidence {
     /// Distance each shadow step travelled (as `step_distances`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shadow_distances: Vec<f64>,
+    /// Whether the server opened the client's shadow commitment this round
+    /// (commit–reveal audits); [`Opening::Scheduled`] when it does not use them.
+    #[serde(skip_serializing_if = "Opening::is_scheduled")]
+    pub opening: Opening,
+}
+
+/// What the server did with a client's shadow report this round.
+///
+/// Without commit–reveal ([`Opening::Scheduled`]) the evidence level audits a
+/// frozen client on its own, announced schedule. With it, the server decides
+/// after the upload, and the level follows that decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Opening {
+    /// No commit–reveal: the level's own audit schedule applies.
+    #[default]
+    Scheduled,
+    /// The server drew this client and the revealed report matched its
+    /// commitment: the shadow scores are this round's audit.
+    Opened,
+    /// The client committed and was not drawn: no audit this round.
+    Sealed,
+    /// The client broke its commitment (none sent, nothing revealed, or a
+    /// report that does not match): counts as a failed audit, r = 1.
+    Broken,
+}
+
+impl Opening {
+    fn is_scheduled(&self) -> bool {
+        *self == Opening::Scheduled
+    }
 }
 
 impl ClientEvidence {

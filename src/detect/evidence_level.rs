@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::detect::shadow::ShadowLevelParams;
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_AUDIT_INTERVAL, DEFAULT_EVIDENCE_MIN,
-    DefenseLevel, Detector, MissingEvidence, Safeguards, Verdict, check_positive_int, check_state,
-    safeguard,
+    DefenseLevel, Detector, MissingEvidence, Opening, Safeguards, ShadowNeed, Verdict,
+    check_positive_int, check_state, safeguard,
 };
 use crate::error::{Error, Result};
 
@@ -271,6 +271,9 @@ impl EvidenceLevel {
     /// This round's verdict from the last shadow score: true = malicious.
     fn last_is_malicious(&self, evidence: &ClientEvidence) -> (bool, String) {
         let tau = self.params.shadow.threshold;
+        if evidence.opening == Opening::Broken {
+            return (true, "shadow commitment broken".to_owned());
+        }
         match evidence.shadow_last_score {
             Some(s) => (
                 f64::from(s) >= tau,
@@ -301,13 +304,22 @@ impl EvidenceLevel {
         let min_weight = self.params.shadow.min_weight;
         let (malicious, why) = self.last_is_malicious(evidence);
         let state = self.clients.entry(client.clone()).or_default();
-        state.audit_counter = state.audit_counter.saturating_add(1);
-        if state.audit_counter < interval {
-            let reason = format!(
-                "frozen benign with weight {weight:.6}; next audit in {} round(s)",
-                interval - state.audit_counter
-            );
-            return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+        match evidence.opening {
+            Opening::Scheduled => {
+                state.audit_counter = state.audit_counter.saturating_add(1);
+                if state.audit_counter < interval {
+                    let reason = format!(
+                        "frozen benign with weight {weight:.6}; next audit in {} round(s)",
+                        interval - state.audit_counter
+                    );
+                    return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+                }
+            }
+            Opening::Sealed => {
+                let reason = format!("frozen benign with weight {weight:.6}; commitment not drawn");
+                return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+            }
+            Opening::Opened | Opening::Broken => {}
         }
         state.audit_counter = 0;
         if malicious {
@@ -325,7 +337,10 @@ impl EvidenceLevel {
 
     fn collect(&mut self, round: u32, client: &ClientId, evidence: &ClientEvidence) -> Assessment {
         let p = &self.params;
-        let ratio = p.shadow.harmful_ratio(evidence);
+        let mut ratio = p.shadow.harmful_ratio(evidence);
+        if evidence.opening == Opening::Broken {
+            ratio.ratio = 1.0;
+        }
         let factor = p.shadow.factor(ratio.ratio);
         let shadow_reason = ratio.describe(evidence.shadow_scores.len(), p.shadow.eta, factor);
         let (malicious, why) = self.last_is_malicious(evidence);
@@ -424,6 +439,14 @@ impl Detector for EvidenceLevel {
     /// frozen benign only in their audit round (the reference's default
     /// `audit_interval` there is 10 while the detector's is 5; here both use
     /// the one configured value).
+    fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
+        match self.clients.get(client).map(|s| &s.status) {
+            None | Some(EvidenceStatus::Collecting) => ShadowNeed::EveryRound,
+            Some(EvidenceStatus::FrozenMalicious) => ShadowNeed::Never,
+            Some(EvidenceStatus::FrozenBenign { .. }) => ShadowNeed::Audit,
+        }
+    }
+
     fn needs_shadow(&self, client: &ClientId) -> bool {
         match self
             .clients

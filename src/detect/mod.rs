@@ -61,7 +61,7 @@ use crate::error::{Error, Result};
 
 pub use any::AnyDetector;
 pub use client::{ClientLevel, ClientLevelParams};
-pub use evidence::ClientEvidence;
+pub use evidence::{ClientEvidence, Opening};
 pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
 pub use safeguard::{DEFAULT_PROBATION, Probation, Safeguards, VerdictCap};
 pub use shadow::{ShadowLevel, ShadowLevelParams};
@@ -414,6 +414,21 @@ pub trait Detector: Send + Sync {
         evidence: &ClientEvidence,
     ) -> Result<Assessment>;
 
+    /// When the level reads `client`'s shadow branch: the part of its
+    /// schedule that does not depend on the round. A server running
+    /// commit–reveal audits asks every client whose need is not
+    /// [`ShadowNeed::Never`] to commit every round, opens
+    /// [`ShadowNeed::EveryRound`] clients always and draws among
+    /// [`ShadowNeed::Audit`] clients in secret.
+    fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
+        let _ = client;
+        if self.level().uses_shadow() {
+            ShadowNeed::EveryRound
+        } else {
+            ShadowNeed::Never
+        }
+    }
+
     /// Whether the client needs to train a shadow branch this round.
     ///
     /// True every round for [`ShadowLevel`]; for [`EvidenceLevel`] false once
@@ -423,6 +438,18 @@ pub trait Detector: Send + Sync {
         let _ = client;
         self.level().uses_shadow()
     }
+}
+
+/// When a level reads a client's shadow branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowNeed {
+    /// Never (levels without a shadow branch; clients frozen malicious).
+    Never,
+    /// Every round (shadow level; evidence level while collecting).
+    EveryRound,
+    /// Only in audit rounds (evidence level, frozen benign).
+    Audit,
 }
 
 /// The factor clamped below by `min_weight` (the reference's

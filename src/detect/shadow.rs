@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_BATCH_SIZE, DEFAULT_ETA, DEFAULT_GRAD_ACCUM,
-    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Safeguards, SampleCounting,
-    Verdict, branch_counts, check_positive_finite, check_positive_int, check_unit, safeguard,
+    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Opening, Safeguards,
+    SampleCounting, Verdict, branch_counts, check_positive_finite, check_positive_int, check_unit,
+    safeguard,
 };
 use crate::error::{Error, Result};
 
@@ -258,7 +259,11 @@ impl Detector for ShadowLevel {
     ) -> Result<Assessment> {
         evidence.validate(round, client)?;
         let p = &self.params;
-        let ratio = p.harmful_ratio(evidence);
+        let mut ratio = p.harmful_ratio(evidence);
+        if evidence.opening == Opening::Broken {
+            ratio.ratio = 1.0;
+            ratio.harmful = ratio.harmful.max(1.0);
+        }
         let factor = p.factor(ratio.ratio);
         let verdict = match (ratio.missing, ratio.harmful > 0.0) {
             (true, false) => Verdict::Undecided,
@@ -273,7 +278,10 @@ impl Detector for ShadowLevel {
             u64::MAX,
             safeguard::reference_raw_factor,
         );
-        let reason = ratio.describe(evidence.shadow_scores.len(), p.eta, factor) + &capped;
+        let mut reason = ratio.describe(evidence.shadow_scores.len(), p.eta, factor) + &capped;
+        if evidence.opening == Opening::Broken {
+            reason.insert_str(0, "shadow commitment broken, counted r = 1; ");
+        }
         Ok(Assessment::new(
             capped_factor,
             p.min_weight,

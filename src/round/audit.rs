@@ -10,6 +10,7 @@ use crate::detect::{DefenseLevel, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::round::admission::Admitted;
+use crate::round::commit::CommitmentStatus;
 use crate::round::trail::TrailStatus;
 
 /// What happened to a report before aggregation.
@@ -90,6 +91,9 @@ pub struct ClientOutcome {
     /// The main-branch step trail the server measured (step adapters only).
     #[serde(default)]
     pub step_trail: Option<TrailSummary>,
+    /// What became of its shadow commitment (commit–reveal audits only).
+    #[serde(default)]
+    pub shadow_commitment: Option<CommitmentStatus>,
     /// Why the aggregator left the client out, if it did.
     pub excluded: Option<ExclusionReason>,
 }

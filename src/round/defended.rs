@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, SkipReason};
-use crate::detect::{ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Verdict};
+use crate::detect::{
+    ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Opening, ShadowNeed, Verdict,
+};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
 use crate::probe::Probe;
@@ -16,6 +18,7 @@ use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection}
 use crate::round::audit::{
     ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary,
 };
+use crate::round::commit::{self, AuditDraw, CommitmentStatus, ShadowCommitment, ShadowPlan};
 use crate::round::steps::{ShadowBranch, score_step, score_steps, step_distances};
 use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
 
@@ -61,7 +64,11 @@ pub struct ClientReport<'a> {
     /// Main-branch step evidence (read by [`StepLevel`](crate::detect::StepLevel)).
     pub steps: StepsReport<'a>,
     /// Shadow-branch step evidence (read by the shadow and evidence levels).
+    /// Under commit–reveal audits, the revealed report of an opened client.
     pub shadow: StepsReport<'a>,
+    /// The client's commitment to its shadow report, uploaded with the
+    /// update (commit–reveal audits, [`DefendedRound::with_audits`]).
+    pub shadow_commitment: Option<ShadowCommitment>,
 }
 
 impl std::fmt::Debug for dyn TensorSource + '_ {
@@ -80,6 +87,7 @@ impl<'a> ClientReport<'a> {
             samples,
             steps: StepsReport::None,
             shadow: StepsReport::None,
+            shadow_commitment: None,
         }
     }
 
@@ -92,6 +100,12 @@ impl<'a> ClientReport<'a> {
     /// Sets the shadow-branch step evidence.
     pub fn with_shadow(mut self, shadow: StepsReport<'a>) -> Self {
         self.shadow = shadow;
+        self
+    }
+
+    /// Sets the commitment to the shadow report.
+    pub fn with_shadow_commitment(mut self, commitment: ShadowCommitment) -> Self {
+        self.shadow_commitment = Some(commitment);
         self
     }
 }
@@ -135,6 +149,8 @@ pub struct OwnedReport {
     pub steps: OwnedSteps,
     /// Shadow-branch step evidence.
     pub shadow: OwnedSteps,
+    /// The commitment to the shadow report (commit–reveal audits).
+    pub shadow_commitment: Option<ShadowCommitment>,
 }
 
 impl OwnedReport {
@@ -146,6 +162,7 @@ impl OwnedReport {
             samples,
             steps: OwnedSteps::None,
             shadow: OwnedSteps::None,
+            shadow_commitment: None,
         }
     }
 
@@ -161,6 +178,20 @@ impl OwnedReport {
         self
     }
 
+    /// Sets the commitment to the shadow report.
+    pub fn with_shadow_commitment(mut self, commitment: ShadowCommitment) -> Self {
+        self.shadow_commitment = Some(commitment);
+        self
+    }
+
+    /// Commits to this report's shadow evidence for `round` (what an honest
+    /// client uploads with its update).
+    pub fn commit_shadow(mut self, round: u32) -> Result<Self> {
+        let commitment = ShadowCommitment::of(round, &self.client, &self.shadow.borrow())?;
+        self.shadow_commitment = Some(commitment);
+        Ok(self)
+    }
+
     /// The borrowed form [`DefendedRound::run`] reads.
     pub fn as_report(&self) -> ClientReport<'_> {
         ClientReport {
@@ -169,6 +200,7 @@ impl OwnedReport {
             samples: self.samples,
             steps: self.steps.borrow(),
             shadow: self.shadow.borrow(),
+            shadow_commitment: self.shadow_commitment,
         }
     }
 }
@@ -345,6 +377,7 @@ pub struct DefendedRound<P, D, A> {
     aggregator: A,
     params: RoundParams,
     shadow: Option<ShadowBranch>,
+    audits: Option<AuditDraw>,
 }
 
 /// What the probe stage produced for one admitted client.
@@ -355,6 +388,7 @@ enum Scored {
         steps: Provenance,
         shadow: Provenance,
         step_trail: Option<TrailSummary>,
+        commitment: Option<CommitmentStatus>,
     },
     Rejected {
         rejection: Rejection,
@@ -379,6 +413,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             aggregator,
             params: RoundParams::default(),
             shadow: None,
+            audits: None,
         }
     }
 
@@ -443,7 +478,36 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     /// Whether `client` should train a shadow branch this round (tell the
     /// client before local training; see [`Detector::needs_shadow`]).
     pub fn needs_shadow(&self, client: &ClientId) -> bool {
-        self.detector.needs_shadow(client)
+        match &self.audits {
+            None => self.detector.needs_shadow(client),
+            Some(_) => self.detector.shadow_need(client) != ShadowNeed::Never,
+        }
+    }
+
+    /// Audits frozen clients by commit–reveal ([`commit`](crate::round::commit)):
+    /// every client the level may audit must commit to its shadow report
+    /// each round ([`needs_shadow`](Self::needs_shadow) is true for it every
+    /// round, so it says nothing about the schedule), and `draw` decides
+    /// after the upload which commitments to open. A client that breaks its
+    /// commitment fails the audit.
+    pub fn with_audits(mut self, draw: AuditDraw) -> Self {
+        self.audits = Some(draw);
+        self
+    }
+
+    /// Whether `client`'s shadow report is to be revealed this round: ask
+    /// only after its upload (and commitment) arrived. Without commit–reveal
+    /// this is the announced schedule, [`needs_shadow`](Self::needs_shadow).
+    pub fn opens(&self, round: u32, client: &ClientId) -> bool {
+        let need = self.detector.shadow_need(client);
+        match &self.audits {
+            None => self.detector.needs_shadow(client),
+            Some(draw) => match need {
+                ShadowNeed::Never => false,
+                ShadowNeed::EveryRound => true,
+                ShadowNeed::Audit => draw.opens(round, client),
+            },
+        }
     }
 
     /// Runs one round. `global` is the adapter the clients started from.
@@ -616,7 +680,21 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             }
         };
         let reads_steps = level.uses_all_steps();
-        let reads_shadow = level.uses_shadow() && self.detector.needs_shadow(report.client);
+        let plan = if level.uses_shadow() {
+            let need = self.detector.shadow_need(report.client);
+            let scheduled = self.detector.needs_shadow(report.client);
+            match commit::plan(self.audits.as_ref(), need, scheduled, round, report) {
+                Ok(plan) => plan,
+                Err(e) => return rejected(format!("shadow report unreadable: {e}"), trail),
+            }
+        } else {
+            ShadowPlan {
+                read: false,
+                opening: Opening::Scheduled,
+                status: None,
+            }
+        };
+        let reads_shadow = plan.read;
         let self_reported = (reads_steps && matches!(report.steps, StepsReport::Scores(_)))
             || (reads_shadow && matches!(report.shadow, StepsReport::Scores(_)));
         if self_reported && !self.params.accept_self_reported {
@@ -627,6 +705,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             );
         }
         let mut evidence = ClientEvidence::new(samples).with_last_step_score(Some(update_score));
+        evidence.opening = plan.opening;
         let mut steps = Provenance::Absent;
         let mut step_trail = None;
         if reads_steps {
@@ -665,6 +744,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             steps,
             shadow,
             step_trail,
+            commitment: plan.status,
         }
     }
 
@@ -807,6 +887,7 @@ fn assess<D: Detector>(
         step_evidence: Provenance::Absent,
         shadow_evidence: Provenance::Absent,
         step_trail: None,
+        shadow_commitment: None,
         excluded: None,
     };
     Ok(match scored {
@@ -853,6 +934,7 @@ fn assess<D: Detector>(
             steps,
             shadow,
             step_trail,
+            commitment,
         } => {
             let a = detector.assess(round, report.client, &evidence)?;
             let mut o = outcome(
@@ -866,6 +948,7 @@ fn assess<D: Detector>(
             o.step_evidence = steps;
             o.shadow_evidence = shadow;
             o.step_trail = step_trail;
+            o.shadow_commitment = commitment;
             o
         }
     })

@@ -26,6 +26,7 @@
 
 pub mod admission;
 mod audit;
+pub mod commit;
 mod defended;
 mod refresh;
 mod steps;
@@ -36,6 +37,7 @@ pub use admission::{
     ShapeDifference,
 };
 pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary};
+pub use commit::{AuditDraw, CommitmentStatus, ShadowCommitment};
 pub use defended::{
     ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
 };
