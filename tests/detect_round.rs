@@ -3,7 +3,7 @@
 //! reports, shadow scoring, evidence-level shadow skipping and the audit line.
 
 use safe_fedllm::Error;
-use safe_fedllm::aggregate::{FactorGate, FedAvg, SkipReason};
+use safe_fedllm::aggregate::{FactorGate, FedAvg, SafetyGate, SkipReason};
 use safe_fedllm::detect::{
     ClientEvidence, ClientId, ClientLevel, Detector, EvidenceLevel, EvidenceStatus, ShadowLevel,
     StepLevel, Verdict,
@@ -133,7 +133,7 @@ fn safety_gate_skips_a_mostly_malicious_round() {
         ClientLevel::params().build().unwrap(),
         FedAvg::plain(),
     )
-    .with_params(RoundParams::default().skip_avg_weight(0.0))
+    .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
     .unwrap();
     assert!(
         !open
@@ -230,7 +230,7 @@ fn unusable_reports_are_rejected_without_stopping_the_round() {
             .with_params(
                 RoundParams::default()
                     .accept_self_reported(true)
-                    .skip_avg_weight(0.1),
+                    .gate(SafetyGate::new(0.1).unwrap()),
             )
             .unwrap();
     let mut wrong_shape = LoraAdapter::new();
@@ -345,7 +345,7 @@ fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
     let mut round = DefendedRound::new(probe(), detector, FactorGate::new(FedAvg::plain()))
         .with_params(
             RoundParams::default()
-                .skip_avg_weight(0.0)
+                .gate(SafetyGate::new(0.0).unwrap())
                 .accept_self_reported(true),
         )
         .unwrap();

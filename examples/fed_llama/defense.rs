@@ -230,16 +230,11 @@ impl Server {
             Defense::FoolsGold => Box::new(FoolsGold::new()),
             Defense::Flame => Box::new(Flame::new().seed(ctx.seed)),
             _ => {
-                let tau = ctx.threshold;
-                let shadow_params = || {
-                    ShadowLevel::params()
-                        .batch_size(ctx.samples_per_step)
-                        .threshold(tau)
-                };
+                // τ is the probe's: every level decides with it.
+                let shadow_params = || ShadowLevel::params().batch_size(ctx.samples_per_step);
                 let detector: AnyDetector = match defense.level() {
                     Some(DefenseLevel::Step) => StepLevel::params()
                         .batch_size(ctx.samples_per_step)
-                        .threshold(tau)
                         .build()?
                         .into(),
                     Some(DefenseLevel::Shadow) => shadow_params().build()?.into(),
@@ -247,7 +242,7 @@ impl Server {
                         .shadow(shadow_params())
                         .build()?
                         .into(),
-                    _ => ClientLevel::params().threshold(tau).build()?.into(),
+                    _ => ClientLevel::params().build()?.into(),
                 };
                 let mut params = RoundParams::default();
                 if defense == Defense::EvidenceNormBound {

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::ClientId;
+use safe_fedllm::aggregate::SafetyGate;
 use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLevel};
 use safe_fedllm::lora::TensorSource;
 use safe_fedllm::probe::LinearProbe;
@@ -250,7 +251,7 @@ impl DefendedRound {
             })?),
         };
         let params = RoundParams::default()
-            .skip_avg_weight(skip_avg_weight)
+            .gate(SafetyGate::new(skip_avg_weight).py()?)
             .trail(trail)
             .admission(self::admission(admission)?)
             .accept_self_reported(accept_self_reported);

@@ -270,7 +270,7 @@ def test_heavy_work_releases_the_gil(probe, global_arrays):
 @pytest.mark.parametrize("level", ["step", "client", "shadow", "evidence"])
 def test_every_level_assesses_and_checkpoints(level):
     d = sf.Detector(level)
-    assert d.level == level and d.threshold == pytest.approx(0.8)
+    assert d.level == level
     kwargs = {
         "step": dict(steps=[0.9] * 10),
         "client": dict(last_score=0.99),
@@ -289,12 +289,18 @@ def test_every_level_assesses_and_checkpoints(level):
 
 
 def test_detector_settings_are_validated():
-    d = sf.Detector("client", threshold=0.9, active_rounds=None, missing_score="benign")
-    assert d.threshold == pytest.approx(0.9)
+    d = sf.Detector("client", active_rounds=None, missing_score="benign")
+    # τ is the probe's, given with the scores: the same score flips verdict with it.
+    assert d.assess(0, "a", 16, last_score=0.85, threshold=0.9)["verdict"] == "benign"
+    assert d.assess(1, "a", 16, last_score=0.85, threshold=0.8)["verdict"] == "malicious"
     assert sf.Detector("evidence", eta=3.0, evidence_min=2).level == "evidence"
     with pytest.raises(sf.InvalidParameterError) as info:
-        sf.Detector("step", threshold=1.5)
-    assert info.value.param == "threshold"
+        sf.Detector("step", threshold=0.5)  # not a level setting: the probe carries τ
+    with pytest.raises(sf.InvalidEvidenceError):
+        d.assess(2, "a", 16, last_score=0.5, threshold=1.5)
+    with pytest.raises(sf.InvalidParameterError) as info:
+        sf.Detector("step", decay=1.5)
+    assert info.value.param == "decay"
     with pytest.raises(sf.InvalidParameterError):
         sf.Detector("client", eta=7.0)  # not a client-level setting
     with pytest.raises(sf.InvalidParameterError):

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_PIVOT, DEFAULT_STEEPNESS,
-    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Safeguards, Verdict,
-    check_positive_finite, check_state, check_unit, invalid_param, safeguard,
+    DefenseLevel, Detector, MissingEvidence, Safeguards, Verdict, check_positive_finite,
+    check_state, check_unit, invalid_param, safeguard,
 };
 use crate::error::{Error, Result};
 
@@ -18,16 +18,15 @@ use crate::error::{Error, Result};
 /// |---|---|---|
 /// | [`steepness`](Self::steepness) k | 10 | `k = 10.0` |
 /// | [`pivot`](Self::pivot) | 0.8 | the `0.8` in the piecewise sigmoid |
-/// | [`threshold`](Self::threshold) τ | 0.8 | `prefilter_threshold` (verdict only) |
 /// | [`active_rounds`](Self::active_rounds) R | `Some(20)` | `prefilter_round` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`missing_score`](Self::missing_score) | [`MissingEvidence::Malicious`] | missing → s = 1 |
 /// | [`safeguards`](Self::safeguards) | [`Safeguards::default`] (verdict cap, probation) | [`Safeguards::reference`] (none) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientLevelParams {
     steepness: f64,
     pivot: f64,
-    threshold: f64,
     active_rounds: Option<u32>,
     min_weight: f64,
     missing_score: MissingEvidence,
@@ -40,7 +39,6 @@ impl Default for ClientLevelParams {
         ClientLevelParams {
             steepness: DEFAULT_STEEPNESS,
             pivot: DEFAULT_PIVOT,
-            threshold: DEFAULT_THRESHOLD,
             active_rounds: Some(DEFAULT_ACTIVE_ROUNDS),
             min_weight: 0.0,
             missing_score: MissingEvidence::Malicious,
@@ -61,12 +59,6 @@ impl ClientLevelParams {
     /// scores above into [0.5, 1].
     pub fn pivot(mut self, pivot: f64) -> Self {
         self.pivot = pivot;
-        self
-    }
-
-    /// Threshold τ ∈ [0, 1] for the *verdict* only (the factor uses the pivot).
-    pub fn threshold(mut self, threshold: f64) -> Self {
-        self.threshold = threshold;
         self
     }
 
@@ -113,7 +105,6 @@ impl ClientLevelParams {
                 "a number in (0, 1)",
             ));
         }
-        check_unit("client level", "threshold", self.threshold)?;
         check_unit("client level", "min_weight", self.min_weight)?;
         self.safeguards.check()
     }
@@ -229,10 +220,6 @@ impl Detector for ClientLevel {
         DefenseLevel::Client
     }
 
-    fn threshold(&self) -> f64 {
-        self.params.threshold
-    }
-
     fn assess(
         &mut self,
         round: u32,
@@ -262,19 +249,16 @@ impl Detector for ClientLevel {
         let n = state.rounds as f64;
         state.mean = (state.mean * n + raw) / (n + 1.0);
         state.rounds = state.rounds.saturating_add(1);
-        let verdict = if score >= p.threshold {
+        let verdict = if evidence.is_harmful(score) {
             Verdict::Malicious
         } else {
             Verdict::Benign
         };
-        let (factor, verdict, capped) = p.safeguards.apply(
-            state.mean,
-            verdict,
-            evidence,
-            p.threshold,
-            state.rounds,
-            |s| p.raw_factor(s),
-        );
+        let (factor, verdict, capped) =
+            p.safeguards
+                .apply(state.mean, verdict, evidence, state.rounds, |s| {
+                    p.raw_factor(s)
+                });
         let reason = format!(
             "last-step score {score:.6}{note}: raw factor {raw:.6}, mean over {} rounds {:.6}{capped}",
             state.rounds, state.mean
@@ -291,14 +275,11 @@ impl ClientLevel {
         let state = self.clients.get(client);
         let mean = state.map_or(1.0, |s| s.mean);
         let learned = state.map_or(0, |s| s.rounds);
-        let (factor, verdict, capped) = p.safeguards.apply(
-            mean,
-            Verdict::Undecided,
-            evidence,
-            p.threshold,
-            learned,
-            |s| p.raw_factor(s),
-        );
+        let (factor, verdict, capped) =
+            p.safeguards
+                .apply(mean, Verdict::Undecided, evidence, learned, |s| {
+                    p.raw_factor(s)
+                });
         let reason = format!(
             "client-level frozen from round {} on (round {round}): keeps mean factor {mean:.6}{capped}",
             // Not active means active_rounds is Some(r) with round ≥ r.

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 /// settings' ([`ShadowLevelParams::min_weight`], [`ShadowLevelParams::missing_steps`]);
 /// the shadow settings' safeguards are not read (these are).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvidenceLevelParams {
     shadow: ShadowLevelParams,
     evidence_min: usize,
@@ -50,7 +51,7 @@ impl Default for EvidenceLevelParams {
 
 impl EvidenceLevelParams {
     /// The shadow-level settings used for the per-round factor (η, batch,
-    /// grad-accum, τ — also the verdict threshold —, `min_weight`, missing
+    /// grad-accum, `min_weight`, missing
     /// shadow steps).
     pub fn shadow(mut self, shadow: ShadowLevelParams) -> Self {
         self.shadow = shadow;
@@ -270,21 +271,18 @@ impl EvidenceLevel {
 
     /// This round's verdict from the last shadow score: true = malicious.
     fn last_is_malicious(&self, evidence: &ClientEvidence) -> (bool, String) {
-        let tau = self.params.shadow.threshold;
+        let tau = evidence.threshold;
         if evidence.opening == Opening::Broken {
             return (true, "shadow commitment broken".to_owned());
         }
         match evidence.shadow_last_score {
-            Some(s) => (
-                f64::from(s) >= tau,
-                format!("last shadow score {s:.6} vs τ = {tau}"),
-            ),
+            Some(s) => (s >= tau, format!("last shadow score {s:.6} vs τ = {tau}")),
             None => {
                 let policy = self.params.missing_last_score;
                 let malicious = match (policy, evidence.last_step_score) {
                     (MissingEvidence::Benign, _) => false,
                     (MissingEvidence::Malicious, _) | (MissingEvidence::FromUpdate, None) => true,
-                    (MissingEvidence::FromUpdate, Some(s)) => f64::from(s) >= tau,
+                    (MissingEvidence::FromUpdate, Some(s)) => s >= tau,
                 };
                 (
                     malicious,
@@ -391,10 +389,6 @@ impl Detector for EvidenceLevel {
         DefenseLevel::Evidence
     }
 
-    fn threshold(&self) -> f64 {
-        self.params.shadow.threshold
-    }
-
     fn assess(
         &mut self,
         round: u32,
@@ -422,7 +416,6 @@ impl Detector for EvidenceLevel {
             a.factor,
             a.verdict,
             evidence,
-            p.shadow.threshold,
             state.rounds,
             safeguard::reference_raw_factor,
         );

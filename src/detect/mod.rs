@@ -78,6 +78,8 @@ pub(crate) struct Branch<'a> {
     /// The server's score of the submitted update, read when the branch is
     /// missing under [`MissingEvidence::FromUpdate`].
     pub update_score: Option<f32>,
+    /// τ of the probe that scored the branch: a score ≥ τ is harmful.
+    pub threshold: f32,
 }
 
 /// Harmful and benign sample counts of one branch's steps under `counting`.
@@ -94,11 +96,11 @@ pub(crate) struct Branch<'a> {
 pub(crate) fn branch_counts(
     counting: SampleCounting,
     branch: Branch<'_>,
-    threshold: f64,
     samples_per_step: u64,
     declared: u64,
     policy: MissingEvidence,
 ) -> BranchCounts {
+    let threshold = branch.threshold;
     let harmful_steps = count_harmful(branch.scores, threshold);
     let per_step = samples_per_step as f64;
     let (missing, harmful, benign) = match counting {
@@ -137,7 +139,7 @@ pub(crate) fn branch_counts(
 
 /// (moving steps, harmful share of the distance travelled), or `None` when
 /// no step carries weight. Without distances every step moves one unit.
-fn distance_share(branch: Branch<'_>, threshold: f64) -> Option<(usize, f64)> {
+fn distance_share(branch: Branch<'_>, threshold: f32) -> Option<(usize, f64)> {
     let unit = branch.distances.is_empty();
     let weight = |i: usize| {
         if unit {
@@ -152,7 +154,7 @@ fn distance_share(branch: Branch<'_>, threshold: f64) -> Option<(usize, f64)> {
         if w > 0.0 {
             moving += 1;
             total += w;
-            if f64::from(s) >= threshold {
+            if s >= threshold {
                 bad += w;
             }
         }
@@ -161,11 +163,11 @@ fn distance_share(branch: Branch<'_>, threshold: f64) -> Option<(usize, f64)> {
 }
 
 /// Whether missing evidence counts as harmful under `policy`.
-fn missing_is_harmful(policy: MissingEvidence, update_score: Option<f32>, threshold: f64) -> bool {
+fn missing_is_harmful(policy: MissingEvidence, update_score: Option<f32>, threshold: f32) -> bool {
     match policy {
         MissingEvidence::Benign => false,
         MissingEvidence::Malicious => true,
-        MissingEvidence::FromUpdate => update_score.is_none_or(|s| f64::from(s) >= threshold),
+        MissingEvidence::FromUpdate => update_score.is_none_or(|s| s >= threshold),
     }
 }
 
@@ -196,8 +198,6 @@ impl BranchCounts {
 
 /// Reference decay γ of the step-level Beta trust.
 pub const DEFAULT_DECAY: f64 = 0.95;
-/// Reference decision threshold τ: a score ≥ τ is harmful.
-pub const DEFAULT_THRESHOLD: f64 = 0.8;
 /// Reference number of rounds R during which step- and client-level update.
 pub const DEFAULT_ACTIVE_ROUNDS: u32 = 20;
 /// Reference per-device batch size (samples per step = batch × grad-accum).
@@ -217,8 +217,6 @@ pub const DEFAULT_EVIDENCE_MIN: usize = 3;
 pub const DEFAULT_AUDIT_INTERVAL: u32 = 5;
 /// Reference learning rate of the shadow branch.
 pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
-/// Reference safety gate: skip the round when the mean factor is below this.
-pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
 
 pub use crate::client::ClientId;
 
@@ -354,8 +352,7 @@ impl Assessment {
 /// [`Detector::assess`] once per participating client per round, in any
 /// client order: the state of one client never influences another's factor.
 ///
-/// An outside detector only needs [`Detector::assess`] (plus its level and
-/// threshold); [`DefendedRound`](crate::round::DefendedRound) runs it like the
+/// An outside detector only needs [`Detector::assess`] (plus its level); [`DefendedRound`](crate::round::DefendedRound) runs it like the
 /// built-in levels:
 ///
 /// ```
@@ -370,9 +367,6 @@ impl Assessment {
 ///     fn level(&self) -> DefenseLevel {
 ///         DefenseLevel::Client
 ///     }
-///     fn threshold(&self) -> f64 {
-///         0.8
-///     }
 ///     fn assess(
 ///         &mut self,
 ///         _round: u32,
@@ -381,7 +375,8 @@ impl Assessment {
 ///     ) -> safe_fedllm::Result<Assessment> {
 ///         // A missing score counts as malicious (the safe choice).
 ///         let s = f64::from(evidence.last_step_score.unwrap_or(1.0)).clamp(0.0, 1.0);
-///         let verdict = if s >= self.threshold() { Verdict::Malicious } else { Verdict::Benign };
+///         // τ is the probe's, carried by the evidence.
+///         let verdict = if evidence.is_harmful(s) { Verdict::Malicious } else { Verdict::Benign };
 ///         Ok(Assessment { factor: 1.0 - s, verdict, reason: format!("1 - s, s = {s}") })
 ///     }
 /// }
@@ -398,9 +393,6 @@ impl Assessment {
 pub trait Detector: Send + Sync {
     /// The level this detector implements.
     fn level(&self) -> DefenseLevel;
-
-    /// Decision threshold τ the detector uses to call a score harmful.
-    fn threshold(&self) -> f64;
 
     /// Assesses `client` in `round` from its evidence, updating its state.
     ///
@@ -466,11 +458,8 @@ pub fn harmful_samples(harmful_steps: usize, samples_per_step: u64, samples: u64
 }
 
 /// Number of scores at or above `threshold`.
-fn count_harmful(scores: &[f32], threshold: f64) -> usize {
-    scores
-        .iter()
-        .filter(|&&s| f64::from(s) >= threshold)
-        .count()
+fn count_harmful(scores: &[f32], threshold: f32) -> usize {
+    scores.iter().filter(|&&s| s >= threshold).count()
 }
 
 fn invalid_param(

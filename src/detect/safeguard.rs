@@ -137,6 +137,7 @@ impl Safeguards {
 
     /// Applies both safeguards to a level's raw factor (before `min_weight`).
     ///
+    /// The update is malicious when its score is ≥ the evidence's τ.
     /// `assessed` is how many times the level has assessed the client,
     /// this round included; `raw` maps an update score to the client level's
     /// raw factor. Returns the capped factor, the verdict (Malicious when the
@@ -146,14 +147,14 @@ impl Safeguards {
         factor: f64,
         verdict: Verdict,
         evidence: &ClientEvidence,
-        threshold: f64,
         assessed: u64,
         raw: impl Fn(f64) -> f64,
     ) -> (f64, Verdict, String) {
         let (mut factor, mut verdict, mut note) = (factor, verdict, String::new());
+        let threshold = evidence.threshold;
         if let (VerdictCap::Current, Some(s)) = (self.verdict_cap, evidence.last_step_score) {
             let s = f64::from(s);
-            if s >= threshold {
+            if evidence.is_harmful(s) {
                 let cap = raw(s);
                 verdict = Verdict::Malicious;
                 if factor > cap {
@@ -208,12 +209,12 @@ mod tests {
     fn the_cap_bounds_a_malicious_update_and_marks_it() {
         let e = ClientEvidence::new(1).with_last_step_score(Some(1.0));
         let g = Safeguards::default().probation(Probation::Off);
-        let (f, v, note) = g.apply(0.9, Verdict::Benign, &e, 0.8, 50, reference_raw_factor);
+        let (f, v, note) = g.apply(0.9, Verdict::Benign, &e, 50, reference_raw_factor);
         assert!((f - reference_raw_factor(1.0)).abs() < 1e-15);
         assert_eq!(v, Verdict::Malicious);
         assert!(note.contains("capped"), "{note}");
         let (f, v, _) =
-            Safeguards::reference().apply(0.9, Verdict::Benign, &e, 0.8, 50, reference_raw_factor);
+            Safeguards::reference().apply(0.9, Verdict::Benign, &e, 50, reference_raw_factor);
         assert_eq!((f, v), (0.9, Verdict::Benign));
     }
 
@@ -222,14 +223,7 @@ mod tests {
         let e = ClientEvidence::new(1).with_last_step_score(Some(0.1));
         let g = Safeguards::default();
         for (assessed, want) in [(1, 0.5), (3, 0.5), (4, 0.9)] {
-            let (f, ..) = g.apply(
-                0.9,
-                Verdict::Benign,
-                &e,
-                0.8,
-                assessed,
-                reference_raw_factor,
-            );
+            let (f, ..) = g.apply(0.9, Verdict::Benign, &e, assessed, reference_raw_factor);
             assert_eq!(f, want, "assessment {assessed}");
         }
     }

@@ -29,6 +29,7 @@ mod audit;
 pub mod commit;
 mod defended;
 mod refresh;
+mod spec;
 mod steps;
 pub mod trail;
 
@@ -42,5 +43,6 @@ pub use defended::{
     ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
 };
 pub use refresh::{LabelledRun, ProbeRefresh, Refreshed};
+pub use spec::{DefenseSpec, DetectorSpec, InlineProbe, ProbeSpec, ValidDefense};
 pub use steps::{ShadowBranch, StepRecorder, score_steps};
 pub use trail::{TrailCheck, TrailStatus, check_trail};
