@@ -52,8 +52,8 @@ impl ShadowCommitment {
     /// 1 adapters, 2 scores), the step count (u64 LE) and, per step, either
     /// its score (f32 LE bits) or its tensors in canonical key order, each as
     /// key length and bytes, rows and cols (u64 LE) and the values (f32 LE
-    /// bits, row-major). Clients compute exactly this (the Python package
-    /// exposes the same function).
+    /// bits, row-major). A client in another language computes the same
+    /// bytes (`docs/threat-model.md`, "Commit–reveal audits").
     pub fn of(round: u32, client: &ClientId, shadow: &StepsReport<'_>) -> Result<Self> {
         let mut h = Sha256::new();
         h.update(b"safe-fedllm/shadow-commitment/v1\0");
