@@ -186,6 +186,14 @@ class DefendedRound:
         shadow_base: UpdateLike | None = None,
         shadow_learning_rate: float = 5e-5,
     ) -> None: ...
+    @staticmethod
+    def from_spec(
+        spec: Mapping[str, Any] | PathLike,
+        *,
+        probe: Probe | None = None,
+        shadow_base: UpdateLike | None = None,
+        shadow_learning_rate: float = 5e-5,
+    ) -> DefendedRound: ...
     def run(self, round: int, global_: UpdateLike, reports: Iterable[Report]) -> dict[str, Any]: ...
     def needs_shadow(self, client: str) -> bool: ...
     @property

@@ -8,8 +8,8 @@ use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLeve
 use safe_fedllm::lora::TensorSource;
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admission, ClientReport, DefendedRound as CoreRound, NormBound, OverBound, RoundParams,
-    SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
+    Admission, ClientReport, DefendedRound as CoreRound, DefenseSpec, NormBound, OverBound,
+    RoundParams, SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
 };
 
 use crate::adapter::to_arrays;
@@ -205,6 +205,25 @@ fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
     Ok(policy)
 }
 
+/// A spec from a dict (its JSON form) or a file path.
+fn read_spec(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<DefenseSpec> {
+    if spec.is_instance_of::<PyDict>() {
+        let text: String = py
+            .import("json")?
+            .call_method1("dumps", (spec,))?
+            .extract()?;
+        return DefenseSpec::from_json(&text).py();
+    }
+    let path: std::path::PathBuf = spec.extract().map_err(|_| {
+        raise(
+            "InputTypeError",
+            "a defense spec is a dict or the path of a .toml / .json file".into(),
+            |_| Ok(()),
+        )
+    })?;
+    DefenseSpec::from_file(path).py()
+}
+
 /// One defended round runner: probe → detector level → safety gate → rule,
 /// keeping the detector's state across rounds.
 ///
@@ -262,6 +281,41 @@ impl DefendedRound {
         )
         .with_params(params)
         .py()?;
+        if let Some(base) = shadow_base {
+            let held = Held::extract(base)?;
+            let view = held.source()?;
+            let base = py.detach(|| view.to_adapter()).py()?;
+            inner = inner
+                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
+        }
+        Ok(DefendedRound { inner })
+    }
+
+    /// The round a defense spec describes: a dict (the spec's JSON form) or
+    /// the path of a spec file (TOML or JSON). The spec's probe is loaded
+    /// unless `probe` is given (for a spec that names none). Misspelt keys
+    /// and out-of-range values raise `SpecError` (`key`, `reason`,
+    /// `suggestion`). Every audit line records the spec's SHA-256.
+    ///
+    /// >>> rnd = DefendedRound.from_spec({"detector": {"level": "client"}}, probe=probe)
+    /// >>> rnd = DefendedRound.from_spec("defense.toml")
+    #[staticmethod]
+    #[pyo3(signature = (spec, *, probe = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    fn from_spec(
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        probe: Option<&Probe>,
+        shadow_base: Option<&Bound<'_, PyAny>>,
+        shadow_learning_rate: f64,
+    ) -> PyResult<Self> {
+        let spec = read_spec(py, spec)?;
+        let valid = spec.check().py()?;
+        let core = match probe {
+            Some(p) => CoreRound::from_spec_with_probe(&valid, p.inner.clone()),
+            None => CoreRound::from_spec(&valid),
+        }
+        .py()?;
+        let mut inner = core.map_aggregator(|a| Box::new(a) as BoxedRule);
         if let Some(base) = shadow_base {
             let held = Held::extract(base)?;
             let view = held.source()?;

@@ -461,6 +461,19 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         }
     }
 
+    /// The same round with its aggregator wrapped or converted (for example
+    /// boxed behind `dyn Aggregator`), keeping its state and spec hash.
+    pub fn map_aggregator<B: Aggregator>(self, f: impl FnOnce(A) -> B) -> DefendedRound<P, D, B> {
+        DefendedRound {
+            probe: self.probe,
+            detector: self.detector,
+            aggregator: f(self.aggregator),
+            params: self.params,
+            shadow: self.shadow,
+            spec_sha256: self.spec_sha256,
+        }
+    }
+
     /// Replaces the settings (validated).
     pub fn with_params(mut self, params: RoundParams) -> Result<Self> {
         params.check()?;
