@@ -470,6 +470,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             aggregator: f(self.aggregator),
             params: self.params,
             shadow: self.shadow,
+            audits: self.audits,
             spec_sha256: self.spec_sha256,
         }
     }
