@@ -74,7 +74,11 @@ impl Default for Probation {
     }
 }
 
-/// The protocol safeguards of one level; see the [module docs](self).
+/// The protocol safeguards of one level: a Malicious verdict on the
+/// server-scored update caps the factor at that score's raw factor in every
+/// round ([`VerdictCap`]), and new identities are on probation
+/// ([`Probation`]). Why, and what each closes: `docs/threat-model.md`,
+/// "Protocol safeguards".
 ///
 /// | setting | default | reference |
 /// |---|---|---|

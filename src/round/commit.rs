@@ -18,7 +18,7 @@
 //! 3. **Reveal.** Opened clients send their shadow report; the server checks
 //!    it hashes to the commitment and scores it. A missing commitment, a
 //!    missing reveal or a report that does not match is a broken commitment:
-//!    a failed audit ([`Opening::Broken`](crate::detect::Opening::Broken)).
+//!    a failed audit ([`Opening::Broken`]).
 //!
 //! Clients the level reads every round (collecting clients, the shadow
 //! level) are always opened. The cost: every such client trains its shadow
