@@ -7,9 +7,12 @@
 //! malicious, +y benign), benign clients that move along +y, and liars.
 
 use safe_fedllm::ClientId;
-use safe_fedllm::aggregate::{FactorGate, FedAvg, Krum, SafetyGate, SkipReason};
+use safe_fedllm::aggregate::{
+    Aggregation, Aggregator, ClientUpdate, FactorGate, FedAvg, SafetyGate, SkipReason,
+};
 use safe_fedllm::detect::{
-    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel, Verdict,
+    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
+    Verdict,
 };
 use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
@@ -160,6 +163,7 @@ fn trusting_the_count_reproduces_the_dilution_the_default_prevents() {
     );
     let step = StepLevel::params()
         .counting(safe_fedllm::detect::SampleCounting::Reference)
+        .safeguards(Safeguards::reference())
         .build()
         .unwrap();
     let mut round = DefendedRound::new(probe(), step, FedAvg::new())
@@ -446,10 +450,10 @@ fn a_lying_step_trail_is_caught_by_the_trail_check() {
     assert_eq!(liar.disposition, Disposition::TrailMismatch);
     assert_eq!(liar.factor, 0.0);
     assert!(liar.trail.is_mismatch());
-    // Honest trails end at their update: verified provenance.
+    // Honest trails end at their update: only their last step is verified.
     assert_eq!(
         out.client("h0").unwrap().step_evidence,
-        Provenance::Verified
+        Provenance::LastStepVerified
     );
     let new = out.new_global.unwrap();
     assert_eq!(new.get(B).unwrap().as_slice()[0], 0.0, "the liar's x");
@@ -508,8 +512,8 @@ fn self_reported_scores_are_marked_in_the_audit() {
 #[test]
 fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_update() {
     // The shadow branch is unverifiable: a liar reports clean shadow steps.
-    // Shadow level believes it (documented); the audit says so, and the
-    // update's own score (server-computed) shows the lie.
+    // The audit says so, and the update's own score (server-computed) caps
+    // the factor whatever the shadow branch claims.
     let mut reports = honest();
     reports.push(
         OwnedReport::new("liar", malicious(1.0), 100)
@@ -520,8 +524,15 @@ fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_upda
         .unwrap();
     let liar = out.client("liar").unwrap();
     assert_eq!(liar.shadow_evidence, Provenance::SelfReported);
-    assert!(liar.update_score.unwrap() > 0.99);
-    assert_eq!(liar.verdict, Verdict::Benign);
+    let s = liar.update_score.unwrap();
+    assert!(s > 0.99);
+    assert_eq!(liar.verdict, Verdict::Malicious);
+    let raw = ClientLevel::params()
+        .build()
+        .unwrap()
+        .settings()
+        .raw_factor(f64::from(s));
+    assert!(liar.factor <= raw, "{} > {raw}", liar.factor);
 }
 
 #[test]
@@ -556,16 +567,26 @@ fn the_gate_applies_at_exactly_its_threshold_and_skips_just_below() {
 
 #[test]
 fn a_failed_round_leaves_detector_state_untouched() {
-    // Krum with f = 3 needs 9 clients: the aggregator fails after the
-    // detector has assessed everyone.
+    // An aggregator that fails after the detector has assessed everyone.
+    struct Failing;
+    impl Aggregator for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn aggregate(
+            &mut self,
+            _: &LoraAdapter,
+            _: &[ClientUpdate<'_>],
+        ) -> safe_fedllm::Result<Aggregation> {
+            Err(safe_fedllm::Error::Empty {
+                what: "a test rule",
+            })
+        }
+    }
     let reports = honest();
-    let mut round = DefendedRound::new(
-        probe(),
-        ClientLevel::params().build().unwrap(),
-        Krum::new(3).unwrap(),
-    )
-    .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
-    .unwrap();
+    let mut round = DefendedRound::new(probe(), ClientLevel::params().build().unwrap(), Failing)
+        .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
+        .unwrap();
     let before = serde_json::to_string(round.detector()).unwrap();
     assert!(round.run(0, &global(), &borrow_reports(&reports)).is_err());
     assert_eq!(serde_json::to_string(round.detector()).unwrap(), before);

@@ -214,7 +214,7 @@ def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str
 
     audit = [json.loads(l) for l in (out_dir / "audit.jsonl").read_text().splitlines()]
     assert [a["server_round"] for a in audit] == list(range(1, ROUNDS + 1))
-    evidence = {"client": "absent", "step": "verified", "evidence": "absent"}[level]
+    evidence = {"client": "absent", "step": "last_step_verified", "evidence": "absent"}[level]
     for a in audit:
         for c in a["outcome"]["clients"]:
             assert c["step_evidence"] == evidence, c

@@ -230,12 +230,33 @@ impl Aggregator for Krum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.run(global, updates, self.f)
+    }
+
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        self.run(global, updates, self.f.saturating_sub(removed))
+    }
+}
+
+impl Krum {
+    /// Krum with budget `f` (the configured one, less removed clients).
+    fn run(
+        &self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        f: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |mut round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-            check_n(&round, "krum", self.f)?;
-            let Some((s, order, dist)) = score_round(&round, self.f)? else {
+            check_n(&round, "krum", f)?;
+            let Some((s, order, dist)) = score_round(&round, f)? else {
                 return poisoned(&round);
             };
             let n = s.len();
@@ -247,7 +268,7 @@ impl Aggregator for Krum {
                 KrumVariant::WinnerNeighbourhood => {
                     let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
                     near.sort_by(|&a, &b| dist.get(winner, a).total_cmp(&dist.get(winner, b)));
-                    near.truncate(n.saturating_sub(self.f + 2).max(1));
+                    near.truncate(n.saturating_sub(f + 2).max(1));
                     near.insert(0, winner);
                     near.sort_unstable();
                     near
@@ -273,18 +294,42 @@ impl Aggregator for MultiKrum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.run(global, updates, self.f, self.m)
+    }
+
+    /// Runs with f − removed, and keeps at most m − removed clients (at
+    /// least one): the m the rule was configured for counted the removed.
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        let m = self.m.saturating_sub(removed).max(1);
+        self.run(global, updates, self.f.saturating_sub(removed), m)
+    }
+}
+
+impl MultiKrum {
+    fn run(
+        &self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        f: usize,
+        m: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |mut round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-            check_n(&round, "multi_krum", self.f)?;
-            round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
-            let Some((_, order, _)) = score_round(&round, self.f)? else {
+            check_n(&round, "multi_krum", f)?;
+            round.require("multi_krum", m, format!("m ≤ n with m = {m}"))?;
+            let Some((_, order, _)) = score_round(&round, f)? else {
                 return poisoned(&round);
             };
-            let mut members: Vec<usize> = order.iter().take(self.m).map(|&(i, _)| i).collect();
+            let mut members: Vec<usize> = order.iter().take(m).map(|&(i, _)| i).collect();
             members.sort_unstable();
-            for &(i, score) in order.iter().skip(self.m) {
+            for &(i, score) in order.iter().skip(m) {
                 round.exclude(i, ExclusionReason::NotSelected { score });
             }
             round.weighted_mean(&members, self.weighting, &[])

@@ -458,6 +458,13 @@ pub enum Rejection {
         /// The error, as text.
         error: String,
     },
+    /// More than one message of the round carries this client id. Every copy
+    /// is rejected: the server cannot tell which one is the client's, and
+    /// keeping the first would let whoever sends first speak for the id.
+    DuplicateClient {
+        /// How many messages carried the id.
+        copies: usize,
+    },
     /// The step trail or shadow report could not be used (unreadable step
     /// adapters, non-finite or missing scores, a shadow report without a
     /// shadow base).
