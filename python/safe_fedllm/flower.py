@@ -153,15 +153,16 @@ class AdmissionPolicy:
         """The reference implementation's trust (for reproducing the paper only)."""
         return cls(samples="trust", sample_value=None, norm_bound=None, norm_value=None, require_probe_keys=False)
 
-    def to_native(self) -> dict[str, Any]:
-        """The policy as :class:`safe_fedllm.DefendedRound` takes it."""
-        if self.samples in ("trust", "uniform"):
-            samples: Any = self.samples
-        elif self.samples == "cap_at":
-            samples = {"cap_at": int(self.sample_value or 0)}
-        else:
-            samples = {self.samples: float(self.sample_value if self.sample_value is not None else 2.0)}
-        bound: Any = None if self.norm_bound is None else {self.norm_bound: float(self.norm_value or 0.0)}
+    def to_spec(self) -> dict[str, Any]:
+        """The policy as the ``admission`` section of a defense spec."""
+        samples: dict[str, Any] = {"policy": self.samples}
+        if self.samples == "cap_at":
+            samples["value"] = int(self.sample_value or 0)
+        elif self.samples == "cap_at_median_multiple":
+            samples["value"] = float(self.sample_value if self.sample_value is not None else 2.0)
+        bound: dict[str, Any] = {"bound": "unbounded"}
+        if self.norm_bound is not None:
+            bound = {"bound": self.norm_bound, "value": float(self.norm_value or 0.0)}
         return {
             "samples": samples,
             "norm_bound": bound,
@@ -283,7 +284,7 @@ class SafeFedLLMStrategy(FedAvg):
             aggregator,
             skip_avg_weight=self.skip_avg_weight,
             trail=self.trail,
-            admission=self.admission.to_native(),
+            admission=self.admission.to_spec(),
             shadow_base=self._shadow_base,
         )
 

@@ -355,18 +355,25 @@ def test_detector_settings_are_validated():
     # τ is the probe's, given with the scores: the same score flips verdict with it.
     assert d.assess(0, "a", 16, last_score=0.85, threshold=0.9)["verdict"] == "benign"
     assert d.assess(1, "a", 16, last_score=0.85, threshold=0.8)["verdict"] == "malicious"
-    assert sf.Detector("evidence", eta=3.0, evidence_min=2).level == "evidence"
-    with pytest.raises(sf.InvalidParameterError) as info:
+    assert sf.Detector("evidence", evidence_min=2, shadow={"eta": 3.0}).level == "evidence"
+    # the settings are the spec's `detector` section
+    assert sf.Detector("step", decay=0.9).settings["decay"] == 0.9
+    with pytest.raises(sf.SpecError) as info:
         sf.Detector("step", threshold=0.5)  # not a level setting: the probe carries τ
+    assert info.value.key == "detector.threshold"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Detector("evidence", eta=3.0)  # a shadow setting: under shadow={...}, as in a spec
+    assert info.value.key == "detector.eta"
     with pytest.raises(sf.InvalidEvidenceError):
         d.assess(2, "a", 16, last_score=0.5, threshold=1.5)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Detector("step", decay=1.5)
     assert info.value.param == "decay"
-    with pytest.raises(sf.InvalidParameterError):
+    with pytest.raises(sf.SpecError):
         sf.Detector("client", eta=7.0)  # not a client-level setting
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Detector("nope")
+    with pytest.raises(sf.SpecError) as info:
+        sf.Detector("evidnce")
+    assert info.value.key == "detector.level" and info.value.suggestion == "evidence"
     with pytest.raises(sf.CheckpointError):
         sf.Detector.from_json('{"level": "client", "params": 3}')
     assert sf.Detector("shadow").needs_shadow("a") and not sf.Detector("client").needs_shadow("a")
@@ -382,7 +389,7 @@ RULES = [
     ("multi_krum", {"f": 1, "m": 3}),
     ("bulyan", {"f": 1}),
     ("geometric_median", {}),
-    ("norm_clipping", {"bound": "median"}),
+    ("norm_clipping", {"bound": "median_norm"}),
     ("foolsgold", {"weighting": "samples_times_factor"}),  # a sybil defence: the factor removes the outlier
     ("flame", {"seed": 1}),
     ("dnc", {"f": 1, "seed": 1}),
@@ -411,10 +418,16 @@ def test_rule_errors_are_typed(global_arrays, rng):
         sf.Aggregator("trimmed_mean", beta=0.7)
     assert info.value.param == "beta" and info.value.component == "trimmed_mean"
     assert info.value.kind == "invalid_parameter"
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Aggregator("nope")
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Aggregator("fedavg", unknown=1)
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("krumm", f=1)
+    assert info.value.key == "aggregator.rule" and info.value.suggestion == "krum"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("multi_krum", f=1, mm=3)
+    assert info.value.key == "aggregator.mm" and info.value.suggestion == "m"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("fedavg", weighting="by_samples")
+    # serde reads a tagged section whole: the key stops at the section, the reason names the value
+    assert info.value.key.startswith("aggregator") and "by_samples" in info.value.reason
     few = [(str(i), client_update(global_arrays, rng, False), 10) for i in range(3)]
     with pytest.raises(sf.TooFewClientsError) as info:
         sf.Aggregator("krum", f=1).aggregate(global_arrays, few)
@@ -500,7 +513,8 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
     reports.append({"client": "liar", "update": benign[1], "samples": 10**15})
     reports.append({"client": "huge", "update": huge, "samples": 100})
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
-                           admission={"samples": {"cap_at": 100}, "norm_bound": {"absolute": 5.0}})
+                           admission={"samples": {"policy": "cap_at", "value": 100},
+                                      "norm_bound": {"bound": "absolute", "value": 5.0}})
     out = rnd.run(0, global_arrays, reports)
     by = {c["client"]: c for c in out["clients"]}
     assert by["liar"]["samples"] == 100 and by["liar"]["declared_samples"] == 10**15
@@ -513,10 +527,54 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
     s = {c["client"]: c for c in trusting.run(0, global_arrays, scored)["clients"]}["s"]
     assert s["step_evidence"] == "self_reported"
     assert sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission="reference").level == "client"
+    with pytest.raises(sf.SpecError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
+                         admission={"samples": {"policy": "cap_at_median_multiple", "value": 0.5}})
+    assert info.value.key == "admission.samples"
+    with pytest.raises(sf.SpecError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"require_probe_key": False})
+    assert info.value.key == "admission.require_probe_key" and info.value.suggestion == "require_probe_keys"
+
+
+def test_rule_settings_are_the_spec_aggregator_section():
+    agg = sf.Aggregator("multi_krum", f=1, m=3, weighting="samples")
+    assert agg.settings == {"rule": "multi_krum", "f": 1, "m": 3, "weighting": "samples"}
+    header = sf.check_spec({"aggregator": agg.settings})
+    assert header["spec"]["aggregator"] == agg.settings
+
+
+def test_keyword_round_is_a_spec_and_hashes_like_from_spec(probe, global_arrays, rng):
+    """The keyword constructor assembles a spec and checks it with the one
+    parser: its hash is the one from_spec gives for the same spec."""
+    rnd = sf.DefendedRound(probe, sf.Detector("client", steepness=12.0), sf.Aggregator("krum", f=1),
+                           skip_avg_weight=0.3, trail={"max_abs": 0.25}, admission="reference")
+    assert rnd.spec["detector"] == {"level": "client", **sf.Detector("client", steepness=12.0).settings}
+    assert rnd.spec["gate"] == {"threshold": 0.3} and rnd.spec["trail"] == {"max_abs": 0.25}
+    assert rnd.spec_sha256 == sf.check_spec(rnd.spec)["spec_sha256"]
+    same = sf.DefendedRound.from_spec(rnd.spec, probe=probe)
+    assert same.spec_sha256 == rnd.spec_sha256
+    reports = [{"client": f"b{i}", "update": client_update(global_arrays, rng, False), "samples": 10} for i in range(6)]
+    assert json.loads(rnd.run(0, global_arrays, reports)["audit_line"])["spec_sha256"] == rnd.spec_sha256
+    with pytest.raises(sf.SpecError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), trail="exakt")
+    assert info.value.key == "trail"
+
+
+def test_a_round_refuses_a_rule_with_gates_of_its_own(probe):
+    """The round has one safety gate (`skip_avg_weight`) and the spec's factor
+    gate: a standalone wrapper inside it would be a second, unrecorded one."""
+    with pytest.raises(sf.InvalidParameterError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg", skip_avg_weight=0.5))
+    assert info.value.param == "aggregator"
     with pytest.raises(sf.InvalidParameterError):
-        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"samples": {"cap_at_median_multiple": 0.5}})
-    with pytest.raises(sf.InvalidParameterError):
-        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"bogus": 1})
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("median", gate=True))
+
+
+def test_a_detectors_state_survives_the_keyword_constructor(probe):
+    d = sf.Detector("client")
+    d.assess(0, "evil", 100, last_score=0.99)
+    rnd = sf.DefendedRound(probe, d, sf.Aggregator("fedavg"))
+    assert rnd.detector.to_json() == d.to_json()
 
 
 def test_set_num_threads_sizes_the_pool_once():

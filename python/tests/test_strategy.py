@@ -179,7 +179,7 @@ def test_all_malicious_round_is_skipped_and_global_kept(probe, global_arrays, rn
 
 
 def test_round_level_fault_keeps_the_global(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, rule="krum", rule_settings={"f": 2, "gate": True})
+    s = make(probe, tmp_path, rule="krum", rule_settings={"f": 2})
     configured(s, global_arrays, nodes=[0, 1, 2])
     arrays, metrics = s.aggregate_train(1, [reply(i, client_update(global_arrays, rng, False)) for i in range(3)])
     assert arrays is None
@@ -275,7 +275,7 @@ def test_fortran_order_upload_is_read_correctly(probe, global_arrays, rng, tmp_p
 
 
 def test_evidence_level_stops_asking_frozen_benign_clients_for_a_shadow_branch(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, level="evidence", detector_settings={"batch_size": 10, "evidence_min": 2, "audit_interval": 100})
+    s = make(probe, tmp_path, level="evidence", detector_settings={"shadow": {"batch_size": 10}, "evidence_min": 2, "audit_interval": 100})
     msgs = configured(s, global_arrays, nodes=[1, 2, 3])
     assert all(m.content["config"]["safe-fedllm.shadow"] for m in msgs)
     keys = feature_keys_from_config(msgs[0].content["config"])
