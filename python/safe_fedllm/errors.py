@@ -114,7 +114,10 @@ class InvalidParameterError(SafeFedLLMError, ValueError):
 
 class SpecError(InvalidParameterError):
     """A defense spec has an unknown or misspelt key, a value of the wrong type or out of
-    range (``key``: the dotted path, ``reason``, ``suggestion``: the closest known key)."""
+    range (``key``: the dotted path, or the Flower ``run_config`` key it came from;
+    ``reason``; ``suggestion``: the closest known key)."""
+
+    suggestion: str | None = None
 
 
 class InvalidEvidenceError(SafeFedLLMError, ValueError):
