@@ -68,7 +68,7 @@ fn admit_of(gate: Option<&Bound<'_, PyAny>>) -> PyResult<Admit> {
             format!("gate = {gate} is invalid: expected True or a factor threshold in [0, 1]"),
             |d| {
                 d.set_item("component", "factor_gate")?;
-                d.set_item("param", "gate")?;
+                d.set_item("name", "gate")?;
                 d.set_item("value", gate.to_string())?;
                 d.set_item("expected", "True or a factor threshold in [0, 1]")
             },
@@ -115,7 +115,7 @@ impl Aggregator {
                     .into(),
                 |d| {
                     d.set_item("component", "defended_round")?;
-                    d.set_item("param", "aggregator")
+                    d.set_item("name", "aggregator")
                 },
             )),
         }

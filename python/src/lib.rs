@@ -49,7 +49,7 @@ fn set_num_threads(n: usize) -> PyResult<()> {
             "num_threads must be at least 1".to_owned(),
             |d| {
                 d.set_item("kind", "invalid_parameter")?;
-                d.set_item("param", "num_threads")?;
+                d.set_item("name", "num_threads")?;
                 d.set_item("value", n)?;
                 d.set_item("expected", ">= 1")
             },

@@ -105,7 +105,7 @@ impl<'py> PyReport<'py> {
             raise(
                 "InputTypeError",
                 "a report needs the field `client`".to_owned(),
-                |d| d.set_item("key", "client"),
+                |d| d.set_item("field", "client"),
             )
         })?;
         let client = ClientId::from(client.str()?.extract::<String>()?);
@@ -141,7 +141,7 @@ impl<'py> PyReport<'py> {
             raise(
                 "InputTypeError",
                 "the report carries no update".to_owned(),
-                |d| d.set_item("key", "update"),
+                |d| d.set_item("field", "update"),
             )
         })?;
         let update = Held::extract(&update)?;

@@ -62,7 +62,7 @@ def test_float64_is_a_typed_dtype_error(name, probe, global_arrays):
     bad = with_(global_arrays, QB0, global_arrays[QB0].astype(np.float64))
     with pytest.raises(sf.DTypeError) as info:
         call(bad)
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     assert info.value.dtype == "float64"
     assert isinstance(info.value, TypeError) and isinstance(info.value, sf.SafeFedLLMError)
 
@@ -73,7 +73,7 @@ def test_non_contiguous_is_rejected_not_read_transposed(name, probe, global_arra
     fortran = np.asfortranarray(global_arrays[QB0])  # same shape and values, F order
     with pytest.raises(sf.NotContiguousError) as info:
         call(with_(global_arrays, QB0, fortran))
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     strided = np.zeros((global_arrays[QB0].shape[0], 2 * global_arrays[QB0].shape[1]), np.float32)[:, ::2]
     with pytest.raises(sf.NotContiguousError):
         call(with_(global_arrays, QB0, strided))
@@ -84,7 +84,7 @@ def test_non_2d_is_a_shape_error(name, probe, global_arrays):
     call = entry_points(probe, global_arrays)[name]
     with pytest.raises(sf.ShapeMismatchError) as info:
         call(with_(global_arrays, QB0, global_arrays[QB0].reshape(-1)))
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     assert info.value.kind == "not_a_matrix"
 
 
@@ -152,16 +152,16 @@ def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
     update = client_update(global_arrays, rng, False)
     with pytest.raises(sf.MissingKeyError) as info:
         sf.delta(without(update, QB0), global_arrays)
-    assert info.value.key == QB0 and info.value.missing_from == "the update"
+    assert info.value.tensor == QB0 and info.value.missing_from == "the update"
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(without(update, QB0), global_arrays)
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     with pytest.raises(sf.MissingKeyError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("c7", without(update, QB0), 10, 1.0)])
-    assert info.value.client == "c7" and info.value.key == QB0
+    assert info.value.client == "c7" and info.value.tensor == QB0
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(update, without(global_arrays, QB0))
-    assert info.value.key == QB0 and info.value.missing_from == "the base adapter"
+    assert info.value.tensor == QB0 and info.value.missing_from == "the base adapter"
     # In a defended round a client's missing key is a typed rejection, not an error for everyone.
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"))
     reports = [{"client": f"b{i}", "update": client_update(global_arrays, rng, False), "samples": 10} for i in range(3)]
@@ -176,7 +176,7 @@ def test_nan_errors_and_exclusions(probe, global_arrays, rng):
     bad = nan_at(update, QB0)
     with pytest.raises(sf.NonFiniteError) as info:
         sf.Adapter.from_arrays(bad).check_finite()
-    assert info.value.key == QB0 and info.value.index == 3
+    assert info.value.tensor == QB0 and info.value.index == 3
     with pytest.raises(sf.NonFiniteError):
         probe.score_update(bad, global_arrays)  # a feature tensor: never reaches the classifier
     # Aggregation excludes the NaN client and the global does not move toward it.
@@ -218,7 +218,7 @@ def test_adapter_round_trip_and_delta(tmp_path, global_arrays, rng):
     # A directory (or a FIFO, a device) is refused before it is opened.
     with pytest.raises(sf.SafeFedLLMIOError) as info:
         sf.Adapter.load(str(tmp_path))
-    assert info.value.kind == "not_a_file" and info.value.what == "directory"
+    assert info.value.kind == "not_a_file" and info.value.file_kind == "directory"
     assert info.value.path == str(tmp_path)
 
 
@@ -368,7 +368,7 @@ def test_detector_settings_are_validated():
         d.assess(2, "a", 16, last_score=0.5, threshold=1.5)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Detector("step", decay=1.5)
-    assert info.value.param == "decay"
+    assert info.value.name == "decay"
     with pytest.raises(sf.SpecError):
         sf.Detector("client", eta=7.0)  # not a client-level setting
     with pytest.raises(sf.SpecError) as info:
@@ -416,7 +416,7 @@ def test_rule_errors_are_typed(global_arrays, rng):
         sf.Aggregator("krum", f=-1)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Aggregator("trimmed_mean", beta=0.7)
-    assert info.value.param == "beta" and info.value.component == "trimmed_mean"
+    assert info.value.name == "beta" and info.value.component == "trimmed_mean"
     assert info.value.kind == "invalid_parameter"
     with pytest.raises(sf.SpecError) as info:
         sf.Aggregator("krumm", f=1)
@@ -441,13 +441,13 @@ def test_rule_errors_are_typed(global_arrays, rng):
     shape_bad[QB0] = np.zeros((3, 3), np.float32)
     with pytest.raises(sf.ShapeMismatchError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("a", shape_bad, 10)])
-    assert info.value.client == "a" and info.value.key == QB0
+    assert info.value.client == "a" and info.value.tensor == QB0
     assert info.value.kind == "shape_mismatch" and info.value.found == [3, 3]
     missing = dict(few[0][1])
     del missing[QB0]
     with pytest.raises(sf.MissingKeyError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("b", missing, 10)])
-    assert info.value.client == "b" and info.value.key == QB0
+    assert info.value.client == "b" and info.value.tensor == QB0
     assert info.value.missing_from == "the client's update"
 
 
@@ -565,7 +565,7 @@ def test_a_round_refuses_a_rule_with_gates_of_its_own(probe):
     gate: a standalone wrapper inside it would be a second, unrecorded one."""
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg", skip_avg_weight=0.5))
-    assert info.value.param == "aggregator"
+    assert info.value.name == "aggregator"
     with pytest.raises(sf.InvalidParameterError):
         sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("median", gate=True))
 
@@ -575,6 +575,44 @@ def test_a_detectors_state_survives_the_keyword_constructor(probe):
     d.assess(0, "evil", 100, last_score=0.99)
     rnd = sf.DefendedRound(probe, d, sf.Aggregator("fedavg"))
     assert rnd.detector.to_json() == d.to_json()
+
+
+def test_errors_keep_the_core_field_names(tmp_path, global_arrays, rng):
+    """Each exception carries the Rust variant's own field names, never a
+    generic `what`/`index` standing in for them."""
+    qa0 = QB0.replace("lora_B", "lora_A")
+    odd = sf.Adapter.from_arrays({qa0: global_arrays[qa0], QB0: np.zeros((16, 3), np.float32)})
+    with pytest.raises(sf.ShapeMismatchError) as info:  # lora_A is 4 x 16, lora_B 16 x 3
+        odd.rank
+    e = info.value
+    assert e.kind == "rank_mismatch" and (e.a_rank, e.b_rank) == (4, 3)
+    assert e.a_shape == [4, 16] and e.b_shape == [16, 3] and e.module in QB0
+    with pytest.raises(sf.ShapeMismatchError) as info:
+        sf.Adapter.from_arrays({QB0: np.zeros((2, 2, 2), np.float32)})
+    assert info.value.kind == "not_a_matrix" and info.value.tensor == QB0 and info.value.shape == [2, 2, 2]
+    few = [(str(i), client_update(global_arrays, rng, False), 10) for i in range(3)]
+    with pytest.raises(sf.TooFewClientsError) as info:
+        sf.Aggregator("krum", f=1).aggregate(global_arrays, few)
+    e = info.value
+    assert (e.rule, e.required, e.found) == ("krum", 5, 3) and "2f + 3" in e.constraint
+    deltas = [sf.delta(client_update(global_arrays, rng, False), global_arrays) for _ in range(4)]
+    with pytest.raises(sf.TrainingError) as info:
+        sf.Probe.train(deltas, [False] * 4)
+    assert info.value.kind == "missing_class" and info.value.missing == "malicious" and info.value.samples == 4
+    with pytest.raises(sf.InvalidParameterError) as info:
+        sf.Aggregator("trimmed_mean", beta=0.7)
+    assert (info.value.component, info.value.name, info.value.value) == ("trimmed_mean", "beta", "0.7")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x01\x02")
+    with pytest.raises(sf.FormatError) as info:
+        sf.Adapter.load(garbage)
+    assert info.value.kind == "malformed" and info.value.malformed == "header_too_small"
+    assert info.value.path == str(garbage)
+    with pytest.raises(sf.SafeFedLLMIOError) as info:
+        sf.Adapter.load(tmp_path / "missing.safetensors")
+    assert info.value.kind == "io" and "No such file" in info.value.source
+    for e in (info.value,):
+        assert "what" not in e.fields() and "param" not in e.fields()
 
 
 def test_set_num_threads_sizes_the_pool_once():
@@ -588,7 +626,7 @@ import safe_fedllm as sf
 try:
     sf.set_num_threads(0)
 except sf.InvalidParameterError as e:
-    assert e.param == "num_threads"
+    assert e.name == "num_threads"
 else:
     raise AssertionError("0 threads accepted")
 sf.set_num_threads(1)
