@@ -12,8 +12,9 @@ use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport, Rejection,
-    RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports, score_steps,
+    Admitted, DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport,
+    Rejection, RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports,
+    score_steps,
 };
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
@@ -76,14 +77,24 @@ fn client_level_round_weights_each_update_by_samples_times_factor() {
         assert!((c.effective_weight - c.samples as f64 * c.factor).abs() < 1e-9);
         assert!(c.update_score.is_some());
     }
-    // New global = Σ nₖwₖ·xₖ / Σ nₖwₖ, coordinate by coordinate.
+    // New global = Σ nₖwₖ·xₖ / Σ nₖwₖ, coordinate by coordinate, where xₖ is
+    // the update as admitted (the default clips Δ to the median norm).
     let new = out.new_global.as_ref().unwrap();
     let total: f64 = out.clients.iter().map(|c| c.effective_weight).sum();
+    let g = global();
     for (key, i) in [(B, 0), (B, 1), (A, 0)] {
         let expected: f64 = reports
             .iter()
             .zip(&out.clients)
-            .map(|(r, c)| c.effective_weight * f64::from(value(&r.update, key, i)))
+            .map(|(r, c)| {
+                let scale = match c.admission {
+                    Admitted::Clipped { scale, .. } => scale,
+                    _ => 1.0,
+                };
+                let base = f64::from(value(&g, key, i));
+                let x = base + scale * (f64::from(value(&r.update, key, i)) - base);
+                c.effective_weight * x
+            })
             .sum::<f64>()
             / total;
         assert!(

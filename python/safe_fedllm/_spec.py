@@ -159,20 +159,25 @@ class AdmissionPolicy:
     safety gate's mean. Defaults fail closed.
 
     * ``samples``: ``"cap_at_median_multiple"`` (default, ``sample_value`` =
-      2.0: no client weighs more than twice the round's median count),
+      1.0: no client weighs more than the round's lower median count),
       ``"cap_at"`` (``sample_value`` = the largest count a client can hold),
       ``"uniform"`` (ignore counts) or ``"trust"`` (the reference; unsafe).
-    * ``norm_bound``: ``"median_multiple"`` (default, ``norm_value`` = 10.0),
+    * ``norm_bound``: ``"median_multiple"`` (default, ``norm_value`` = 1.0:
+      updates are clipped to the round's lower median norm),
       ``"absolute"`` (``norm_value`` = the bound on ‖update − global‖₂) or
-      ``None`` (unbounded); ``over_bound``: ``"exclude"`` or ``"clip"``.
+      ``None`` (unbounded); ``over_bound``: ``"clip"`` (default) or ``"exclude"``.
     * ``require_probe_keys``: reject an update without the probe's tensors.
+
+    The defaults are the Rust ``Admission::default()`` (``AdmissionPolicy().to_spec()``
+    equals an empty ``admission`` section): each admitted client pulls the
+    global by at most one median client's worth.
     """
 
     samples: str = "cap_at_median_multiple"
-    sample_value: float | None = 2.0
+    sample_value: float | None = 1.0
     norm_bound: str | None = "median_multiple"
-    norm_value: float | None = 10.0
-    over_bound: str = "exclude"
+    norm_value: float | None = 1.0
+    over_bound: str = "clip"
     require_probe_keys: bool = True
 
     @classmethod
@@ -186,7 +191,7 @@ class AdmissionPolicy:
         if self.samples == "cap_at":
             samples["value"] = int(self.sample_value or 0)
         elif self.samples == "cap_at_median_multiple":
-            samples["value"] = float(self.sample_value if self.sample_value is not None else 2.0)
+            samples["value"] = float(self.sample_value if self.sample_value is not None else 1.0)
         bound: dict[str, Any] = {"bound": "unbounded"}
         if self.norm_bound is not None:
             bound = {"bound": self.norm_bound, "value": float(self.norm_value or 0.0)}

@@ -144,10 +144,13 @@ class KeyFormatError(SafeFedLLMError, ValueError):
 class NonFiniteError(SafeFedLLMError, ValueError):
     """A NaN or infinity where finite numbers are required: in a tensor
     (``non_finite``: ``tensor``, ``index``, ``value``) or a feature matrix
-    (``non_finite_feature``: ``what``, ``row``, ``column``, ``value``)."""
+    (``non_finite_feature``: ``what``, ``row``, ``column``, ``value``), or a
+    finite value that would be stored as ±inf (``storage_overflow``:
+    ``tensor``, ``index``, ``value``, ``dtype``)."""
 
     row: int | None = None
     column: int | None = None
+    dtype: str | None = None
 
 
 class InvalidParameterError(SafeFedLLMError, ValueError):

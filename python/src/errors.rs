@@ -114,6 +114,7 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
         Error::ShapeMismatch { .. } => ("ShapeMismatchError", "shape_mismatch"),
         Error::MissingKey { .. } => ("MissingKeyError", "missing_key"),
         Error::NonFinite { .. } => ("NonFiniteError", "non_finite"),
+        Error::StorageOverflow { .. } => ("NonFiniteError", "storage_overflow"),
         Error::EmptySelection { .. } => ("InvalidParameterError", "empty_selection"),
         Error::DimensionMismatch { .. } => ("ShapeMismatchError", "dimension_mismatch"),
         Error::NonFiniteFeature { .. } => ("NonFiniteError", "non_finite_feature"),
@@ -253,6 +254,17 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("tensor", tensor)?;
             d.set_item("index", index)?;
             d.set_item("value", value)?;
+        }
+        Error::StorageOverflow {
+            tensor,
+            index,
+            value,
+            dtype,
+        } => {
+            d.set_item("tensor", tensor)?;
+            d.set_item("index", index)?;
+            d.set_item("value", value)?;
+            d.set_item("dtype", dtype)?;
         }
         Error::EmptySelection { selection } => d.set_item("selection", selection)?,
         Error::DimensionMismatch {

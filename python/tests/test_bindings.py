@@ -514,7 +514,7 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
     reports.append({"client": "huge", "update": huge, "samples": 100})
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
                            admission={"samples": {"policy": "cap_at", "value": 100},
-                                      "norm_bound": {"bound": "absolute", "value": 5.0}})
+                                      "norm_bound": {"bound": "absolute", "value": 5.0}, "over_bound": "exclude"})
     out = rnd.run(0, global_arrays, reports)
     by = {c["client"]: c for c in out["clients"]}
     assert by["liar"]["samples"] == 100 and by["liar"]["declared_samples"] == 10**15

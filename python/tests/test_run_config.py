@@ -142,3 +142,7 @@ def test_a_spec_naming_a_probe_and_another_probe_given_is_refused(probe, tmp_pat
     with pytest.raises(sf.SpecError) as info:
         strategy_from({"safe-fedllm.spec-file": str(SPEC_FILE)}, tmp_path, probe=probe)
     assert info.value.key == "probe"
+
+
+def test_the_default_admission_policy_is_the_specs_default():
+    assert sf.check_spec({"admission": AdmissionPolicy().to_spec()}) == sf.check_spec({})

@@ -132,7 +132,8 @@ class Payload:
                                     "fractional_count", "negative_count", "huge_norm", "lying_metadata",
                                     "pickled_object", "truncated_bytes", "trailing_bytes", "huge_header"])
 def test_admission_excludes_bad_replies_without_failing_the_round(attack, probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, spec={"admission": AdmissionPolicy(norm_bound="absolute", norm_value=100.0).to_spec()})
+    policy = AdmissionPolicy(norm_bound="absolute", norm_value=100.0, over_bound="exclude")
+    s = make(probe, tmp_path, spec={"admission": policy.to_spec()})
     configured(s, global_arrays, nodes=[10, 11, 12, 13, 99])
     benign = [client_update(global_arrays, rng, False) for _ in range(4)]
     bad = dict(client_update(global_arrays, rng, False))
@@ -191,13 +192,15 @@ def test_admission_excludes_bad_replies_without_failing_the_round(attack, probe,
 
 def test_inflated_sample_count_is_capped(probe, global_arrays, rng, tmp_path):
     a, b = client_update(global_arrays, rng, False), client_update(global_arrays, rng, False)
-    for policy in [AdmissionPolicy(samples="cap_at", sample_value=100), AdmissionPolicy(), AdmissionPolicy(samples="uniform")]:
+    # no norm bound here: only the counts move the weights
+    for policy in [AdmissionPolicy(samples="cap_at", sample_value=100, norm_bound=None),
+                   AdmissionPolicy(norm_bound=None), AdmissionPolicy(samples="uniform", norm_bound=None)]:
         (tmp_path / policy.samples).mkdir()
         s = make(probe, tmp_path / policy.samples, spec={"admission": policy.to_spec()})
         configured(s, global_arrays, nodes=[1, 2, 3])
         arrays, _ = s.aggregate_train(1, [reply(1, a, 100), reply(2, b, 10**12), reply(3, a, 100)])
         new = array_record_to_numpy(arrays)
-        weight_b = 1 / 3 if policy.samples == "uniform" else (100 / 300 if policy.samples == "cap_at" else 200 / 400)
+        weight_b = 1 / 3  # uniform; cap_at 100; the default caps at the lower median count, 100
         for k in global_arrays:
             # not ~b[k]: the declared 10**12 was capped
             np.testing.assert_allclose(new[k], (1 - weight_b) * a[k] + weight_b * b[k], atol=1e-3)
@@ -297,16 +300,18 @@ def test_shadow_level_sends_the_fixed_base_and_reads_shadow_trails(probe, global
 
 
 def test_fortran_order_upload_is_read_correctly(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path)
-    configured(s, global_arrays, nodes=[1, 2, 3, 4])
     ups = [client_update(global_arrays, rng, False) for _ in range(4)]
     fortran = {k: np.asfortranarray(v) for k, v in ups[0].items()}
-    arrays, metrics = s.aggregate_train(1, [reply(1, fortran)] + [reply(i + 2, u) for i, u in enumerate(ups[1:])])
-    assert metrics["excluded.1"] == 0
-    new = array_record_to_numpy(arrays)
-    mean = benign_mean(ups)
-    for k in global_arrays:
-        assert np.abs(new[k] - mean[k]).max() < 1e-3
+    news = []
+    for first, folder in ((fortran, "fortran"), (ups[0], "c_order")):
+        (tmp_path / folder).mkdir()
+        s = make(probe, tmp_path / folder)
+        configured(s, global_arrays, nodes=[1, 2, 3, 4])
+        arrays, metrics = s.aggregate_train(1, [reply(1, first)] + [reply(i + 2, u) for i, u in enumerate(ups[1:])])
+        assert metrics["excluded.1"] == 0
+        news.append(array_record_to_numpy(arrays))
+    for k in global_arrays:  # the same round as the C-order upload
+        np.testing.assert_array_equal(news[0][k], news[1][k])
 
 
 def test_evidence_level_stops_asking_frozen_benign_clients_for_a_shadow_branch(probe, global_arrays, rng, tmp_path):

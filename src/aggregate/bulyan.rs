@@ -2,7 +2,7 @@
 //! of distributed learning in Byzantium").
 
 use crate::aggregate::coordinate::sorted_reduce;
-use crate::aggregate::engine::{gram, row, sq_distances};
+use crate::aggregate::engine::{gram, into_sq_distances, row};
 use crate::aggregate::krum::{poisoned, ranking, scores};
 use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{affine, check_affine, with_scan};
@@ -85,7 +85,7 @@ impl Aggregator for Bulyan {
             if !g.is_finite() {
                 return poisoned(&round);
             }
-            let dist = sq_distances(&g);
+            let dist = into_sq_distances(g);
             // n ≥ 4f + 3 was checked above, so neither subtraction wraps.
             let theta = n.saturating_sub(2 * f);
             let beta = theta.saturating_sub(2 * f);

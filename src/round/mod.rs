@@ -31,6 +31,7 @@ mod refresh;
 mod spec;
 mod steps;
 pub mod trail;
+mod update_norm;
 
 pub use admission::{
     Admission, AdmissionDecision, Admitted, NormBound, OverBound, Rejection, SamplePolicy,
