@@ -1,61 +1,71 @@
-"""Flower records <-> numpy: zero-copy views of float32 arrays, step trails."""
+"""Flower records <-> numpy: zero-copy views of the arrays (numpy's own
+``.npy`` reader, no pickle), step trails."""
 
 from __future__ import annotations
 
 import io
-import re
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 __all__ = ["array_record_to_numpy", "numpy_to_array_record", "npy_view", "split_trail"]
 
-_NPY_MAGIC = b"\x93NUMPY"
-# The header numpy writes for a C-order little-endian float32 matrix; anything
-# else goes through numpy's own (slower, literal_eval-based) header parser.
-_F32_MATRIX_HEADER = re.compile(
-    rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n"
-)
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 def npy_view(arr: Array) -> np.ndarray:
-    """A read-only view of an ``Array``'s bytes as an ndarray, without copying.
+    """A read-only ndarray over an ``Array``'s bytes, without copying.
 
-    Parses the ``.npy`` header itself (no pickle is ever allowed) and returns
-    ``np.frombuffer`` over the message bytes; falls back to ``Array.numpy()``
-    for anything unusual (made C-contiguous, so a Fortran-order upload is
-    read correctly) so the caller's checks see the real dtype.
+    Flower's ``Array`` holds ``np.save`` output (``stype`` ``"numpy.ndarray"``).
+    Its header is read by numpy's own reader (``numpy.lib.format``: a
+    bounded header, parsed as a literal, never unpickled), and the values are
+    ``np.frombuffer`` over the message bytes. Whatever the dtype, it is
+    returned as is: the native round refuses anything but float32 with a
+    typed ``DTypeError``. A Fortran-order array is made C-contiguous (one
+    copy); a version-3 header goes through ``Array.numpy()`` (numpy's loader,
+    ``allow_pickle=False``).
+
+    The sender controls the bytes and the metadata alike: a serialisation
+    other than numpy's, an object dtype (it would need pickle), data of
+    another length than the header's shape, or a header disagreeing with the
+    dtype and shape the ``Array`` declares raises ``ValueError`` /
+    ``TypeError``, which the strategy records as that client's refusal.
     """
+    if arr.stype != SType.NUMPY:
+        raise TypeError(f"array serialised as {arr.stype!r}, not {SType.NUMPY!r}")
     data = arr.data
-    if arr.stype != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
-        return np.ascontiguousarray(arr.numpy())
-    if data[:6] == _NPY_MAGIC and data[6:8] == b"\x01\x00" and len(data) >= 10:
-        header_len = int.from_bytes(data[8:10], "little")
-        match = _F32_MATRIX_HEADER.fullmatch(data, 10, 10 + header_len)
-        if match is not None:
-            rows, cols = int(match.group(1)), int(match.group(2))
-            offset = 10 + header_len
-            if len(data) - offset != rows * cols * 4:
-                raise ValueError(f"array bytes hold {len(data) - offset} bytes, shape ({rows}, {cols}) needs {rows * cols * 4}")
-            return np.frombuffer(data, dtype=np.float32, count=rows * cols, offset=offset).reshape(rows, cols)
     buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            return np.ascontiguousarray(arr.numpy())
-    except ValueError:
+    version = np.lib.format.read_magic(buf)
+    reader = _HEADER_READERS.get(version)
+    if reader is None:
         return np.ascontiguousarray(arr.numpy())
-    if dtype != np.dtype("<f4") or fortran or dtype.hasobject:
-        return np.ascontiguousarray(arr.numpy())
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    shape, fortran_order, dtype = reader(buf)
+    if dtype.hasobject:
+        raise ValueError(f"array of dtype {dtype} holds Python objects: refused (it would need pickle)")
+    _check_metadata(arr, shape, dtype)
+    count = math.prod(shape)
     offset = buf.tell()
-    if len(data) - offset != count * 4:
-        raise ValueError(f"array bytes hold {len(data) - offset} bytes, shape {shape} needs {count * 4}")
-    return np.frombuffer(data, dtype=np.float32, count=count, offset=offset).reshape(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(
+            f"array bytes hold {len(data) - offset} bytes after the header, shape {shape} of {dtype} needs "
+            f"{count * dtype.itemsize}")
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    if fortran_order:
+        return np.ascontiguousarray(view.reshape(shape, order="F"))
+    return view.reshape(shape)
+
+
+def _check_metadata(arr: Array, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The dtype and shape the Array declares must be the ones its bytes hold."""
+    declared_shape = tuple(int(d) for d in arr.shape)
+    if declared_shape != tuple(shape) or np.dtype(arr.dtype) != dtype:
+        raise ValueError(
+            f"the Array declares {arr.dtype} {declared_shape}, its bytes hold {dtype} {tuple(shape)}")
 
 
 def array_record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -5,14 +5,19 @@ and overrides ``configure_train`` (to keep the global arrays and the sampled
 nodes), ``aggregate_train`` (to run the defence) and ``start`` (to resume).
 Sampling, evaluation and the round loop are Flower's own.
 
->>> from safe_fedllm import Probe
->>> from safe_fedllm.flower import SafeFedLLMStrategy, AdmissionPolicy
->>> strategy = SafeFedLLMStrategy(
-...     Probe.load("probe.safetensors"), level="client", rule="fedavg",
-...     admission=AdmissionPolicy(samples="cap_at", sample_value=10_000),
-...     audit_path="audit.jsonl", state_path="state.npz",
+The defence is a defense spec (:class:`safe_fedllm.DefendedRound.from_spec`),
+the same TOML the Rust library and the command-line tool read. In a
+ServerApp, take it from Flower's ``run_config`` (see :mod:`safe_fedllm._spec`
+for the keys: ``safe-fedllm.spec-file`` and ``safe-fedllm.spec.<section>.<key>``):
+
+>>> from safe_fedllm.flower import SafeFedLLMStrategy
+>>> strategy = SafeFedLLMStrategy.from_run_config(
+...     context.run_config, audit_path="audit.jsonl", state_path="state.npz",
 ...     fraction_evaluate=0.0, min_available_nodes=4)
 >>> result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+
+or give it directly: ``SafeFedLLMStrategy(spec="defense.toml")`` or
+``SafeFedLLMStrategy(probe, spec={"detector": {"level": "step"}})``.
 
 Per round it
 
@@ -71,17 +76,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass
+import warnings
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from . import _ledger, _native
-from ._records import array_record_to_numpy, numpy_to_array_record, npy_view, split_trail
+from ._records import array_record_to_numpy, numpy_to_array_record, split_trail
+from ._spec import SPEC_FILE_KEY, SPEC_KEY_PREFIX, AdmissionPolicy, keyword_spec, spec_from_run_config
 from .errors import CheckpointError, SafeFedLLMError
 from .state import StrategyState, append_audit_line, complete_audit_log
 
@@ -100,6 +105,9 @@ __all__ = [
     "SHADOW_KEY",
     "SHADOW_BASE_KEY",
     "STEP_SCORES_KEY",
+    "SPEC_FILE_KEY",
+    "SPEC_KEY_PREFIX",
+    "spec_from_run_config",
     "array_record_to_numpy",
     "numpy_to_array_record",
 ]
@@ -116,77 +124,6 @@ STEP_SCORES_KEY = "safe-fedllm.step-scores"
 SHADOW_SCORES_KEY = "safe-fedllm.shadow-scores"
 
 
-@dataclass(frozen=True)
-class AdmissionPolicy:
-    """What a reply must satisfy before the defence looks at it.
-
-    The adversary controls its whole reply, including ``num-examples`` (its
-    FedAvg weight). Every reply is decided by the native round's admission
-    stage, one code path: a reply the strategy cannot even decode (no
-    ArrayRecord, a ``num-examples`` that is not a non-negative integer, a
-    failed reply, a node that sent nothing) enters it as a refused report,
-    and the bindings refuse non-float32, non-2-D and non-LoRA arrays the
-    same way; admission then checks keys and shapes against the global
-    adapter, finiteness, the probe's keys, the norm bound and the sample
-    policy. Every rejection is a typed entry in the audit and counts 0 in the
-    safety gate's mean. Defaults fail closed.
-
-    * ``samples``: ``"cap_at_median_multiple"`` (default, ``sample_value`` =
-      1.0: no client weighs more than the round's lower median count),
-      ``"cap_at"`` (``sample_value`` = the largest count a client can hold),
-      ``"uniform"`` (ignore counts) or ``"trust"`` (the reference; unsafe).
-    * ``norm_bound``: ``"median_multiple"`` (default, ``norm_value`` = 1.0:
-      updates are clipped to the round's lower median norm),
-      ``"absolute"`` (``norm_value`` = the bound on ‖update − global‖₂) or
-      ``None`` (unbounded); ``over_bound``: ``"clip"`` (default) or ``"exclude"``.
-
-    The defaults are the Rust ``Admission::default()``: each admitted client
-    pulls the global by at most one median client's worth.
-    * ``require_probe_keys``: reject an update without the probe's tensors.
-    """
-
-    samples: str = "cap_at_median_multiple"
-    sample_value: float | None = 1.0
-    norm_bound: str | None = "median_multiple"
-    norm_value: float | None = 1.0
-    over_bound: str = "clip"
-    require_probe_keys: bool = True
-
-    @classmethod
-    def reference(cls) -> "AdmissionPolicy":
-        """The reference implementation's trust (for reproducing the paper only)."""
-        return cls(samples="trust", sample_value=None, norm_bound=None, norm_value=None, require_probe_keys=False)
-
-    def to_native(self) -> dict[str, Any]:
-        """The policy as :class:`safe_fedllm.DefendedRound` takes it."""
-        if self.samples in ("trust", "uniform"):
-            samples: Any = self.samples
-        elif self.samples == "cap_at":
-            samples = {"cap_at": int(self.sample_value or 0)}
-        else:
-            samples = {self.samples: float(self.sample_value if self.sample_value is not None else 1.0)}
-        bound: Any = None if self.norm_bound is None else {self.norm_bound: float(self.norm_value or 0.0)}
-        return {
-            "samples": samples,
-            "norm_bound": bound,
-            "over_bound": self.over_bound,
-            "require_probe_keys": self.require_probe_keys,
-        }
-
-    @staticmethod
-    def declared_samples(raw: Any) -> int:
-        """The declared count as an int; raises ValueError for anything else."""
-        if isinstance(raw, bool) or raw is None:
-            raise ValueError(f"num-examples {raw!r} is not an integer")
-        if isinstance(raw, float):
-            if not (math.isfinite(raw) and raw == int(raw)):
-                raise ValueError(f"num-examples {raw!r} is not an integer")
-            raw = int(raw)
-        if not isinstance(raw, (int, np.integer)) or raw < 0:
-            raise ValueError(f"num-examples {raw!r} is not a non-negative integer")
-        return min(int(raw), 2**63 - 1)
-
-
 def _identity_of(node: Any) -> str | None:
     """``pk:<sha256 prefix>`` of a NodeInfo's public key, or None without one."""
     key = getattr(node, "public_key", b"") or b""
@@ -199,21 +136,20 @@ class SafeFedLLMStrategy(FedAvg):
     Parameters
     ----------
     probe:
-        A trained :class:`safe_fedllm.Probe` (or the path of a saved one).
-    level:
-        Detector level: ``"client"`` (default: needs nothing from clients but
-        their update), ``"step"`` (needs a step trail), ``"shadow"`` or
-        ``"evidence"`` (need a shadow branch).
-    detector_settings:
-        Keyword arguments of :class:`safe_fedllm.Detector` (threshold, …).
-    rule, rule_settings:
-        The aggregation rule and its settings (:class:`safe_fedllm.Aggregator`).
-    skip_avg_weight:
-        Safety gate: skip the round when the mean security factor (every
-        sampled node counted; rejected, failed and dropped ones as 0) is
-        below it.
-    admission:
-        :class:`AdmissionPolicy` (defaults are meant for untrusted clients).
+        A trained :class:`safe_fedllm.Probe` (or the path of a saved one),
+        for a spec that names none; ``None`` when the spec's ``probe``
+        section names it.
+    spec:
+        The defense spec: a dict or the path of a ``.toml`` / ``.json``
+        file (:meth:`safe_fedllm.DefendedRound.from_spec`); ``None``: the
+        safe defaults. Detector level (``"client"``: needs nothing from
+        clients but their update; ``"step"``: a step trail; ``"shadow"`` /
+        ``"evidence"``: a shadow branch), rule, safety gate (every sampled
+        node counted in its mean; rejected, failed and dropped ones as 0),
+        trail check and admission policy are all in it. A misspelt key raises
+        :class:`safe_fedllm.SpecError` naming it.
+    base_dir:
+        The folder a dict spec's relative probe path is read against.
     audit_path:
         JSON-lines file, one line per round (appended, fsynced).
     state_path:
@@ -223,6 +159,9 @@ class SafeFedLLMStrategy(FedAvg):
     identity:
         ``"auto"`` (the SuperNode's public key when the SuperLink reports one,
         else its node id) or ``"node_id"``.
+    level, detector_settings, rule, rule_settings, skip_avg_weight, trail, admission:
+        Deprecated (``DeprecationWarning``): the keyword form, turned into
+        the spec it describes. Write ``spec=`` instead.
     **fedavg_kwargs:
         Passed to :class:`flwr.serverapp.strategy.FedAvg`
         (``train_metrics_aggr_fn`` included: see ``aggregate_train``).
@@ -230,32 +169,39 @@ class SafeFedLLMStrategy(FedAvg):
 
     def __init__(
         self,
-        probe: _native.Probe | str | os.PathLike[str],
+        probe: _native.Probe | str | os.PathLike[str] | None = None,
         *,
-        level: str = "client",
-        detector_settings: dict[str, Any] | None = None,
-        rule: str = "fedavg",
-        rule_settings: dict[str, Any] | None = None,
-        skip_avg_weight: float = 0.2,
-        trail: str | float = "exact",
-        admission: AdmissionPolicy | None = None,
+        spec: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
         audit_path: str | os.PathLike[str] | None = None,
         state_path: str | os.PathLike[str] | None = None,
         checkpoint_path: str | os.PathLike[str] | None = None,
         identity: str = "auto",
+        level: str | None = None,
+        detector_settings: dict[str, Any] | None = None,
+        rule: str | None = None,
+        rule_settings: dict[str, Any] | None = None,
+        skip_avg_weight: float | None = None,
+        trail: str | float | None = None,
+        admission: AdmissionPolicy | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         if identity not in ("auto", "node_id"):
             raise ValueError(f"identity {identity!r} is not 'auto' or 'node_id'")
-        self.probe = probe if isinstance(probe, _native.Probe) else _native.Probe.load(os.fspath(probe))
-        self.level = level
-        self.detector_settings = dict(detector_settings or {})
-        self.rule = rule
-        self.rule_settings = dict(rule_settings or {})
-        self.skip_avg_weight = skip_avg_weight
-        self.trail = trail
-        self.admission = admission or AdmissionPolicy()
+        legacy = keyword_spec(level, detector_settings, rule, rule_settings, skip_avg_weight, trail, admission)
+        if legacy:
+            if spec is not None:
+                raise TypeError("give the defence as spec=..., not also as keywords (level=, rule=, …)")
+            warnings.warn(
+                "SafeFedLLMStrategy(level=..., rule=..., skip_avg_weight=..., admission=...) is deprecated: "
+                f"pass the defense spec instead, spec={legacy!r} (or a spec file, or from_run_config)",
+                DeprecationWarning, stacklevel=2)
+            spec = legacy
+        self._spec: dict[str, Any] | str = (
+            {} if spec is None else os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else dict(spec))
+        self._base_dir = os.fspath(base_dir) if base_dir is not None else None
+        self._probe = probe if probe is None or isinstance(probe, _native.Probe) else _native.Probe.load(os.fspath(probe))
         self.identity = identity
         self.audit_path = os.fspath(audit_path) if audit_path is not None else None
         path = state_path if state_path is not None else checkpoint_path
@@ -274,22 +220,53 @@ class SafeFedLLMStrategy(FedAvg):
         self._resumed_global: dict[str, np.ndarray] | None = None
         self.last_outcome: dict[str, Any] | None = None
         self._build_round()
+        assert self._round is not None
+        #: The checked spec (canonical form) and its SHA-256, recorded in every audit line.
+        self.spec: dict[str, Any] = self._round.spec
+        self.spec_sha256: str = self._round.spec_sha256
+        #: The probe the round scores with (the spec's τ applied).
+        self.probe: _native.Probe = self._round.probe
+        #: The detector level the spec names.
+        self.level: str = self._round.level
+        log(INFO, "safe-fedllm: defense spec %s", json.dumps({"spec": self.spec, "spec_sha256": self.spec_sha256}))
         self._resume()
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> "SafeFedLLMStrategy":
+        """The strategy a Flower ``run_config`` configures.
+
+        The spec is the file named by ``safe-fedllm.spec-file`` (relative to
+        ``base_dir``, default the working directory; empty: the safe defaults)
+        with every ``safe-fedllm.spec.<section>.<key>`` setting merged in,
+        e.g. in the app's ``pyproject.toml``::
+
+            [tool.flwr.app.config]
+            "safe-fedllm.spec-file" = "/etc/fl/defense.toml"
+            "safe-fedllm.spec.detector.level" = "client"
+            "safe-fedllm.spec.gate.threshold" = 0.3
+
+        and per run ``flwr run . --run-config 'safe-fedllm.spec.detector.level="evidence"'``.
+        Flower fuses the declared defaults with the run's overrides, so a
+        declared setting always wins over the file's. An unknown
+        ``safe-fedllm.*`` key or a setting the spec refuses raises
+        :class:`safe_fedllm.SpecError` naming the run_config key. ``kwargs``
+        are the constructor's others (``probe`` for a spec naming none,
+        ``audit_path``, ``state_path``, FedAvg's).
+        """
+        for key in ("spec", "level", "detector_settings", "rule", "rule_settings", "skip_avg_weight", "trail",
+                    "admission"):
+            if key in kwargs:
+                raise TypeError(f"from_run_config takes the defence from the run_config, not from {key}=")
+        spec, spec_dir = spec_from_run_config(run_config, base_dir=base_dir)
+        return cls(spec=spec, base_dir=spec_dir, **kwargs)
 
     # -- set-up -----------------------------------------------------------
 
     def _build_round(self) -> None:
-        detector = _native.Detector(self.level, **self.detector_settings)
-        aggregator = _native.Aggregator(self.rule, **self.rule_settings)
-        self._round = _native.DefendedRound(
-            self.probe,
-            detector,
-            aggregator,
-            skip_avg_weight=self.skip_avg_weight,
-            trail=self.trail,
-            admission=self.admission.to_native(),
-            shadow_base=self._shadow_base,
-        )
+        self._round = _native.DefendedRound.from_spec(
+            self._spec, probe=self._probe, base_dir=self._base_dir, shadow_base=self._shadow_base)
 
     def _resume(self) -> None:
         """Loads the state file of a previous run, and completes its audit log."""
@@ -321,8 +298,8 @@ class SafeFedLLMStrategy(FedAvg):
     def summary(self) -> None:
         """Logs Flower's summary and the defence settings."""
         super().summary()
-        log(INFO, "\t└──> Safe-FedLLM: level=%s rule=%s skip_avg_weight=%s admission=%s identity=%s",
-            self.level, self.rule, self.skip_avg_weight, asdict(self.admission), self.identity)
+        log(INFO, "\t└──> Safe-FedLLM: level=%s identity=%s spec_sha256=%s spec=%s",
+            self.level, self.identity, self.spec_sha256, json.dumps(self.spec))
 
     # -- the round loop -----------------------------------------------------
 
@@ -589,7 +566,7 @@ class SafeFedLLMStrategy(FedAvg):
             if self.weighted_by_key in rec:
                 raw = rec[self.weighted_by_key]
                 break
-        samples = self.admission.declared_samples(raw)
+        samples = AdmissionPolicy.declared_samples(raw)
         report: dict[str, Any] = {"client": client, "update": update, "samples": samples}
         report["steps"] = self._evidence(content, STEPS_KEY, STEP_SCORES_KEY, fill=update)
         report["shadow"] = self._evidence(content, SHADOW_KEY, SHADOW_SCORES_KEY, fill=self._shadow_base)

@@ -1,25 +1,29 @@
 //! The defended round: probe → detector → safety gate → rule, with its audit line.
 
+use std::path::PathBuf;
+
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::ClientId;
-use safe_fedllm::aggregate::SafetyGate;
+use safe_fedllm::aggregate::AnyAggregator;
 use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLevel};
 use safe_fedllm::lora::TensorSource;
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admission, ClientReport, DefendedRound as CoreRound, DefenseSpec, NormBound, OverBound,
-    RoundParams, SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
+    Admission, ClientReport, DefendedRound as CoreRound, DefenseSpec, ShadowBranch, StepsReport,
+    ValidDefense,
 };
+use serde_json::Value;
 
 use crate::adapter::to_arrays;
-use crate::aggregate::{Aggregator, BoxedRule};
-use crate::detect::{Detector, level_name};
+use crate::aggregate::Aggregator;
+use crate::detect::{Detector, level_name, spec_of};
 use crate::errors::{IntoPy, raise};
 use crate::json::to_py_json;
 use crate::probe::Probe;
 use crate::refused::{Refusal, Refused};
 use crate::source::{Held, Source};
+use crate::spec;
 
 /// Step evidence from Python: None, a list of scores, or a list of updates.
 enum PySteps<'py> {
@@ -101,7 +105,7 @@ impl<'py> PyReport<'py> {
             raise(
                 "InputTypeError",
                 "a report needs the field `client`".to_owned(),
-                |d| d.set_item("key", "client"),
+                |d| d.set_item("field", "client"),
             )
         })?;
         let client = ClientId::from(client.str()?.extract::<String>()?);
@@ -137,7 +141,7 @@ impl<'py> PyReport<'py> {
             raise(
                 "InputTypeError",
                 "the report carries no update".to_owned(),
-                |d| d.set_item("key", "update"),
+                |d| d.set_item("field", "update"),
             )
         })?;
         let update = Held::extract(&update)?;
@@ -211,124 +215,43 @@ impl<'a> ReportView<'a> {
     }
 }
 
-fn bad(param: &str, value: impl std::fmt::Display, expected: &str) -> PyErr {
-    raise(
-        "InvalidParameterError",
-        format!("admission `{param}` = {value} is invalid: expected {expected}"),
-        |d| {
-            d.set_item("param", param)?;
-            d.set_item("value", value.to_string())?;
-            d.set_item("expected", expected)
-        },
-    )
+fn value(v: &impl serde::Serialize) -> PyResult<Value> {
+    serde_json::to_value(v).map_err(|e| raise("FormatError", e.to_string(), |_| Ok(())))
 }
 
-/// `(name, value)` of a one-entry dict like `{"cap_at": 512}`, or `(name, None)` of a string.
-fn tagged<'py>(obj: &Bound<'py, PyAny>) -> PyResult<(String, Option<Bound<'py, PyAny>>)> {
-    if let Ok(name) = obj.extract::<String>() {
-        return Ok((name, None));
+/// The spec the keyword constructor describes: the given detector's and
+/// rule's settings, the gate, trail, admission policy (`None`: the safe
+/// default; `"reference"`; or the spec's `admission` section as a dict) and
+/// `accept_self_reported`, read by the core's spec parser.
+fn keyword_spec(
+    py: Python<'_>,
+    detector: &Detector,
+    aggregator: &Aggregator,
+    skip_avg_weight: f64,
+    trail: Option<&Bound<'_, PyAny>>,
+    admission: Option<&Bound<'_, PyAny>>,
+    accept_self_reported: bool,
+) -> PyResult<DefenseSpec> {
+    let mut sections = serde_json::Map::new();
+    sections.insert("detector".into(), value(&spec_of(&detector.inner))?);
+    sections.insert("aggregator".into(), value(&aggregator.for_round()?)?);
+    sections.insert(
+        "gate".into(),
+        serde_json::json!({ "threshold": skip_avg_weight }),
+    );
+    if let Some(trail) = trail.filter(|t| !t.is_none()) {
+        sections.insert("trail".into(), spec::to_json(py, trail)?);
     }
-    let dict = obj
-        .cast::<PyDict>()
-        .map_err(|_| bad("policy", obj, "a name or a one-entry dict"))?;
-    match dict.iter().next() {
-        Some((k, v)) if dict.len() == 1 => Ok((k.extract()?, Some(v))),
-        _ => Err(bad("policy", obj, "a one-entry dict")),
+    if let Some(policy) = admission.filter(|a| !a.is_none()) {
+        let value = if policy.extract::<String>().is_ok_and(|s| s == "reference") {
+            value(&Admission::reference())?
+        } else {
+            spec::to_json(py, policy)?
+        };
+        sections.insert("admission".into(), value);
     }
-}
-
-/// The admission policy from Python: None (the safe default), "reference",
-/// or a dict with any of `samples`, `norm_bound`, `over_bound`, `require_probe_keys`.
-fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
-    let Some(obj) = obj.filter(|o| !o.is_none()) else {
-        return Ok(Admission::default());
-    };
-    if obj.extract::<String>().is_ok_and(|s| s == "reference") {
-        return Ok(Admission::reference());
-    }
-    let dict = obj
-        .cast::<PyDict>()
-        .map_err(|_| bad("admission", obj, "None, 'reference' or a dict"))?;
-    let mut policy = Admission::default();
-    for (k, v) in dict.iter() {
-        let key: String = k.extract()?;
-        match key.as_str() {
-            "samples" => {
-                let (name, value) = tagged(&v)?;
-                let sample = match (name.as_str(), value) {
-                    ("trust", None) => SamplePolicy::Trust,
-                    ("uniform", None) => SamplePolicy::Uniform,
-                    ("cap_at", Some(n)) => SamplePolicy::CapAt(n.extract()?),
-                    ("cap_at_median_multiple", Some(x)) => {
-                        SamplePolicy::CapAtMedianMultiple(x.extract()?)
-                    }
-                    _ => {
-                        return Err(bad(
-                            "samples",
-                            &v,
-                            "'trust', 'uniform', {'cap_at': n} or {'cap_at_median_multiple': x}",
-                        ));
-                    }
-                };
-                policy = policy.samples(sample).py()?;
-            }
-            "norm_bound" => {
-                let bound = if v.is_none() {
-                    NormBound::Unbounded
-                } else {
-                    let (name, value) = tagged(&v)?;
-                    match (name.as_str(), value) {
-                        ("unbounded", None) => NormBound::Unbounded,
-                        ("absolute", Some(x)) => NormBound::Absolute(x.extract()?),
-                        ("median_multiple", Some(x)) => NormBound::MedianMultiple(x.extract()?),
-                        _ => {
-                            return Err(bad(
-                                "norm_bound",
-                                &v,
-                                "None, {'absolute': x} or {'median_multiple': x}",
-                            ));
-                        }
-                    }
-                };
-                policy = policy.norm_bound(bound).py()?;
-            }
-            "over_bound" => {
-                policy = policy.over_bound(match v.extract::<String>()?.as_str() {
-                    "exclude" => OverBound::Exclude,
-                    "clip" => OverBound::Clip,
-                    other => return Err(bad("over_bound", other, "'exclude' or 'clip'")),
-                });
-            }
-            "require_probe_keys" => policy = policy.require_probe_keys(v.extract()?),
-            other => {
-                return Err(bad(
-                    other,
-                    &v,
-                    "samples, norm_bound, over_bound or require_probe_keys",
-                ));
-            }
-        }
-    }
-    Ok(policy)
-}
-
-/// A spec from a dict (its JSON form) or a file path.
-fn read_spec(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<DefenseSpec> {
-    if spec.is_instance_of::<PyDict>() {
-        let text: String = py
-            .import("json")?
-            .call_method1("dumps", (spec,))?
-            .extract()?;
-        return DefenseSpec::from_json(&text).py();
-    }
-    let path: std::path::PathBuf = spec.extract().map_err(|_| {
-        raise(
-            "InputTypeError",
-            "a defense spec is a dict or the path of a .toml / .json file".into(),
-            |_| Ok(()),
-        )
-    })?;
-    DefenseSpec::from_file(path).py()
+    sections.insert("accept_self_reported".into(), accept_self_reported.into());
+    DefenseSpec::from_json(&Value::Object(sections).to_string()).py()
 }
 
 /// One defended round runner: probe → detector level → safety gate → rule,
@@ -354,11 +277,44 @@ fn read_spec(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<DefenseSpec> {
 /// `client` raises.
 #[pyclass(module = "safe_fedllm._native")]
 pub struct DefendedRound {
-    inner: CoreRound<LinearProbe, AnyDetector, BoxedRule>,
+    inner: CoreRound<LinearProbe, AnyDetector, AnyAggregator>,
+    /// The checked spec's header: `{"spec": …, "spec_sha256": …}`.
+    header: Value,
+}
+
+impl DefendedRound {
+    fn assemble(
+        py: Python<'_>,
+        valid: &ValidDefense,
+        probe: Option<&Probe>,
+        shadow_base: Option<&Bound<'_, PyAny>>,
+        shadow_learning_rate: f64,
+    ) -> PyResult<Self> {
+        let mut inner = match probe {
+            Some(p) => CoreRound::from_spec_with_probe(valid, p.inner.clone()),
+            None => CoreRound::from_spec(valid),
+        }
+        .py()?;
+        if let Some(base) = shadow_base.filter(|b| !b.is_none()) {
+            let held = Held::extract(base)?;
+            let view = held.source()?;
+            let base = py.detach(|| view.to_adapter()).py()?;
+            inner = inner
+                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
+        }
+        let header = serde_json::from_str(&valid.header_json().py()?)
+            .map_err(|e| raise("FormatError", e.to_string(), |_| Ok(())))?;
+        Ok(DefendedRound { inner, header })
+    }
 }
 
 #[pymethods]
 impl DefendedRound {
+    /// The keyword form: a spec is assembled from the arguments (the
+    /// detector's and the rule's settings, `skip_avg_weight` as the gate,
+    /// `trail` as "exact", "off" or `{"max_abs": tol}`, `admission` as None,
+    /// "reference" or the spec's `admission` section) and checked like any
+    /// other; the detector's state is kept.
     #[new]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (probe, detector, aggregator, *, skip_avg_weight = 0.2, trail = None, admission = None, accept_self_reported = false, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
@@ -374,73 +330,64 @@ impl DefendedRound {
         shadow_base: Option<&Bound<'_, PyAny>>,
         shadow_learning_rate: f64,
     ) -> PyResult<Self> {
-        let trail = match trail {
-            None => TrailCheck::Exact,
-            Some(t) if t.extract::<String>().is_ok_and(|s| s == "exact") => TrailCheck::Exact,
-            Some(t) if t.extract::<String>().is_ok_and(|s| s == "off") => TrailCheck::Off,
-            Some(t) => TrailCheck::MaxAbs(t.extract::<f32>().map_err(|_| {
-                raise(
-                    "InvalidParameterError",
-                    "trail is 'exact', 'off' or an absolute tolerance".into(),
-                    |d| d.set_item("param", "trail"),
-                )
-            })?),
-        };
-        let params = RoundParams::default()
-            .gate(SafetyGate::new(skip_avg_weight).py()?)
-            .trail(trail)
-            .admission(self::admission(admission)?)
-            .accept_self_reported(accept_self_reported);
-        let mut inner = CoreRound::new(
-            probe.inner.clone(),
-            detector.inner.clone(),
-            aggregator.spec.build()?,
-        )
-        .with_params(params)
-        .py()?;
-        if let Some(base) = shadow_base {
-            let held = Held::extract(base)?;
-            let view = held.source()?;
-            let base = py.detach(|| view.to_adapter()).py()?;
-            inner = inner
-                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
-        }
-        Ok(DefendedRound { inner })
+        let spec = keyword_spec(
+            py,
+            detector,
+            aggregator,
+            skip_avg_weight,
+            trail,
+            admission,
+            accept_self_reported,
+        )?;
+        let valid = spec.check().py()?;
+        let mut round = Self::assemble(py, &valid, Some(probe), shadow_base, shadow_learning_rate)?;
+        *round.inner.detector_mut() = detector.inner.clone();
+        Ok(round)
     }
 
     /// The round a defense spec describes: a dict (the spec's JSON form) or
     /// the path of a spec file (TOML or JSON). The spec's probe is loaded
-    /// unless `probe` is given (for a spec that names none). Misspelt keys
+    /// unless `probe` is given (for a spec that names none). A relative
+    /// probe path is read against `base_dir` when given, else against the
+    /// spec file's folder (a dict's: the working directory). Misspelt keys
     /// and out-of-range values raise `SpecError` (`key`, `reason`,
     /// `suggestion`). Every audit line records the spec's SHA-256.
     ///
     /// >>> rnd = DefendedRound.from_spec({"detector": {"level": "client"}}, probe=probe)
     /// >>> rnd = DefendedRound.from_spec("defense.toml")
     #[staticmethod]
-    #[pyo3(signature = (spec, *, probe = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    #[pyo3(signature = (spec, *, probe = None, base_dir = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
     fn from_spec(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
         probe: Option<&Probe>,
+        base_dir: Option<PathBuf>,
         shadow_base: Option<&Bound<'_, PyAny>>,
         shadow_learning_rate: f64,
     ) -> PyResult<Self> {
-        let spec = read_spec(py, spec)?;
-        let valid = spec.check().py()?;
-        let core = match probe {
-            Some(p) => CoreRound::from_spec_with_probe(&valid, p.inner.clone()),
-            None => CoreRound::from_spec(&valid),
+        let valid = spec::read(py, spec, base_dir)?.check().py()?;
+        Self::assemble(py, &valid, probe, shadow_base, shadow_learning_rate)
+    }
+
+    /// SHA-256 of the spec this round was built from (what every audit
+    /// line records).
+    #[getter]
+    fn spec_sha256<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py_json(py, self.header.get("spec_sha256").unwrap_or(&Value::Null))
+    }
+
+    /// The spec this round was built from, as a dict (its canonical JSON form).
+    #[getter]
+    fn spec<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        to_py_json(py, self.header.get("spec").unwrap_or(&Value::Null))
+    }
+
+    /// The probe this round scores with (its τ is the one every level decides with).
+    #[getter]
+    fn probe(&self) -> Probe {
+        Probe {
+            inner: self.inner.probe().clone(),
         }
-        .py()?;
-        let mut inner = core.map_aggregator(|a| Box::new(a) as BoxedRule);
-        if let Some(base) = shadow_base {
-            let held = Held::extract(base)?;
-            let view = held.source()?;
-            let base = py.detach(|| view.to_adapter()).py()?;
-            inner = inner
-                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
-        }
-        Ok(DefendedRound { inner })
     }
 
     /// Runs round `round` (0-based) from `global_` (the adapter the clients

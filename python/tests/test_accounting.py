@@ -140,8 +140,8 @@ def test_client_train_metrics_use_train_metrics_aggr_fn_over_admitted_replies(pr
         r.content["metrics"]["factor.1"] = 99.0  # a client cannot overwrite the strategy's keys
     _, metrics = s.aggregate_train(1, replies)
     assert calls == [(3, "num-examples")]  # the rejected float64 reply is left out
-    # weights: the admitted counts (10**12 capped at twice the median, 600)
-    weights = np.array([100, 300, 600], float)
+    # weights: the admitted counts (10**12 capped at the lower median count, 300)
+    weights = np.array([100, 300, 300], float)
     assert metrics["train_loss"] == pytest.approx(float(weights @ [1.0, 2.0, 3.0] / weights.sum()))
     assert metrics["factor.1"] != 99.0
     assert last_audit(tmp_path)["client_metrics"]["train_loss"] == metrics["train_loss"]

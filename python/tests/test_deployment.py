@@ -5,6 +5,9 @@ One SuperLink and five SuperNodes (two of them malicious: 40 %), three rounds
 of `flwr run` with the app in `tests/flower_app`. Asserts from the server's
 output (summary + audit written by the ServerApp) that the malicious nodes got
 factor ≈ 0 every round and the global adapter stayed near the benign mean.
+The ServerApp is configured by the run_config alone: a defense spec file
+(written here, with the probe it names) and `safe-fedllm.spec.*` settings;
+every audit line records the hash of exactly that spec.
 
 The test starts and stops only its own processes: it records the PIDs it
 spawns, SIGTERMs them, and waits for their `flower-superexec` children. On a
@@ -22,11 +25,13 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import safe_fedllm as sf
 from safe_fedllm.state import StrategyState
 
 APP = Path(__file__).parent / "flower_app"
@@ -43,6 +48,25 @@ pytestmark = pytest.mark.skipif(
     not _FOUND or os.environ.get("SAFE_FEDLLM_SKIP_DEPLOYMENT") == "1",
     reason="needs Flower's flower-superlink (pip install flwr)",
 )
+
+
+def defense_file(root: Path) -> Path:
+    """The offline phase: the probe and the spec naming it (see the app's task.py)."""
+    sys.path.insert(0, str(APP))
+    try:
+        from e2e_app.task import write_defense
+    finally:
+        sys.path.remove(str(APP))
+    return write_defense(root / "defense")
+
+
+def expected_spec_sha256(spec_file: Path, level: str) -> str:
+    """The hash of the spec the run_config describes, merged by hand: the file,
+    with the app's declared settings (level, rule) over it."""
+    spec = tomllib.loads(spec_file.read_text())
+    spec["detector"] = {"level": level}
+    spec["aggregator"] = {"rule": "fedavg"}
+    return sf.check_spec(spec, base_dir=spec_file.parent)["spec_sha256"]
 
 
 def free_port() -> int:
@@ -183,9 +207,11 @@ def deployment(tmp_path_factory):
 @pytest.mark.parametrize("level", ["client", "step", "evidence"])
 def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str):
     out_dir = deployment.root / f"out-{level}"
+    spec_file = defense_file(deployment.root)
     run = deployment.flwr(
         "run", str(APP), "local-deployment", "--stream",
-        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} level="{level}" out-dir="{out_dir}"',
+        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} out-dir="{out_dir}" '
+        f'safe-fedllm.spec-file="{spec_file}" safe-fedllm.spec.detector.level="{level}"',
         timeout=RUN_TIMEOUT,
     )
     (deployment.logs / f"flwr-run-{level}.log").write_text(run.stdout + "\n" + run.stderr)
@@ -215,7 +241,9 @@ def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str
     audit = [json.loads(l) for l in (out_dir / "audit.jsonl").read_text().splitlines()]
     assert [a["server_round"] for a in audit] == list(range(1, ROUNDS + 1))
     evidence = {"client": "absent", "step": "last_step_verified", "evidence": "absent"}[level]
+    sha = expected_spec_sha256(spec_file, level)
     for a in audit:
+        assert a["outcome"]["spec_sha256"] == sha, (a["outcome"]["spec_sha256"], sha)
         for c in a["outcome"]["clients"]:
             assert c["step_evidence"] == evidence, c
             if level == "evidence":
@@ -249,7 +277,8 @@ def test_serverapp_killed_mid_run_resumes_from_the_state_file(deployment: Deploy
     same state file runs rounds 3 and 4 from the saved global, with the same
     per-client identities and memory, and the audit reads 1, 2, 3, 4."""
     out_dir = deployment.root / "out-restart"
-    config = f'num-server-rounds=4 num-nodes={NODES} out-dir="{out_dir}"'
+    spec_file = defense_file(deployment.root)
+    config = f'num-server-rounds=4 num-nodes={NODES} out-dir="{out_dir}" safe-fedllm.spec-file="{spec_file}"'
     first = deployment.flwr("run", str(APP), "local-deployment", "--stream", "--run-config",
                             config + " kill-after-round=2", timeout=RUN_TIMEOUT)
     (deployment.logs / "flwr-run-killed.log").write_text(first.stdout + "\n" + first.stderr)

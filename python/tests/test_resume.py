@@ -195,7 +195,7 @@ def test_a_state_file_of_another_model_or_level_is_refused(probe, global_arrays,
     grid = LoopGrid(keys_for(range(1, 8)), {EVIL_KEY})
     make(probe, tmp_path).start(grid=grid, initial_arrays=numpy_to_array_record(global_arrays), num_rounds=1)
     with pytest.raises(sf.CheckpointError, match="level"):
-        make(probe, tmp_path, level="step")
+        make(probe, tmp_path, spec={"detector": {"level": "step"}})
     other = {k.replace("q_proj", "k_proj"): v for k, v in global_arrays.items()}
     with pytest.raises(sf.CheckpointError, match="not the same model"):
         make(probe, tmp_path).start(grid=grid, initial_arrays=numpy_to_array_record(other), num_rounds=2)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from safe_fedllm.state import StrategyState
-from test_deployment import alive, children, free_port
+from test_deployment import alive, children, defense_file, free_port
 
 APP = Path(__file__).parent / "flower_app"
 CLIENTS = 50
@@ -77,7 +77,8 @@ def test_fifty_virtual_clients_under_the_simulation_runtime(tmp_path):
         run = subprocess.run(
             ["flwr", "run", str(APP), "local", "--stream",
              "--federation-config", f"num-supernodes={CLIENTS}",
-             "--run-config", f'num-server-rounds={ROUNDS} num-nodes={CLIENTS} num-malicious={MALICIOUS} out-dir="{out_dir}"'],
+             "--run-config", f'num-server-rounds={ROUNDS} num-nodes={CLIENTS} num-malicious={MALICIOUS} '
+             f'out-dir="{out_dir}" safe-fedllm.spec-file="{defense_file(tmp_path)}"'],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )
         ls = subprocess.run(["flwr", "ls", "local", "--format", "json"], capture_output=True, text=True,

@@ -1,5 +1,6 @@
-"""ServerApp: trains a probe offline (synthetic labelled runs), then runs the
-Safe-FedLLM strategy for `num-server-rounds` and writes a summary JSON."""
+"""ServerApp: the Safe-FedLLM strategy, configured by the run_config alone
+(`safe-fedllm.spec-file` and `safe-fedllm.spec.*`), for `num-server-rounds`;
+writes a summary JSON."""
 
 from __future__ import annotations
 
@@ -12,20 +13,11 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-import safe_fedllm as sf
 from safe_fedllm.flower import SafeFedLLMStrategy, array_record_to_numpy, numpy_to_array_record
 
-from .task import client_update, initial_global
+from .task import initial_global
 
 app = ServerApp()
-
-
-def train_probe(global_: dict[str, np.ndarray]) -> sf.Probe:
-    """The offline phase: labelled local runs from the base adapter."""
-    rng = np.random.default_rng(7)
-    runs = [(client_update(global_, rng, m), m) for m in [False] * 40 + [True] * 40]
-    deltas = [sf.delta(u, global_) for u, _ in runs]
-    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8)
 
 
 class RecordingStrategy(SafeFedLLMStrategy):
@@ -34,6 +26,7 @@ class RecordingStrategy(SafeFedLLMStrategy):
     benign clients' mean and to the plain mean."""
 
     def __init__(self, *args, kill_after_round: int = 0, **kwargs):
+        # `kill_after_round` is the test's, not the defence's: the defence is the run_config's spec.
         super().__init__(*args, **kwargs)
         self.rounds: list[dict] = []
         self.kill_after_round = kill_after_round
@@ -89,11 +82,8 @@ def main(grid: Grid, context: Context) -> None:
     os.makedirs(out_dir, exist_ok=True)
     n = int(cfg["num-nodes"])
     global_ = initial_global()
-    probe = train_probe(global_)
-    strategy = RecordingStrategy(
-        probe,
-        level=str(cfg["level"]),
-        rule=str(cfg["rule"]),
+    strategy = RecordingStrategy.from_run_config(
+        cfg,
         audit_path=os.path.join(out_dir, "audit.jsonl"),
         state_path=os.path.join(out_dir, "state.npz"),
         kill_after_round=int(cfg["kill-after-round"]),
