@@ -88,8 +88,14 @@ fn a_pusher(name: &str, norm: f32, samples: u64) -> OwnedReport {
 
 /// ‖lora_A(new) − lora_A(global)‖₂: how far the global moved along the
 /// channel honest clients leave alone.
+///
+/// A skipped round (the gate: with every new client on probation, a round
+/// where most clients were rejected can fall below it) moves nothing.
 fn a_movement(out: &RoundOutcome) -> f64 {
-    let new = out.new_global.as_ref().expect("the round applied");
+    let Some(new) = out.new_global.as_ref() else {
+        assert!(out.skipped, "no new global, yet not skipped");
+        return 0.0;
+    };
     let before = global();
     new.get(A)
         .unwrap()
@@ -262,8 +268,9 @@ fn half_the_clients_cannot_set_the_median_bound() {
             pull += sybil.aggregation_weight.unwrap_or(0.0) * entered;
         }
         let moved = a_movement(&out);
+        // f32 accumulation of identical honest values rounds at 1e-7.
         assert!(
-            moved <= pull * (1.0 + 1e-5) + 1e-9,
+            moved <= pull * (1.0 + 1e-5) + 1e-6,
             "{name}: {moved} > {pull}"
         );
         // Each sybil enters with at most the median norm and twice the median
