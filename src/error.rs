@@ -354,6 +354,19 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// A defense spec (JSON or TOML) could not be used: an unknown or
+    /// misspelt key, a value of the wrong type, or a setting out of range.
+    #[error("defense spec, key `{key}`: {reason}{}", did_you_mean(.suggestion))]
+    Spec {
+        /// Dotted path of the offending key (`detector.steepness`), or the
+        /// section when the whole section is at fault.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The known key closest to a misspelt one.
+        suggestion: Option<String>,
+    },
+
     /// A collection that must not be empty was empty.
     #[error("{what} must not be empty")]
     Empty {
@@ -616,6 +629,13 @@ impl MalformedSafetensors {
             },
         }
     }
+}
+
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_ref()
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
 }
 
 impl Error {

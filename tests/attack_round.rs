@@ -7,7 +7,7 @@
 //! malicious, +y benign), benign clients that move along +y, and liars.
 
 use safe_fedllm::ClientId;
-use safe_fedllm::aggregate::{FactorGate, FedAvg, Krum, SkipReason};
+use safe_fedllm::aggregate::{FactorGate, FedAvg, Krum, SafetyGate, SkipReason};
 use safe_fedllm::detect::{
     AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel, Verdict,
 };
@@ -537,7 +537,7 @@ fn the_gate_applies_at_exactly_its_threshold_and_skips_just_below() {
     }
     let run = |threshold: f64| {
         DefendedRound::new(probe(), detector(DefenseLevel::Shadow), FedAvg::new())
-            .with_params(params().skip_avg_weight(threshold))
+            .with_params(params().gate(SafetyGate::new(threshold).unwrap()))
             .unwrap()
             .run(0, &global(), &borrow_reports(&reports))
             .unwrap()
@@ -564,7 +564,7 @@ fn a_failed_round_leaves_detector_state_untouched() {
         ClientLevel::params().build().unwrap(),
         Krum::new(3).unwrap(),
     )
-    .with_params(RoundParams::default().skip_avg_weight(0.0))
+    .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
     .unwrap();
     let before = serde_json::to_string(round.detector()).unwrap();
     assert!(round.run(0, &global(), &borrow_reports(&reports)).is_err());
@@ -654,11 +654,7 @@ fn invalid_admission_settings_are_typed_errors() {
             .norm_bound(NormBound::MedianMultiple(f64::INFINITY))
             .is_err()
     );
-    assert!(
-        DefendedRound::new(probe(), detector(DefenseLevel::Client), FedAvg::new())
-            .with_params(RoundParams::default().skip_avg_weight(1.5))
-            .is_err()
-    );
+    assert!(SafetyGate::new(1.5).is_err());
     // A policy deserialised from JSON is re-checked before use.
     let bad: Admission = serde_json::from_str(
         r#"{"samples":{"policy":"cap_at","value":0},"norm_bound":{"bound":"unbounded"},"over_bound":"exclude","require_probe_keys":true}"#,

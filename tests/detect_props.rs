@@ -200,7 +200,7 @@ proptest! {
         last in evidence(),
         mask in prop::collection::vec(any::<bool>(), 1..8),
     ) {
-        let tau = d.threshold();
+        let tau = f64::from(last.threshold);
         let harsher = more_harmful(&last, &mask, tau);
         // The evidence level's freeze logic is not monotone across a change
         // of the last-step verdict (documented on `EvidenceLevel`; unit test

@@ -62,8 +62,21 @@ fn scenarios() -> Vec<Scenario> {
 /// The generator implements the reference's formulas, which count harmful
 /// samples against the declared count: select that (unsafe, non-default)
 /// counting mode here.
-fn detector(s: &Scenario) -> AnyDetector {
+///
+/// The generator writes τ among each level's settings, as the reference
+/// does; here τ is the probe's and travels with the evidence, so it is taken
+/// out of the settings and returned.
+fn detector(s: &Scenario) -> (AnyDetector, f32) {
     let mut params = s.params.clone();
+    let level_params = match s.level.as_str() {
+        "evidence" => &mut params["shadow"],
+        _ => &mut params,
+    };
+    let tau = level_params
+        .as_object_mut()
+        .and_then(|p| p.remove("threshold"))
+        .and_then(|t| t.as_f64())
+        .unwrap_or_else(|| panic!("{}: the generator writes τ", s.name)) as f32;
     match s.level.as_str() {
         "step" | "shadow" => params["counting"] = "reference".into(),
         "evidence" => params["shadow"]["counting"] = "reference".into(),
@@ -74,7 +87,9 @@ fn detector(s: &Scenario) -> AnyDetector {
         "params": params,
         "clients": {},
     });
-    serde_json::from_value(json).unwrap_or_else(|e| panic!("{}: params rejected: {e}", s.name))
+    let d =
+        serde_json::from_value(json).unwrap_or_else(|e| panic!("{}: params rejected: {e}", s.name));
+    (d, tau)
 }
 
 fn status_name(d: &AnyDetector, client: &ClientId) -> Option<&'static str> {
@@ -90,13 +105,14 @@ fn status_name(d: &AnyDetector, client: &ClientId) -> Option<&'static str> {
 
 /// Replays a scenario; returns every factor in order.
 fn replay(s: &Scenario, checkpoint_every_round: bool) -> Vec<f64> {
-    let mut d = detector(s);
+    let (mut d, tau) = detector(s);
     let mut factors = Vec::new();
     for round in &s.rounds {
         for entry in &round.clients {
             let id = ClientId::from(entry.client.as_str());
+            let evidence = entry.evidence.clone().with_threshold(tau);
             let a = d
-                .assess(round.round, &id, &entry.evidence)
+                .assess(round.round, &id, &evidence)
                 .unwrap_or_else(|e| panic!("{} round {}: {e}", s.name, round.round));
             assert!(
                 (a.factor - entry.factor).abs() <= TOLERANCE,

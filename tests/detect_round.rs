@@ -3,7 +3,7 @@
 //! reports, shadow scoring, evidence-level shadow skipping and the audit line.
 
 use safe_fedllm::Error;
-use safe_fedllm::aggregate::{FactorGate, FedAvg, SkipReason};
+use safe_fedllm::aggregate::{FactorGate, FedAvg, SafetyGate, SkipReason};
 use safe_fedllm::detect::{
     ClientEvidence, ClientId, ClientLevel, Detector, EvidenceLevel, EvidenceStatus, ShadowLevel,
     StepLevel, Verdict,
@@ -144,7 +144,7 @@ fn safety_gate_skips_a_mostly_malicious_round() {
         ClientLevel::params().build().unwrap(),
         FedAvg::plain(),
     )
-    .with_params(RoundParams::default().skip_avg_weight(0.0))
+    .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
     .unwrap();
     assert!(
         !open
@@ -340,7 +340,7 @@ fn evidence_level_stops_reading_shadow_evidence_of_frozen_clients() {
     let mut round = DefendedRound::new(probe(), detector, FactorGate::new(FedAvg::plain()))
         .with_params(
             RoundParams::default()
-                .skip_avg_weight(0.0)
+                .gate(SafetyGate::new(0.0).unwrap())
                 .accept_self_reported(true),
         )
         .unwrap();

@@ -235,6 +235,14 @@ fn miniature_federation_end_to_end() {
     let tokenizer = WordTokenizer::new(&corpus.words());
     let mut config = ExperimentConfig::miniature(tokenizer.vocab_size());
     config.defenses = vec![Defense::None, Defense::Shadow];
+    // A user's own defense, as `--defense FILE` gives it.
+    let user_spec = safe_fedllm::round::DefenseSpec::from_file(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/fed_llama/specs/client-clip.toml"),
+    )
+    .unwrap();
+    config.specs = vec![user_spec];
+    config.defenses.push(Defense::Spec(0));
     config.check().unwrap();
     let devices = Devices::flex(config.seed);
     let data = encode_all(&tokenizer, &corpus.pretrain);
@@ -315,6 +323,7 @@ fn miniature_federation_end_to_end() {
         // A new scenario row: the shadow report lies (a benign run's
         // shadow), which the shadow level cannot check.
         job(Scenario::LieShadow, Defense::Shadow),
+        job(Scenario::Poison, Defense::Spec(0)),
     ];
     let results: Vec<Vec<experiment::RoundRecord>> = federate_all(&shared, &jobs)
         .into_iter()
@@ -351,6 +360,12 @@ fn miniature_federation_end_to_end() {
             let r = &records[1];
             assert_eq!(r.true_positives, 0, "a lying shadow was caught: {r:?}");
         }
+        if defense == Defense::Spec(0) {
+            // The user's spec ran as a client-level defense: the server
+            // scored every update, so malicious clients weigh less.
+            let last = records.last().unwrap();
+            assert!(last.malicious_factor < last.benign_factor, "{last:?}");
+        }
         if defense == Defense::None {
             // Plain FedAvg flags nobody and trusts everyone.
             assert!(
@@ -377,12 +392,13 @@ fn miniature_federation_end_to_end() {
         .iter()
         .filter_map(|records| report::summarise(records))
         .collect();
-    assert_eq!(summaries.len(), 4);
+    assert_eq!(summaries.len(), 5);
     let table = report::table(&summaries);
     assert!(table.contains("shadow level") && table.contains("none (FedAvg)"));
     assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie shadow"));
+    assert!(table.contains("spec 1"));
     let svg = report::asr_svg(&all);
-    assert_eq!(svg.matches("<polyline").count(), 4);
+    assert_eq!(svg.matches("<polyline").count(), 5);
     assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
 }
 

@@ -43,6 +43,9 @@ pub struct ExperimentConfig {
     pub malicious_percent: Vec<u32>,
     /// Defenses to compare.
     pub defenses: Vec<Defense>,
+    /// The `--defense FILE` specs, in order (`Defense::Spec(i)` is the i-th).
+    #[serde(default)]
+    pub specs: Vec<safe_fedllm::round::DefenseSpec>,
     /// Attack scenarios to compare.
     pub scenarios: Vec<Scenario>,
     /// Labelled local runs per class in the probe phase.
@@ -107,6 +110,7 @@ impl ExperimentConfig {
             shadow_lr: 3e-2,
             malicious_percent: vec![0, 30, 50],
             defenses: Defense::defaults(),
+            specs: Vec::new(),
             scenarios: vec![Scenario::Poison],
             probe_runs: 16,
             probe_folds: 5,

@@ -6,16 +6,18 @@
 use std::time::Instant;
 
 use safe_fedllm::aggregate::{
-    Aggregator, ClientUpdate, CoordinateMedian, FedAvg, Flame, FoolsGold, Krum, MultiKrum, Trim,
-    TrimmedMean,
+    Aggregator, AggregatorSpec, AnyAggregator, ClientUpdate, CoordinateMedian, FedAvg, Flame,
+    FoolsGold, Krum, MultiKrum, Trim, TrimmedMean,
 };
 use safe_fedllm::detect::{
-    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel,
+    AnyDetector, ClientLevelParams, DefenseLevel, Detector as _, EvidenceLevelParams,
+    ShadowLevelParams, StepLevelParams,
 };
 use safe_fedllm::lora::LoraAdapter;
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admission, DefendedRound, NormBound, OwnedReport, RoundParams, ShadowBranch, borrow_reports,
+    Admission, DefendedRound, DefenseSpec, DetectorSpec, NormBound, OverBound, OwnedReport,
+    ShadowBranch, borrow_reports,
 };
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +73,15 @@ pub enum Defense {
     /// ones are dropped by a server that knows them). The reference for ASR
     /// and benign loss.
     Oracle,
+    /// The i-th `--defense FILE` spec of the command line (a user's own
+    /// configuration, run with the experiment's probe unless it names one).
+    #[value(skip)]
+    #[serde(rename = "spec")]
+    Spec(u8),
 }
+
+/// How many `--defense FILE` specs one run compares.
+pub const MAX_USER_SPECS: usize = 4;
 
 impl Defense {
     /// Every defense, in table order.
@@ -122,23 +132,55 @@ impl Defense {
             Defense::StepRefresh => "step level + refresh",
             Defense::ClientRefresh => "client level + refresh",
             Defense::Oracle => "oracle (benign FedAvg)",
+            Defense::Spec(i) => ["spec 1", "spec 2", "spec 3", "spec 4"]
+                .get(usize::from(i))
+                .copied()
+                .unwrap_or("spec ?"),
         }
+    }
+
+    /// The spec a probe-based defense runs (its τ is the probe's), or the
+    /// user's; `None` for the rules, which run outside the defended round.
+    pub fn spec(self, ctx: &RuleContext, user: &[DefenseSpec]) -> Option<DefenseSpec> {
+        if let Defense::Spec(i) = self {
+            return user.get(usize::from(i)).cloned();
+        }
+        let per_step = ctx.samples_per_step;
+        let shadow = || ShadowLevelParams::default().batch_size(per_step);
+        let detector = match self.level()? {
+            DefenseLevel::Step => {
+                DetectorSpec::Step(StepLevelParams::default().batch_size(per_step))
+            }
+            DefenseLevel::Client => DetectorSpec::Client(ClientLevelParams::default()),
+            DefenseLevel::Shadow => DetectorSpec::Shadow(shadow()),
+            DefenseLevel::Evidence => {
+                DetectorSpec::Evidence(EvidenceLevelParams::default().shadow(shadow()))
+            }
+        };
+        let mut spec = DefenseSpec {
+            detector,
+            aggregator: AggregatorSpec::default(),
+            ..DefenseSpec::safe()
+        };
+        if self == Defense::EvidenceNormBound {
+            spec.admission = Admission::default()
+                .norm_bound(NormBound::MedianMultiple(2.0))
+                .ok()?
+                .over_bound(OverBound::Exclude);
+        }
+        Some(spec)
     }
 
     /// The Safe-FedLLM level, for the probe-based defenses.
     pub fn level(self) -> Option<DefenseLevel> {
         match self {
+            Defense::Spec(_) => Some(DefenseLevel::Client),
             Defense::Step | Defense::StepRefresh => Some(DefenseLevel::Step),
             Defense::Client | Defense::ClientRefresh => Some(DefenseLevel::Client),
             Defense::Shadow => Some(DefenseLevel::Shadow),
             Defense::Evidence | Defense::EvidenceNormBound => Some(DefenseLevel::Evidence),
             _ => None,
         }
-    }
-
-    /// True when clients must keep every main-branch step's adapter.
-    pub fn captures_steps(self) -> bool {
-        self.level().is_some_and(DefenseLevel::uses_all_steps)
     }
 
     /// True when per-client detection is meaningful (coordinate-wise rules
@@ -167,8 +209,6 @@ pub struct RuleContext {
     pub seed: u64,
     /// Samples per local step (the detectors' batch × grad-accum).
     pub samples_per_step: u64,
-    /// The probe's decision threshold τ, handed to every detector.
-    pub threshold: f64,
 }
 
 impl RuleContext {
@@ -205,7 +245,7 @@ pub enum Server {
         rule: Box<dyn Aggregator + Send + Sync>,
     },
     /// A Safe-FedLLM level.
-    Probe(Box<DefendedRound<LinearProbe, AnyDetector, FedAvg>>),
+    Probe(Box<DefendedRound<LinearProbe, AnyDetector, AnyAggregator>>),
 }
 
 impl Server {
@@ -216,6 +256,7 @@ impl Server {
         ctx: RuleContext,
         probe: &LinearProbe,
         shadow: &ShadowBranch,
+        user_specs: &[DefenseSpec],
     ) -> safe_fedllm::Result<Server> {
         let f = ctx.krum_f();
         let rule: Box<dyn Aggregator + Send + Sync> = match defense {
@@ -230,35 +271,21 @@ impl Server {
             Defense::FoolsGold => Box::new(FoolsGold::new()),
             Defense::Flame => Box::new(Flame::new().seed(ctx.seed)),
             _ => {
-                let tau = ctx.threshold;
-                let shadow_params = || {
-                    ShadowLevel::params()
-                        .batch_size(ctx.samples_per_step)
-                        .threshold(tau)
+                let spec =
+                    defense
+                        .spec(&ctx, user_specs)
+                        .ok_or_else(|| safe_fedllm::Error::Spec {
+                            key: "--defense".into(),
+                            reason: format!("no spec for {}", defense.name()),
+                            suggestion: None,
+                        })?;
+                let valid = spec.check()?;
+                let round = if spec.probe.names_a_probe() {
+                    DefendedRound::from_spec(&valid)?
+                } else {
+                    DefendedRound::from_spec_with_probe(&valid, probe.clone())?
                 };
-                let detector: AnyDetector = match defense.level() {
-                    Some(DefenseLevel::Step) => StepLevel::params()
-                        .batch_size(ctx.samples_per_step)
-                        .threshold(tau)
-                        .build()?
-                        .into(),
-                    Some(DefenseLevel::Shadow) => shadow_params().build()?.into(),
-                    Some(DefenseLevel::Evidence) => EvidenceLevel::params()
-                        .shadow(shadow_params())
-                        .build()?
-                        .into(),
-                    _ => ClientLevel::params().threshold(tau).build()?.into(),
-                };
-                let mut params = RoundParams::default();
-                if defense == Defense::EvidenceNormBound {
-                    params = params.admission(
-                        Admission::default().norm_bound(NormBound::MedianMultiple(2.0))?,
-                    );
-                }
-                let round = DefendedRound::new(probe.clone(), detector, FedAvg::new())
-                    .with_params(params)?
-                    .with_shadow(shadow.clone());
-                return Ok(Server::Probe(Box::new(round)));
+                return Ok(Server::Probe(Box::new(round.with_shadow(shadow.clone()))));
             }
         };
         Ok(Server::Rule { defense, rule })
@@ -276,6 +303,14 @@ impl Server {
         match self {
             Server::Rule { .. } => None,
             Server::Probe(round) => Some(round.probe()),
+        }
+    }
+
+    /// True when clients must keep every main-branch step's adapter.
+    pub fn captures_steps(&self) -> bool {
+        match self {
+            Server::Rule { .. } => false,
+            Server::Probe(round) => round.detector().level().uses_all_steps(),
         }
     }
 

@@ -479,9 +479,9 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             as usize,
         seed: cfg.seed,
         samples_per_step: cfg.batch_size as u64,
-        threshold: f64::from(probe.threshold()),
     };
-    let mut server = Server::new(defense, ctx, probe, shadow).map_err(|e| e.to_string())?;
+    let mut server =
+        Server::new(defense, ctx, probe, shadow, &cfg.specs).map_err(|e| e.to_string())?;
     let refresh = if defense.refreshes() {
         Some(
             ProbeRefresh::new(cfg.refresh_every.max(1) as u32)
@@ -539,7 +539,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             defense_seconds += s;
         }
 
-        let capture = if defense.captures_steps() {
+        let capture = if server.captures_steps() {
             Capture::EveryStep
         } else {
             Capture::LastOnly

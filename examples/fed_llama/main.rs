@@ -61,6 +61,7 @@ use data::{Corpus, TextCodec, WordTokenizer, encode_all};
 use defense::Defense;
 use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, federate_all, probe_phase};
 use safe_fedllm::probe::Threshold;
+use safe_fedllm::round::DefenseSpec;
 use scenario::Scenario;
 use training::{Devices, EvalSet, PretrainConfig, cache_path, load_model, pretrain, save_model};
 
@@ -98,6 +99,11 @@ struct Args {
     /// added when an update-space scenario is selected].
     #[arg(long, value_enum, value_delimiter = ',')]
     defenses: Option<Vec<Defense>>,
+    /// A defense spec (TOML or JSON, as `safe_fedllm::round::DefenseSpec`) to
+    /// evaluate beside the built-in defenses; repeat for several (up to 4).
+    /// It runs with the experiment's probe unless it names its own.
+    #[arg(long = "defense", value_name = "FILE")]
+    defense_specs: Vec<PathBuf>,
     /// Attack scenarios, several allowed [default: poison].
     #[arg(long = "scenario", value_enum, value_delimiter = ',')]
     scenarios: Option<Vec<Scenario>>,
@@ -288,6 +294,8 @@ fn run(args: Args) -> Result<(), String> {
     };
     let seed = args.seed.unwrap_or(17);
     let corpus = Corpus::generate(seed);
+    // Read before any training, so a misspelt key fails in a second.
+    let user_specs = read_specs(&args.defense_specs)?;
     let (model, codec, config, max_len, model_label): (
         model::Llama,
         Box<dyn TextCodec>,
@@ -338,10 +346,25 @@ fn run(args: Args) -> Result<(), String> {
         round0.keys().next().unwrap_or("-")
     );
 
+    let mut config = config;
+    for (i, (spec, path)) in user_specs.into_iter().zip(&args.defense_specs).enumerate() {
+        println!(
+            "{} = {} (spec_sha256 {})",
+            Defense::Spec(i as u8).name(),
+            path.display(),
+            spec.check().map_err(|e| e.to_string())?.sha256()
+        );
+        config.specs.push(spec);
+        config.defenses.push(Defense::Spec(i as u8));
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     write(
         &args.out.join("config.json"),
         &serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?,
+    )?;
+    write(
+        &args.out.join("specs.json"),
+        &serde_json::to_string_pretty(&ran_specs(&config)).map_err(|e| e.to_string())?,
     )?;
 
     let setup = Setup {
@@ -523,7 +546,7 @@ fn run(args: Args) -> Result<(), String> {
         setup.threads
     );
     println!(
-        "wrote {}/{{summary.csv, rounds.csv, asr.svg, config.json, probe_calibration.json}}; total {:.1} s",
+        "wrote {}/{{summary.csv, rounds.csv, asr.svg, config.json, specs.json, probe_calibration.json}}; total {:.1} s",
         args.out.display(),
         started.elapsed().as_secs_f64()
     );
@@ -600,6 +623,45 @@ fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
     }
     let stride = items.len().div_ceil(limit);
     items.iter().step_by(stride).cloned().collect()
+}
+
+/// Reads and checks the `--defense FILE` specs.
+fn read_specs(paths: &[PathBuf]) -> Result<Vec<DefenseSpec>, String> {
+    if paths.len() > defense::MAX_USER_SPECS {
+        return Err(format!(
+            "--defense: at most {} specs per run, {} given",
+            defense::MAX_USER_SPECS,
+            paths.len()
+        ));
+    }
+    paths
+        .iter()
+        .map(|p| {
+            let spec = DefenseSpec::from_file(p).map_err(|e| e.to_string())?;
+            spec.check().map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(spec)
+        })
+        .collect()
+}
+
+/// Every probe-based defense of the run with the spec it ran (τ is the
+/// probe's unless the spec sets one), with each spec's hash: `specs.json`.
+fn ran_specs(config: &ExperimentConfig) -> serde_json::Value {
+    let ctx = defense::RuleContext {
+        clients_per_round: config.clients_per_round,
+        expected_malicious: 0,
+        seed: config.seed,
+        samples_per_step: config.batch_size as u64,
+    };
+    let entries = config.defenses.iter().filter_map(|d| {
+        let spec = d.spec(&ctx, &config.specs)?;
+        let sha = spec.check().ok()?.sha256().to_owned();
+        Some((
+            d.name().to_owned(),
+            serde_json::json!({ "spec": spec, "spec_sha256": sha }),
+        ))
+    });
+    serde_json::Value::Object(entries.collect())
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {

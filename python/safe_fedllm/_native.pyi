@@ -138,12 +138,11 @@ class Detector:
         last_score: float | None = None,
         shadow_steps: Sequence[float] | None = None,
         shadow_last_score: float | None = None,
+        threshold: float = 0.8,
     ) -> Assessment: ...
     def needs_shadow(self, client: str) -> bool: ...
     @property
     def level(self) -> str: ...
-    @property
-    def threshold(self) -> float: ...
     def to_json(self) -> str: ...
     @staticmethod
     def from_json(text: str) -> Detector: ...
@@ -170,6 +169,9 @@ class Report(TypedDict, total=False):
     samples: int
     steps: Sequence[UpdateLike] | Sequence[float] | None
     shadow: Sequence[UpdateLike] | Sequence[float] | None
+    # A reply the caller could not use (failed, dropped): a reason or (code, detail).
+    # The round's admission rejects it; it counts 0 in the safety gate.
+    refused: str | tuple[str, str]
 
 class DefendedRound:
     """admission -> probe -> detector level -> safety gate -> rule, with an audit line."""
@@ -187,6 +189,14 @@ class DefendedRound:
         shadow_base: UpdateLike | None = None,
         shadow_learning_rate: float = 5e-5,
     ) -> None: ...
+    @staticmethod
+    def from_spec(
+        spec: Mapping[str, Any] | PathLike,
+        *,
+        probe: Probe | None = None,
+        shadow_base: UpdateLike | None = None,
+        shadow_learning_rate: float = 5e-5,
+    ) -> DefendedRound: ...
     def run(self, round: int, global_: UpdateLike, reports: Iterable[Report]) -> dict[str, Any]: ...
     def needs_shadow(self, client: str) -> bool: ...
     @property

@@ -28,6 +28,7 @@ __all__ = [
     "KeyFormatError",
     "NonFiniteError",
     "InvalidParameterError",
+    "SpecError",
     "InvalidEvidenceError",
     "CheckpointError",
     "FormatError",
@@ -109,6 +110,11 @@ class NonFiniteError(SafeFedLLMError, ValueError):
 
 class InvalidParameterError(SafeFedLLMError, ValueError):
     """A setting is out of range (``component``, ``param``, ``value``, ``expected``)."""
+
+
+class SpecError(InvalidParameterError):
+    """A defense spec has an unknown or misspelt key, a value of the wrong type or out of
+    range (``key``: the dotted path, ``reason``, ``suggestion``: the closest known key)."""
 
 
 class InvalidEvidenceError(SafeFedLLMError, ValueError):

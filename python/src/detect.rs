@@ -7,6 +7,7 @@ use safe_fedllm::detect::{
     AnyDetector, ClientEvidence, ClientLevelParams, DefenseLevel, Detector as _,
     EvidenceLevelParams, ShadowLevelParams, StepLevelParams,
 };
+use safe_fedllm::probe::DEFAULT_THRESHOLD;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -148,7 +149,9 @@ impl Detector {
     /// Returns `{"factor": float, "verdict": "benign"|"malicious"|"undecided", "reason": str}`.
     /// Scores are P(malicious) from the probe; a NaN score raises
     /// `InvalidEvidenceError` (client, round) and leaves the state unchanged.
-    #[pyo3(signature = (round, client, samples, *, steps = None, last_score = None, shadow_steps = None, shadow_last_score = None))]
+    /// `threshold` is τ of the probe that produced the scores (the levels
+    /// carry none of their own).
+    #[pyo3(signature = (round, client, samples, *, steps = None, last_score = None, shadow_steps = None, shadow_last_score = None, threshold = DEFAULT_THRESHOLD))]
     #[allow(clippy::too_many_arguments)]
     fn assess<'py>(
         &mut self,
@@ -160,8 +163,9 @@ impl Detector {
         last_score: Option<f32>,
         shadow_steps: Option<Vec<f32>>,
         shadow_last_score: Option<f32>,
+        threshold: f32,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut evidence = ClientEvidence::new(samples);
+        let mut evidence = ClientEvidence::new(samples).with_threshold(threshold);
         if let Some(s) = steps {
             evidence = evidence.with_steps(s);
         }
@@ -190,12 +194,6 @@ impl Detector {
     #[getter]
     fn level(&self) -> &'static str {
         level_name(self.inner.level())
-    }
-
-    /// Decision threshold τ.
-    #[getter]
-    fn threshold(&self) -> f64 {
-        self.inner.threshold()
     }
 
     /// The whole state (settings and every client's memory) as JSON.

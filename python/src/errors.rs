@@ -121,6 +121,7 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
         Error::UnmappedTensor { .. } => ("KeyFormatError", "unmapped_tensor"),
         Error::InteropFailed { .. } => ("FormatError", "interop_failed"),
         Error::Invariant { .. } => ("InternalError", "invariant"),
+        Error::Spec { .. } => ("SpecError", "spec"),
         // Context wrappers never reach here (`to_py` passes the root); the
         // enum is non-exhaustive, so a variant added later maps to the base
         // class until it is listed above.
@@ -295,6 +296,15 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("param", name)?;
             d.set_item("value", value)?;
             d.set_item("expected", expected)?;
+        }
+        Error::Spec {
+            key,
+            reason,
+            suggestion,
+        } => {
+            d.set_item("key", key)?;
+            d.set_item("reason", reason)?;
+            d.set_item("suggestion", suggestion)?;
         }
         Error::Empty { what } => d.set_item("what", what)?,
         Error::LengthMismatch {

@@ -14,6 +14,7 @@ mod detect;
 mod errors;
 mod json;
 mod probe;
+mod refused;
 mod round;
 mod source;
 

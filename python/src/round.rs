@@ -3,12 +3,13 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::ClientId;
+use safe_fedllm::aggregate::SafetyGate;
 use safe_fedllm::detect::{AnyDetector, DEFAULT_SHADOW_LEARNING_RATE, DefenseLevel};
 use safe_fedllm::lora::TensorSource;
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admission, ClientReport, DefendedRound as CoreRound, NormBound, OverBound, RoundParams,
-    SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
+    Admission, ClientReport, DefendedRound as CoreRound, DefenseSpec, NormBound, OverBound,
+    RoundParams, SamplePolicy, ShadowBranch, StepsReport, TrailCheck,
 };
 
 use crate::adapter::to_arrays;
@@ -17,6 +18,7 @@ use crate::detect::{Detector, level_name};
 use crate::errors::{IntoPy, raise};
 use crate::json::to_py_json;
 use crate::probe::Probe;
+use crate::refused::{Refusal, Refused};
 use crate::source::{Held, Source};
 
 /// Step evidence from Python: None, a list of scores, or a list of updates.
@@ -71,35 +73,141 @@ impl StepViews<'_> {
     }
 }
 
+/// One report from Python: readable evidence, or a refusal the core's
+/// admission records as a rejection (see [`crate::refused`]).
+enum Body<'py> {
+    Readable {
+        update: Held<'py>,
+        steps: PySteps<'py>,
+        shadow: PySteps<'py>,
+    },
+    Refused(Refusal),
+}
+
 struct PyReport<'py> {
     client: ClientId,
-    update: Held<'py>,
     samples: u64,
-    steps: PySteps<'py>,
-    shadow: PySteps<'py>,
+    body: Body<'py>,
 }
 
 impl<'py> PyReport<'py> {
+    /// Only a report without a `client` is an error (the caller's bug); any
+    /// problem with what the client sent becomes a refusal of that client.
     fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let field = |name: &str| -> PyResult<Option<Bound<'py, PyAny>>> {
-            obj.get_item(name).map(Some).or_else(|_| Ok(None))
+        let field = |name: &str| -> Option<Bound<'py, PyAny>> {
+            obj.get_item(name).ok().filter(|v| !v.is_none())
         };
-        let need = |name: &str| -> PyResult<Bound<'py, PyAny>> {
-            field(name)?.ok_or_else(|| {
-                raise(
-                    "InputTypeError",
-                    format!("a report needs the field `{name}`"),
-                    |d| d.set_item("key", name),
-                )
-            })
+        let client = field("client").ok_or_else(|| {
+            raise(
+                "InputTypeError",
+                "a report needs the field `client`".to_owned(),
+                |d| d.set_item("key", "client"),
+            )
+        })?;
+        let client = ClientId::from(client.str()?.extract::<String>()?);
+        let samples = field("samples").map(|s| s.extract::<u64>());
+        let body = match field("refused") {
+            Some(reason) => Body::Refused(refusal_of(&reason)?),
+            None => {
+                let readable = Self::readable(field("update"), field("steps"), field("shadow"));
+                match (samples.as_ref(), readable) {
+                    (Some(Err(e)), _) => Body::Refused(refusal_from_error(obj.py(), e)),
+                    (_, Err(e)) => Body::Refused(refusal_from_error(obj.py(), &e)),
+                    (None, Ok(_)) => Body::Refused(Refusal {
+                        code: "no_samples".to_owned(),
+                        detail: "the report declares no sample count".to_owned(),
+                    }),
+                    (Some(Ok(_)), Ok(body)) => body,
+                }
+            }
         };
         Ok(PyReport {
-            client: ClientId::from(need("client")?.str()?.extract::<String>()?),
-            update: Held::extract(&need("update")?)?,
-            samples: need("samples")?.extract()?,
-            steps: PySteps::extract(field("steps")?)?,
-            shadow: PySteps::extract(field("shadow")?)?,
+            client,
+            samples: samples.and_then(Result::ok).unwrap_or(0),
+            body,
         })
+    }
+
+    fn readable(
+        update: Option<Bound<'py, PyAny>>,
+        steps: Option<Bound<'py, PyAny>>,
+        shadow: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Body<'py>> {
+        let update = update.ok_or_else(|| {
+            raise(
+                "InputTypeError",
+                "the report carries no update".to_owned(),
+                |d| d.set_item("key", "update"),
+            )
+        })?;
+        let update = Held::extract(&update)?;
+        // Names, ranks and layout are checked here, per client, so that a bad
+        // array refuses its sender instead of failing the round.
+        update.source()?;
+        let steps = PySteps::extract(steps)?;
+        steps.views()?;
+        let shadow = PySteps::extract(shadow)?;
+        shadow.views()?;
+        Ok(Body::Readable {
+            update,
+            steps,
+            shadow,
+        })
+    }
+}
+
+/// `refused` as Python gives it: a reason string, or a `(code, detail)` pair.
+fn refusal_of(obj: &Bound<'_, PyAny>) -> PyResult<Refusal> {
+    if let Ok((code, detail)) = obj.extract::<(String, String)>() {
+        return Ok(Refusal { code, detail });
+    }
+    Ok(Refusal {
+        code: "refused".to_owned(),
+        detail: obj.str()?.extract()?,
+    })
+}
+
+/// A per-client extraction error as a refusal: the exception's class name
+/// is the code, its message the detail.
+fn refusal_from_error(py: Python<'_>, err: &PyErr) -> Refusal {
+    let code = err
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Error".to_owned());
+    Refusal {
+        code,
+        detail: err.value(py).to_string(),
+    }
+}
+
+/// The zero-copy views of one report (a refused one reads nothing).
+enum ReportView<'a> {
+    Readable(Source<'a>, StepViews<'a>, StepViews<'a>),
+    Refused(Refused<'a>),
+}
+
+impl<'a> ReportView<'a> {
+    fn of(report: &'a PyReport<'_>, global: &dyn TensorSource) -> PyResult<Self> {
+        Ok(match &report.body {
+            Body::Readable {
+                update,
+                steps,
+                shadow,
+            } => ReportView::Readable(update.source()?, steps.views()?, shadow.views()?),
+            Body::Refused(r) => ReportView::Refused(Refused::new(global, r)),
+        })
+    }
+
+    fn report<'r>(&'r self, client: &'r ClientId, samples: u64) -> ClientReport<'r> {
+        match self {
+            ReportView::Readable(update, steps, shadow) => {
+                ClientReport::new(client, update as &dyn TensorSource, samples)
+                    .with_steps(steps.report())
+                    .with_shadow(shadow.report())
+            }
+            ReportView::Refused(r) => ClientReport::new(client, r as &dyn TensorSource, samples),
+        }
     }
 }
 
@@ -204,6 +312,25 @@ fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
     Ok(policy)
 }
 
+/// A spec from a dict (its JSON form) or a file path.
+fn read_spec(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<DefenseSpec> {
+    if spec.is_instance_of::<PyDict>() {
+        let text: String = py
+            .import("json")?
+            .call_method1("dumps", (spec,))?
+            .extract()?;
+        return DefenseSpec::from_json(&text).py();
+    }
+    let path: std::path::PathBuf = spec.extract().map_err(|_| {
+        raise(
+            "InputTypeError",
+            "a defense spec is a dict or the path of a .toml / .json file".into(),
+            |_| Ok(()),
+        )
+    })?;
+    DefenseSpec::from_file(path).py()
+}
+
 /// One defended round runner: probe → detector level → safety gate → rule,
 /// keeping the detector's state across rounds.
 ///
@@ -215,6 +342,16 @@ fn admission(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Admission> {
 /// an Adapter), `samples`, and optional `steps` / `shadow`: a list of step
 /// adapters (verifiable: scored by the server, last one checked against the
 /// update) or a list of self-reported scores (unverifiable).
+///
+/// A report may instead carry `refused`: a reason string or a `(code,
+/// detail)` pair for a reply the caller could not use (a failed reply, a
+/// dropped node). A report whose arrays, steps or count cannot be read (a
+/// float64 array, a 3-D array, a non-LoRA name, a negative count) is refused
+/// the same way, with the exception's class as the code. A refused client is
+/// rejected by the round's own admission stage (`reason: "unreadable"` in the
+/// audit, with the refusal's text): factor 0 in the safety gate's mean, no
+/// detector update, no weight in the aggregate. Only a report without
+/// `client` raises.
 #[pyclass(module = "safe_fedllm._native")]
 pub struct DefendedRound {
     inner: CoreRound<LinearProbe, AnyDetector, BoxedRule>,
@@ -250,7 +387,7 @@ impl DefendedRound {
             })?),
         };
         let params = RoundParams::default()
-            .skip_avg_weight(skip_avg_weight)
+            .gate(SafetyGate::new(skip_avg_weight).py()?)
             .trail(trail)
             .admission(self::admission(admission)?)
             .accept_self_reported(accept_self_reported);
@@ -261,6 +398,41 @@ impl DefendedRound {
         )
         .with_params(params)
         .py()?;
+        if let Some(base) = shadow_base {
+            let held = Held::extract(base)?;
+            let view = held.source()?;
+            let base = py.detach(|| view.to_adapter()).py()?;
+            inner = inner
+                .with_shadow(ShadowBranch::with_learning_rate(base, shadow_learning_rate).py()?);
+        }
+        Ok(DefendedRound { inner })
+    }
+
+    /// The round a defense spec describes: a dict (the spec's JSON form) or
+    /// the path of a spec file (TOML or JSON). The spec's probe is loaded
+    /// unless `probe` is given (for a spec that names none). Misspelt keys
+    /// and out-of-range values raise `SpecError` (`key`, `reason`,
+    /// `suggestion`). Every audit line records the spec's SHA-256.
+    ///
+    /// >>> rnd = DefendedRound.from_spec({"detector": {"level": "client"}}, probe=probe)
+    /// >>> rnd = DefendedRound.from_spec("defense.toml")
+    #[staticmethod]
+    #[pyo3(signature = (spec, *, probe = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    fn from_spec(
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        probe: Option<&Probe>,
+        shadow_base: Option<&Bound<'_, PyAny>>,
+        shadow_learning_rate: f64,
+    ) -> PyResult<Self> {
+        let spec = read_spec(py, spec)?;
+        let valid = spec.check().py()?;
+        let core = match probe {
+            Some(p) => CoreRound::from_spec_with_probe(&valid, p.inner.clone()),
+            None => CoreRound::from_spec(&valid),
+        }
+        .py()?;
+        let mut inner = core.map_aggregator(|a| Box::new(a) as BoxedRule);
         if let Some(base) = shadow_base {
             let held = Held::extract(base)?;
             let view = held.source()?;
@@ -290,7 +462,7 @@ impl DefendedRound {
         let global_view = global.source()?;
         let views = items
             .iter()
-            .map(|r| Ok((r.update.source()?, r.steps.views()?, r.shadow.views()?)))
+            .map(|r| ReportView::of(r, &global_view))
             .collect::<PyResult<Vec<_>>>()?;
         let meta: Vec<(ClientId, u64)> = items
             .iter()
@@ -305,11 +477,7 @@ impl DefendedRound {
                 let reports: Vec<ClientReport<'_>> = meta
                     .iter()
                     .zip(&views)
-                    .map(|((client, samples), (update, steps, shadow))| {
-                        ClientReport::new(client, update as &dyn TensorSource, *samples)
-                            .with_steps(steps.report())
-                            .with_shadow(shadow.report())
-                    })
+                    .map(|((client, samples), view)| view.report(client, *samples))
                     .collect();
                 inner.run(round, &global, &reports)
             })

@@ -43,8 +43,10 @@ def entry_points(probe, global_arrays):
         "Probe.score": lambda a: probe.score(a),
         "Probe.score_update": lambda a: probe.score_update(a, global_arrays),
         "Aggregator.aggregate": lambda a: sf.Aggregator("fedavg").aggregate(global_arrays, [("c", a, 10, 1.0)]),
+        # The server's own global is checked strictly; a client's update is
+        # refused instead (test_round_refuses_unreadable_client_updates).
         "DefendedRound.run": lambda a: sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg")).run(
-            0, global_arrays, [{"client": "c", "update": a, "samples": 10}]),
+            0, a, [{"client": "c", "update": global_arrays, "samples": 10}]),
         "FeatureSpec.fit": lambda a: sf.FeatureSpec.fit([a]),
         "Probe.train": lambda a: sf.Probe.train([a, global_arrays], [True, False]),
     }
@@ -84,6 +86,66 @@ def test_non_2d_is_a_shape_error(name, probe, global_arrays):
         call(with_(global_arrays, QB0, global_arrays[QB0].reshape(-1)))
     assert info.value.key == QB0
     assert info.value.kind == "not_a_matrix"
+
+
+def _refused_round(probe, global_arrays, rng, bad_report):
+    """Four benign clients and one bad report through DefendedRound.run."""
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), skip_avg_weight=0.2)
+    benign = [client_update(global_arrays, rng, False) for _ in range(4)]
+    reports = [{"client": f"b{i}", "update": u, "samples": 10} for i, u in enumerate(benign)]
+    out = rnd.run(0, global_arrays, reports + [{"client": "bad", **bad_report}])
+    return out, benign
+
+
+@pytest.mark.parametrize("attack", ["float64", "fortran", "strided", "one_d", "not_lora", "negative_samples",
+                                    "float_samples", "no_samples", "no_update", "bad_steps", "refused"])
+def test_round_refuses_unreadable_client_updates(attack, probe, global_arrays, rng):
+    update = dict(client_update(global_arrays, rng, False))
+    report: dict = {"update": update, "samples": 10}
+    if attack == "float64":
+        update[QB0] = update[QB0].astype(np.float64)
+    elif attack == "fortran":
+        update[QB0] = np.asfortranarray(update[QB0])
+    elif attack == "strided":
+        update[QB0] = np.zeros((update[QB0].shape[0], 2 * update[QB0].shape[1]), np.float32)[:, ::2]
+    elif attack == "one_d":
+        update[QB0] = update[QB0].reshape(-1)
+    elif attack == "not_lora":
+        update["model.embed_tokens.weight"] = np.zeros((2, 2), np.float32)
+    elif attack == "negative_samples":
+        report["samples"] = -3
+    elif attack == "float_samples":
+        report["samples"] = 2.5
+    elif attack == "no_samples":
+        del report["samples"]
+    elif attack == "no_update":
+        del report["update"]
+    elif attack == "bad_steps":
+        report["steps"] = [{QB0: update[QB0].astype(np.float64)}]
+    elif attack == "refused":
+        report = {"refused": ("dropped", "no reply")}
+    out, benign = _refused_round(probe, global_arrays, rng, report)
+    bad = next(c for c in out["clients"] if c["client"] == "bad")
+    # Rejected by the round's own admission stage: factor 0, not aggregated,
+    # counted in the gate's mean (5 reports, 4 factors of about 1).
+    assert bad["admission"]["status"] == "rejected" and bad["admission"]["reason"] == "unreadable"
+    assert bad["disposition"] == "rejected" and bad["factor"] == 0.0 and bad["aggregation_weight"] is None
+    assert "reply" in bad["admission"]["error"]
+    assert out["mean_factor"] <= 4 / 5 + 1e-9 and not out["skipped"]
+    mean = {k: np.mean([u[k] for u in benign], axis=0) for k in global_arrays}
+    for k in global_arrays:
+        assert np.abs(out["new_global"][k] - mean[k]).max() < 5e-3  # factor-weighted benign mean
+    if attack == "refused":
+        assert "dropped" in bad["admission"]["error"] and "no reply" in bad["admission"]["error"]
+
+
+def test_refused_reports_count_zero_in_the_gate(probe, global_arrays, rng):
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), skip_avg_weight=0.2)
+    refused = [{"client": f"r{i}", "refused": "float64"} for i in range(5)]
+    reports = [{"client": "ok", "update": client_update(global_arrays, rng, False), "samples": 10},
+               {"client": "evil", "update": client_update(global_arrays, rng, True), "samples": 10}]
+    out = rnd.run(0, global_arrays, refused + reports)
+    assert out["mean_factor"] < 0.2 and out["skipped"] and out["new_global"] is None
 
 
 def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
@@ -270,7 +332,7 @@ def test_heavy_work_releases_the_gil(probe, global_arrays):
 @pytest.mark.parametrize("level", ["step", "client", "shadow", "evidence"])
 def test_every_level_assesses_and_checkpoints(level):
     d = sf.Detector(level)
-    assert d.level == level and d.threshold == pytest.approx(0.8)
+    assert d.level == level
     kwargs = {
         "step": dict(steps=[0.9] * 10),
         "client": dict(last_score=0.99),
@@ -289,12 +351,18 @@ def test_every_level_assesses_and_checkpoints(level):
 
 
 def test_detector_settings_are_validated():
-    d = sf.Detector("client", threshold=0.9, active_rounds=None, missing_score="benign")
-    assert d.threshold == pytest.approx(0.9)
+    d = sf.Detector("client", active_rounds=None, missing_score="benign")
+    # τ is the probe's, given with the scores: the same score flips verdict with it.
+    assert d.assess(0, "a", 16, last_score=0.85, threshold=0.9)["verdict"] == "benign"
+    assert d.assess(1, "a", 16, last_score=0.85, threshold=0.8)["verdict"] == "malicious"
     assert sf.Detector("evidence", eta=3.0, evidence_min=2).level == "evidence"
     with pytest.raises(sf.InvalidParameterError) as info:
-        sf.Detector("step", threshold=1.5)
-    assert info.value.param == "threshold"
+        sf.Detector("step", threshold=0.5)  # not a level setting: the probe carries τ
+    with pytest.raises(sf.InvalidEvidenceError):
+        d.assess(2, "a", 16, last_score=0.5, threshold=1.5)
+    with pytest.raises(sf.InvalidParameterError) as info:
+        sf.Detector("step", decay=1.5)
+    assert info.value.param == "decay"
     with pytest.raises(sf.InvalidParameterError):
         sf.Detector("client", eta=7.0)  # not a client-level setting
     with pytest.raises(sf.InvalidParameterError):

@@ -44,6 +44,7 @@ pub struct SafetyGate {
 
 /// The serialised form, validated on the way in.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSafetyGate {
     threshold: f64,
 }

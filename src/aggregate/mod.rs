@@ -148,6 +148,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::lora::{LoraAdapter, TensorSource};
 
+mod any;
 mod bulyan;
 mod clipping;
 mod coordinate;
@@ -164,6 +165,7 @@ mod linalg;
 mod round;
 mod simd;
 
+pub use any::{AggregatorSpec, AnyAggregator, ClipBoundName, ClipBoundSpec, KrumVariantName};
 pub use bulyan::Bulyan;
 pub use clipping::{ClipBound, NormClipping};
 pub use coordinate::{CoordinateMedian, Trim, TrimmedMean};
@@ -236,6 +238,7 @@ impl<'a> ClientUpdate<'a> {
 
 /// How a rule whose last step is a mean weighs the clients it kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Weighting {
     /// Every kept client counts the same (the robust rules' papers). Default
     /// for every rule except [`FedAvg`].
@@ -455,7 +458,7 @@ pub enum ExclusionReason {
 /// assert_eq!(round.new_global().unwrap().get(key).unwrap().as_slice(), [2.0, -2.0]);
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
-pub trait Aggregator {
+pub trait Aggregator: Send + Sync {
     /// Short rule name for reports and errors (`"fedavg"`, `"krum"`, …).
     fn name(&self) -> &'static str;
 

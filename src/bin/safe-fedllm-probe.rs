@@ -10,6 +10,8 @@
 //!     [--sketch-dim K [--sketch-seed S]] [--early-stopping]
 //! safe-fedllm-probe score --probe probe.safetensors [--base round0.safetensors] [--zero-fill] FILE...
 //! safe-fedllm-probe eval  --probe probe.safetensors --manifest test.jsonl [--threshold T] [--zero-fill]
+//! safe-fedllm-probe round --spec defense.toml --global global.safetensors [--probe P]
+//!     [--round N] [--header] [--out new_global.safetensors] CLIENT=FILE:SAMPLES...
 //! ```
 //!
 //! `score` and `eval` refuse a file that lacks a tensor the probe reads, as
@@ -37,6 +39,9 @@ use safe_fedllm::probe::{
     ProbeBuilder, SketchConfig, Threshold,
 };
 use serde_json::{Value, json};
+
+#[path = "safe-fedllm-probe/round.rs"]
+mod round;
 
 const MANIFEST_HELP: &str = "\
 MANIFEST FORMAT (JSON lines, one labelled sample per line; blank lines skipped):
@@ -81,6 +86,9 @@ enum Command {
     /// recall at τ, ROC AUC, ECE and Brier score.
     #[command(after_long_help = MANIFEST_HELP)]
     Eval(EvalArgs),
+    /// Run one defended round from a defense spec and uploads: prints the audit line.
+    #[command(long_about = round::ROUND_ABOUT)]
+    Round(round::RoundArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -458,6 +466,13 @@ fn main() -> ExitCode {
         Command::Eval(args) => match eval(&args) {
             Ok(metrics) => {
                 emit(&format!("{metrics}\n"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail("run", &e.to_string(), 1),
+        },
+        Command::Round(args) => match round::round(&args) {
+            Ok(lines) => {
+                lines.iter().for_each(|line| emit(&format!("{line}\n")));
                 ExitCode::SUCCESS
             }
             Err(e) => fail("run", &e.to_string(), 1),

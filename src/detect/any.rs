@@ -71,10 +71,6 @@ impl Detector for AnyDetector {
         self.inner().level()
     }
 
-    fn threshold(&self) -> f64 {
-        self.inner().threshold()
-    }
-
     fn assess(
         &mut self,
         round: u32,

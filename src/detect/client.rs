@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_PIVOT, DEFAULT_STEEPNESS,
-    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_finite,
-    check_state, check_unit, invalid_param,
+    DefenseLevel, Detector, MissingEvidence, Verdict, check_positive_finite, check_state,
+    check_unit, invalid_param,
 };
 use crate::error::{Error, Result};
 
@@ -18,15 +18,14 @@ use crate::error::{Error, Result};
 /// |---|---|---|
 /// | [`steepness`](Self::steepness) k | 10 | `k = 10.0` |
 /// | [`pivot`](Self::pivot) | 0.8 | the `0.8` in the piecewise sigmoid |
-/// | [`threshold`](Self::threshold) τ | 0.8 | `prefilter_threshold` (verdict only) |
 /// | [`active_rounds`](Self::active_rounds) R | `Some(20)` | `prefilter_round` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`missing_score`](Self::missing_score) | [`MissingEvidence::Malicious`] | missing → s = 1 |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientLevelParams {
     steepness: f64,
     pivot: f64,
-    threshold: f64,
     active_rounds: Option<u32>,
     min_weight: f64,
     missing_score: MissingEvidence,
@@ -37,7 +36,6 @@ impl Default for ClientLevelParams {
         ClientLevelParams {
             steepness: DEFAULT_STEEPNESS,
             pivot: DEFAULT_PIVOT,
-            threshold: DEFAULT_THRESHOLD,
             active_rounds: Some(DEFAULT_ACTIVE_ROUNDS),
             min_weight: 0.0,
             missing_score: MissingEvidence::Malicious,
@@ -57,12 +55,6 @@ impl ClientLevelParams {
     /// scores above into [0.5, 1].
     pub fn pivot(mut self, pivot: f64) -> Self {
         self.pivot = pivot;
-        self
-    }
-
-    /// Threshold τ ∈ [0, 1] for the *verdict* only (the factor uses the pivot).
-    pub fn threshold(mut self, threshold: f64) -> Self {
-        self.threshold = threshold;
         self
     }
 
@@ -97,7 +89,6 @@ impl ClientLevelParams {
                 "a number in (0, 1)",
             ));
         }
-        check_unit("client level", "threshold", self.threshold)?;
         check_unit("client level", "min_weight", self.min_weight)
     }
 
@@ -222,10 +213,6 @@ impl Detector for ClientLevel {
         DefenseLevel::Client
     }
 
-    fn threshold(&self) -> f64 {
-        self.params.threshold
-    }
-
     fn assess(
         &mut self,
         round: u32,
@@ -264,7 +251,7 @@ impl Detector for ClientLevel {
         let n = state.rounds as f64;
         state.mean = (state.mean * n + raw) / (n + 1.0);
         state.rounds = state.rounds.saturating_add(1);
-        let verdict = if score >= p.threshold {
+        let verdict = if evidence.is_harmful(score) {
             Verdict::Malicious
         } else {
             Verdict::Benign

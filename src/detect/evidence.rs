@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::ClientId;
 use crate::error::{Error, Result};
+use crate::probe::DEFAULT_THRESHOLD;
 
 /// One client's probe evidence for one round.
 ///
@@ -26,15 +27,24 @@ use crate::error::{Error, Result};
 /// override the last score with [`with_last_step_score`](Self::with_last_step_score)
 /// and [`with_shadow_last_score`](Self::with_shadow_last_score).
 ///
-/// Absent fields deserialise to their defaults (no scores, 0 samples).
+/// Absent fields deserialise to their defaults (no scores, 0 samples, the
+/// default threshold).
+///
+/// **One threshold.** `threshold` is the τ of the probe that produced the
+/// scores: a score ≥ τ is harmful. The levels carry no τ of their own, so a
+/// probe calibrated for a target false-positive rate, or refreshed, decides
+/// every level's verdicts; [`DefendedRound`](crate::round::DefendedRound)
+/// sets it from [`Probe::threshold`](crate::probe::Probe::threshold).
 ///
 /// Which of these evidence fields the server can verify is discussed in the
 /// [`trail`](crate::round::trail) module.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClientEvidence {
     /// Samples the client trained on this round (`len(sub_dataset)`).
     pub samples: u64,
+    /// τ of the probe that scored this evidence: a score ≥ τ is harmful.
+    pub threshold: f32,
     /// Probe score of every main-branch local step, in order.
     pub step_scores: Vec<f32>,
     /// Probe score of the final main-branch step, when known.
@@ -45,13 +55,38 @@ pub struct ClientEvidence {
     pub shadow_last_score: Option<f32>,
 }
 
+impl Default for ClientEvidence {
+    fn default() -> Self {
+        ClientEvidence {
+            samples: 0,
+            threshold: DEFAULT_THRESHOLD,
+            step_scores: Vec::new(),
+            last_step_score: None,
+            shadow_scores: Vec::new(),
+            shadow_last_score: None,
+        }
+    }
+}
+
 impl ClientEvidence {
-    /// Evidence with a sample count and no scores at all.
+    /// Evidence with a sample count, no scores at all and the
+    /// [`DEFAULT_THRESHOLD`].
     pub fn new(samples: u64) -> Self {
         ClientEvidence {
             samples,
             ..Self::default()
         }
+    }
+
+    /// Sets τ, the threshold of the probe that produced the scores.
+    pub fn with_threshold(mut self, threshold: f32) -> Self {
+        self.threshold = threshold;
+        self
+    }
+
+    /// True when `score` is harmful under this evidence's τ.
+    pub fn is_harmful(&self, score: f64) -> bool {
+        score >= f64::from(self.threshold)
     }
 
     /// Sets the main-branch step scores; the last one becomes the last-step score.
@@ -81,11 +116,19 @@ impl ClientEvidence {
         self
     }
 
-    /// Fails with [`Error::InvalidEvidence`] on the first non-finite score.
+    /// Fails with [`Error::InvalidEvidence`] on a threshold outside [0, 1]
+    /// or the first non-finite score.
     ///
     /// Scores outside [0, 1] but finite are accepted: the levels clamp them
     /// exactly as the reference does.
     pub fn validate(&self, round: u32, client: &ClientId) -> Result<()> {
+        if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) {
+            return Err(invalid(
+                round,
+                client,
+                format!("threshold τ = {} is not in [0, 1]", self.threshold),
+            ));
+        }
         let lists = [
             ("step", self.step_scores.as_slice()),
             ("shadow step", self.shadow_scores.as_slice()),

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 /// `min_weight` and the missing-shadow-steps policy are the shadow
 /// settings' ([`ShadowLevelParams::min_weight`], [`ShadowLevelParams::missing_steps`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvidenceLevelParams {
     shadow: ShadowLevelParams,
     evidence_min: usize,
@@ -44,7 +45,7 @@ impl Default for EvidenceLevelParams {
 
 impl EvidenceLevelParams {
     /// The shadow-level settings used for the per-round factor (η, batch,
-    /// grad-accum, τ — also the verdict threshold —, `min_weight`, missing
+    /// grad-accum, `min_weight`, missing
     /// shadow steps).
     pub fn shadow(mut self, shadow: ShadowLevelParams) -> Self {
         self.shadow = shadow;
@@ -249,12 +250,9 @@ impl EvidenceLevel {
 
     /// This round's verdict from the last shadow score: true = malicious.
     fn last_is_malicious(&self, evidence: &ClientEvidence) -> (bool, String) {
-        let tau = self.params.shadow.threshold;
+        let tau = evidence.threshold;
         match evidence.shadow_last_score {
-            Some(s) => (
-                f64::from(s) >= tau,
-                format!("last shadow score {s:.6} vs τ = {tau}"),
-            ),
+            Some(s) => (s >= tau, format!("last shadow score {s:.6} vs τ = {tau}")),
             None => (
                 self.params.missing_last_score == MissingEvidence::Malicious,
                 format!(
@@ -345,10 +343,6 @@ impl EvidenceLevel {
 impl Detector for EvidenceLevel {
     fn level(&self) -> DefenseLevel {
         DefenseLevel::Evidence
-    }
-
-    fn threshold(&self) -> f64 {
-        self.params.shadow.threshold
     }
 
     fn assess(

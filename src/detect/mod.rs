@@ -70,7 +70,7 @@ pub use step::{StepLevel, StepLevelParams};
 pub(crate) fn branch_counts(
     counting: SampleCounting,
     scores: &[f32],
-    threshold: f64,
+    threshold: f32,
     samples_per_step: u64,
     declared: u64,
     policy: MissingEvidence,
@@ -135,8 +135,6 @@ impl BranchCounts {
 
 /// Reference decay γ of the step-level Beta trust.
 pub const DEFAULT_DECAY: f64 = 0.95;
-/// Reference decision threshold τ: a score ≥ τ is harmful.
-pub const DEFAULT_THRESHOLD: f64 = 0.8;
 /// Reference number of rounds R during which step- and client-level update.
 pub const DEFAULT_ACTIVE_ROUNDS: u32 = 20;
 /// Reference per-device batch size (samples per step = batch × grad-accum).
@@ -156,8 +154,6 @@ pub const DEFAULT_EVIDENCE_MIN: usize = 3;
 pub const DEFAULT_AUDIT_INTERVAL: u32 = 5;
 /// Reference learning rate of the shadow branch.
 pub const DEFAULT_SHADOW_LEARNING_RATE: f64 = 5e-5;
-/// Reference safety gate: skip the round when the mean factor is below this.
-pub const DEFAULT_SKIP_AVG_WEIGHT: f64 = 0.2;
 
 pub use crate::client::ClientId;
 
@@ -287,8 +283,7 @@ impl Assessment {
 /// [`Detector::assess`] once per participating client per round, in any
 /// client order: the state of one client never influences another's factor.
 ///
-/// An outside detector only needs [`Detector::assess`] (plus its level and
-/// threshold); [`DefendedRound`](crate::round::DefendedRound) runs it like the
+/// An outside detector only needs [`Detector::assess`] (plus its level); [`DefendedRound`](crate::round::DefendedRound) runs it like the
 /// built-in levels:
 ///
 /// ```
@@ -303,9 +298,6 @@ impl Assessment {
 ///     fn level(&self) -> DefenseLevel {
 ///         DefenseLevel::Client
 ///     }
-///     fn threshold(&self) -> f64 {
-///         0.8
-///     }
 ///     fn assess(
 ///         &mut self,
 ///         _round: u32,
@@ -314,7 +306,8 @@ impl Assessment {
 ///     ) -> safe_fedllm::Result<Assessment> {
 ///         // A missing score counts as malicious (the safe choice).
 ///         let s = f64::from(evidence.last_step_score.unwrap_or(1.0)).clamp(0.0, 1.0);
-///         let verdict = if s >= self.threshold() { Verdict::Malicious } else { Verdict::Benign };
+///         // τ is the probe's, carried by the evidence.
+///         let verdict = if evidence.is_harmful(s) { Verdict::Malicious } else { Verdict::Benign };
 ///         Ok(Assessment { factor: 1.0 - s, verdict, reason: format!("1 - s, s = {s}") })
 ///     }
 /// }
@@ -331,9 +324,6 @@ impl Assessment {
 pub trait Detector: Send + Sync {
     /// The level this detector implements.
     fn level(&self) -> DefenseLevel;
-
-    /// Decision threshold τ the detector uses to call a score harmful.
-    fn threshold(&self) -> f64;
 
     /// Assesses `client` in `round` from its evidence, updating its state.
     ///
@@ -372,11 +362,8 @@ pub fn harmful_samples(harmful_steps: usize, samples_per_step: u64, samples: u64
 }
 
 /// Number of scores at or above `threshold`.
-fn count_harmful(scores: &[f32], threshold: f64) -> usize {
-    scores
-        .iter()
-        .filter(|&&s| f64::from(s) >= threshold)
-        .count()
+fn count_harmful(scores: &[f32], threshold: f32) -> usize {
+    scores.iter().filter(|&&s| s >= threshold).count()
 }
 
 fn invalid_param(

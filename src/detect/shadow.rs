@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_BATCH_SIZE, DEFAULT_ETA, DEFAULT_GRAD_ACCUM,
-    DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence, SampleCounting, Verdict,
-    branch_counts, check_positive_finite, check_positive_int, check_unit,
+    DefenseLevel, Detector, MissingEvidence, SampleCounting, Verdict, branch_counts,
+    check_positive_finite, check_positive_int, check_unit,
 };
 use crate::error::{Error, Result};
 
@@ -17,15 +17,14 @@ use crate::error::{Error, Result};
 /// | [`eta`](Self::eta) η | 7 | `(1.0 - r) ** 7` |
 /// | [`batch_size`](Self::batch_size) | 16 | `batch_size` |
 /// | [`grad_accum`](Self::grad_accum) | 1 | `gradient_accumulation_steps` |
-/// | [`threshold`](Self::threshold) τ | 0.8 | `prefilter_threshold` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::Benign`] | no harmful step recorded → r = 0 |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ShadowLevelParams {
     pub(crate) eta: f64,
     pub(crate) batch_size: u64,
     pub(crate) grad_accum: u64,
-    pub(crate) threshold: f64,
     pub(crate) min_weight: f64,
     pub(crate) missing_steps: MissingEvidence,
     #[serde(default)]
@@ -38,7 +37,6 @@ impl Default for ShadowLevelParams {
             eta: DEFAULT_ETA,
             batch_size: DEFAULT_BATCH_SIZE,
             grad_accum: DEFAULT_GRAD_ACCUM,
-            threshold: DEFAULT_THRESHOLD,
             min_weight: 0.0,
             missing_steps: MissingEvidence::Benign,
             counting: SampleCounting::Steps,
@@ -63,12 +61,6 @@ impl ShadowLevelParams {
     /// Gradient-accumulation steps (≥ 1).
     pub fn grad_accum(mut self, grad_accum: u64) -> Self {
         self.grad_accum = grad_accum;
-        self
-    }
-
-    /// Threshold τ ∈ [0, 1]: a shadow step with score ≥ τ is harmful.
-    pub fn threshold(mut self, threshold: f64) -> Self {
-        self.threshold = threshold;
         self
     }
 
@@ -99,7 +91,6 @@ impl ShadowLevelParams {
         check_positive_finite("shadow level", "eta", self.eta)?;
         check_positive_int("shadow level", "batch_size", self.batch_size)?;
         check_positive_int("shadow level", "grad_accum", self.grad_accum)?;
-        check_unit("shadow level", "threshold", self.threshold)?;
         check_unit("shadow level", "min_weight", self.min_weight)
     }
 
@@ -116,7 +107,7 @@ impl ShadowLevelParams {
         let counts = branch_counts(
             self.counting,
             &evidence.shadow_scores,
-            self.threshold,
+            evidence.threshold,
             per_step,
             evidence.samples,
             self.missing_steps,
@@ -225,10 +216,6 @@ impl ShadowLevel {
 impl Detector for ShadowLevel {
     fn level(&self) -> DefenseLevel {
         DefenseLevel::Shadow
-    }
-
-    fn threshold(&self) -> f64 {
-        self.params.threshold
     }
 
     fn assess(

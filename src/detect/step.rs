@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, BranchCounts, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE,
-    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DEFAULT_THRESHOLD, DefenseLevel, Detector, MissingEvidence,
-    SampleCounting, Verdict, apply_min_weight, branch_counts, check_positive_int, check_state,
-    check_unit, invalid_param,
+    DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DefenseLevel, Detector, MissingEvidence, SampleCounting,
+    Verdict, apply_min_weight, branch_counts, check_positive_int, check_state, check_unit,
+    invalid_param,
 };
 use crate::error::{Error, Result};
 
@@ -19,17 +19,16 @@ use crate::error::{Error, Result};
 /// | [`decay`](Self::decay) γ | 0.95 | `time_decay_factor` |
 /// | [`batch_size`](Self::batch_size) | 16 | `batch_size` |
 /// | [`grad_accum`](Self::grad_accum) | 1 | `gradient_accumulation_steps` |
-/// | [`threshold`](Self::threshold) τ | 0.8 | `prefilter_threshold` |
 /// | [`active_rounds`](Self::active_rounds) R | `Some(20)` | `prefilter_round` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`prior`](Self::prior) (α₀, β₀) | (1, 1) | initial `alpha_beta` |
 /// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::Benign`] | (no harmful step recorded) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StepLevelParams {
     decay: f64,
     batch_size: u64,
     grad_accum: u64,
-    threshold: f64,
     active_rounds: Option<u32>,
     min_weight: f64,
     prior: (f64, f64),
@@ -44,7 +43,6 @@ impl Default for StepLevelParams {
             decay: DEFAULT_DECAY,
             batch_size: DEFAULT_BATCH_SIZE,
             grad_accum: DEFAULT_GRAD_ACCUM,
-            threshold: DEFAULT_THRESHOLD,
             active_rounds: Some(DEFAULT_ACTIVE_ROUNDS),
             min_weight: 0.0,
             prior: (1.0, 1.0),
@@ -73,12 +71,6 @@ impl StepLevelParams {
     /// Gradient-accumulation steps (≥ 1).
     pub fn grad_accum(mut self, grad_accum: u64) -> Self {
         self.grad_accum = grad_accum;
-        self
-    }
-
-    /// Threshold τ ∈ [0, 1]: a step with score ≥ τ is harmful.
-    pub fn threshold(mut self, threshold: f64) -> Self {
-        self.threshold = threshold;
         self
     }
 
@@ -123,7 +115,6 @@ impl StepLevelParams {
         check_unit("step level", "decay", self.decay)?;
         check_positive_int("step level", "batch_size", self.batch_size)?;
         check_positive_int("step level", "grad_accum", self.grad_accum)?;
-        check_unit("step level", "threshold", self.threshold)?;
         check_unit("step level", "min_weight", self.min_weight)?;
         let (a, b) = self.prior;
         if !(a.is_finite() && b.is_finite() && a >= 0.0 && b >= 0.0) {
@@ -284,10 +275,6 @@ impl Detector for StepLevel {
         DefenseLevel::Step
     }
 
-    fn threshold(&self) -> f64 {
-        self.params.threshold
-    }
-
     fn assess(
         &mut self,
         round: u32,
@@ -303,7 +290,7 @@ impl Detector for StepLevel {
         let counts = branch_counts(
             p.counting,
             &evidence.step_scores,
-            p.threshold,
+            evidence.threshold,
             p.samples_per_step(),
             samples,
             p.missing_steps,
@@ -343,7 +330,7 @@ impl Detector for StepLevel {
                 "{harmful_steps}/{} steps scored ≥ {}: {harmful} harmful, {benign} benign samples \
                  ({:?} counting); Beta trust α={:.4} β={:.4}",
                 evidence.step_scores.len(),
-                p.threshold,
+                evidence.threshold,
                 p.counting,
                 state.alpha,
                 state.beta
@@ -366,7 +353,6 @@ mod tests {
         let p = StepLevelParams::default();
         assert_eq!(p.decay, 0.95);
         assert_eq!(p.samples_per_step(), 16);
-        assert_eq!(p.threshold, 0.8);
         assert_eq!(p.active_rounds, Some(20));
         assert_eq!(p.min_weight, 0.0);
         assert_eq!(p.prior, (1.0, 1.0));
@@ -439,7 +425,6 @@ mod tests {
             (StepLevel::params().decay(f64::NAN), "decay"),
             (StepLevel::params().batch_size(0), "batch_size"),
             (StepLevel::params().grad_accum(0), "grad_accum"),
-            (StepLevel::params().threshold(-0.1), "threshold"),
             (StepLevel::params().min_weight(2.0), "min_weight"),
             (StepLevel::params().prior(-1.0, 1.0), "prior"),
         ];

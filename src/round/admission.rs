@@ -143,6 +143,7 @@ pub enum OverBound {
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Admission {
     samples: SamplePolicy,
     norm_bound: NormBound,

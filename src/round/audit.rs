@@ -112,6 +112,12 @@ pub struct RoundOutcome {
     pub mean_factor: f64,
     /// The safety gate's threshold.
     pub skip_avg_weight: f64,
+    /// τ of the probe every level decided with this round.
+    pub threshold: f32,
+    /// SHA-256 of the [`DefenseSpec`](crate::round::DefenseSpec) the round
+    /// was built from, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_sha256: Option<String>,
     /// True when the global adapter stays unchanged.
     pub skipped: bool,
     /// Why the round was skipped.

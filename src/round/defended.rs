@@ -7,13 +7,16 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
-use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, SkipReason};
-use crate::detect::{ClientEvidence, DEFAULT_SKIP_AVG_WEIGHT, DefenseLevel, Detector, Verdict};
+use crate::aggregate::{
+    Aggregation, Aggregator, AnyAggregator, ClientUpdate, SafetyGate, SkipReason,
+};
+use crate::detect::{AnyDetector, ClientEvidence, DefenseLevel, Detector, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
-use crate::probe::Probe;
+use crate::probe::{LinearProbe, Probe};
 use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection};
 use crate::round::audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
+use crate::round::spec::ValidDefense;
 use crate::round::steps::{ShadowBranch, score_step, score_steps};
 use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
 
@@ -180,13 +183,13 @@ pub fn borrow_reports(reports: &[OwnedReport]) -> Vec<ClientReport<'_>> {
 ///
 /// | setting | default | reference |
 /// |---|---|---|
-/// | [`skip_avg_weight`](Self::skip_avg_weight) | 0.2 | `prefilter_skip_avg_weight` |
+/// | [`gate`](Self::gate) | [`SafetyGate::default`] (0.2) | `prefilter_skip_avg_weight` |
 /// | [`trail`](Self::trail) | [`TrailCheck::Exact`] | (none: the reference trusts its own files) |
 /// | [`admission`](Self::admission) | [`Admission::default`] (fails closed) | [`Admission::reference`] |
 /// | [`accept_self_reported`](Self::accept_self_reported) | `false` | (the reference's clients compute nothing) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundParams {
-    skip_avg_weight: f64,
+    gate: SafetyGate,
     trail: TrailCheck,
     admission: Admission,
     #[serde(default)]
@@ -196,7 +199,7 @@ pub struct RoundParams {
 impl Default for RoundParams {
     fn default() -> Self {
         RoundParams {
-            skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
+            gate: SafetyGate::default(),
             trail: TrailCheck::Exact,
             admission: Admission::default(),
             accept_self_reported: false,
@@ -206,10 +209,9 @@ impl Default for RoundParams {
 
 impl RoundParams {
     /// The safety gate: skip the round (global adapter unchanged) when the
-    /// mean factor over the round's clients is *below* this value ∈ [0, 1].
-    /// A mean exactly at the threshold is applied; 0 never skips.
-    pub fn skip_avg_weight(mut self, threshold: f64) -> Self {
-        self.skip_avg_weight = threshold;
+    /// mean factor over the round's clients is *below* its threshold.
+    pub fn gate(mut self, gate: SafetyGate) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -239,16 +241,16 @@ impl RoundParams {
     /// check, [`Admission::reference`]. **Unsafe against lying clients.**
     pub fn reference() -> Self {
         RoundParams {
-            skip_avg_weight: DEFAULT_SKIP_AVG_WEIGHT,
+            gate: SafetyGate::default(),
             trail: TrailCheck::Off,
             admission: Admission::reference(),
             accept_self_reported: true,
         }
     }
 
-    /// The gate's threshold.
-    pub fn gate_threshold(&self) -> f64 {
-        self.skip_avg_weight
+    /// The safety gate.
+    pub fn safety_gate(&self) -> SafetyGate {
+        self.gate
     }
 
     /// The admission policy.
@@ -258,7 +260,6 @@ impl RoundParams {
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
-        SafetyGate::new(self.skip_avg_weight)?;
         if let TrailCheck::MaxAbs(t) = self.trail
             && !(t.is_finite() && t >= 0.0)
         {
@@ -339,6 +340,7 @@ pub struct DefendedRound<P, D, A> {
     aggregator: A,
     params: RoundParams,
     shadow: Option<ShadowBranch>,
+    spec_sha256: Option<String>,
 }
 
 /// What the probe stage produced for one admitted client.
@@ -362,6 +364,46 @@ struct Staged {
     scored: Scored,
 }
 
+impl DefendedRound<LinearProbe, AnyDetector, AnyAggregator> {
+    /// The round a checked [`DefenseSpec`](crate::round::DefenseSpec)
+    /// describes, with the probe it names (loaded from its path or built
+    /// inline, with the spec's τ if it sets one). Every audit line records
+    /// the spec's hash.
+    ///
+    /// ```
+    /// use safe_fedllm::round::{DefendedRound, DefenseSpec};
+    ///
+    /// let spec = DefenseSpec::from_json(r#"{"probe": {"path": "no-such-probe.safetensors"}}"#)?;
+    /// let valid = spec.check()?;
+    /// assert!(DefendedRound::from_spec(&valid).is_err()); // the file is missing: a typed error
+    /// # Ok::<(), safe_fedllm::Error>(())
+    /// ```
+    pub fn from_spec(spec: &ValidDefense) -> Result<Self> {
+        let probe = spec.load_probe()?;
+        Ok(Self::assemble(spec, probe))
+    }
+
+    /// The round a checked spec describes, with a probe the caller holds
+    /// (for specs that name none, such as the presets). The spec's τ, if it
+    /// sets one, replaces the probe's.
+    pub fn from_spec_with_probe(spec: &ValidDefense, probe: LinearProbe) -> Result<Self> {
+        let probe = spec.given_probe(probe)?;
+        Ok(Self::assemble(spec, probe))
+    }
+
+    fn assemble(spec: &ValidDefense, probe: LinearProbe) -> Self {
+        let (detector, aggregator, params) = spec.parts();
+        DefendedRound {
+            probe,
+            detector,
+            aggregator,
+            params,
+            shadow: None,
+            spec_sha256: Some(spec.sha256().to_owned()),
+        }
+    }
+}
+
 impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     /// A round with the safe default settings ([`RoundParams::default`]) and
     /// no shadow branch.
@@ -372,6 +414,20 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             aggregator,
             params: RoundParams::default(),
             shadow: None,
+            spec_sha256: None,
+        }
+    }
+
+    /// The same round with its aggregator wrapped or converted (for example
+    /// boxed behind `dyn Aggregator`), keeping its state and spec hash.
+    pub fn map_aggregator<B: Aggregator>(self, f: impl FnOnce(A) -> B) -> DefendedRound<P, D, B> {
+        DefendedRound {
+            probe: self.probe,
+            detector: self.detector,
+            aggregator: f(self.aggregator),
+            params: self.params,
+            shadow: self.shadow,
+            spec_sha256: self.spec_sha256,
         }
     }
 
@@ -490,14 +546,16 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         let detect_s = detect_start.elapsed().as_secs_f64();
 
         let mean_factor = clients.iter().map(|c| c.factor).sum::<f64>() / clients.len() as f64;
-        let threshold = self.params.skip_avg_weight;
+        let gate = self.params.gate;
         let mut outcome = RoundOutcome {
             round,
             level,
             aggregator: self.aggregator.name().to_owned(),
             clients,
             mean_factor,
-            skip_avg_weight: threshold,
+            skip_avg_weight: gate.threshold(),
+            threshold: self.probe.threshold(),
+            spec_sha256: self.spec_sha256.clone(),
             skipped: false,
             skip_reason: None,
             timings: RoundTimings {
@@ -508,7 +566,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             },
             new_global: None,
         };
-        if let Some(reason) = SafetyGate::new(threshold)?.skip_reason(mean_factor) {
+        if let Some(reason) = gate.skip_reason(mean_factor) {
             outcome.skipped = true;
             outcome.skip_reason = Some(reason);
         } else {
@@ -579,7 +637,9 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
                 trail,
             );
         }
-        let mut evidence = ClientEvidence::new(samples).with_last_step_score(Some(update_score));
+        let mut evidence = ClientEvidence::new(samples)
+            .with_threshold(self.probe.threshold())
+            .with_last_step_score(Some(update_score));
         let mut steps = Provenance::Absent;
         if reads_steps {
             match self.main_scores(global, &report.steps) {

@@ -28,6 +28,7 @@ pub mod admission;
 mod audit;
 mod defended;
 mod refresh;
+mod spec;
 mod steps;
 pub mod trail;
 mod update_norm;
@@ -41,5 +42,6 @@ pub use defended::{
     ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
 };
 pub use refresh::{LabelledRun, ProbeRefresh, Refreshed};
+pub use spec::{DefenseSpec, DetectorSpec, InlineProbe, ProbeSpec, ValidDefense};
 pub use steps::{ShadowBranch, StepRecorder, score_steps};
 pub use trail::{TrailCheck, TrailStatus, check_trail};

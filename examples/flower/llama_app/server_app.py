@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         level=str(run["level"]),
         rule=str(run["rule"]),
         audit_path=os.path.join(out_dir, "audit.jsonl"),
-        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        state_path=os.path.join(out_dir, "state.npz"),
         fraction_evaluate=0.0,
         min_train_nodes=n,
         min_available_nodes=n,

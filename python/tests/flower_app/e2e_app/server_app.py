@@ -3,6 +3,7 @@ Safe-FedLLM strategy for `num-server-rounds` and writes a summary JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable
@@ -32,9 +33,15 @@ class RecordingStrategy(SafeFedLLMStrategy):
     clients' ground-truth labels, and the distance of the new global to the
     benign clients' mean and to the plain mean."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, kill_after_round: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.rounds: list[dict] = []
+        self.kill_after_round = kill_after_round
+        self._start_sha = ""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._start_sha = digest(array_record_to_numpy(arrays))
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -53,14 +60,26 @@ class RecordingStrategy(SafeFedLLMStrategy):
             mean = {k: np.mean([u[k] for u in group], axis=0) for k in new}
             return float(max(np.abs(new[k] - mean[k]).max() for k in new))
         self.rounds.append({
-            "server_round": server_round,
+            "server_round": server_round + self._offset,
+            "start_sha": self._start_sha,
             "skipped": arrays is None,
             "factors": {n: metrics[f"factor.{n}"] for n in updates},
             "malicious": labels,
             "max_abs_to_benign_mean": dist(benign) if benign else None,
             "max_abs_to_plain_mean": dist(everyone),
         })
+        if self.kill_after_round and server_round + self._offset == self.kill_after_round:
+            os._exit(3)  # the ServerApp dies without any cleanup (the resume test)
         return arrays, metrics
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the arrays' bytes in key order (to compare globals across runs)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 @app.main()
@@ -76,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
         level=str(cfg["level"]),
         rule=str(cfg["rule"]),
         audit_path=os.path.join(out_dir, "audit.jsonl"),
-        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        state_path=os.path.join(out_dir, "state.npz"),
+        kill_after_round=int(cfg["kill-after-round"]),
         fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=n,

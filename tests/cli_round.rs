@@ -1,0 +1,154 @@
+//! `safe-fedllm-probe round`: the shared defense-spec fixture run from the
+//! command line gives the same round as the library (`fixtures/spec/expected.json`,
+//! also checked by tests/defense_spec.rs and python/tests/test_spec.py).
+#![cfg(feature = "cli")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safe_fedllm::lora::LoraAdapter;
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/spec")
+        .join(name)
+}
+
+fn run(args: &[String]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_safe-fedllm-probe"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn uploads() -> Vec<String> {
+    [
+        ("alice", 100),
+        ("bob", 100),
+        ("carol", 120),
+        ("mallory", 100),
+    ]
+    .iter()
+    .map(|(c, n)| format!("{c}={}:{n}", fixture(&format!("{c}.safetensors")).display()))
+    .collect()
+}
+
+fn base_args(spec: &Path) -> Vec<String> {
+    vec![
+        "round".into(),
+        "--spec".into(),
+        spec.display().to_string(),
+        "--global".into(),
+        fixture("global.safetensors").display().to_string(),
+    ]
+}
+
+/// The fields every front end must agree on (as in tests/defense_spec.rs).
+fn projection(outcome: &Value) -> Value {
+    let clients: Vec<Value> = outcome["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            json!({
+                "client": c["client"], "disposition": c["disposition"],
+                "verdict": c["verdict"], "factor": c["factor"], "samples": c["samples"],
+            })
+        })
+        .collect();
+    json!({
+        "clients": clients,
+        "mean_factor": outcome["mean_factor"],
+        "skipped": outcome["skipped"],
+        "threshold": outcome["threshold"],
+        "spec_sha256": outcome["spec_sha256"],
+    })
+}
+
+#[test]
+fn the_fixture_spec_gives_the_same_round_as_the_library() {
+    let dir = std::env::temp_dir().join(format!("safe-fedllm-cli-round-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("new_global.safetensors");
+    let mut args = base_args(&fixture("defense.toml"));
+    args.extend(["--header".into(), "--out".into(), out.display().to_string()]);
+    args.extend(uploads());
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let (header, audit) = (&lines[0], &lines[1]);
+    assert_eq!(header["spec_sha256"], audit["spec_sha256"]);
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
+    assert_eq!(projection(audit), expected);
+    // The new global is written, and mallory's pull is not in it.
+    let global = LoraAdapter::load(&out).unwrap();
+    let values = global
+        .get("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        .unwrap()
+        .as_slice();
+    assert!(
+        values[0].abs() < 0.02,
+        "column 0 (mallory's) moved {}",
+        values[0]
+    );
+    assert!(
+        values[1] > 0.2,
+        "column 1 (the benign clients') {}",
+        values[1]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_misspelt_spec_key_fails_naming_it() {
+    let dir = std::env::temp_dir().join(format!("safe-fedllm-cli-typo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("typo.toml");
+    std::fs::write(&spec, "[gate]\nthreshhold = 0.2\n").unwrap();
+    let mut args = base_args(&spec);
+    args.extend(uploads());
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    let error: Value = serde_json::from_str(stderr.trim()).unwrap();
+    let message = error["error"].as_str().unwrap();
+    assert!(
+        message.contains("gate.threshhold") && message.contains("did you mean `threshold`"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_upload_arguments_are_usage_errors() {
+    for bad in ["alice", "alice=file", "alice=file:many", "=file:3"] {
+        let mut args = base_args(&fixture("defense.toml"));
+        args.push(bad.into());
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, 2, "{bad}: {stderr}");
+    }
+}
+
+#[test]
+fn an_upload_that_is_not_safetensors_fails_naming_client_and_file() {
+    let mut args = base_args(&fixture("defense.toml"));
+    args.extend(uploads());
+    args.push(format!("eve={}:10", fixture("generate.py").display()));
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("eve") && stderr.contains("generate.py"),
+        "{stderr}"
+    );
+}
