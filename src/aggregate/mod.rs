@@ -160,6 +160,7 @@ mod foolsgold;
 mod gate;
 mod geomed;
 mod krum;
+mod lanczos;
 mod linalg;
 mod round;
 mod simd;
