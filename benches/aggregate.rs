@@ -2,7 +2,11 @@
 //! q_proj (4096→4096) and v_proj (4096→1024) of 32 layers, d = 3,407,872.
 //!
 //! Run: `cargo bench --bench aggregate` (filters: `-- n20`, `-- scaling_n`,
-//! `-- scaling_d`, `-- read_once`). The Flower peer on the *same* inputs:
+//! `-- scaling_d`, `-- read_once`, `-- many_clients`). Every Gram rule (Krum,
+//! Multi-Krum, Bulyan, geometric median, FoolsGold, FLAME) is in `n20`; the
+//! `many_clients` group runs the Gram rules that scale to thousands of
+//! clients on a 1,024-value adapter in 64 tensors of 16 (n = 1,000, and
+//! Krum at n = 10,000, whose Gram matrix alone is 800 MB). The Flower peer on the *same* inputs:
 //! `python3 scripts/bench_aggregate_flower.py` (same counter-based generator).
 //!
 //! Peak memory: a counting global allocator records the largest number of
@@ -233,5 +237,69 @@ fn scaling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, n20, scaling);
+/// n clients of a 1,024-value adapter in 64 tensors of 16 values: the Gram
+/// rules' many-client shape (tiny tensors, large n × n).
+fn many_clients_round(n: usize) -> Round {
+    let mut shapes = Vec::new();
+    for layer in 0..32 {
+        for ab in ["lora_A", "lora_B"] {
+            let key = format!("base_model.model.model.layers.{layer}.self_attn.q_proj.{ab}.weight");
+            shapes.push((key, [2, 8]));
+        }
+    }
+    shapes.sort();
+    let make = |stream: u64, global: Option<&LoraAdapter>| {
+        let mut out = LoraAdapter::new();
+        let mut offset = 0u64;
+        for (key, shape) in &shapes {
+            let len = shape[0] * shape[1];
+            let base = global.and_then(|g| g.get(key)).map(|t| t.as_slice());
+            let values: Vec<f32> = (0..len)
+                .map(|k| value(stream, offset + k as u64) + base.map_or(0.0, |b| b[k]))
+                .collect();
+            out.insert(key, LoraTensor::new(key, *shape, values).unwrap())
+                .unwrap();
+            offset += len as u64;
+        }
+        out
+    };
+    let global = make(0, None);
+    let clients = (0..n).map(|c| make(c as u64 + 1, Some(&global))).collect();
+    Round { global, clients }
+}
+
+fn many_clients(c: &mut Criterion) {
+    let mut group = c.benchmark_group("many_clients_d1024");
+    group.sample_size(10);
+    for n in [1000usize, 10_000] {
+        let round = many_clients_round(n);
+        let f = (n - 3) / 4;
+        let mut rules: Vec<(&str, Box<dyn Aggregator>)> =
+            vec![("krum", Box::new(Krum::new(f).unwrap()))];
+        if n <= 1000 {
+            rules.push(("multi_krum", Box::new(MultiKrum::new(f, n - f).unwrap())));
+            rules.push(("foolsgold", Box::new(FoolsGold::new())));
+        }
+        for (name, mut rule) in rules {
+            eprintln!(
+                "peak_alloc n={n} d=1024 {name}: {:.1} MB",
+                peak_alloc(rule.as_mut(), &round) as f64 / 1e6
+            );
+            group.bench_with_input(BenchmarkId::new(name, n), &round, |b, round| {
+                b.iter(|| {
+                    let updates = round.updates();
+                    if name == "foolsgold" {
+                        return black_box(
+                            FoolsGold::new().aggregate(&round.global, &updates).unwrap(),
+                        );
+                    }
+                    black_box(rule.aggregate(&round.global, &updates).unwrap())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, n20, scaling, many_clients);
 criterion_main!(benches);

@@ -95,7 +95,8 @@ def main() -> None:
     probe = sf.Probe.from_weights(spec, weights, 0.0)
 
     global_record = numpy_to_array_record(global_)
-    ours = SafeFedLLMStrategy(probe, level="client", rule="fedavg", fraction_evaluate=0.0,
+    ours = SafeFedLLMStrategy(probe, spec={"detector": {"level": "client"}, "aggregator": {"rule": "fedavg"}},
+                              fraction_evaluate=0.0,
                               min_available_nodes=args.clients, min_train_nodes=args.clients)
     ours.configure_train(1, global_record, ConfigRecord({}), Grid(args.clients))
     flower = FedAvg(fraction_evaluate=0.0)

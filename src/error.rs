@@ -242,6 +242,23 @@ pub enum Error {
         value: f32,
     },
 
+    /// A finite value does not fit the storage dtype it is being written in:
+    /// it would round to ±∞ (f16 above 65,504, bf16 above ~3.39·10³⁸), and a
+    /// file holding ∞ fails every later read as a global.
+    #[error(
+        "tensor `{tensor}` holds {value} at flat index {index}, which overflows {dtype} (it would be stored as ±inf)"
+    )]
+    StorageOverflow {
+        /// Tensor key.
+        tensor: String,
+        /// Row-major flat index of the first offending value.
+        index: usize,
+        /// The finite value that does not fit.
+        value: f32,
+        /// The storage dtype (`"F16"` or `"BF16"`).
+        dtype: &'static str,
+    },
+
     // ----- Features, probes and their training (`features`, `probe`) -----
     /// A feature selection picked no tensor at all.
     #[error("feature selection {selection} matched no LoRA tensor in the training deltas")]

@@ -53,7 +53,10 @@ pub enum Selection {
     /// The `lora_B` tensors of the lowest-numbered layer present (all target
     /// modules of that layer). The Safe-FedLLM reference default (`first_B`):
     /// small (40,960 values for Llama-3.1-8B q/v r = 8) and, since `B` starts
-    /// at zero, a direct record of what local training wrote.
+    /// at zero, a direct record of what local training wrote. Every other
+    /// tensor (lora_A, later layers) is then a channel the probe does not
+    /// score; admission's default pull bound limits what a client gains
+    /// through it, and [`Selection::AllLayers`] (sketched when large) closes it.
     FirstLayerB,
     /// Every `lora_A` and `lora_B` tensor.
     AllLayers,
@@ -78,7 +81,8 @@ impl fmt::Display for Selection {
 /// How the concatenated vector is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Normalization {
-    /// Divide by the Euclidean norm (a zero vector stays zero). The reference
+    /// Divide by the Euclidean norm, computed in `f64` so that a delta at any
+    /// scale (1e-30 as 1e30) keeps its direction; a zero vector stays zero. The reference
     /// default: it makes the probe see the *direction* of an update, not its
     /// size, which depends on learning rate and step count.
     #[default]
@@ -346,8 +350,8 @@ impl FeatureSpec {
             report.zero_filled.extend(zero_filled);
         }
         report.ignored = self.ignored_keys(delta);
-        if self.normalization == Normalization::L2 && sum_squares > 0.0 {
-            scale(out, (1.0 / sum_squares.sqrt()) as f32);
+        if self.normalization == Normalization::L2 {
+            divide_by_norm(out, sum_squares.sqrt());
         }
         Ok(report)
     }
@@ -569,26 +573,48 @@ fn selected_shapes<D: TensorSource>(
 
 /// Sum of squares, failing with `(index, value)` of the first non-finite
 /// value. Fused into one pass: a block whose fast `f32` sum is not finite is
-/// rescanned, either to find the NaN/∞ or (for huge finite values whose
-/// squares overflow `f32`) to sum it again in `f64`.
+/// rescanned to find the NaN/∞, and a finite block goes through
+/// [`block_sum_squares`] (exact enough at every scale).
 fn checked_sum_squares(values: &[f32]) -> Result<f64, (usize, f32)> {
-    const BLOCK: usize = 4096;
     let mut total = 0.0f64;
-    for (b, block) in values.chunks(BLOCK).enumerate() {
-        let fast = sum_squares_f32(block);
-        if fast.is_finite() {
-            total += f64::from(fast);
-            continue;
+    for (b, block) in values.chunks(SUM_BLOCK).enumerate() {
+        if let Some((i, v)) = first_non_finite_if(sum_squares_f32(block), block) {
+            return Err((b * SUM_BLOCK + i, v));
         }
-        if let Some((i, v)) = first_non_finite(block) {
-            return Err((b * BLOCK + i, v));
-        }
-        total += block
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>();
+        total += block_sum_squares(block);
     }
     Ok(total)
+}
+
+/// The first non-finite value of `block`, looked for only when its `f32`
+/// sum of squares `fast` is not finite (a NaN or ∞ always makes it so).
+fn first_non_finite_if(fast: f32, block: &[f32]) -> Option<(usize, f32)> {
+    if fast.is_finite() {
+        return None;
+    }
+    first_non_finite(block)
+}
+
+/// Values per block of a sum of squares.
+const SUM_BLOCK: usize = 4096;
+
+/// Smallest `f32` block sum of squares trusted as is. Squares below
+/// `f32::MIN_POSITIVE` lose bits (subnormal) or vanish (a value of 1e-30
+/// squares to 0): each is off by at most 2⁻¹⁵⁰, so a 4,096-value block is off
+/// by at most 2⁻¹³⁸ in total, a relative 2⁻⁷⁴ of any sum above 2⁻⁶⁴. Blocks
+/// summing below it (tiny deltas) are summed again in `f64`, where the square
+/// of every finite `f32` is a normal number.
+const TRUSTED_F32_SUM: f32 = 5.421_011e-20; // 2⁻⁶⁴
+
+/// Σ v² of a block of finite values, in `f64`: the vectorised `f32` sum when
+/// it is neither tiny nor overflowing, otherwise an `f64` sum (so a delta of
+/// 1e-30 or of 1e30 is normalised like one of 1).
+fn block_sum_squares(block: &[f32]) -> f64 {
+    let fast = sum_squares_f32(block);
+    if fast.is_finite() && fast >= TRUSTED_F32_SUM {
+        return f64::from(fast);
+    }
+    block.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }
 
 /// Sum of squares in sixteen `f32` lanes (vectorises well).
@@ -603,30 +629,37 @@ fn sum_squares_f32(block: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Divides by the Euclidean norm; leaves a zero vector unchanged.
+/// Divides by the Euclidean norm (computed in `f64`); leaves a zero vector
+/// unchanged.
 pub fn l2_normalise(values: &mut [f32]) {
-    let norm = l2_norm(values);
-    if norm > 0.0 {
-        let inv = (1.0 / norm) as f32;
-        values.iter_mut().for_each(|v| *v *= inv);
-    }
+    divide_by_norm(values, l2_norm(values));
 }
 
-/// Euclidean norm. Sixteen `f32` lanes per block keep it vectorised; blocks
-/// are summed in `f64` so that millions of values lose no precision.
+/// Euclidean norm, in `f64` at every scale: a vector of 1e-30s has a norm,
+/// not 0. Finite values are assumed (a NaN gives NaN).
 pub fn l2_norm(values: &[f32]) -> f64 {
     values
-        .chunks(4096)
-        .map(|block| {
-            let fast = sum_squares_f32(block);
-            if fast.is_finite() {
-                f64::from(fast)
-            } else {
-                block.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
-            }
-        })
+        .chunks(SUM_BLOCK)
+        .map(block_sum_squares)
         .sum::<f64>()
         .sqrt()
+}
+
+/// Divides every value by `norm` (> 0; otherwise nothing happens). When
+/// 1/norm fits `f32` this is one vectorised multiply; for vectors so small
+/// that it does not (norms below ~3·10⁻³⁹), each value is divided in `f64`.
+fn divide_by_norm(values: &mut [f32], norm: f64) {
+    if !(norm > 0.0 && norm.is_finite()) {
+        return;
+    }
+    let inverse = 1.0 / norm;
+    if inverse <= f64::from(f32::MAX) {
+        scale(values, inverse as f32);
+    } else {
+        values
+            .iter_mut()
+            .for_each(|v| *v = (f64::from(*v) * inverse) as f32);
+    }
 }
 
 /// `*` matches any run of characters (including none); everything else is literal.

@@ -758,3 +758,44 @@ fn source_whose_slice_contradicts_its_shape_is_a_typed_error() {
         "{err}"
     );
 }
+
+#[test]
+fn dnc_at_400_clients_runs_in_linear_work_and_drops_every_attacker() {
+    // Time at scale: the n × n eigen-decomposition made 400 clients take
+    // seconds per iteration (n³). Lanczos on the n × b sub-matrix takes
+    // O(n·b) per product; no timing is asserted here, only that the round
+    // completes with the right outcome.
+    let global = small();
+    let n = 400;
+    let attackers = 20;
+    let mut vectors = honest(&global, n - attackers, 11);
+    // Attackers collude on one direction: +5 on every lora_A value.
+    for i in 0..attackers {
+        let mut v = honest(&global, 1, 1000 + i as u64).remove(0);
+        v.iter_mut().take(40).for_each(|x| *x += 5.0);
+        vectors.push(v);
+    }
+    let clients = adapters(&global, &vectors);
+    let ups: Vec<ClientUpdate> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 10))
+        .collect();
+    let result = DnC::new(attackers)
+        .unwrap()
+        .aggregate(&global, &ups)
+        .unwrap();
+    for i in n - attackers..n {
+        let e = result
+            .exclusion(&format!("c{i}"))
+            .unwrap_or_else(|| panic!("attacker c{i} kept"));
+        assert!(
+            matches!(e.reason, ExclusionReason::DnCOutlier { .. }),
+            "c{i}"
+        );
+    }
+    // The global stays inside the honest range (1 ± 0.1) on every value:
+    // no attacker's +5 got through.
+    let new = flatten(result.new_global().unwrap());
+    assert!(new.iter().all(|v| (0.9..=1.1).contains(v)), "{new:?}");
+}

@@ -7,9 +7,12 @@
 //! malicious, +y benign), benign clients that move along +y, and liars.
 
 use safe_fedllm::ClientId;
-use safe_fedllm::aggregate::{FactorGate, FedAvg, Krum, SafetyGate, SkipReason};
+use safe_fedllm::aggregate::{
+    Aggregation, Aggregator, ClientUpdate, FactorGate, FedAvg, SafetyGate, SkipReason,
+};
 use safe_fedllm::detect::{
-    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, ShadowLevel, StepLevel, Verdict,
+    AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
+    Verdict,
 };
 use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
@@ -131,16 +134,19 @@ fn inflated_sample_count_cannot_make_the_attacker_the_global_at_any_level() {
             // Step level: 2 harmful steps × 16 against the Beta prior (1, 1)
             // decayed by 0.95 gives 0.95 / 33.9 ≈ 0.028; the others ≈ 0.
             assert!(liar.factor < 0.03, "{level} {lie}: factor {}", liar.factor);
-            // Admission caps the count at 2 × the median (100).
-            assert_eq!(liar.samples, 200, "{level}");
+            // Admission caps the count at the round's lower median (100).
+            assert_eq!(liar.samples, 100, "{level}");
             assert_eq!(liar.declared_samples, lie);
             let new = out.new_global.unwrap();
             // The malicious coordinate (lora_B x) moves by at most the liar's
-            // capped weight share: 200·0.03 / (400 + 200·0.03) < 0.015, where
+            // capped weight share: 100·0.03 / (400 + 100·0.03) < 0.0075, where
             // trusting the count would have moved it to ≈ 1.
             let x = new.get(B).unwrap().as_slice()[0];
             assert!(x < 0.015, "{level} {lie}: attacker moved x to {x}");
-            assert!(max_diff(&new, &honest_only(level)) < 0.02, "{level}");
+            // The liar (norm 1.0) is eligible for the norm median: one rank
+            // up (0.6 → 0.7) lets the honest clients keep up to 0.05 more of
+            // their own y, beside its own ≤ 0.0075 on x.
+            assert!(max_diff(&new, &honest_only(level)) < 0.0575, "{level}");
         }
     }
 }
@@ -157,6 +163,7 @@ fn trusting_the_count_reproduces_the_dilution_the_default_prevents() {
     );
     let step = StepLevel::params()
         .counting(safe_fedllm::detect::SampleCounting::Reference)
+        .safeguards(Safeguards::reference())
         .build()
         .unwrap();
     let mut round = DefendedRound::new(probe(), step, FedAvg::new())
@@ -271,7 +278,7 @@ fn nan_client_with_zero_samples_counts_zero_in_the_gate() {
 }
 
 #[test]
-fn huge_update_is_excluded_by_the_default_norm_bound_under_every_level() {
+fn huge_update_is_clipped_to_the_median_norm_by_default_under_every_level() {
     for magnitude in [1e20f32, f32::MAX] {
         for level in [DefenseLevel::Client, DefenseLevel::Shadow] {
             let mut reports = honest();
@@ -282,14 +289,44 @@ fn huge_update_is_excluded_by_the_default_norm_bound_under_every_level() {
             let mut round = round_with(level);
             let out = round.run(0, &global(), &borrow_reports(&reports)).unwrap();
             let c = out.client("huge").unwrap();
-            assert!(
-                matches!(c.admission.rejection(), Some(Rejection::NormAboveBound { norm, bound }) if norm > bound),
-                "{level} {magnitude}: {:?}",
-                c.admission
-            );
+            // Norms 0.5, 0.6, 0.7, 0.8 and huge: the lower median is 0.7.
+            let Admitted::Clipped { norm, scale, .. } = c.admission else {
+                panic!("{level} {magnitude}: {:?}", c.admission);
+            };
+            assert!((norm * scale - 0.7).abs() < 1e-6, "{level} {magnitude}");
+            // It pulls like one median client: y moves by at most 0.7 / 5
+            // from the honest clients' own global (and x not at all).
             let new = out.new_global.unwrap();
-            assert!(max_diff(&new, &honest_only(level)) < 1e-6, "{level}");
+            assert!(new.get(B).unwrap().as_slice()[0] == 0.0);
+            let moved = max_diff(&new, &honest_only(level));
+            assert!(moved <= 0.7 / 5.0 + 1e-6, "{level}: moved {moved}");
         }
+    }
+}
+
+#[test]
+fn huge_update_is_excluded_beyond_a_median_multiple_under_the_exclude_policy() {
+    let policy = Admission::default()
+        .norm_bound(NormBound::MedianMultiple(10.0))
+        .unwrap()
+        .over_bound(OverBound::Exclude);
+    for magnitude in [1e20f32, f32::MAX] {
+        let mut reports = honest();
+        reports.push(OwnedReport::new("huge", benign(magnitude), 100));
+        let mut round = DefendedRound::new(probe(), detector(DefenseLevel::Client), FedAvg::new())
+            .with_params(RoundParams::default().admission(policy.clone()))
+            .unwrap();
+        let out = round.run(0, &global(), &borrow_reports(&reports)).unwrap();
+        let c = out.client("huge").unwrap();
+        assert!(
+            matches!(c.admission.rejection(), Some(Rejection::NormAboveBound { norm, bound }) if norm > bound),
+            "{magnitude}: {:?}",
+            c.admission
+        );
+        // Nothing else is clipped (every honest norm is below 10 × 0.7), so the
+        // global is the honest clients' mean.
+        let y = out.new_global.unwrap().get(B).unwrap().as_slice()[1];
+        assert!((y - 0.65).abs() < 1e-6, "{magnitude}: y = {y}");
     }
 }
 
@@ -413,12 +450,17 @@ fn a_lying_step_trail_is_caught_by_the_trail_check() {
     assert_eq!(liar.disposition, Disposition::TrailMismatch);
     assert_eq!(liar.factor, 0.0);
     assert!(liar.trail.is_mismatch());
-    // Honest trails end at their update: verified provenance.
+    // Honest trails end at their update: only their last step is verified.
     assert_eq!(
         out.client("h0").unwrap().step_evidence,
-        Provenance::Verified
+        Provenance::LastStepVerified
     );
-    assert!(max_diff(&out.new_global.unwrap(), &honest_only(DefenseLevel::Step)) < 1e-6);
+    let new = out.new_global.unwrap();
+    assert_eq!(new.get(B).unwrap().as_slice()[0], 0.0, "the liar's x");
+    // Its trail is checked after admission, so its norm (1.0) is eligible
+    // for the median: one rank up (0.6 → 0.7), which lets the honest clients
+    // keep more of their own updates: (0.7 + 0.7) − (0.6 + 0.6) over 4 = 0.05.
+    assert!(max_diff(&new, &honest_only(DefenseLevel::Step)) < 0.05 + 1e-6);
 }
 
 #[test]
@@ -470,8 +512,8 @@ fn self_reported_scores_are_marked_in_the_audit() {
 #[test]
 fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_update() {
     // The shadow branch is unverifiable: a liar reports clean shadow steps.
-    // Shadow level believes it (documented); the audit says so, and the
-    // update's own score (server-computed) shows the lie.
+    // The audit says so, and the update's own score (server-computed) caps
+    // the factor whatever the shadow branch claims.
     let mut reports = honest();
     reports.push(
         OwnedReport::new("liar", malicious(1.0), 100)
@@ -482,8 +524,15 @@ fn a_lying_shadow_report_is_self_reported_and_cannot_beat_the_server_scored_upda
         .unwrap();
     let liar = out.client("liar").unwrap();
     assert_eq!(liar.shadow_evidence, Provenance::SelfReported);
-    assert!(liar.update_score.unwrap() > 0.99);
-    assert_eq!(liar.verdict, Verdict::Benign);
+    let s = liar.update_score.unwrap();
+    assert!(s > 0.99);
+    assert_eq!(liar.verdict, Verdict::Malicious);
+    let raw = ClientLevel::params()
+        .build()
+        .unwrap()
+        .settings()
+        .raw_factor(f64::from(s));
+    assert!(liar.factor <= raw, "{} > {raw}", liar.factor);
 }
 
 #[test]
@@ -518,16 +567,26 @@ fn the_gate_applies_at_exactly_its_threshold_and_skips_just_below() {
 
 #[test]
 fn a_failed_round_leaves_detector_state_untouched() {
-    // Krum with f = 3 needs 9 clients: the aggregator fails after the
-    // detector has assessed everyone.
+    // An aggregator that fails after the detector has assessed everyone.
+    struct Failing;
+    impl Aggregator for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn aggregate(
+            &mut self,
+            _: &LoraAdapter,
+            _: &[ClientUpdate<'_>],
+        ) -> safe_fedllm::Result<Aggregation> {
+            Err(safe_fedllm::Error::Empty {
+                what: "a test rule",
+            })
+        }
+    }
     let reports = honest();
-    let mut round = DefendedRound::new(
-        probe(),
-        ClientLevel::params().build().unwrap(),
-        Krum::new(3).unwrap(),
-    )
-    .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
-    .unwrap();
+    let mut round = DefendedRound::new(probe(), ClientLevel::params().build().unwrap(), Failing)
+        .with_params(RoundParams::default().gate(SafetyGate::new(0.0).unwrap()))
+        .unwrap();
     let before = serde_json::to_string(round.detector()).unwrap();
     assert!(round.run(0, &global(), &borrow_reports(&reports)).is_err());
     assert_eq!(serde_json::to_string(round.detector()).unwrap(), before);

@@ -229,6 +229,30 @@ fn l2_normalised_features_have_unit_norm() {
 }
 
 #[test]
+fn l2_normalisation_holds_at_every_scale() {
+    let delta = LoraDelta::between(&update(), &base()).unwrap();
+    let spec = FeatureConfig::new(Selection::AllLayers)
+        .fit(&[&delta])
+        .unwrap();
+    let want = spec.transform(&delta).unwrap().values;
+    for scale in [1e-20f32, 1e-30, 1e-36, 1e20, 1e30] {
+        let mut scaled = LoraAdapter::new();
+        for entry in delta.as_adapter().iter() {
+            let values = entry.tensor.as_slice().iter().map(|v| v * scale).collect();
+            let tensor = LoraTensor::new("t", entry.tensor.shape(), values).unwrap();
+            scaled.insert(entry.key.canonical(), tensor).unwrap();
+        }
+        let scaled = LoraDelta::from_adapter(scaled);
+        let got = spec.transform(&scaled).unwrap().values;
+        assert!((l2_norm(&got) - 1.0).abs() < 1e-5, "{scale}");
+        // Scaling by a power of ten rounds each value once: 1e-6 relative.
+        assert_close(&got, &want, 1e-5);
+    }
+    // The norm itself, where the f32 sum of squares is 0.
+    assert!((l2_norm(&[1e-30, 1e-30, 1e-30, 1e-30]) / 2e-30 - 1.0).abs() < 1e-6);
+}
+
+#[test]
 fn features_straight_from_bytes_equal_features_from_owned_deltas() {
     let base = base();
     let owned = LoraDelta::between(&update(), &base).unwrap();

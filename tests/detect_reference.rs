@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use safe_fedllm::detect::{AnyDetector, ClientEvidence, ClientId, Detector, EvidenceStatus};
+use safe_fedllm::detect::{
+    AnyDetector, ClientEvidence, ClientId, Detector, EvidenceStatus, Safeguards,
+};
 use serde::Deserialize;
 
 const TOLERANCE: f64 = 1e-6;
@@ -60,8 +62,9 @@ fn scenarios() -> Vec<Scenario> {
 /// Rust parameter names and defaults are the ones the generator writes.
 ///
 /// The generator implements the reference's formulas, which count harmful
-/// samples against the declared count: select that (unsafe, non-default)
-/// counting mode here.
+/// samples against the declared count and apply no protocol safeguard:
+/// select that (unsafe, non-default) counting mode and
+/// `Safeguards::reference()` here.
 ///
 /// The generator writes τ among each level's settings, as the reference
 /// does; here τ is the probe's and travels with the evidence, so it is taken
@@ -77,9 +80,14 @@ fn detector(s: &Scenario) -> (AnyDetector, f32) {
         .and_then(|p| p.remove("threshold"))
         .and_then(|t| t.as_f64())
         .unwrap_or_else(|| panic!("{}: the generator writes τ", s.name)) as f32;
+    let reference = serde_json::to_value(Safeguards::reference()).expect("serialisable");
+    params["safeguards"] = reference.clone();
     match s.level.as_str() {
         "step" | "shadow" => params["counting"] = "reference".into(),
-        "evidence" => params["shadow"]["counting"] = "reference".into(),
+        "evidence" => {
+            params["shadow"]["counting"] = "reference".into();
+            params["shadow"]["safeguards"] = reference;
+        }
         _ => {}
     }
     let json = serde_json::json!({

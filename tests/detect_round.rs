@@ -12,8 +12,9 @@ use safe_fedllm::features::{FeatureConfig, Selection};
 use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport, Rejection,
-    RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports, score_steps,
+    Admitted, DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport,
+    Rejection, RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports,
+    score_steps,
 };
 
 const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
@@ -76,14 +77,24 @@ fn client_level_round_weights_each_update_by_samples_times_factor() {
         assert!((c.effective_weight - c.samples as f64 * c.factor).abs() < 1e-9);
         assert!(c.update_score.is_some());
     }
-    // New global = Σ nₖwₖ·xₖ / Σ nₖwₖ, coordinate by coordinate.
+    // New global = Σ nₖwₖ·xₖ / Σ nₖwₖ, coordinate by coordinate, where xₖ is
+    // the update as admitted (the default clips Δ to the median norm).
     let new = out.new_global.as_ref().unwrap();
     let total: f64 = out.clients.iter().map(|c| c.effective_weight).sum();
+    let g = global();
     for (key, i) in [(B, 0), (B, 1), (A, 0)] {
         let expected: f64 = reports
             .iter()
             .zip(&out.clients)
-            .map(|(r, c)| c.effective_weight * f64::from(value(&r.update, key, i)))
+            .map(|(r, c)| {
+                let scale = match c.admission {
+                    Admitted::Clipped { scale, .. } => scale,
+                    _ => 1.0,
+                };
+                let base = f64::from(value(&g, key, i));
+                let x = base + scale * (f64::from(value(&r.update, key, i)) - base);
+                c.effective_weight * x
+            })
             .sum::<f64>()
             / total;
         assert!(
@@ -227,7 +238,11 @@ fn a_trail_mismatch_zeroes_the_factor_and_keeps_the_update_out() {
 fn unusable_reports_are_rejected_without_stopping_the_round() {
     let mut round =
         DefendedRound::new(probe(), StepLevel::params().build().unwrap(), FedAvg::new())
-            .with_params(RoundParams::default().accept_self_reported(true))
+            .with_params(
+                RoundParams::default()
+                    .accept_self_reported(true)
+                    .gate(SafetyGate::new(0.1).unwrap()),
+            )
             .unwrap();
     let mut wrong_shape = LoraAdapter::new();
     wrong_shape
@@ -266,7 +281,8 @@ fn unusable_reports_are_rejected_without_stopping_the_round() {
         out.client("fake").unwrap().admission.rejection(),
         Some(Rejection::InvalidEvidence { detail }) if detail.contains("invalid evidence")
     ));
-    // Rejected reports count 0 in the gate's mean: 1 accepted of 4 → mean ≈ 0.24.
+    // Rejected reports count 0 in the gate's mean: 1 accepted of 4, on
+    // probation at 0.5 → mean 0.125.
     assert!((out.mean_factor - out.client("ok").unwrap().factor / 4.0).abs() < 1e-12);
     assert_eq!(out.new_global.unwrap(), benign(1.0));
 }
@@ -286,10 +302,16 @@ fn round_level_faults_are_errors() {
         ClientReport::new("x", benign(1.0), 1),
         ClientReport::new("x", benign(0.5), 1),
     ];
-    assert!(matches!(
-        round.run(0, &global(), &borrow_reports(&twice)),
-        Err(Error::DuplicateClient { client }) if client == "x"
-    ));
+    // A repeated id is the clients' fault, not the round's: every copy is
+    // rejected, and with nothing left the gate skips the round.
+    let out = round.run(0, &global(), &borrow_reports(&twice)).unwrap();
+    assert!(out.skipped && out.new_global.is_none());
+    for c in &out.clients {
+        assert_eq!(
+            c.admission.rejection(),
+            Some(&Rejection::DuplicateClient { copies: 2 })
+        );
+    }
 }
 
 #[test]
@@ -317,8 +339,13 @@ fn shadow_adapters_are_scored_against_the_shadow_base() {
     )
     .with_shadow(shadow);
     let out = round.run(0, &global(), &borrow_reports(&[report])).unwrap();
-    // One of two 16-sample shadow steps harmful: r = 0.5.
-    assert!((out.clients[0].factor - 0.5f64.powi(7)).abs() < 1e-12);
+    // One of two shadow steps harmful, weighed by the distance each moved
+    // from the one before (the first from the shadow base).
+    let d1 = (0.5f64.powi(2) + 2.0 * 0.1f64.powi(2)).sqrt();
+    let d2 = (0.9f64.powi(2) + 0.5f64.powi(2)).sqrt();
+    let r = d2 / (d1 + d2);
+    let factor = out.clients[0].factor;
+    assert!((factor - (1.0 - r).powi(7)).abs() < 1e-6, "{factor}");
     let scores = score_steps(&probe(), &shadow_base, &shadow_steps).unwrap();
     assert!(scores[0] < 0.8 && scores[1] >= 0.8);
 }

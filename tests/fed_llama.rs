@@ -355,10 +355,12 @@ fn miniature_federation_end_to_end() {
             }
         }
         if defense == Defense::Shadow && job.scenario == Scenario::LieShadow {
-            // The liars' benign shadow reports pass: nobody is flagged in
-            // the first round (a self-reported branch cannot be checked).
+            // The liars' benign shadow reports cannot be checked, but the
+            // server scores each update itself: a malicious update caps the
+            // factor whatever the shadow says (the verdict cap).
             let r = &records[1];
-            assert_eq!(r.true_positives, 0, "a lying shadow was caught: {r:?}");
+            assert!(r.true_positives > 0, "the lying shadows passed: {r:?}");
+            assert!(r.malicious_factor < r.benign_factor, "{r:?}");
         }
         if defense == Defense::Spec(0) {
             // The user's spec ran as a client-level defense: the server

@@ -503,3 +503,81 @@ fn malformed_errors_are_our_own_type_with_a_message() {
         "malformed safetensors data: fewer than 8 bytes: no header-length prefix"
     );
 }
+
+/// An adapter whose first-layer lora_B holds `values` (2 × 2).
+fn holding(values: [f32; 4]) -> LoraAdapter {
+    let mut adapter = LoraAdapter::new();
+    adapter
+        .insert(
+            FIRST_B,
+            LoraTensor::new("b", [2, 2], values.to_vec()).unwrap(),
+        )
+        .unwrap();
+    adapter
+}
+
+fn storage_overflow(values: [f32; 4], dtype: StorageDtype) -> (String, usize, f32, &'static str) {
+    match holding(values).to_bytes(dtype) {
+        Err(Error::StorageOverflow {
+            tensor,
+            index,
+            value,
+            dtype,
+        }) => (tensor, index, value, dtype),
+        other => panic!("{dtype:?} {values:?}: expected StorageOverflow, got {other:?}"),
+    }
+}
+
+#[test]
+fn f16_refuses_a_finite_value_that_would_become_inf() {
+    for bad in [7e4f32, -7e4, 65_520.0, f32::MAX] {
+        let (tensor, index, value, dtype) =
+            storage_overflow([0.5, 1.0, bad, 2.0], StorageDtype::F16);
+        assert_eq!(tensor, FIRST_B);
+        assert_eq!(index, 2, "{bad}");
+        assert_eq!(value, bad);
+        assert_eq!(dtype, "F16");
+    }
+    // The largest values that round to f16::MAX (65,504) are written and read back.
+    for ok in [65_504.0f32, 65_519.0, -65_519.0] {
+        let bytes = holding([ok, 0.0, 0.0, 0.0])
+            .to_bytes(StorageDtype::F16)
+            .unwrap();
+        let back = LoraAdapter::from_bytes(&bytes).unwrap();
+        let v = back.get(FIRST_B).unwrap().as_slice()[0];
+        assert_eq!(v, 65_504.0f32.copysign(ok), "{ok}");
+    }
+}
+
+#[test]
+fn bf16_refuses_a_finite_value_that_would_become_inf() {
+    for bad in [f32::MAX, -f32::MAX, 3.4e38] {
+        let (tensor, index, value, dtype) =
+            storage_overflow([bad, 1.0, 2.0, 3.0], StorageDtype::Bf16);
+        assert_eq!(tensor, FIRST_B);
+        assert_eq!(index, 0, "{bad}");
+        assert_eq!(value, bad);
+        assert_eq!(dtype, "BF16");
+    }
+    // 7e4 overflows f16 but not bf16, and bf16::MAX itself is written.
+    let bf16_max = f32::from_bits(0x7F7F_0000);
+    let bytes = holding([7e4, bf16_max, -bf16_max, 0.0])
+        .to_bytes(StorageDtype::Bf16)
+        .unwrap();
+    let back = LoraAdapter::from_bytes(&bytes).unwrap();
+    let values = back.get(FIRST_B).unwrap().as_slice();
+    assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
+    assert_eq!(values[1], bf16_max);
+}
+
+#[test]
+fn f32_writes_every_finite_value() {
+    let bytes = holding([f32::MAX, -f32::MAX, 7e4, f32::MIN_POSITIVE])
+        .to_bytes(StorageDtype::F32)
+        .unwrap();
+    let back = LoraAdapter::from_bytes(&bytes).unwrap();
+    assert_eq!(
+        back.get(FIRST_B).unwrap().as_slice(),
+        &[f32::MAX, -f32::MAX, 7e4, f32::MIN_POSITIVE]
+    );
+}

@@ -8,7 +8,7 @@
 //! or reduction order that followed the thread count changes the trainer's
 //! low-order bits and fails its test. The aggregation engine adds f32 partial
 //! sums in f64, which is close to exact in any order, so its grouping is also
-//! checked directly (`aggregate::engine::tests::drive_groups_depend_on_the_item_count_only`
+//! checked directly (`aggregate::engine::drive::tests::drive_groups_depend_on_the_item_count_only`
 //! and `parallel::tests`).
 
 use ndarray::Array2;

@@ -369,3 +369,92 @@ fn eval_prints_n_accuracy_precision_recall_auc_ece_and_brier() {
     assert_eq!(low["threshold"].as_f64().unwrap() as f32, 0.01);
     assert!(low["recall"].as_f64().unwrap() >= metrics["recall"].as_f64().unwrap());
 }
+
+/// A malicious-looking adapter that omits the probed tensor (layer-0
+/// lora_B) and carries its update in layer 1 instead.
+fn evasive(dir: &Path) -> PathBuf {
+    let mut adapter = LoraAdapter::new();
+    let other = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight";
+    adapter
+        .insert(other, LoraTensor::new("b", [8, 1], vec![5.0; 8]).unwrap())
+        .unwrap();
+    let path = dir.join("evasive.safetensors");
+    adapter.save(&path, StorageDtype::F32).unwrap();
+    path
+}
+
+#[test]
+fn the_cli_zero_fills_only_behind_the_flag_when_score_lacks_probed_keys() {
+    let dir = temp_dir("score-missing");
+    let (_, probe, _) = trained(&dir, "fixed:0.5");
+    let evasive = evasive(&dir);
+    let good = dir.join("a0.safetensors");
+
+    let out = run(&["score", "--probe", s(&probe), s(&good), s(&evasive)]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines[0]["zero_fill"], false);
+    assert!(lines[0]["score"].is_number());
+    let refused = &lines[1];
+    assert!(
+        refused["score"].is_null() && refused["harmful"].is_null(),
+        "{refused}"
+    );
+    assert_eq!(refused["missing_probe_keys"], serde_json::json!([KEY]));
+    let message = refused["error"].as_str().unwrap();
+    assert!(
+        message.contains(KEY) && message.contains("evasive") && message.contains("--zero-fill"),
+        "{message}"
+    );
+    let error: Value = serde_json::from_str(out.stderr.trim()).unwrap();
+    assert!(error["error"].as_str().unwrap().contains("1 of 2"));
+
+    let out = run(&["score", "--probe", s(&probe), "--zero-fill", s(&evasive)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let line = json_lines(&out.stdout).remove(0);
+    assert_eq!(line["zero_fill"], true);
+    assert_eq!(line["zero_filled"], serde_json::json!([KEY]));
+    assert!(line["score"].is_number());
+}
+
+#[test]
+fn the_cli_zero_fills_only_behind_the_flag_when_eval_lacks_probed_keys() {
+    let dir = temp_dir("eval-missing");
+    let (_, probe, _) = trained(&dir, "fixed:0.5");
+    evasive(&dir);
+    let manifest = dir.join("evasive.jsonl");
+    std::fs::write(
+        &manifest,
+        "{\"path\": \"a0.safetensors\", \"label\": \"benign\"}\n\
+         {\"path\": \"evasive.safetensors\", \"label\": \"malicious\"}\n",
+    )
+    .unwrap();
+
+    let out = run(&["eval", "--probe", s(&probe), "--manifest", s(&manifest)]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.is_empty(), "no metrics without every probed key");
+    let error: Value = serde_json::from_str(out.stderr.trim()).unwrap();
+    let message = error["error"].as_str().unwrap();
+    assert!(
+        message.contains("manifest line 2")
+            && message.contains(KEY)
+            && message.contains("--zero-fill"),
+        "{message}"
+    );
+
+    let out = run(&[
+        "eval",
+        "--probe",
+        s(&probe),
+        "--manifest",
+        s(&manifest),
+        "--zero-fill",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let metrics = json_lines(&out.stdout).remove(0);
+    assert_eq!(metrics["zero_fill"], true);
+    let filled = metrics["zero_filled"].as_array().unwrap();
+    assert_eq!(filled.len(), 1, "{metrics}");
+    assert_eq!(filled[0]["line"], 2);
+    assert_eq!(filled[0]["keys"], serde_json::json!([KEY]));
+}

@@ -16,8 +16,8 @@ use safe_fedllm::detect::{
 use safe_fedllm::lora::LoraAdapter;
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
-    Admission, DefendedRound, DefenseSpec, DetectorSpec, NormBound, OwnedReport, ShadowBranch,
-    borrow_reports,
+    Admission, DefendedRound, DefenseSpec, DetectorSpec, NormBound, OverBound, OwnedReport,
+    ShadowBranch, borrow_reports,
 };
 use serde::{Deserialize, Serialize};
 
@@ -165,7 +165,8 @@ impl Defense {
         if self == Defense::EvidenceNormBound {
             spec.admission = Admission::default()
                 .norm_bound(NormBound::MedianMultiple(2.0))
-                .ok()?;
+                .ok()?
+                .over_bound(OverBound::Exclude);
         }
         Some(spec)
     }

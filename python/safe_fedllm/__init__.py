@@ -32,6 +32,7 @@ from ._native import (
     Probe,
     __version__,
     canonical_key,
+    check_spec,
     delta,
     set_num_threads,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Probe",
     "__version__",
     "canonical_key",
+    "check_spec",
     "delta",
     "set_num_threads",
     *_errors_all,

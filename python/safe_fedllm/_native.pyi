@@ -147,12 +147,23 @@ class Detector:
     @staticmethod
     def from_json(text: str) -> Detector: ...
     def copy(self) -> Detector: ...
+    @property
+    def settings(self) -> dict[str, Any]: ...
 
 class Aggregator:
     """An aggregation rule: fedavg, median, trimmed_mean, krum, multi_krum, bulyan,
-    geometric_median, norm_clipping, foolsgold, flame, dnc (optionally gated)."""
+    geometric_median, norm_clipping, foolsgold, flame, dnc; settings as in the
+    ``aggregator`` section of a defense spec. ``gate`` / ``skip_avg_weight``
+    wrap it for standalone use (a DefendedRound refuses a wrapped rule)."""
 
-    def __init__(self, rule: str = "fedavg", **settings: Any) -> None: ...
+    def __init__(
+        self,
+        rule: str = "fedavg",
+        *,
+        gate: bool | float | None = None,
+        skip_avg_weight: float | None = None,
+        **settings: Any,
+    ) -> None: ...
     def aggregate(
         self,
         global_: UpdateLike,
@@ -169,6 +180,12 @@ class Report(TypedDict, total=False):
     samples: int
     steps: Sequence[UpdateLike] | Sequence[float] | None
     shadow: Sequence[UpdateLike] | Sequence[float] | None
+    # A reply the caller could not use (failed, dropped): a reason or (code, detail).
+    # The round's admission rejects it; it counts 0 in the safety gate.
+    refused: str | tuple[str, str]
+
+def check_spec(spec: Mapping[str, Any] | PathLike, *, base_dir: PathLike | None = None) -> dict[str, Any]:
+    """Checks a defense spec; returns ``{"spec": canonical dict, "spec_sha256": hex}``."""
 
 class DefendedRound:
     """admission -> probe -> detector level -> safety gate -> rule, with an audit line."""
@@ -180,12 +197,27 @@ class DefendedRound:
         aggregator: Aggregator,
         *,
         skip_avg_weight: float = 0.2,
-        trail: Literal["exact", "off"] | float | None = None,
+        trail: Literal["exact", "off"] | Mapping[str, float] | None = None,
         admission: Literal["reference"] | Mapping[str, Any] | None = None,
         accept_self_reported: bool = False,
         shadow_base: UpdateLike | None = None,
         shadow_learning_rate: float = 5e-5,
     ) -> None: ...
+    @staticmethod
+    def from_spec(
+        spec: Mapping[str, Any] | PathLike,
+        *,
+        probe: Probe | None = None,
+        base_dir: PathLike | None = None,
+        shadow_base: UpdateLike | None = None,
+        shadow_learning_rate: float = 5e-5,
+    ) -> DefendedRound: ...
+    @property
+    def spec(self) -> dict[str, Any]: ...
+    @property
+    def spec_sha256(self) -> str: ...
+    @property
+    def probe(self) -> Probe: ...
     def run(self, round: int, global_: UpdateLike, reports: Iterable[Report]) -> dict[str, Any]: ...
     def needs_shadow(self, client: str) -> bool: ...
     @property

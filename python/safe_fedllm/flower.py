@@ -1,45 +1,67 @@
 """A Flower (≥ 1.42, Message API) strategy that runs Safe-FedLLM's defended round.
 
 :class:`SafeFedLLMStrategy` subclasses :class:`flwr.serverapp.strategy.FedAvg`
-and overrides only ``configure_train`` (to keep the global arrays, which
-``aggregate_train`` does not receive) and ``aggregate_train`` (to run the
-defence). Everything else — sampling, evaluation, the ``start`` loop — is
-Flower's own.
+and overrides ``configure_train`` (to keep the global arrays and the sampled
+nodes), ``aggregate_train`` (to run the defence) and ``start`` (to resume).
+Sampling, evaluation and the round loop are Flower's own.
 
->>> from safe_fedllm import Probe
->>> from safe_fedllm.flower import SafeFedLLMStrategy, AdmissionPolicy
->>> strategy = SafeFedLLMStrategy(
-...     Probe.load("probe.safetensors"), level="client", rule="fedavg",
-...     admission=AdmissionPolicy(samples="cap_at", sample_value=10_000),
-...     audit_path="audit.jsonl", checkpoint_path="detector.json",
+The defence is a defense spec (:class:`safe_fedllm.DefendedRound.from_spec`),
+the same TOML the Rust library and the command-line tool read. In a
+ServerApp, take it from Flower's ``run_config`` (see :mod:`safe_fedllm._spec`
+for the keys: ``safe-fedllm.spec-file`` and ``safe-fedllm.spec.<section>.<key>``):
+
+>>> from safe_fedllm.flower import SafeFedLLMStrategy
+>>> strategy = SafeFedLLMStrategy.from_run_config(
+...     context.run_config, audit_path="audit.jsonl", state_path="state.npz",
 ...     fraction_evaluate=0.0, min_available_nodes=4)
 >>> result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
 
+or give it directly: ``SafeFedLLMStrategy(spec="defense.toml")`` or
+``SafeFedLLMStrategy(probe, spec={"detector": {"level": "step"}})``.
+
 Per round it
 
-1. admits each reply (:class:`AdmissionPolicy`): a reply that is not a LoRA
-   update (no ArrayRecord, non-float32 or non-2-D arrays, non-LoRA names, no
-   integer ``num-examples``) is excluded here; the Rust admission stage then
-   rejects wrong keys/shapes, non-finite values, missing probe keys and
-   updates beyond the norm bound, and caps declared sample counts. A bad
-   reply is excluded with a typed reason; it can never fail the round for
-   everyone;
-2. runs :class:`safe_fedllm.DefendedRound` on the admitted clients: the probe
-   scores each update (and its step trail / shadow branch when the level reads
-   them), the detector level turns scores into a security factor, the safety
-   gate skips the round when the mean factor is below ``skip_avg_weight``, and
-   the chosen rule aggregates;
-3. returns the new global ``ArrayRecord``, or ``None`` for a skipped round
-   (Flower keeps the global model), with a ``MetricRecord`` holding the
-   per-client factors, verdicts and exclusions (keys ``factor.<node_id>``,
-   ``verdict.<node_id>`` = 1 malicious / 0 benign / −1 undecided,
-   ``excluded.<node_id>`` = 1/0) and round totals;
-4. appends one JSON line to ``audit_path`` and writes the detector state to
-   ``checkpoint_path``, so a restarted ServerApp resumes with the same
-   per-client memory.
+1. accounts for every node it sampled: a result, a failed reply (Flower
+   error, "Node Unavailable"), or no reply at all (dropped). All of them go
+   to the native :class:`safe_fedllm.DefendedRound`; failed, dropped and
+   undecodable replies as refused reports, which its admission stage rejects
+   with the reason. One code path decides, and every rejection counts 0 in
+   the safety gate's mean factor;
+2. runs the defended round: admission (keys, shapes, finiteness, probe keys,
+   norm bound, sample cap), the probe's score, the detector level's factor,
+   the safety gate, the aggregation rule;
+3. returns the new global ``ArrayRecord`` (``None`` for a skipped round:
+   Flower keeps the model) and one ``MetricRecord``: the clients' own train
+   metrics aggregated with ``train_metrics_aggr_fn`` over the admitted
+   replies, per node ``factor.<node>``, ``verdict.<node>`` (1 malicious, 0
+   benign, −1 undecided), ``excluded.<node>`` (1 when it is not in the
+   aggregate) and ``status.<node>`` (0 admitted, 1 rejected, 2 failed, 3
+   dropped, 4 unassessed), and the totals ``safe-fedllm.sampled``,
+   ``.replied``, ``.admitted``, ``.rejected``, ``.failed``, ``.dropped``,
+   ``.unassessed``, ``.aggregated``, ``.excluded``, ``.mean-factor``,
+   ``.skipped``;
+4. saves the state file (global arrays, completed rounds, detector state,
+   shadow base, the audit line) atomically, then appends the same audit
+   line (with ``replies``: per node the client id, status and reason, and
+   the same totals) to ``audit_path``.
 
-Clients are identified by ``msg.metadata.src_node_id``: a node id is assigned
-by the SuperLink, not claimed by the client.
+Resume: a strategy built with the ``state_path`` of a previous run loads it;
+``start`` then continues from the saved global at the saved round
+(``num_rounds`` is the total: a run stopped after round 2 of 5 runs rounds
+3–5), round numbers in the audit, the metrics and ``Result`` keep
+increasing, and the detector keeps its per-client memory.
+
+Identities: the detector's memory is keyed by a client id. With
+``identity="auto"`` (default) it is the SuperNode's public key (hashed,
+``pk:<hex>``) as Flower's SuperLink reports it (``grid.get_nodes()``), else
+the node id. A SuperNode started with ``--auth-supernode-private-key`` keeps
+its key, hence its identity, across its own restarts and reconnects, and
+across SuperLink restarts once its key is registered again (it may get a new
+node id; metrics keep using node ids, the audit maps them). Without a key
+file a SuperNode generates a new key on every start: its history then starts
+over, and nothing stops a client from doing that on purpose unless the
+SuperLink runs with ``--enable-supernode-auth`` (only keys the operator
+registered may connect). See ``python/README.md``.
 
 What the server verifies and what is self-reported: the update itself is the
 evidence for the client level (its last step): verified. A step trail sent as
@@ -52,26 +74,27 @@ which kind each client sent.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import math
 import os
-import re
 import time
-from dataclasses import asdict, dataclass
+import warnings
 from logging import INFO, WARNING
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import _native
-from .errors import SafeFedLLMError
+from . import _ledger, _native
+from ._records import array_record_to_numpy, numpy_to_array_record, split_trail
+from ._spec import SPEC_FILE_KEY, SPEC_KEY_PREFIX, AdmissionPolicy, keyword_spec, spec_from_run_config
+from .errors import CheckpointError, SafeFedLLMError
+from .state import StrategyState, append_audit_line, complete_audit_log
 
 try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.common.logger import log
     from flwr.serverapp import Grid
-    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy import FedAvg, Result
 except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError("safe_fedllm.flower needs Flower: pip install 'flwr>=1.42'") from exc
 
@@ -82,6 +105,9 @@ __all__ = [
     "SHADOW_KEY",
     "SHADOW_BASE_KEY",
     "STEP_SCORES_KEY",
+    "SPEC_FILE_KEY",
+    "SPEC_KEY_PREFIX",
+    "spec_from_run_config",
     "array_record_to_numpy",
     "numpy_to_array_record",
 ]
@@ -97,145 +123,11 @@ STEP_SCORES_KEY = "safe-fedllm.step-scores"
 #: Reply MetricRecord key of self-reported shadow step scores (unverifiable).
 SHADOW_SCORES_KEY = "safe-fedllm.shadow-scores"
 
-_VERDICT_CODE = {"benign": 0, "malicious": 1, "undecided": -1}
 
-
-@dataclass(frozen=True)
-class AdmissionPolicy:
-    """What a reply must satisfy before the defence looks at it.
-
-    The adversary controls its whole reply, including ``num-examples`` (its
-    FedAvg weight). The checks run in two places: this module rejects what
-    is not a LoRA update at all (no ArrayRecord, a non-float32 or non-2-D
-    array, a tensor name that is not a LoRA A/B key, a ``num-examples`` that
-    is missing or not a non-negative integer); the Rust round's admission
-    stage then checks keys and shapes against the global adapter, finiteness,
-    the presence of the probe's keys, the norm bound and the sample policy,
-    and records a typed rejection in the audit. Defaults fail closed.
-
-    * ``samples``: ``"cap_at_median_multiple"`` (default, ``sample_value`` =
-      2.0: no client weighs more than twice the round's median count),
-      ``"cap_at"`` (``sample_value`` = the largest count a client can hold),
-      ``"uniform"`` (ignore counts) or ``"trust"`` (the reference; unsafe).
-    * ``norm_bound``: ``"median_multiple"`` (default, ``norm_value`` = 10.0),
-      ``"absolute"`` (``norm_value`` = the bound on ‖update − global‖₂) or
-      ``None`` (unbounded); ``over_bound``: ``"exclude"`` or ``"clip"``.
-    * ``require_probe_keys``: reject an update without the probe's tensors.
-    """
-
-    samples: str = "cap_at_median_multiple"
-    sample_value: float | None = 2.0
-    norm_bound: str | None = "median_multiple"
-    norm_value: float | None = 10.0
-    over_bound: str = "exclude"
-    require_probe_keys: bool = True
-
-    @classmethod
-    def reference(cls) -> "AdmissionPolicy":
-        """The reference implementation's trust (for reproducing the paper only)."""
-        return cls(samples="trust", sample_value=None, norm_bound=None, norm_value=None, require_probe_keys=False)
-
-    def to_native(self) -> dict[str, Any]:
-        """The policy as :class:`safe_fedllm.DefendedRound` takes it."""
-        if self.samples in ("trust", "uniform"):
-            samples: Any = self.samples
-        elif self.samples == "cap_at":
-            samples = {"cap_at": int(self.sample_value or 0)}
-        else:
-            samples = {self.samples: float(self.sample_value if self.sample_value is not None else 2.0)}
-        bound: Any = None if self.norm_bound is None else {self.norm_bound: float(self.norm_value or 0.0)}
-        return {
-            "samples": samples,
-            "norm_bound": bound,
-            "over_bound": self.over_bound,
-            "require_probe_keys": self.require_probe_keys,
-        }
-
-    @staticmethod
-    def declared_samples(raw: Any) -> int:
-        """The declared count as an int; raises ValueError for anything else."""
-        if isinstance(raw, bool) or raw is None:
-            raise ValueError(f"num-examples {raw!r} is not an integer")
-        if isinstance(raw, float):
-            if not (math.isfinite(raw) and raw == int(raw)):
-                raise ValueError(f"num-examples {raw!r} is not an integer")
-            raw = int(raw)
-        if not isinstance(raw, (int, np.integer)) or raw < 0:
-            raise ValueError(f"num-examples {raw!r} is not a non-negative integer")
-        return min(int(raw), 2**63 - 1)
-
-
-_NPY_MAGIC = b"\x93NUMPY"
-# The header numpy writes for a C-order little-endian float32 matrix; anything
-# else goes through numpy's own (slower, literal_eval-based) header parser.
-_F32_MATRIX_HEADER = re.compile(
-    rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n"
-)
-
-
-def _npy_view(arr: Array) -> np.ndarray:
-    """A read-only view of an ``Array``'s bytes as an ndarray, without copying.
-
-    Parses the ``.npy`` header itself (no pickle is ever allowed) and returns
-    ``np.frombuffer`` over the message bytes; falls back to ``Array.numpy()``
-    for anything unusual (made C-contiguous, so a Fortran-order upload is
-    read correctly) so the caller's checks see the real dtype.
-    """
-    data = arr.data
-    if arr.stype != "numpy.ndarray" or not isinstance(data, (bytes, bytearray)):
-        return np.ascontiguousarray(arr.numpy())
-    if data[:6] == _NPY_MAGIC and data[6:8] == b"\x01\x00" and len(data) >= 10:
-        header_len = int.from_bytes(data[8:10], "little")
-        match = _F32_MATRIX_HEADER.fullmatch(data, 10, 10 + header_len)
-        if match is not None:
-            rows, cols = int(match.group(1)), int(match.group(2))
-            offset = 10 + header_len
-            if len(data) - offset != rows * cols * 4:
-                raise ValueError(f"array bytes hold {len(data) - offset} bytes, shape ({rows}, {cols}) needs {rows * cols * 4}")
-            return np.frombuffer(data, dtype=np.float32, count=rows * cols, offset=offset).reshape(rows, cols)
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            return np.ascontiguousarray(arr.numpy())
-    except ValueError:
-        return np.ascontiguousarray(arr.numpy())
-    if dtype != np.dtype("<f4") or fortran or dtype.hasobject:
-        return np.ascontiguousarray(arr.numpy())
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    offset = buf.tell()
-    if len(data) - offset != count * 4:
-        raise ValueError(f"array bytes hold {len(data) - offset} bytes, shape {shape} needs {count * 4}")
-    return np.frombuffer(data, dtype=np.float32, count=count, offset=offset).reshape(shape)
-
-
-def array_record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """``{name: ndarray}`` of an ArrayRecord; float32 arrays are zero-copy views."""
-    return {name: _npy_view(arr) for name, arr in record.items()}
-
-
-def numpy_to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """An ArrayRecord of ndarrays (keys kept, order kept)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
-
-
-def _split_trail(record: ArrayRecord | None) -> list[dict[str, np.ndarray]] | None:
-    """Step trail ``{"<i>/<key>": a}`` → list of per-step dicts, in step order."""
-    if record is None:
-        return None
-    steps: dict[int, dict[str, np.ndarray]] = {}
-    for name, arr in record.items():
-        index, sep, key = name.partition("/")
-        if not sep or not index.isdigit():
-            raise ValueError(f"step trail key {name!r} is not '<step>/<tensor key>'")
-        steps.setdefault(int(index), {})[key] = _npy_view(arr)
-    if sorted(steps) != list(range(len(steps))):
-        raise ValueError("step trail indices are not 0..n-1")
-    return [steps[i] for i in range(len(steps))]
+def _identity_of(node: Any) -> str | None:
+    """``pk:<sha256 prefix>`` of a NodeInfo's public key, or None without one."""
+    key = getattr(node, "public_key", b"") or b""
+    return "pk:" + hashlib.sha256(bytes(key)).hexdigest()[:24] if key else None
 
 
 class SafeFedLLMStrategy(FedAvg):
@@ -244,125 +136,227 @@ class SafeFedLLMStrategy(FedAvg):
     Parameters
     ----------
     probe:
-        A trained :class:`safe_fedllm.Probe` (or the path of a saved one).
-    level:
-        Detector level: ``"client"`` (default: needs nothing from clients but
-        their update), ``"step"`` (needs a step trail), ``"shadow"`` or
-        ``"evidence"`` (need a shadow branch).
-    detector_settings:
-        Keyword arguments of :class:`safe_fedllm.Detector` (threshold, …).
-    rule, rule_settings:
-        The aggregation rule and its settings (:class:`safe_fedllm.Aggregator`).
-    skip_avg_weight:
-        Safety gate: skip the round when the mean security factor is below it.
-    admission:
-        :class:`AdmissionPolicy` (defaults are meant for untrusted clients).
+        A trained :class:`safe_fedllm.Probe` (or the path of a saved one),
+        for a spec that names none; ``None`` when the spec's ``probe``
+        section names it.
+    spec:
+        The defense spec: a dict or the path of a ``.toml`` / ``.json``
+        file (:meth:`safe_fedllm.DefendedRound.from_spec`); ``None``: the
+        safe defaults. Detector level (``"client"``: needs nothing from
+        clients but their update; ``"step"``: a step trail; ``"shadow"`` /
+        ``"evidence"``: a shadow branch), rule, safety gate (every sampled
+        node counted in its mean; rejected, failed and dropped ones as 0),
+        trail check and admission policy are all in it. A misspelt key raises
+        :class:`safe_fedllm.SpecError` naming it.
+    base_dir:
+        The folder a dict spec's relative probe path is read against.
     audit_path:
-        JSON-lines file, one line per round (appended).
-    checkpoint_path:
-        JSON file with the detector state (and the shadow base, next to it as
-        ``.npz``), rewritten atomically after each round and loaded at start.
+        JSON-lines file, one line per round (appended, fsynced).
+    state_path:
+        The strategy's state file (:mod:`safe_fedllm.state`), replaced
+        atomically after each round and loaded at construction when it
+        exists. ``checkpoint_path`` is accepted as another name for it.
+    identity:
+        ``"auto"`` (the SuperNode's public key when the SuperLink reports one,
+        else its node id) or ``"node_id"``.
+    level, detector_settings, rule, rule_settings, skip_avg_weight, trail, admission:
+        Deprecated (``DeprecationWarning``): the keyword form, turned into
+        the spec it describes. Write ``spec=`` instead.
     **fedavg_kwargs:
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`
+        (``train_metrics_aggr_fn`` included: see ``aggregate_train``).
     """
 
     def __init__(
         self,
-        probe: _native.Probe | str | os.PathLike[str],
+        probe: _native.Probe | str | os.PathLike[str] | None = None,
         *,
-        level: str = "client",
-        detector_settings: dict[str, Any] | None = None,
-        rule: str = "fedavg",
-        rule_settings: dict[str, Any] | None = None,
-        skip_avg_weight: float = 0.2,
-        trail: str | float = "exact",
-        admission: AdmissionPolicy | None = None,
+        spec: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
         audit_path: str | os.PathLike[str] | None = None,
+        state_path: str | os.PathLike[str] | None = None,
         checkpoint_path: str | os.PathLike[str] | None = None,
+        identity: str = "auto",
+        level: str | None = None,
+        detector_settings: dict[str, Any] | None = None,
+        rule: str | None = None,
+        rule_settings: dict[str, Any] | None = None,
+        skip_avg_weight: float | None = None,
+        trail: str | float | None = None,
+        admission: AdmissionPolicy | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        self.probe = probe if isinstance(probe, _native.Probe) else _native.Probe.load(os.fspath(probe))
-        self.level = level
-        self.detector_settings = dict(detector_settings or {})
-        self.rule = rule
-        self.rule_settings = dict(rule_settings or {})
-        self.skip_avg_weight = skip_avg_weight
-        self.trail = trail
-        self.admission = admission or AdmissionPolicy()
+        if identity not in ("auto", "node_id"):
+            raise ValueError(f"identity {identity!r} is not 'auto' or 'node_id'")
+        legacy = keyword_spec(level, detector_settings, rule, rule_settings, skip_avg_weight, trail, admission)
+        if legacy:
+            if spec is not None:
+                raise TypeError("give the defence as spec=..., not also as keywords (level=, rule=, …)")
+            warnings.warn(
+                "SafeFedLLMStrategy(level=..., rule=..., skip_avg_weight=..., admission=...) is deprecated: "
+                f"pass the defense spec instead, spec={legacy!r} (or a spec file, or from_run_config)",
+                DeprecationWarning, stacklevel=2)
+            spec = legacy
+        self._spec: dict[str, Any] | str = (
+            {} if spec is None else os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else dict(spec))
+        self._base_dir = os.fspath(base_dir) if base_dir is not None else None
+        self._probe = probe if probe is None or isinstance(probe, _native.Probe) else _native.Probe.load(os.fspath(probe))
+        self.identity = identity
         self.audit_path = os.fspath(audit_path) if audit_path is not None else None
-        self.checkpoint_path = os.fspath(checkpoint_path) if checkpoint_path is not None else None
+        path = state_path if state_path is not None else checkpoint_path
+        self.state_path = os.fspath(path) if path is not None else None
         self._global: dict[str, np.ndarray] | None = None
         self._global_record: ArrayRecord | None = None
         self._shadow_base: dict[str, np.ndarray] | None = None
         self._round: _native.DefendedRound | None = None
+        # Per round: the messages configure_train returned (Flower sets their
+        # message ids when it pushes them) and the node -> client id map.
+        self._sent: list[Message] = []
+        self._clients: dict[int, str] = {}
+        self._identities: dict[str, str] = {}
+        self._completed = 0
+        self._offset = 0
+        self._resumed_global: dict[str, np.ndarray] | None = None
         self.last_outcome: dict[str, Any] | None = None
         self._build_round()
+        assert self._round is not None
+        #: The checked spec (canonical form) and its SHA-256, recorded in every audit line.
+        self.spec: dict[str, Any] = self._round.spec
+        self.spec_sha256: str = self._round.spec_sha256
+        #: The probe the round scores with (the spec's τ applied).
+        self.probe: _native.Probe = self._round.probe
+        #: The detector level the spec names.
+        self.level: str = self._round.level
+        log(INFO, "safe-fedllm: defense spec %s", json.dumps({"spec": self.spec, "spec_sha256": self.spec_sha256}))
         self._resume()
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> "SafeFedLLMStrategy":
+        """The strategy a Flower ``run_config`` configures.
+
+        The spec is the file named by ``safe-fedllm.spec-file`` (relative to
+        ``base_dir``, default the working directory; empty: the safe defaults)
+        with every ``safe-fedllm.spec.<section>.<key>`` setting merged in,
+        e.g. in the app's ``pyproject.toml``::
+
+            [tool.flwr.app.config]
+            "safe-fedllm.spec-file" = "/etc/fl/defense.toml"
+            "safe-fedllm.spec.detector.level" = "client"
+            "safe-fedllm.spec.gate.threshold" = 0.3
+
+        and per run ``flwr run . --run-config 'safe-fedllm.spec.detector.level="evidence"'``.
+        Flower fuses the declared defaults with the run's overrides, so a
+        declared setting always wins over the file's. An unknown
+        ``safe-fedllm.*`` key or a setting the spec refuses raises
+        :class:`safe_fedllm.SpecError` naming the run_config key. ``kwargs``
+        are the constructor's others (``probe`` for a spec naming none,
+        ``audit_path``, ``state_path``, FedAvg's).
+        """
+        for key in ("spec", "level", "detector_settings", "rule", "rule_settings", "skip_avg_weight", "trail",
+                    "admission"):
+            if key in kwargs:
+                raise TypeError(f"from_run_config takes the defence from the run_config, not from {key}=")
+        spec, spec_dir = spec_from_run_config(run_config, base_dir=base_dir)
+        return cls(spec=spec, base_dir=spec_dir, **kwargs)
 
     # -- set-up -----------------------------------------------------------
 
     def _build_round(self) -> None:
-        detector = _native.Detector(self.level, **self.detector_settings)
-        aggregator = _native.Aggregator(self.rule, **self.rule_settings)
-        self._round = _native.DefendedRound(
-            self.probe,
-            detector,
-            aggregator,
-            skip_avg_weight=self.skip_avg_weight,
-            trail=self.trail,
-            admission=self.admission.to_native(),
-            shadow_base=self._shadow_base,
-        )
-
-    def _shadow_base_path(self) -> str | None:
-        return None if self.checkpoint_path is None else self.checkpoint_path + ".shadow-base.npz"
+        self._round = _native.DefendedRound.from_spec(
+            self._spec, probe=self._probe, base_dir=self._base_dir, shadow_base=self._shadow_base)
 
     def _resume(self) -> None:
-        """Loads the detector state (and shadow base) written by a previous run."""
-        if self.checkpoint_path is None or not os.path.exists(self.checkpoint_path):
+        """Loads the state file of a previous run, and completes its audit log."""
+        if self.state_path is None or not os.path.exists(self.state_path):
             return
-        with open(self.checkpoint_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        base_path = self._shadow_base_path()
-        if base_path and os.path.exists(base_path):
-            with np.load(base_path, allow_pickle=False) as npz:
-                self._shadow_base = {k: np.ascontiguousarray(npz[k], dtype=np.float32) for k in npz.files}
+        state = StrategyState.load(self.state_path)
+        if state.level != self.level:
+            raise CheckpointError(
+                f"state file {self.state_path} is {state.level}-level, this strategy runs {self.level}-level",
+                kind="checkpoint", expected=self.level, found=state.level, path=self.state_path,
+            )
+        if state.shadow_base is not None:
+            self._shadow_base = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.shadow_base.items()}
             self._build_round()
         assert self._round is not None
-        self._round.load_detector_json(json.dumps(saved["detector"]))
-        log(INFO, "safe-fedllm: resumed detector state of server round %s from %s", saved.get("server_round"), self.checkpoint_path)
+        self._round.load_detector_json(json.dumps(state.detector))
+        self._completed = state.completed_rounds
+        self._resumed_global = state.global_arrays or None
+        self._identities = dict(state.identities)
+        if self.audit_path is not None:
+            complete_audit_log(self.audit_path, state)
+        log(INFO, "safe-fedllm: resumed after round %d from %s", self._completed, self.state_path)
 
-    def _checkpoint(self, server_round: int) -> None:
-        if self.checkpoint_path is None or self._round is None:
-            return
-        base_path = self._shadow_base_path()
-        if base_path and self._shadow_base is not None and not os.path.exists(base_path):
-            tmp = base_path + ".tmp.npz"
-            np.savez(tmp, **self._shadow_base)
-            os.replace(tmp, base_path)
-        state = {"server_round": server_round, "level": self.level, "detector": json.loads(self._round.detector_json())}
-        tmp = self.checkpoint_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoint_path)
+    @property
+    def completed_rounds(self) -> int:
+        """Rounds completed so far, over every run that shared the state file."""
+        return self._completed
 
     def summary(self) -> None:
         """Logs Flower's summary and the defence settings."""
         super().summary()
-        log(INFO, "\t└──> Safe-FedLLM: level=%s rule=%s skip_avg_weight=%s admission=%s",
-            self.level, self.rule, self.skip_avg_weight, asdict(self.admission))
+        log(INFO, "\t└──> Safe-FedLLM: level=%s identity=%s spec_sha256=%s spec=%s",
+            self.level, self.identity, self.spec_sha256, json.dumps(self.spec))
 
-    # -- Flower hooks -----------------------------------------------------
+    # -- the round loop -----------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's loop, resumed: ``num_rounds`` is the total over restarts.
+
+        After a restart the saved global replaces ``initial_arrays`` (whose
+        tensor names must match it) and only the remaining rounds run; round
+        numbers passed to hooks, ``evaluate_fn`` and ``Result`` are absolute.
+        """
+        done = self._completed
+        arrays = initial_arrays
+        if self._resumed_global is not None:
+            names = list(initial_arrays.keys())
+            if sorted(names) != sorted(self._resumed_global):
+                raise CheckpointError(
+                    f"state file {self.state_path} holds a global with tensors {sorted(self._resumed_global)[:3]}…, "
+                    f"the ServerApp's initial arrays have {sorted(names)[:3]}…: not the same model",
+                    kind="checkpoint", path=self.state_path,
+                )
+            arrays = numpy_to_array_record(self._resumed_global)
+            log(INFO, "safe-fedllm: continuing from the saved global after round %d (initial arrays ignored)", done)
+        if done >= num_rounds:
+            log(WARNING, "safe-fedllm: %d of %d rounds already done; nothing to run", done, num_rounds)
+            result = Result()
+            result.arrays = arrays
+            return result
+        self._offset = done
+        shifted_eval = None if evaluate_fn is None else (lambda r, a: evaluate_fn(r + done, a))
+        try:
+            result = super().start(grid, arrays, num_rounds - done, timeout, train_config, evaluate_config, shifted_eval)
+        finally:
+            self._offset = 0
+        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+            table = getattr(result, name)
+            setattr(result, name, {r + done: v for r, v in table.items()})
+        if len(result.arrays) == 0 and self._global_record is not None:
+            result.arrays = self._global_record  # every round skipped: the global kept
+        return result
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Keeps the global arrays, tells clients what evidence to send, then samples as FedAvg."""
+        """Keeps the global arrays and the sampled nodes, tells clients what evidence to send."""
+        server_round += self._offset
         self._global_record = arrays
         self._global = array_record_to_numpy(arrays)
+        self._clients = self._client_ids(grid)
         uses_shadow = self.level in ("shadow", "evidence")
         if uses_shadow and self._shadow_base is None:
             # The fixed shadow base is the first global adapter the strategy sees.
@@ -376,16 +370,47 @@ class SafeFedLLMStrategy(FedAvg):
         config["safe-fedllm.step-trail"] = self.level == "step"
         config["safe-fedllm.shadow"] = uses_shadow
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not uses_shadow or self._shadow_base is None:
-            return messages
-        # Per node: a client the evidence level has frozen trains no shadow
-        # branch (the reference's `use_shadow`), except in its audit rounds.
-        assert self._round is not None
+        if uses_shadow and self._shadow_base is not None:
+            messages = self._with_shadow_base(messages, arrays, config)
+        self._sent = messages
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, with the absolute round number."""
+        return super().configure_evaluate(server_round + self._offset, arrays, config, grid)
+
+    def _client_ids(self, grid: Grid) -> dict[int, str]:
+        """node id -> the id the detector keys its memory on."""
+        if self.identity == "node_id" or not hasattr(grid, "get_nodes"):
+            return {}
+        try:
+            nodes = list(grid.get_nodes())
+        except Exception as e:  # a Grid without node info: node ids it is
+            log(WARNING, "safe-fedllm: grid.get_nodes() failed (%s); identifying clients by node id", e)
+            return {}
+        out = {}
+        for info in nodes:
+            ident = _identity_of(info)
+            if ident is not None:
+                out[int(info.node_id)] = ident
+        return out
+
+    def _client(self, node: int) -> str:
+        client = self._clients.get(node, str(node))
+        self._identities[str(node)] = client
+        return client
+
+    def _with_shadow_base(self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """Per node: a client the evidence level has frozen trains no shadow
+        branch (the reference's ``use_shadow``), except in its audit rounds."""
+        assert self._round is not None and self._shadow_base is not None
         base = numpy_to_array_record(self._shadow_base)
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            needs = self._round.needs_shadow(str(node))
+            needs = self._round.needs_shadow(self._client(node))
             node_config = ConfigRecord(dict(config))
             node_config["safe-fedllm.shadow"] = needs
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
@@ -397,19 +422,26 @@ class SafeFedLLMStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Runs the defended round on the replies; ``None`` arrays = skipped round."""
+        """Runs the defended round on every sampled node; ``None`` arrays = skipped round.
+
+        The clients' own metrics are aggregated with ``train_metrics_aggr_fn``
+        (FedAvg's call, ``fn(list[RecordDict], weighted_by_key)``) over the
+        admitted replies, weighted by their admitted sample counts; the
+        strategy's own keys win over a client metric of the same name.
+        """
         started = time.perf_counter()
-        valid, _errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        server_round += self._offset
+        replies = list(replies)
+        self._check_and_log_replies(replies, is_train=True, validate=False)
         if self._global is None or self._round is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        reports, excluded = self._admit(valid)
-        metrics: dict[str, Any] = {"safe-fedllm.admitted": len(reports), "safe-fedllm.excluded": len(excluded)}
+        intake = self._intake(replies)
         outcome: dict[str, Any] | None = None
-        new_arrays: ArrayRecord | None = None
+        new_global: dict[str, np.ndarray] | None = None
         round_error: str | None = None
-        if reports:
+        if intake.reports:
             try:
-                outcome = self._round.run(server_round - 1, self._global, reports)
+                outcome = self._round.run(server_round - 1, self._global, intake.reports)
             except SafeFedLLMError as e:
                 # A round-level fault (e.g. too few clients left for Krum's
                 # n >= 2f + 3) keeps the global model rather than failing the
@@ -418,34 +450,53 @@ class SafeFedLLMStrategy(FedAvg):
                 log(WARNING, "safe-fedllm round %d: %s; global kept", server_round, round_error)
             else:
                 new_global = outcome.pop("new_global")
-                if new_global is not None:
-                    new_arrays = self._to_record(new_global)
-        for node, reason in excluded.items():
-            metrics[f"factor.{node}"] = 0.0
-            metrics[f"verdict.{node}"] = -1
-            metrics[f"excluded.{node}"] = 1
+        entries = _ledger.ledger(intake, outcome)
+        totals = _ledger.totals(entries, intake)
+        totals["safe-fedllm.skipped"] = int(new_global is None)
+        own: dict[str, Any] = {**totals, **_ledger.per_node_metrics(entries)}
         if outcome is not None:
-            for c in outcome["clients"]:
-                node = c["client"]
-                metrics[f"factor.{node}"] = float(c["factor"])
-                metrics[f"verdict.{node}"] = _VERDICT_CODE.get(c["verdict"], -1)
-                metrics[f"excluded.{node}"] = int(c["aggregation_weight"] is None)
-            metrics["safe-fedllm.mean-factor"] = float(outcome["mean_factor"])
-            metrics["safe-fedllm.skipped"] = int(outcome["skipped"])
-        else:
-            metrics["safe-fedllm.skipped"] = 1
+            own["safe-fedllm.mean-factor"] = float(outcome["mean_factor"])
+        client_metrics, metrics_error = _ledger.client_metrics(
+            self.train_metrics_aggr_fn, self.weighted_by_key, intake, entries)
         seconds = time.perf_counter() - started
-        metrics["safe-fedllm.seconds"] = seconds
-        self._audit(server_round, outcome, excluded, seconds, round_error)
-        self._checkpoint(server_round)
-        self.last_outcome = {"server_round": server_round, "outcome": outcome, "admission": excluded}
-        skipped = new_arrays is None
-        log(INFO if not skipped else WARNING, "safe-fedllm round %d: %s; factors %s",
-            server_round, "skipped (global kept)" if skipped else "aggregated",
-            {k[7:]: round(v, 4) for k, v in metrics.items() if k.startswith("factor.")})
-        return new_arrays, MetricRecord(metrics)
+        own["safe-fedllm.seconds"] = seconds
+        new_arrays = None if new_global is None else self._to_record(new_global)
+        line = {
+            "server_round": server_round,
+            "round_error": round_error,
+            "totals": totals,
+            "replies": _ledger.reply_table(entries),
+            "client_metrics": client_metrics,
+            "client_metrics_error": metrics_error,
+            "seconds": seconds,
+            "outcome": None if outcome is None else json.loads(outcome["audit_line"]),
+        }
+        self._completed = server_round
+        self._save_state(new_arrays, line)
+        if self.audit_path is not None:
+            append_audit_line(self.audit_path, line)
+        self.last_outcome = {"server_round": server_round, "outcome": outcome, "replies": line["replies"]}
+        log(INFO if new_arrays is not None else WARNING, "safe-fedllm round %d: %s; %s", server_round,
+            "aggregated" if new_arrays is not None else "skipped (global kept)",
+            {k[12:]: v for k, v in totals.items()})
+        return new_arrays, MetricRecord({**client_metrics, **own})
 
     # -- helpers ----------------------------------------------------------
+
+    def _save_state(self, new_arrays: ArrayRecord | None, line: dict[str, Any]) -> None:
+        if self.state_path is None or self._round is None:
+            return
+        record = new_arrays if new_arrays is not None else self._global_record
+        assert record is not None
+        StrategyState(
+            completed_rounds=self._completed,
+            level=self.level,
+            detector=json.loads(self._round.detector_json()),
+            global_arrays={k: np.asarray(v) for k, v in array_record_to_numpy(record).items()},
+            shadow_base=self._shadow_base,
+            last_audit_line=line,
+            identities=self._identities,
+        ).save(self.state_path)
 
     def _to_record(self, new_global: dict[str, np.ndarray]) -> ArrayRecord:
         """The new global under the global record's own key names and order."""
@@ -456,28 +507,49 @@ class SafeFedLLMStrategy(FedAvg):
             out[name] = Array(new_global[canonical if canonical is not None else name])
         return ArrayRecord(out)
 
-    def _admit(self, replies: list[Message]) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """Admission: one reason per excluded node; reports for the others."""
-        assert self._global is not None
-        reports: list[dict[str, Any]] = []
-        excluded: dict[str, str] = {}
-        seen: set[str] = set()
-        for msg in replies:
-            node = str(msg.metadata.src_node_id)
-            if node in seen:
-                excluded[node] = "more than one reply from this node"
-                reports = [r for r in reports if r["client"] != node]
-                continue
-            seen.add(node)
-            try:
-                report = self._admit_one(node, msg)
-            except (SafeFedLLMError, ValueError, TypeError, KeyError) as e:
-                excluded[node] = f"{type(e).__name__}: {e}"
-                continue
-            reports.append(report)
-        return reports, excluded
+    @staticmethod
+    def _sender(msg: Message, instructions: dict[str, int]) -> int:
+        """The node a reply answers for: the destination of the instruction it
+        replies to (Flower's own "Node Unavailable" replies come from the
+        SuperLink), else its source node."""
+        node = instructions.get(msg.metadata.reply_to_message_id)
+        return node if node is not None else int(msg.metadata.src_node_id)
 
-    def _admit_one(self, node: str, msg: Message) -> dict[str, Any]:
+    def _intake(self, replies: list[Message]) -> _ledger.Intake:
+        """One report per node: sampled nodes without a reply are dropped,
+        error replies failed, undecodable replies refused; the native
+        admission decides all of them."""
+        sampled = [int(m.metadata.dst_node_id) for m in self._sent]
+        intake = _ledger.Intake(sampled=len(sampled), replied=sum(not m.has_error() for m in replies))
+        # Flower sets each instruction's message id when it pushes it.
+        instructions = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent if m.metadata.message_id}
+        by_node: dict[int, list[Message]] = {}
+        for msg in replies:
+            by_node.setdefault(self._sender(msg, instructions), []).append(msg)
+        for node, msgs in by_node.items():
+            client = self._client(node)
+            msg = msgs[0]
+            if len(msgs) > 1:
+                intake.refuse(client, node, "duplicate_reply", f"{len(msgs)} replies from this node in one round")
+            elif sampled and node not in sampled:
+                intake.refuse(client, node, "not_sampled", "this node was not sampled this round")
+            elif msg.has_error():
+                intake.refuse(client, node, _ledger.FAILED,
+                              f"Flower error code {msg.error.code}: {msg.error.reason}")
+            else:
+                try:
+                    intake.admit(client, node, self._report(client, msg), msg.content)
+                except (SafeFedLLMError, ValueError, TypeError, KeyError) as e:
+                    intake.refuse(client, node, type(e).__name__, str(e))
+        for node in sampled:
+            if node not in by_node:
+                intake.refuse(self._client(node), node, _ledger.DROPPED,
+                              "sampled in configure_train; no reply when the round closed")
+        return intake
+
+    def _report(self, client: str, msg: Message) -> dict[str, Any]:
+        """The native round's report of a reply. Only decoding happens here;
+        dtype, rank, key names and every value check are the native round's."""
         assert self._global is not None
         content = msg.content
         records = content.array_records
@@ -489,20 +561,13 @@ class SafeFedLLMStrategy(FedAvg):
                 raise ValueError(f"expected one update ArrayRecord, found {sorted(records)}")
             update_record = records[main[0]]
         update = array_record_to_numpy(update_record)
-        for key, value in update.items():
-            if _native.canonical_key(key) is None:
-                raise KeyError(f"{key!r} is not a LoRA A/B tensor name")
-            if value.dtype != np.float32:
-                raise TypeError(f"tensor {key!r} has dtype {value.dtype}, expected float32")
-            if value.ndim != 2:
-                raise ValueError(f"tensor {key!r} has shape {value.shape}, expected a matrix")
         raw = None
         for rec in content.metric_records.values():
             if self.weighted_by_key in rec:
                 raw = rec[self.weighted_by_key]
                 break
-        samples = self.admission.declared_samples(raw)
-        report: dict[str, Any] = {"client": node, "update": update, "samples": samples}
+        samples = AdmissionPolicy.declared_samples(raw)
+        report: dict[str, Any] = {"client": client, "update": update, "samples": samples}
         report["steps"] = self._evidence(content, STEPS_KEY, STEP_SCORES_KEY, fill=update)
         report["shadow"] = self._evidence(content, SHADOW_KEY, SHADOW_SCORES_KEY, fill=self._shadow_base)
         return report
@@ -515,7 +580,7 @@ class SafeFedLLMStrategy(FedAvg):
         base for the shadow branch): they do not enter the probe's features,
         and the trail check then compares exactly the tensors the client sent.
         """
-        trail = _split_trail(content.array_records.get(arrays_key))
+        trail = split_trail(content.array_records.get(arrays_key))
         if trail is not None:
             if fill is None:
                 raise ValueError(f"{arrays_key} sent but there is no base to complete it against")
@@ -526,19 +591,3 @@ class SafeFedLLMStrategy(FedAvg):
                 scores = scores if isinstance(scores, list) else [scores]
                 return [float(s) for s in scores]
         return None
-
-    def _audit(
-        self, server_round: int, outcome: dict[str, Any] | None, excluded: dict[str, str], seconds: float,
-        round_error: str | None,
-    ) -> None:
-        if self.audit_path is None:
-            return
-        line = {
-            "server_round": server_round,
-            "round_error": round_error,
-            "admission_exclusions": excluded,
-            "seconds": seconds,
-            "outcome": None if outcome is None else json.loads(outcome["audit_line"]),
-        }
-        with open(self.audit_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")

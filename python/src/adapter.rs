@@ -67,7 +67,7 @@ impl Adapter {
                     "InvalidParameterError",
                     format!("dtype `{other}` is not one of f32, f16, bf16"),
                     |d| {
-                        d.set_item("param", "dtype")?;
+                        d.set_item("name", "dtype")?;
                         d.set_item("value", other)
                     },
                 ));

@@ -3,34 +3,14 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::ClientId;
-use safe_fedllm::detect::{
-    AnyDetector, ClientEvidence, ClientLevelParams, DefenseLevel, Detector as _,
-    EvidenceLevelParams, ShadowLevelParams, StepLevelParams,
-};
+use safe_fedllm::detect::{AnyDetector, ClientEvidence, DefenseLevel, Detector as _};
 use safe_fedllm::probe::DEFAULT_THRESHOLD;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use safe_fedllm::round::DetectorSpec;
 use serde_json::Value;
 
 use crate::errors::{IntoPy, raise};
 use crate::json::serde_to_py;
-
-pub(crate) fn level(name: &str) -> PyResult<DefenseLevel> {
-    match name {
-        "step" => Ok(DefenseLevel::Step),
-        "client" => Ok(DefenseLevel::Client),
-        "shadow" => Ok(DefenseLevel::Shadow),
-        "evidence" => Ok(DefenseLevel::Evidence),
-        other => Err(raise(
-            "InvalidParameterError",
-            format!("level `{other}` is not one of step, client, shadow, evidence"),
-            |d| {
-                d.set_item("param", "level")?;
-                d.set_item("value", other)
-            },
-        )),
-    }
-}
+use crate::spec;
 
 pub(crate) fn level_name(level: DefenseLevel) -> &'static str {
     match level {
@@ -41,75 +21,34 @@ pub(crate) fn level_name(level: DefenseLevel) -> &'static str {
     }
 }
 
-/// Python kwargs as a JSON object (through `json.dumps`, so tuples become arrays).
-pub(crate) fn kwargs_json(
-    py: Python<'_>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-) -> PyResult<serde_json::Map<String, Value>> {
-    let Some(kwargs) = kwargs else {
-        return Ok(serde_json::Map::new());
-    };
-    let text: String = py
-        .import("json")?
-        .call_method1("dumps", (kwargs,))?
-        .extract()?;
-    match serde_json::from_str(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(raise(
-            "InvalidParameterError",
-            "detector settings must be JSON-serialisable keyword arguments".into(),
-            |_| Ok(()),
-        )),
-    }
+/// The core spec of `level` with `settings`: the `detector` section of a
+/// defense spec (a setting the level does not have raises `SpecError`).
+pub(crate) fn level_spec(
+    level: &str,
+    mut settings: serde_json::Map<String, Value>,
+) -> PyResult<DetectorSpec> {
+    settings.insert("level".into(), level.into());
+    Ok(spec::with_section("detector", Value::Object(settings))?.detector)
 }
 
-fn json_err(e: impl std::fmt::Display) -> PyErr {
-    raise(
-        "InvalidParameterError",
-        format!("detector settings: {e}"),
-        |_| Ok(()),
-    )
-}
-
-/// Default params of one level, overridden by `overrides` (unknown names are errors).
-fn params<P: Default + Serialize + DeserializeOwned>(
-    overrides: &serde_json::Map<String, Value>,
-    nested: Option<&str>,
-) -> PyResult<P> {
-    let mut base = serde_json::to_value(P::default()).map_err(json_err)?;
-    for (k, v) in overrides {
-        let Value::Object(obj) = &mut base else {
-            return Err(json_err("not an object"));
-        };
-        if obj.contains_key(k) {
-            obj.insert(k.clone(), v.clone());
-            continue;
-        }
-        match nested.and_then(|n| obj.get_mut(n)) {
-            Some(Value::Object(inner)) if inner.contains_key(k) => {
-                inner.insert(k.clone(), v.clone());
-            }
-            _ => {
-                return Err(raise(
-                    "InvalidParameterError",
-                    format!("unknown detector setting `{k}` for this level"),
-                    |d| {
-                        d.set_item("param", k)?;
-                        d.set_item("value", v.to_string())
-                    },
-                ));
-            }
-        }
+/// The spec a detector was built from (its settings, without its state).
+pub(crate) fn spec_of(detector: &AnyDetector) -> DetectorSpec {
+    match detector {
+        AnyDetector::Step(d) => DetectorSpec::Step(d.settings().clone()),
+        AnyDetector::Client(d) => DetectorSpec::Client(d.settings().clone()),
+        AnyDetector::Shadow(d) => DetectorSpec::Shadow(d.settings().clone()),
+        AnyDetector::Evidence(d) => DetectorSpec::Evidence(d.settings().clone()),
     }
-    serde_json::from_value(base).map_err(json_err)
 }
 
 /// A Safe-FedLLM detector: turns a client's probe scores into a security factor.
 ///
 /// `level` is "step", "client", "shadow" or "evidence"; keyword arguments
-/// override the reference defaults (threshold, active_rounds, min_weight,
-/// decay, batch_size, grad_accum, prior, missing_steps, steepness, pivot,
-/// missing_score, eta, evidence_min, audit_interval, missing_last_score).
+/// are that level's settings, named as in the `detector` section of a
+/// defense spec (the evidence level's shadow settings under
+/// `shadow={...}`). A setting the level does not have raises `SpecError`
+/// naming it; an out-of-range value raises `InvalidParameterError`. τ is
+/// the probe's, never a detector setting.
 ///
 /// >>> d = Detector("client")
 /// >>> d.assess(0, "alice", 100, last_score=0.95)["verdict"]
@@ -125,22 +64,9 @@ impl Detector {
     #[new]
     #[pyo3(signature = (level = "client", **settings))]
     fn new(py: Python<'_>, level: &str, settings: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        let overrides = kwargs_json(py, settings)?;
-        let inner: AnyDetector = match self::level(level)? {
-            DefenseLevel::Step => params::<StepLevelParams>(&overrides, None)?
-                .build()
-                .map(AnyDetector::from),
-            DefenseLevel::Client => params::<ClientLevelParams>(&overrides, None)?
-                .build()
-                .map(AnyDetector::from),
-            DefenseLevel::Shadow => params::<ShadowLevelParams>(&overrides, None)?
-                .build()
-                .map(AnyDetector::from),
-            DefenseLevel::Evidence => params::<EvidenceLevelParams>(&overrides, Some("shadow"))?
-                .build()
-                .map(AnyDetector::from),
-        }
-        .py()?;
+        let inner = level_spec(level, spec::kwargs(py, settings)?)?
+            .check()
+            .py()?;
         Ok(Detector { inner })
     }
 
@@ -221,6 +147,12 @@ impl Detector {
         Detector {
             inner: self.inner.clone(),
         }
+    }
+
+    /// The detector's spec: the `detector` section of a defense spec.
+    #[getter]
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        serde_to_py(py, &spec_of(&self.inner))
     }
 
     fn __repr__(&self) -> String {

@@ -9,6 +9,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::Error;
+use safe_fedllm::error::MalformedSafetensors;
 
 /// Raises `safe_fedllm.errors.<class>(message, kind=..., **fields)`.
 pub fn raise(
@@ -38,6 +39,7 @@ pub fn to_py(err: Error) -> PyErr {
     let message = err.to_string();
     let path = outer_path(&err);
     let client = err.client().map(|c| c.to_string());
+    let sample = manifest_sample(&err);
     let root = err.root();
     let (class, kind) = classify(root);
     raise(class, message, |d| {
@@ -49,8 +51,21 @@ pub fn to_py(err: Error) -> PyErr {
         if let Some(c) = &client {
             d.set_item("client", c)?;
         }
+        if let Some((line, root)) = &sample {
+            d.set_item("line", line)?;
+            d.set_item("root", root)?;
+        }
         Ok(())
     })
+}
+
+/// The manifest line and folder of a `ManifestSample` wrapper on the way to the root.
+fn manifest_sample(err: &Error) -> Option<(usize, String)> {
+    match err {
+        Error::ManifestSample { line, root, .. } => Some((*line, root.display().to_string())),
+        Error::Client { source, .. } | Error::InFile { source, .. } => manifest_sample(source),
+        _ => None,
+    }
 }
 
 /// The file a failure came from: the outermost path on the way to the root.
@@ -99,6 +114,7 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
         Error::ShapeMismatch { .. } => ("ShapeMismatchError", "shape_mismatch"),
         Error::MissingKey { .. } => ("MissingKeyError", "missing_key"),
         Error::NonFinite { .. } => ("NonFiniteError", "non_finite"),
+        Error::StorageOverflow { .. } => ("NonFiniteError", "storage_overflow"),
         Error::EmptySelection { .. } => ("InvalidParameterError", "empty_selection"),
         Error::DimensionMismatch { .. } => ("ShapeMismatchError", "dimension_mismatch"),
         Error::NonFiniteFeature { .. } => ("NonFiniteError", "non_finite_feature"),
@@ -120,6 +136,7 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
         Error::UnmappedTensor { .. } => ("KeyFormatError", "unmapped_tensor"),
         Error::InteropFailed { .. } => ("FormatError", "interop_failed"),
         Error::Invariant { .. } => ("InternalError", "invariant"),
+        Error::Spec { .. } => ("SpecError", "spec"),
         // Context wrappers never reach here (`to_py` passes the root); the
         // enum is non-exhaustive, so a variant added later maps to the base
         // class until it is listed above.
@@ -127,28 +144,32 @@ fn classify(e: &Error) -> (&'static str, &'static str) {
     }
 }
 
-/// The root error's fields, under the attribute names `errors.py` declares.
+/// The root error's fields, under the core variant's own field names (the
+/// one exception: `NotAFile`'s `kind` is `file_kind`, since `kind` names the
+/// variant on every exception). Shapes are lists, I/O sources their message.
 fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
     match e {
+        Error::Io { source, .. } => d.set_item("source", source.to_string())?,
         Error::Write { what, source } => {
             d.set_item("what", what)?;
-            d.set_item("reason", source.to_string())?;
+            d.set_item("source", source.to_string())?;
         }
-        Error::NotAFile { kind, .. } => d.set_item("what", kind)?,
+        Error::NotAFile { kind, .. } => d.set_item("file_kind", kind)?,
         Error::InputTooLarge { found, limit } => {
             d.set_item("found", found)?;
             d.set_item("limit", limit)?;
         }
         Error::HeaderTooLarge { declared, limit } => {
-            d.set_item("found", declared)?;
+            d.set_item("declared", declared)?;
             d.set_item("limit", limit)?;
         }
+        Error::Malformed(m) => malformed(m, d)?,
         Error::InvalidMetadata {
             field,
             value,
             reason,
         } => {
-            d.set_item("param", field)?;
+            d.set_item("field", field)?;
             d.set_item("value", value)?;
             d.set_item("reason", reason)?;
         }
@@ -161,9 +182,9 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             dtype,
             supported,
         } => {
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("dtype", dtype)?;
-            d.set_item("expected", supported)?;
+            d.set_item("supported", supported)?;
         }
         Error::NotALoraKey { key } => d.set_item("key", key)?,
         Error::DuplicateKey {
@@ -171,7 +192,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             first,
             second,
         } => {
-            d.set_item("key", canonical)?;
+            d.set_item("canonical", canonical)?;
             d.set_item("first", first)?;
             d.set_item("second", second)?;
         }
@@ -180,8 +201,8 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             d.set_item("second", second)?;
         }
         Error::NotAMatrix { tensor, shape } => {
-            d.set_item("key", tensor)?;
-            d.set_item("found", shape.clone())?;
+            d.set_item("tensor", tensor)?;
+            d.set_item("shape", shape.clone())?;
         }
         Error::DataLength {
             tensor,
@@ -189,7 +210,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             expected,
             found,
         } => {
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("shape", shape.clone())?;
             d.set_item("expected", expected)?;
             d.set_item("found", found)?;
@@ -198,18 +219,21 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             module,
             a_shape,
             b_shape,
-            ..
+            a_rank,
+            b_rank,
         } => {
-            d.set_item("key", module)?;
-            d.set_item("expected", a_shape.to_vec())?;
-            d.set_item("found", b_shape.to_vec())?;
+            d.set_item("module", module)?;
+            d.set_item("a_shape", a_shape.to_vec())?;
+            d.set_item("b_shape", b_shape.to_vec())?;
+            d.set_item("a_rank", a_rank)?;
+            d.set_item("b_rank", b_rank)?;
         }
         Error::ShapeMismatch {
             tensor,
             expected,
             found,
         } => {
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("expected", expected.clone())?;
             d.set_item("found", found.clone())?;
         }
@@ -218,7 +242,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             present_in,
             missing_from,
         } => {
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("present_in", present_in)?;
             d.set_item("missing_from", missing_from)?;
         }
@@ -227,11 +251,22 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             index,
             value,
         } => {
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("index", index)?;
             d.set_item("value", value)?;
         }
-        Error::EmptySelection { selection } => d.set_item("param", selection)?,
+        Error::StorageOverflow {
+            tensor,
+            index,
+            value,
+            dtype,
+        } => {
+            d.set_item("tensor", tensor)?;
+            d.set_item("index", index)?;
+            d.set_item("value", value)?;
+            d.set_item("dtype", dtype)?;
+        }
+        Error::EmptySelection { selection } => d.set_item("selection", selection)?,
         Error::DimensionMismatch {
             what,
             expected,
@@ -248,29 +283,30 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             value,
         } => {
             d.set_item("what", what)?;
-            d.set_item("index", (row, column))?;
+            d.set_item("row", row)?;
+            d.set_item("column", column)?;
             d.set_item("value", value)?;
         }
         Error::MissingClass { missing, samples } => {
-            d.set_item("what", missing)?;
-            d.set_item("found", samples)?;
+            d.set_item("missing", missing)?;
+            d.set_item("samples", samples)?;
         }
         Error::NumericalFailure {
             solver,
             iteration,
             detail,
         } => {
-            d.set_item("what", solver)?;
-            d.set_item("index", iteration)?;
-            d.set_item("reason", detail)?;
+            d.set_item("solver", solver)?;
+            d.set_item("iteration", iteration)?;
+            d.set_item("detail", detail)?;
         }
         Error::TrainerFailed { trainer, reason } => {
-            d.set_item("what", trainer)?;
+            d.set_item("trainer", trainer)?;
             d.set_item("reason", reason)?;
         }
-        Error::CalibrationFailed { detail } => d.set_item("reason", detail)?,
+        Error::CalibrationFailed { detail } => d.set_item("detail", detail)?,
         Error::Manifest { line, reason } => {
-            d.set_item("index", line)?;
+            d.set_item("line", line)?;
             d.set_item("reason", reason)?;
         }
         Error::InvalidParameter {
@@ -280,9 +316,18 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             expected,
         } => {
             d.set_item("component", component)?;
-            d.set_item("param", name)?;
+            d.set_item("name", name)?;
             d.set_item("value", value)?;
             d.set_item("expected", expected)?;
+        }
+        Error::Spec {
+            key,
+            reason,
+            suggestion,
+        } => {
+            d.set_item("key", key)?;
+            d.set_item("reason", reason)?;
+            d.set_item("suggestion", suggestion)?;
         }
         Error::Empty { what } => d.set_item("what", what)?,
         Error::LengthMismatch {
@@ -296,7 +341,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
         }
         Error::Overflow { what, detail } => {
             d.set_item("what", what)?;
-            d.set_item("reason", detail)?;
+            d.set_item("detail", detail)?;
         }
         Error::InvalidEvidence { round, reason, .. } => {
             d.set_item("round", round)?;
@@ -310,8 +355,8 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             found,
         } => {
             d.set_item("rule", rule)?;
-            d.set_item("reason", constraint)?;
-            d.set_item("expected", required)?;
+            d.set_item("constraint", constraint)?;
+            d.set_item("required", required)?;
             d.set_item("found", found)?;
         }
         Error::InvalidCheckpoint { what, value } => {
@@ -324,7 +369,7 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             reason,
         } => {
             d.set_item("index", index)?;
-            d.set_item("key", tensor)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("reason", reason)?;
         }
         Error::UnmappedTensor {
@@ -332,17 +377,17 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             tensor,
             map,
         } => {
-            d.set_item("key", tensor)?;
-            d.set_item("what", library)?;
-            d.set_item("reason", map)?;
+            d.set_item("library", library)?;
+            d.set_item("tensor", tensor)?;
+            d.set_item("map", map)?;
         }
         Error::InteropFailed {
             library,
             tensor,
             reason,
         } => {
-            d.set_item("key", tensor)?;
-            d.set_item("what", library)?;
+            d.set_item("library", library)?;
+            d.set_item("tensor", tensor)?;
             d.set_item("reason", reason)?;
         }
         Error::Invariant {
@@ -350,13 +395,46 @@ fn fields(e: &Error, d: &Bound<'_, PyDict>) -> PyResult<()> {
             invariant,
             detail,
         } => {
-            d.set_item("what", location)?;
-            d.set_item("expected", invariant)?;
-            d.set_item("reason", detail)?;
+            d.set_item("location", location)?;
+            d.set_item("invariant", invariant)?;
+            d.set_item("detail", detail)?;
         }
-        // `Io`, `Malformed`, `DuplicateClient` carry nothing beyond the
-        // message, path and client that `to_py` sets.
+        // `DuplicateClient` and `InvalidSecurityFactor`'s client, and the
+        // wrappers' path / client / line, are set by `to_py`.
         _ => {}
     }
     Ok(())
+}
+
+/// A malformed safetensors file: `malformed` names what is wrong (the
+/// variant of `MalformedSafetensors`), with that variant's fields.
+fn malformed(m: &MalformedSafetensors, d: &Bound<'_, PyDict>) -> PyResult<()> {
+    use MalformedSafetensors as M;
+    let name = match m {
+        M::HeaderTooSmall => "header_too_small",
+        M::InvalidHeaderLength => "invalid_header_length",
+        M::HeaderTooLarge => "header_too_large",
+        M::InvalidHeader { valid_up_to } => {
+            d.set_item("valid_up_to", valid_up_to)?;
+            "invalid_header"
+        }
+        M::InvalidHeaderDeserialization { detail } => {
+            d.set_item("detail", detail)?;
+            "invalid_header_deserialization"
+        }
+        M::InvalidOffset { tensor } => {
+            d.set_item("tensor", tensor)?;
+            "invalid_offset"
+        }
+        M::TensorInvalidInfo => "tensor_invalid_info",
+        M::MetadataIncompleteBuffer => "metadata_incomplete_buffer",
+        M::ValidationOverflow => "validation_overflow",
+        M::MisalignedSlice => "misaligned_slice",
+        M::Other { detail } => {
+            d.set_item("detail", detail)?;
+            "other"
+        }
+        _ => "other",
+    };
+    d.set_item("malformed", name)
 }

@@ -14,8 +14,10 @@ mod detect;
 mod errors;
 mod json;
 mod probe;
+mod refused;
 mod round;
 mod source;
+mod spec;
 
 /// The extension module.
 #[pymodule]
@@ -28,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<detect::Detector>()?;
     m.add_class::<aggregate::Aggregator>()?;
     m.add_class::<round::DefendedRound>()?;
+    m.add_function(wrap_pyfunction!(spec::check_spec, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
@@ -46,7 +49,7 @@ fn set_num_threads(n: usize) -> PyResult<()> {
             "num_threads must be at least 1".to_owned(),
             |d| {
                 d.set_item("kind", "invalid_parameter")?;
-                d.set_item("param", "num_threads")?;
+                d.set_item("name", "num_threads")?;
                 d.set_item("value", n)?;
                 d.set_item("expected", ">= 1")
             },

@@ -29,7 +29,7 @@ fn selection(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Selection> {
         raise(
             "InvalidParameterError",
             "selection must be 'first_layer_b', 'all_layers', a glob, or a list of keys".into(),
-            |d| d.set_item("param", "selection"),
+            |d| d.set_item("name", "selection"),
         )
     })?;
     Ok(Selection::Keys(keys))
@@ -43,7 +43,7 @@ fn normalization(name: &str) -> PyResult<Normalization> {
             "InvalidParameterError",
             format!("normalization `{other}` is not 'l2' or 'none'"),
             |d| {
-                d.set_item("param", "normalization")?;
+                d.set_item("name", "normalization")?;
                 d.set_item("value", other)
             },
         )),
@@ -60,7 +60,7 @@ pub(crate) fn label(obj: &Bound<'_, PyAny>) -> PyResult<Label> {
         _ => Err(raise(
             "InvalidParameterError",
             "a label is True/'malicious' or False/'benign'".into(),
-            |d| d.set_item("param", "labels"),
+            |d| d.set_item("name", "labels"),
         )),
     }
 }
@@ -212,7 +212,7 @@ impl Probe {
                     raise(
                         "InvalidParameterError",
                         "calibrate is None, 'max_f1' or a target false-positive rate".into(),
-                        |d| d.set_item("param", "calibrate"),
+                        |d| d.set_item("name", "calibrate"),
                     )
                 })?,
             )),

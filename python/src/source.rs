@@ -82,7 +82,7 @@ impl<'py> Borrowed<'py> {
                     raise(
                         "InputTypeError",
                         format!("array `{key}` cannot be borrowed: {e}"),
-                        |d| d.set_item("key", &key),
+                        |d| d.set_item("tensor", &key),
                     )
                 })?,
                 Err(_) => {
@@ -96,7 +96,7 @@ impl<'py> Borrowed<'py> {
                             "array `{key}` has dtype {dtype}; safe_fedllm reads float32 only (convert with .astype(np.float32))"
                         ),
                         |d| {
-                            d.set_item("key", &key)?;
+                            d.set_item("tensor", &key)?;
                             d.set_item("dtype", &dtype)?;
                             d.set_item("kind", "wrong_dtype")
                         },
@@ -129,7 +129,7 @@ impl<'py> Borrowed<'py> {
                     "NotContiguousError",
                     format!("array `{name}` is not C-contiguous; pass np.ascontiguousarray(a) (safe_fedllm reads buffers without copying)"),
                     |d| {
-                        d.set_item("key", name)?;
+                        d.set_item("tensor", name)?;
                         d.set_item("kind", "not_contiguous")
                     },
                 )

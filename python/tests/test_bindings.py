@@ -43,8 +43,10 @@ def entry_points(probe, global_arrays):
         "Probe.score": lambda a: probe.score(a),
         "Probe.score_update": lambda a: probe.score_update(a, global_arrays),
         "Aggregator.aggregate": lambda a: sf.Aggregator("fedavg").aggregate(global_arrays, [("c", a, 10, 1.0)]),
+        # The server's own global is checked strictly; a client's update is
+        # refused instead (test_round_refuses_unreadable_client_updates).
         "DefendedRound.run": lambda a: sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg")).run(
-            0, global_arrays, [{"client": "c", "update": a, "samples": 10}]),
+            0, a, [{"client": "c", "update": global_arrays, "samples": 10}]),
         "FeatureSpec.fit": lambda a: sf.FeatureSpec.fit([a]),
         "Probe.train": lambda a: sf.Probe.train([a, global_arrays], [True, False]),
     }
@@ -60,7 +62,7 @@ def test_float64_is_a_typed_dtype_error(name, probe, global_arrays):
     bad = with_(global_arrays, QB0, global_arrays[QB0].astype(np.float64))
     with pytest.raises(sf.DTypeError) as info:
         call(bad)
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     assert info.value.dtype == "float64"
     assert isinstance(info.value, TypeError) and isinstance(info.value, sf.SafeFedLLMError)
 
@@ -71,7 +73,7 @@ def test_non_contiguous_is_rejected_not_read_transposed(name, probe, global_arra
     fortran = np.asfortranarray(global_arrays[QB0])  # same shape and values, F order
     with pytest.raises(sf.NotContiguousError) as info:
         call(with_(global_arrays, QB0, fortran))
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     strided = np.zeros((global_arrays[QB0].shape[0], 2 * global_arrays[QB0].shape[1]), np.float32)[:, ::2]
     with pytest.raises(sf.NotContiguousError):
         call(with_(global_arrays, QB0, strided))
@@ -82,24 +84,84 @@ def test_non_2d_is_a_shape_error(name, probe, global_arrays):
     call = entry_points(probe, global_arrays)[name]
     with pytest.raises(sf.ShapeMismatchError) as info:
         call(with_(global_arrays, QB0, global_arrays[QB0].reshape(-1)))
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     assert info.value.kind == "not_a_matrix"
+
+
+def _refused_round(probe, global_arrays, rng, bad_report):
+    """Four benign clients and one bad report through DefendedRound.run."""
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), skip_avg_weight=0.2)
+    benign = [client_update(global_arrays, rng, False) for _ in range(4)]
+    reports = [{"client": f"b{i}", "update": u, "samples": 10} for i, u in enumerate(benign)]
+    out = rnd.run(0, global_arrays, reports + [{"client": "bad", **bad_report}])
+    return out, benign
+
+
+@pytest.mark.parametrize("attack", ["float64", "fortran", "strided", "one_d", "not_lora", "negative_samples",
+                                    "float_samples", "no_samples", "no_update", "bad_steps", "refused"])
+def test_round_refuses_unreadable_client_updates(attack, probe, global_arrays, rng):
+    update = dict(client_update(global_arrays, rng, False))
+    report: dict = {"update": update, "samples": 10}
+    if attack == "float64":
+        update[QB0] = update[QB0].astype(np.float64)
+    elif attack == "fortran":
+        update[QB0] = np.asfortranarray(update[QB0])
+    elif attack == "strided":
+        update[QB0] = np.zeros((update[QB0].shape[0], 2 * update[QB0].shape[1]), np.float32)[:, ::2]
+    elif attack == "one_d":
+        update[QB0] = update[QB0].reshape(-1)
+    elif attack == "not_lora":
+        update["model.embed_tokens.weight"] = np.zeros((2, 2), np.float32)
+    elif attack == "negative_samples":
+        report["samples"] = -3
+    elif attack == "float_samples":
+        report["samples"] = 2.5
+    elif attack == "no_samples":
+        del report["samples"]
+    elif attack == "no_update":
+        del report["update"]
+    elif attack == "bad_steps":
+        report["steps"] = [{QB0: update[QB0].astype(np.float64)}]
+    elif attack == "refused":
+        report = {"refused": ("dropped", "no reply")}
+    out, benign = _refused_round(probe, global_arrays, rng, report)
+    bad = next(c for c in out["clients"] if c["client"] == "bad")
+    # Rejected by the round's own admission stage: factor 0, not aggregated,
+    # counted in the gate's mean (5 reports, 4 factors of about 1).
+    assert bad["admission"]["status"] == "rejected" and bad["admission"]["reason"] == "unreadable"
+    assert bad["disposition"] == "rejected" and bad["factor"] == 0.0 and bad["aggregation_weight"] is None
+    assert "reply" in bad["admission"]["error"]
+    assert out["mean_factor"] <= 4 / 5 + 1e-9 and not out["skipped"]
+    mean = {k: np.mean([u[k] for u in benign], axis=0) for k in global_arrays}
+    for k in global_arrays:
+        assert np.abs(out["new_global"][k] - mean[k]).max() < 5e-3  # factor-weighted benign mean
+    if attack == "refused":
+        assert "dropped" in bad["admission"]["error"] and "no reply" in bad["admission"]["error"]
+
+
+def test_refused_reports_count_zero_in_the_gate(probe, global_arrays, rng):
+    rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), skip_avg_weight=0.2)
+    refused = [{"client": f"r{i}", "refused": "float64"} for i in range(5)]
+    reports = [{"client": "ok", "update": client_update(global_arrays, rng, False), "samples": 10},
+               {"client": "evil", "update": client_update(global_arrays, rng, True), "samples": 10}]
+    out = rnd.run(0, global_arrays, refused + reports)
+    assert out["mean_factor"] < 0.2 and out["skipped"] and out["new_global"] is None
 
 
 def test_missing_key_errors_name_the_key(probe, global_arrays, rng):
     update = client_update(global_arrays, rng, False)
     with pytest.raises(sf.MissingKeyError) as info:
         sf.delta(without(update, QB0), global_arrays)
-    assert info.value.key == QB0 and info.value.missing_from == "the update"
+    assert info.value.tensor == QB0 and info.value.missing_from == "the update"
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(without(update, QB0), global_arrays)
-    assert info.value.key == QB0
+    assert info.value.tensor == QB0
     with pytest.raises(sf.MissingKeyError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("c7", without(update, QB0), 10, 1.0)])
-    assert info.value.client == "c7" and info.value.key == QB0
+    assert info.value.client == "c7" and info.value.tensor == QB0
     with pytest.raises(sf.MissingKeyError) as info:
         probe.score_update(update, without(global_arrays, QB0))
-    assert info.value.key == QB0 and info.value.missing_from == "the base adapter"
+    assert info.value.tensor == QB0 and info.value.missing_from == "the base adapter"
     # In a defended round a client's missing key is a typed rejection, not an error for everyone.
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"))
     reports = [{"client": f"b{i}", "update": client_update(global_arrays, rng, False), "samples": 10} for i in range(3)]
@@ -114,7 +176,7 @@ def test_nan_errors_and_exclusions(probe, global_arrays, rng):
     bad = nan_at(update, QB0)
     with pytest.raises(sf.NonFiniteError) as info:
         sf.Adapter.from_arrays(bad).check_finite()
-    assert info.value.key == QB0 and info.value.index == 3
+    assert info.value.tensor == QB0 and info.value.index == 3
     with pytest.raises(sf.NonFiniteError):
         probe.score_update(bad, global_arrays)  # a feature tensor: never reaches the classifier
     # Aggregation excludes the NaN client and the global does not move toward it.
@@ -156,7 +218,7 @@ def test_adapter_round_trip_and_delta(tmp_path, global_arrays, rng):
     # A directory (or a FIFO, a device) is refused before it is opened.
     with pytest.raises(sf.SafeFedLLMIOError) as info:
         sf.Adapter.load(str(tmp_path))
-    assert info.value.kind == "not_a_file" and info.value.what == "directory"
+    assert info.value.kind == "not_a_file" and info.value.file_kind == "directory"
     assert info.value.path == str(tmp_path)
 
 
@@ -293,18 +355,25 @@ def test_detector_settings_are_validated():
     # τ is the probe's, given with the scores: the same score flips verdict with it.
     assert d.assess(0, "a", 16, last_score=0.85, threshold=0.9)["verdict"] == "benign"
     assert d.assess(1, "a", 16, last_score=0.85, threshold=0.8)["verdict"] == "malicious"
-    assert sf.Detector("evidence", eta=3.0, evidence_min=2).level == "evidence"
-    with pytest.raises(sf.InvalidParameterError) as info:
+    assert sf.Detector("evidence", evidence_min=2, shadow={"eta": 3.0}).level == "evidence"
+    # the settings are the spec's `detector` section
+    assert sf.Detector("step", decay=0.9).settings["decay"] == 0.9
+    with pytest.raises(sf.SpecError) as info:
         sf.Detector("step", threshold=0.5)  # not a level setting: the probe carries τ
+    assert info.value.key == "detector.threshold"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Detector("evidence", eta=3.0)  # a shadow setting: under shadow={...}, as in a spec
+    assert info.value.key == "detector.eta"
     with pytest.raises(sf.InvalidEvidenceError):
         d.assess(2, "a", 16, last_score=0.5, threshold=1.5)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Detector("step", decay=1.5)
-    assert info.value.param == "decay"
-    with pytest.raises(sf.InvalidParameterError):
+    assert info.value.name == "decay"
+    with pytest.raises(sf.SpecError):
         sf.Detector("client", eta=7.0)  # not a client-level setting
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Detector("nope")
+    with pytest.raises(sf.SpecError) as info:
+        sf.Detector("evidnce")
+    assert info.value.key == "detector.level" and info.value.suggestion == "evidence"
     with pytest.raises(sf.CheckpointError):
         sf.Detector.from_json('{"level": "client", "params": 3}')
     assert sf.Detector("shadow").needs_shadow("a") and not sf.Detector("client").needs_shadow("a")
@@ -320,7 +389,7 @@ RULES = [
     ("multi_krum", {"f": 1, "m": 3}),
     ("bulyan", {"f": 1}),
     ("geometric_median", {}),
-    ("norm_clipping", {"bound": "median"}),
+    ("norm_clipping", {"bound": "median_norm"}),
     ("foolsgold", {"weighting": "samples_times_factor"}),  # a sybil defence: the factor removes the outlier
     ("flame", {"seed": 1}),
     ("dnc", {"f": 1, "seed": 1}),
@@ -347,12 +416,18 @@ def test_rule_errors_are_typed(global_arrays, rng):
         sf.Aggregator("krum", f=-1)
     with pytest.raises(sf.InvalidParameterError) as info:
         sf.Aggregator("trimmed_mean", beta=0.7)
-    assert info.value.param == "beta" and info.value.component == "trimmed_mean"
+    assert info.value.name == "beta" and info.value.component == "trimmed_mean"
     assert info.value.kind == "invalid_parameter"
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Aggregator("nope")
-    with pytest.raises(sf.InvalidParameterError):
-        sf.Aggregator("fedavg", unknown=1)
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("krumm", f=1)
+    assert info.value.key == "aggregator.rule" and info.value.suggestion == "krum"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("multi_krum", f=1, mm=3)
+    assert info.value.key == "aggregator.mm" and info.value.suggestion == "m"
+    with pytest.raises(sf.SpecError) as info:
+        sf.Aggregator("fedavg", weighting="by_samples")
+    # serde reads a tagged section whole: the key stops at the section, the reason names the value
+    assert info.value.key.startswith("aggregator") and "by_samples" in info.value.reason
     few = [(str(i), client_update(global_arrays, rng, False), 10) for i in range(3)]
     with pytest.raises(sf.TooFewClientsError) as info:
         sf.Aggregator("krum", f=1).aggregate(global_arrays, few)
@@ -366,13 +441,13 @@ def test_rule_errors_are_typed(global_arrays, rng):
     shape_bad[QB0] = np.zeros((3, 3), np.float32)
     with pytest.raises(sf.ShapeMismatchError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("a", shape_bad, 10)])
-    assert info.value.client == "a" and info.value.key == QB0
+    assert info.value.client == "a" and info.value.tensor == QB0
     assert info.value.kind == "shape_mismatch" and info.value.found == [3, 3]
     missing = dict(few[0][1])
     del missing[QB0]
     with pytest.raises(sf.MissingKeyError) as info:
         sf.Aggregator("fedavg").aggregate(global_arrays, [("b", missing, 10)])
-    assert info.value.client == "b" and info.value.key == QB0
+    assert info.value.client == "b" and info.value.tensor == QB0
     assert info.value.missing_from == "the client's update"
 
 
@@ -438,7 +513,8 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
     reports.append({"client": "liar", "update": benign[1], "samples": 10**15})
     reports.append({"client": "huge", "update": huge, "samples": 100})
     rnd = sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
-                           admission={"samples": {"cap_at": 100}, "norm_bound": {"absolute": 5.0}})
+                           admission={"samples": {"policy": "cap_at", "value": 100},
+                                      "norm_bound": {"bound": "absolute", "value": 5.0}, "over_bound": "exclude"})
     out = rnd.run(0, global_arrays, reports)
     by = {c["client"]: c for c in out["clients"]}
     assert by["liar"]["samples"] == 100 and by["liar"]["declared_samples"] == 10**15
@@ -451,10 +527,13 @@ def test_defended_round_admission_policy(probe, global_arrays, rng):
     s = {c["client"]: c for c in trusting.run(0, global_arrays, scored)["clients"]}["s"]
     assert s["step_evidence"] == "self_reported"
     assert sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission="reference").level == "client"
-    with pytest.raises(sf.InvalidParameterError):
-        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"samples": {"cap_at_median_multiple": 0.5}})
-    with pytest.raises(sf.InvalidParameterError):
-        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"bogus": 1})
+    with pytest.raises(sf.SpecError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"),
+                         admission={"samples": {"policy": "cap_at_median_multiple", "value": 0.5}})
+    assert info.value.key == "admission.samples"
+    with pytest.raises(sf.SpecError) as info:
+        sf.DefendedRound(probe, sf.Detector("client"), sf.Aggregator("fedavg"), admission={"require_probe_key": False})
+    assert info.value.key == "admission.require_probe_key" and info.value.suggestion == "require_probe_keys"
 
 
 def test_set_num_threads_sizes_the_pool_once():
@@ -468,7 +547,7 @@ import safe_fedllm as sf
 try:
     sf.set_num_threads(0)
 except sf.InvalidParameterError as e:
-    assert e.param == "num_threads"
+    assert e.name == "num_threads"
 else:
     raise AssertionError("0 threads accepted")
 sf.set_num_threads(1)

@@ -5,6 +5,9 @@ One SuperLink and five SuperNodes (two of them malicious: 40 %), three rounds
 of `flwr run` with the app in `tests/flower_app`. Asserts from the server's
 output (summary + audit written by the ServerApp) that the malicious nodes got
 factor ≈ 0 every round and the global adapter stayed near the benign mean.
+The ServerApp is configured by the run_config alone: a defense spec file
+(written here, with the probe it names) and `safe-fedllm.spec.*` settings;
+every audit line records the hash of exactly that spec.
 
 The test starts and stops only its own processes: it records the PIDs it
 spawns, SIGTERMs them, and waits for their `flower-superexec` children. On a
@@ -22,10 +25,14 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+import safe_fedllm as sf
+from safe_fedllm.state import StrategyState
 
 APP = Path(__file__).parent / "flower_app"
 NODES = 5
@@ -41,6 +48,25 @@ pytestmark = pytest.mark.skipif(
     not _FOUND or os.environ.get("SAFE_FEDLLM_SKIP_DEPLOYMENT") == "1",
     reason="needs Flower's flower-superlink (pip install flwr)",
 )
+
+
+def defense_file(root: Path) -> Path:
+    """The offline phase: the probe and the spec naming it (see the app's task.py)."""
+    sys.path.insert(0, str(APP))
+    try:
+        from e2e_app.task import write_defense
+    finally:
+        sys.path.remove(str(APP))
+    return write_defense(root / "defense")
+
+
+def expected_spec_sha256(spec_file: Path, level: str) -> str:
+    """The hash of the spec the run_config describes, merged by hand: the file,
+    with the app's declared settings (level, rule) over it."""
+    spec = tomllib.loads(spec_file.read_text())
+    spec["detector"] = {"level": level}
+    spec["aggregator"] = {"rule": "fedavg"}
+    return sf.check_spec(spec, base_dir=spec_file.parent)["spec_sha256"]
 
 
 def free_port() -> int:
@@ -181,9 +207,11 @@ def deployment(tmp_path_factory):
 @pytest.mark.parametrize("level", ["client", "step", "evidence"])
 def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str):
     out_dir = deployment.root / f"out-{level}"
+    spec_file = defense_file(deployment.root)
     run = deployment.flwr(
         "run", str(APP), "local-deployment", "--stream",
-        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} level="{level}" out-dir="{out_dir}"',
+        "--run-config", f'num-server-rounds={ROUNDS} num-nodes={NODES} out-dir="{out_dir}" '
+        f'safe-fedllm.spec-file="{spec_file}" safe-fedllm.spec.detector.level="{level}"',
         timeout=RUN_TIMEOUT,
     )
     (deployment.logs / f"flwr-run-{level}.log").write_text(run.stdout + "\n" + run.stderr)
@@ -212,11 +240,73 @@ def test_defended_rounds_in_a_real_deployment(deployment: Deployment, level: str
 
     audit = [json.loads(l) for l in (out_dir / "audit.jsonl").read_text().splitlines()]
     assert [a["server_round"] for a in audit] == list(range(1, ROUNDS + 1))
-    evidence = {"client": "absent", "step": "verified", "evidence": "absent"}[level]
+    evidence = {"client": "absent", "step": "last_step_verified", "evidence": "absent"}[level]
+    sha = expected_spec_sha256(spec_file, level)
     for a in audit:
+        assert a["outcome"]["spec_sha256"] == sha, (a["outcome"]["spec_sha256"], sha)
         for c in a["outcome"]["clients"]:
             assert c["step_evidence"] == evidence, c
             if level == "evidence":
                 assert c["shadow_evidence"] == "server_scored_unverified", c
-    checkpoint = json.loads((out_dir / "detector.json").read_text())
-    assert checkpoint["server_round"] == ROUNDS and checkpoint["level"] == level
+        # every sampled node accounted for; totals as the reply table says
+        statuses = [r["status"] for r in a["replies"].values()]
+        assert a["totals"]["safe-fedllm.sampled"] == NODES == len(statuses), a["totals"]
+        for status in ("admitted", "rejected", "failed", "dropped"):
+            assert a["totals"][f"safe-fedllm.{status}"] == statuses.count(status), (status, a["totals"])
+        # identities are the SuperNodes' public keys (hashed), as the SuperLink reports them
+        assert all(r["client"].startswith("pk:") for r in a["replies"].values()), a["replies"]
+    state = StrategyState.load(str(out_dir / "state.npz"))
+    assert state.completed_rounds == ROUNDS and state.level == level
+    assert sorted(state.global_arrays) == summary["final_keys"]
+
+
+def _digest(arrays) -> str:
+    import hashlib
+
+    import numpy as np
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+# Runs last: its first run ends `finished:failed` on purpose.
+def test_serverapp_killed_mid_run_resumes_from_the_state_file(deployment: Deployment):
+    """The ServerApp exits hard after round 2 of 4; a second `flwr run` with the
+    same state file runs rounds 3 and 4 from the saved global, with the same
+    per-client identities and memory, and the audit reads 1, 2, 3, 4."""
+    out_dir = deployment.root / "out-restart"
+    spec_file = defense_file(deployment.root)
+    config = f'num-server-rounds=4 num-nodes={NODES} out-dir="{out_dir}" safe-fedllm.spec-file="{spec_file}"'
+    first = deployment.flwr("run", str(APP), "local-deployment", "--stream", "--run-config",
+                            config + " kill-after-round=2", timeout=RUN_TIMEOUT)
+    (deployment.logs / "flwr-run-killed.log").write_text(first.stdout + "\n" + first.stderr)
+    audit_path = out_dir / "audit.jsonl"
+    assert [json.loads(l)["server_round"] for l in audit_path.read_text().splitlines()] == [1, 2], deployment.dump()
+    after_two = StrategyState.load(str(out_dir / "state.npz"))
+    assert after_two.completed_rounds == 2
+
+    second = deployment.flwr("run", str(APP), "local-deployment", "--stream", "--run-config", config,
+                             timeout=RUN_TIMEOUT)
+    (deployment.logs / "flwr-run-resumed.log").write_text(second.stdout + "\n" + second.stderr)
+    runs = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout).get("runs", [])
+    latest = max(runs, key=lambda r: r.get("pending-at", ""))
+    assert latest.get("status") == "finished:completed", (runs, deployment.dump())
+    assert sum(r.get("status") == "finished:failed" for r in runs) == 1  # the killed run
+
+    audit = [json.loads(l) for l in audit_path.read_text().splitlines()]
+    assert [a["server_round"] for a in audit] == [1, 2, 3, 4]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [r["server_round"] for r in summary["rounds"]] == [3, 4]
+    # round 3 started from the global saved after round 2 (not the initial arrays)
+    assert summary["rounds"][0]["start_sha"] == _digest(after_two.global_arrays)
+    # same nodes, same identities, and the malicious ones still get factor ≈ 0
+    assert {n: r["client"] for n, r in audit[1]["replies"].items()} == {n: r["client"] for n, r in audit[2]["replies"].items()}
+    for r in summary["rounds"]:
+        for node, factor in r["factors"].items():
+            assert (factor < 0.05) if r["malicious"][node] else (factor > 0.5), (r, node)
+    final = StrategyState.load(str(out_dir / "state.npz"))
+    assert final.completed_rounds == 4
+    for client in {r["client"] for r in audit[1]["replies"].values()}:
+        assert client in json.dumps(final.detector)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -22,6 +23,7 @@ from safe_fedllm.flower import (  # noqa: E402
     array_record_to_numpy,
     numpy_to_array_record,
 )
+from safe_fedllm.state import StrategyState  # noqa: E402
 from conftest import KEY, client_update  # noqa: E402
 
 QB0 = KEY.format(layer=0, module="q", factor="B")
@@ -52,7 +54,7 @@ def reply(node: int, arrays: dict | None, num_examples=100, extra: dict | None =
                   group_id="1", created_at=time.time(), ttl=100.0, message_type="train")
     content = RecordDict()
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        content["arrays"] = ArrayRecord({k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()})
     if num_examples is not None:
         content["metrics"] = MetricRecord({"num-examples": num_examples})
     for k, v in (extra or {}).items():
@@ -71,7 +73,7 @@ def configured(strategy: SafeFedLLMStrategy, global_arrays: dict, nodes=range(1,
 def make(probe, tmp_path, **kw):
     kw.setdefault("fraction_evaluate", 0.0)
     kw.setdefault("min_available_nodes", 2)
-    return SafeFedLLMStrategy(probe, audit_path=tmp_path / "audit.jsonl", checkpoint_path=tmp_path / "detector.json", **kw)
+    return SafeFedLLMStrategy(probe, audit_path=tmp_path / "audit.jsonl", state_path=tmp_path / "state.npz", **kw)
 
 
 def benign_mean(updates):
@@ -85,12 +87,15 @@ def test_array_record_round_trip_is_zero_copy_for_float32(global_arrays):
         np.testing.assert_array_equal(back[k], v)
         assert not back[k].flags.writeable  # a view over the message bytes
     f64 = array_record_to_numpy(ArrayRecord({QB0: Array(global_arrays[QB0].astype(np.float64))}))
-    assert f64[QB0].dtype == np.float64  # falls back; admission then rejects it
+    assert f64[QB0].dtype == np.float64  # returned as sent; the native round's admission rejects it
+    fortran = array_record_to_numpy(ArrayRecord({QB0: Array(np.asfortranarray(global_arrays[QB0]))}))
+    np.testing.assert_array_equal(fortran[QB0], global_arrays[QB0])  # the header's order is honoured
+    assert fortran[QB0].flags.c_contiguous
 
 
 def test_malicious_nodes_get_factor_zero_and_global_stays_near_benign_mean(probe, global_arrays, rng, tmp_path):
     s = make(probe, tmp_path)
-    msgs = configured(s, global_arrays)
+    msgs = configured(s, global_arrays, nodes=[*range(10, 15), *range(20, 23)])
     assert msgs and msgs[0].content["config"]["safe-fedllm.level"] == "client"
     assert feature_keys_from_config(msgs[0].content["config"]) == probe.feature_keys
     benign = [client_update(global_arrays, rng, False) for _ in range(5)]
@@ -110,10 +115,26 @@ def test_malicious_nodes_get_factor_zero_and_global_stays_near_benign_mean(probe
     assert audit[-1]["server_round"] == 1 and len(audit[-1]["outcome"]["clients"]) == 8
 
 
-@pytest.mark.parametrize("attack", ["float64", "nan", "missing_key", "wrong_shape", "extra_key", "no_count", "fractional_count", "negative_count", "huge_norm"])
+def npy_bytes(a: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+class Payload:
+    """Unpickling this sets `builtins.SAFE_FEDLLM_PWNED`: proof that no reply is unpickled."""
+
+    def __reduce__(self):
+        return (exec, ("import builtins; builtins.SAFE_FEDLLM_PWNED = True",))
+
+
+@pytest.mark.parametrize("attack", ["float64", "nan", "missing_key", "wrong_shape", "extra_key", "no_count",
+                                    "fractional_count", "negative_count", "huge_norm", "lying_metadata",
+                                    "pickled_object", "truncated_bytes", "trailing_bytes", "huge_header"])
 def test_admission_excludes_bad_replies_without_failing_the_round(attack, probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, admission=AdmissionPolicy(norm_bound="absolute", norm_value=100.0))
-    configured(s, global_arrays)
+    policy = AdmissionPolicy(norm_bound="absolute", norm_value=100.0, over_bound="exclude")
+    s = make(probe, tmp_path, spec={"admission": policy.to_spec()})
+    configured(s, global_arrays, nodes=[10, 11, 12, 13, 99])
     benign = [client_update(global_arrays, rng, False) for _ in range(4)]
     bad = dict(client_update(global_arrays, rng, False))
     count = 100
@@ -136,6 +157,21 @@ def test_admission_excludes_bad_replies_without_failing_the_round(attack, probe,
         count = -5
     elif attack == "huge_norm":
         bad = {k: v + 1e6 for k, v in bad.items()}
+    elif attack == "lying_metadata":  # declares the global's shape, holds the transpose
+        bad[QB0] = Array(dtype="float32", shape=bad[QB0].shape, stype="numpy.ndarray",
+                         data=npy_bytes(np.ascontiguousarray(bad[QB0].T)))
+    elif attack == "pickled_object":
+        bad[QB0] = Array(dtype="float32", shape=bad[QB0].shape, stype="numpy.ndarray",
+                         data=npy_bytes(np.array([Payload()], dtype=object), allow_pickle=True))
+    elif attack == "truncated_bytes":
+        bad[QB0] = Array(dtype="float32", shape=bad[QB0].shape, stype="numpy.ndarray", data=npy_bytes(bad[QB0])[:-4])
+    elif attack == "trailing_bytes":
+        bad[QB0] = Array(dtype="float32", shape=bad[QB0].shape, stype="numpy.ndarray",
+                         data=npy_bytes(bad[QB0]) + b"\0" * 4)
+    elif attack == "huge_header":  # a v2 header declaring 1 GiB: numpy's reader bounds it
+        data = npy_bytes(bad[QB0])
+        bad[QB0] = Array(dtype="float32", shape=bad[QB0].shape, stype="numpy.ndarray",
+                         data=b"\x93NUMPY\x02\x00" + (1 << 30).to_bytes(4, "little") + data[10:])
     replies = [reply(10 + i, u) for i, u in enumerate(benign)] + [reply(99, bad, num_examples=count)]
     arrays, metrics = s.aggregate_train(1, replies)
     assert metrics["excluded.99"] == 1 and metrics["factor.99"] == 0.0
@@ -146,71 +182,52 @@ def test_admission_excludes_bad_replies_without_failing_the_round(attack, probe,
         assert np.abs(new[k] - mean[k]).max() < 1e-3  # factor-weighted benign mean
     audit = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     in_rust = {c["client"]: c for c in audit["outcome"]["clients"]}
-    # Not a LoRA update at all: excluded by the strategy; the rest by the
-    # round's admission stage, with a typed rejection in the audit.
-    assert "99" in audit["admission_exclusions"] or in_rust["99"]["admission"]["status"] == "rejected"
+    # Every bad reply is rejected by the native admission stage, with a typed
+    # reason, whether the strategy could decode it or not.
+    assert in_rust["99"]["admission"]["status"] == "rejected" and in_rust["99"]["disposition"] == "rejected"
+    assert audit["replies"]["99"]["status"] == "rejected" and audit["replies"]["99"]["reason"]["reason"]
+    assert metrics["safe-fedllm.rejected"] == 1 and metrics["safe-fedllm.admitted"] == 4
+    assert not hasattr(__import__("builtins"), "SAFE_FEDLLM_PWNED")
 
 
 def test_inflated_sample_count_is_capped(probe, global_arrays, rng, tmp_path):
     a, b = client_update(global_arrays, rng, False), client_update(global_arrays, rng, False)
-    for policy in [AdmissionPolicy(samples="cap_at", sample_value=100), AdmissionPolicy(), AdmissionPolicy(samples="uniform")]:
-        s = make(probe, tmp_path, admission=policy)
-        configured(s, global_arrays)
+    # no norm bound here: only the counts move the weights
+    for policy in [AdmissionPolicy(samples="cap_at", sample_value=100, norm_bound=None),
+                   AdmissionPolicy(norm_bound=None), AdmissionPolicy(samples="uniform", norm_bound=None)]:
+        (tmp_path / policy.samples).mkdir()
+        s = make(probe, tmp_path / policy.samples, spec={"admission": policy.to_spec()})
+        configured(s, global_arrays, nodes=[1, 2, 3])
         arrays, _ = s.aggregate_train(1, [reply(1, a, 100), reply(2, b, 10**12), reply(3, a, 100)])
         new = array_record_to_numpy(arrays)
-        weight_b = 1 / 3 if policy.samples == "uniform" else (100 / 300 if policy.samples == "cap_at" else 200 / 400)
+        weight_b = 1 / 3  # uniform; cap_at 100; the default caps at the lower median count, 100
         for k in global_arrays:
             # not ~b[k]: the declared 10**12 was capped
             np.testing.assert_allclose(new[k], (1 - weight_b) * a[k] + weight_b * b[k], atol=1e-3)
     with pytest.raises(sf.InvalidParameterError):
-        make(probe, tmp_path, admission=AdmissionPolicy(samples="cap_at_median_multiple", sample_value=0.5))
+        make(probe, tmp_path, spec={"admission": AdmissionPolicy(samples="cap_at_median_multiple", sample_value=0.5).to_spec()})
 
 
 def test_all_malicious_round_is_skipped_and_global_kept(probe, global_arrays, rng, tmp_path):
     s = make(probe, tmp_path)
-    configured(s, global_arrays)
+    configured(s, global_arrays, nodes=[20, 21, 22, 23])
     evil = [client_update(global_arrays, rng, True) for _ in range(4)]
     arrays, metrics = s.aggregate_train(1, [reply(20 + i, u) for i, u in enumerate(evil)])
     assert arrays is None and metrics["safe-fedllm.skipped"] == 1
 
 
-def test_error_replies_and_empty_rounds(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path)
-    configured(s, global_arrays)
-    arrays, metrics = s.aggregate_train(1, [reply(5, None, error=True)])
-    assert arrays is None and metrics["safe-fedllm.admitted"] == 0
-
-
 def test_round_level_fault_keeps_the_global(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, rule="krum", rule_settings={"f": 2, "gate": True})
-    configured(s, global_arrays)
+    s = make(probe, tmp_path, spec={"aggregator": {"rule": "krum", "f": 2}})
+    configured(s, global_arrays, nodes=[0, 1, 2])
     arrays, metrics = s.aggregate_train(1, [reply(i, client_update(global_arrays, rng, False)) for i in range(3)])
     assert arrays is None
     audit = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert "TooFewClientsError" in audit["round_error"]
 
 
-def test_checkpoint_resumes_detector_state(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path)
-    configured(s, global_arrays)
-    evil = client_update(global_arrays, rng, True)
-    benign = [client_update(global_arrays, rng, False) for _ in range(4)]
-    s.aggregate_train(1, [reply(i, u) for i, u in enumerate(benign)] + [reply(7, evil)])
-    state = json.loads((tmp_path / "detector.json").read_text())
-    assert state["server_round"] == 1 and "7" in json.dumps(state["detector"])
-    # A restarted ServerApp: the evil node's low running mean carries over.
-    s2 = make(probe, tmp_path)
-    configured(s2, global_arrays, server_round=2)
-    _, m = s2.aggregate_train(2, [reply(i, u) for i, u in enumerate(benign)] + [reply(7, client_update(global_arrays, rng, False))])
-    fresh = make(probe, tmp_path / "fresh" if (tmp_path / "fresh").mkdir() is None else tmp_path)
-    configured(fresh, global_arrays, server_round=2)
-    _, m_fresh = fresh.aggregate_train(2, [reply(i, u) for i, u in enumerate(benign)] + [reply(7, client_update(global_arrays, rng, False))])
-    assert m["factor.7"] < 0.6 < m_fresh["factor.7"]
-
-
 def test_step_level_with_feature_key_trails(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, level="step", detector_settings={"batch_size": 10}, skip_avg_weight=0.0)
-    msgs = configured(s, global_arrays)
+    s = make(probe, tmp_path, spec={"detector": {"level": "step", "batch_size": 10}, "gate": {"threshold": 0.0}})
+    msgs = configured(s, global_arrays, nodes=[1, 2, 3])
     keys = feature_keys_from_config(msgs[0].content["config"])
     assert msgs[0].content["config"]["safe-fedllm.step-trail"]
 
@@ -248,14 +265,14 @@ def test_step_level_with_feature_key_trails(probe, global_arrays, rng, tmp_path)
 
 
 def test_shadow_level_sends_the_fixed_base_and_reads_shadow_trails(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, level="shadow", detector_settings={"batch_size": 10})
-    msgs = configured(s, global_arrays)
+    s = make(probe, tmp_path, spec={"detector": {"level": "shadow", "batch_size": 10}})
+    msgs = configured(s, global_arrays, nodes=[1, 2, 3])
     base_rec = msgs[0].content[SHADOW_BASE_KEY]
     base = array_record_to_numpy(base_rec)
     keys = feature_keys_from_config(msgs[0].content["config"])
     # round 2: the global moved, the shadow base did not
     moved = {k: v + 0.5 for k, v in global_arrays.items()}
-    msgs2 = configured(s, moved, server_round=2)
+    msgs2 = configured(s, moved, nodes=[1, 2, 3], server_round=2)
     for k in base:
         np.testing.assert_array_equal(array_record_to_numpy(msgs2[0].content[SHADOW_BASE_KEY])[k], global_arrays[k])
 
@@ -277,24 +294,28 @@ def test_shadow_level_sends_the_fixed_base_and_reads_shadow_trails(probe, global
     _, metrics = s.aggregate_train(2, replies)
     assert metrics["factor.1"] > 0.9 and metrics["factor.2"] > 0.9
     assert metrics["factor.3"] < 0.05
-    assert (tmp_path / "detector.json.shadow-base.npz").exists()
+    saved = StrategyState.load(str(tmp_path / "state.npz"))
+    for k in base:
+        np.testing.assert_array_equal(saved.shadow_base[k], global_arrays[k])
 
 
 def test_fortran_order_upload_is_read_correctly(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path)
-    configured(s, global_arrays)
     ups = [client_update(global_arrays, rng, False) for _ in range(4)]
     fortran = {k: np.asfortranarray(v) for k, v in ups[0].items()}
-    arrays, metrics = s.aggregate_train(1, [reply(1, fortran)] + [reply(i + 2, u) for i, u in enumerate(ups[1:])])
-    assert metrics["excluded.1"] == 0
-    new = array_record_to_numpy(arrays)
-    mean = benign_mean(ups)
-    for k in global_arrays:
-        assert np.abs(new[k] - mean[k]).max() < 1e-3
+    news = []
+    for first, folder in ((fortran, "fortran"), (ups[0], "c_order")):
+        (tmp_path / folder).mkdir()
+        s = make(probe, tmp_path / folder)
+        configured(s, global_arrays, nodes=[1, 2, 3, 4])
+        arrays, metrics = s.aggregate_train(1, [reply(1, first)] + [reply(i + 2, u) for i, u in enumerate(ups[1:])])
+        assert metrics["excluded.1"] == 0
+        news.append(array_record_to_numpy(arrays))
+    for k in global_arrays:  # the same round as the C-order upload
+        np.testing.assert_array_equal(news[0][k], news[1][k])
 
 
 def test_evidence_level_stops_asking_frozen_benign_clients_for_a_shadow_branch(probe, global_arrays, rng, tmp_path):
-    s = make(probe, tmp_path, level="evidence", detector_settings={"batch_size": 10, "evidence_min": 2, "audit_interval": 100})
+    s = make(probe, tmp_path, spec={"detector": {"level": "evidence", "shadow": {"batch_size": 10}, "evidence_min": 2, "audit_interval": 100}})
     msgs = configured(s, global_arrays, nodes=[1, 2, 3])
     assert all(m.content["config"]["safe-fedllm.shadow"] for m in msgs)
     keys = feature_keys_from_config(msgs[0].content["config"])

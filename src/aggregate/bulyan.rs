@@ -2,7 +2,7 @@
 //! of distributed learning in Byzantium").
 
 use crate::aggregate::coordinate::sorted_reduce;
-use crate::aggregate::engine::{gram, row, sq_distances};
+use crate::aggregate::engine::{gram, into_sq_distances, row};
 use crate::aggregate::krum::{poisoned, ranking, scores};
 use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{affine, check_affine, with_scan};
@@ -69,44 +69,56 @@ impl Aggregator for Bulyan {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        with_scan(global, updates, |mut round| {
-            if round.clients.is_empty() {
-                return Ok(Some(round.skip(SkipReason::NoClientLeft)));
-            }
-            let f = self.f;
-            round.require_checked(
-                "bulyan",
-                affine(4, f, 3),
-                format!("n ≥ 4f + 3 with f = {f}"),
-            )?;
-            let all = round.all();
-            let n = all.len();
-            let g = gram(&round, &all)?;
-            if !g.is_finite() {
-                return poisoned(&round);
-            }
-            let dist = sq_distances(&g);
-            // n ≥ 4f + 3 was checked above, so neither subtraction wraps.
-            let theta = n.saturating_sub(2 * f);
-            let beta = theta.saturating_sub(2 * f);
-            let ids: Vec<&crate::aggregate::ClientId> =
-                round.clients.iter().map(|c| &c.id).collect();
-            let (selected, last_scores) = select(&dist, &ids, f, theta);
-            for (i, score) in last_scores.iter().enumerate() {
-                if let Some(score) = score {
-                    round.exclude(i, ExclusionReason::NotSelected { score: *score });
-                }
-            }
-            let values = sorted_reduce(
-                &round,
-                &selected,
-                |_| true,
-                |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
-                |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
-            )?;
-            round.coordinate_wise(&selected, values)
-        })
+        run(global, updates, self.f)
     }
+
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        run(global, updates, self.f.saturating_sub(removed))
+    }
+}
+
+/// Bulyan with budget `f` (the configured one, less removed clients).
+fn run(global: &LoraAdapter, updates: &[ClientUpdate<'_>], f: usize) -> Result<Aggregation> {
+    with_scan(global, updates, |mut round| {
+        if round.clients.is_empty() {
+            return Ok(Some(round.skip(SkipReason::NoClientLeft)));
+        }
+        round.require_checked(
+            "bulyan",
+            affine(4, f, 3),
+            format!("n ≥ 4f + 3 with f = {f}"),
+        )?;
+        let all = round.all();
+        let n = all.len();
+        let g = gram(&round, &all)?;
+        if !g.is_finite() {
+            return poisoned(&round);
+        }
+        let dist = into_sq_distances(g);
+        // n ≥ 4f + 3 was checked above, so neither subtraction wraps.
+        let theta = n.saturating_sub(2 * f);
+        let beta = theta.saturating_sub(2 * f);
+        let ids: Vec<&crate::aggregate::ClientId> = round.clients.iter().map(|c| &c.id).collect();
+        let (selected, last_scores) = select(&dist, &ids, f, theta);
+        for (i, score) in last_scores.iter().enumerate() {
+            if let Some(score) = score {
+                round.exclude(i, ExclusionReason::NotSelected { score: *score });
+            }
+        }
+        let values = sorted_reduce(
+            &round,
+            &selected,
+            |_| true,
+            |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
+            |sorted, len, m, out| closest_to_median_mean(sorted, len, m, beta, out),
+        )?;
+        round.coordinate_wise(&selected, values)
+    })
 }
 
 /// Recursive Krum: θ picks from n; returns the picks (sorted) and, for

@@ -3,14 +3,14 @@
 //! learning").
 
 use crate::aggregate::engine::{client_read_error, segment_key};
-use crate::aggregate::linalg::{Square, symmetric_eigen};
+use crate::aggregate::lanczos::{Rows, dot, top_eigenvector};
 use crate::aggregate::round::{Round, Seg, param_error, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
-use crate::rng::Rng;
+use crate::rng::{Rng, gaussian_at};
 
 /// DnC: repeatedly project the centred updates on their top singular
 /// direction over a random subset of coordinates, and drop the clients with
@@ -24,9 +24,13 @@ use crate::rng::Rng;
 /// [`Weighting`] (default uniform, as in the paper). Needs n > ⌊c·f⌋.
 ///
 /// Defaults follow the paper's evaluation: b = 10 000, c = 1, 5 iterations,
-/// seed 0. The top singular pair comes from the n × n matrix K = XXᵀ of the
-/// centred sub-matrix X (sᵢ = λ₁uᵢ² for its top eigenpair (λ₁, u)), so the cost
-/// is n × b per iteration plus an n × n eigen-decomposition.
+/// seed 0. The top right singular vector of the centred n × b sub-matrix X is
+/// found by restarted Lanczos on XᵀX: each step is one product Xᵀ(Xv), two
+/// passes over X, O(n·b), and XᵀX or XXᵀ is never formed. Memory: n·b f64
+/// for X plus at most 64 Lanczos vectors of b; no n × n matrix and no cubic
+/// decomposition. It stops at a Ritz residual below 10⁻¹²·λ₁, at the rank
+/// of X (exact: at most n − 1 steps), or after 1,024 products (top
+/// eigenvalues so close that either direction separates outliers as well).
 ///
 /// ```
 /// # use safe_fedllm::aggregate::*;
@@ -162,9 +166,23 @@ fn sample_indices(rng: &mut Rng, d: usize, b: usize) -> Vec<usize> {
     chosen.into_iter().collect()
 }
 
-/// The clients' updates at the sampled coordinates, as m rows of b (in f64:
-/// the sub-matrix products below cannot overflow).
-fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Vec<Vec<f64>>> {
+/// Subtracts the column means.
+fn centre(x: &mut Rows) {
+    let cols = x.cols.max(1);
+    let m = x.data.len() / cols;
+    let mut mean = vec![0.0; x.cols];
+    for row in x.rows() {
+        mean.iter_mut()
+            .zip(row)
+            .for_each(|(mu, v)| *mu += v / m as f64);
+    }
+    for row in x.data.chunks_exact_mut(cols) {
+        row.iter_mut().zip(&mean).for_each(|(v, mu)| *v -= mu);
+    }
+}
+
+/// The clients' updates at the sampled coordinates.
+fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Rows> {
     // Sampled indices are < d, the offsets start at 0 and every segment of
     // every usable client has the global tensor's length: a place outside is
     // a bug, reported with the index.
@@ -193,62 +211,47 @@ fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Vec<Vec<f64>>> {
             Ok((seg, k, f64::from(*g), flat))
         })
         .collect::<Result<Vec<_>>>()?;
-    round
-        .clients
-        .iter()
-        .map(|c| {
-            places
-                .iter()
-                .map(|&(seg, k, g, flat)| {
-                    let x = match c.segments.get(seg) {
-                        Some(Seg::Slice(values)) => *values.get(k).ok_or_else(|| outside(flat))?,
-                        Some(Seg::Read(source)) => {
-                            let mut one = [0.0f32];
-                            source
-                                .read_range(segment_key(round, seg)?, k, &mut one)
-                                .map_err(|e| client_read_error(&c.id, e))?;
-                            let [x] = one;
-                            x
-                        }
-                        None => return Err(outside(flat)),
-                    };
-                    Ok(f64::from(x) - g)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Outlier scores sᵢ = ⟨xᵢ − μ, v⟩² for the rows of one sub-matrix.
-fn outlier_scores(rows: &[Vec<f64>]) -> Vec<f64> {
-    let m = rows.len();
-    let b = rows.first().map_or(0, Vec::len);
-    let mut mean = vec![0.0; b];
-    for r in rows {
-        mean.iter_mut()
-            .zip(r)
-            .for_each(|(mu, x)| *mu += x / m as f64);
-    }
-    let centred: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|r| r.iter().zip(&mean).map(|(x, mu)| x - mu).collect())
-        .collect();
-    let mut k = Square::zeros(m);
-    for (i, a) in centred.iter().enumerate() {
-        for (j, b) in centred.iter().enumerate().take(i + 1) {
-            let v: f64 = a.iter().zip(b).map(|(a, b)| a * b).sum();
-            k.set(i, j, v);
-            k.set(j, i, v);
+    let mut data = Vec::with_capacity(round.clients.len().saturating_mul(places.len()));
+    for c in &round.clients {
+        for &(seg, k, g, flat) in &places {
+            let x = match c.segments.get(seg) {
+                Some(Seg::Slice(values)) => *values.get(k).ok_or_else(|| outside(flat))?,
+                Some(Seg::Read(source)) => {
+                    let mut one = [0.0f32];
+                    source
+                        .read_range(segment_key(round, seg)?, k, &mut one)
+                        .map_err(|e| client_read_error(&c.id, e))?;
+                    let [x] = one;
+                    x
+                }
+                None => return Err(outside(flat)),
+            };
+            data.push(f64::from(x) - g);
         }
     }
-    let (values, vectors) = symmetric_eigen(&k);
-    // No eigenvalue only for m = 0 rows: then there is no client to score.
-    let Some(&top) = values.first() else {
-        return Vec::new();
-    };
-    let lambda = top.max(0.0);
-    // The top eigenvector is column 0 of `vectors` (m ≥ 1 here).
-    (0..m).map(|i| lambda * vectors.get(i, 0).powi(2)).collect()
+    Ok(Rows {
+        cols: places.len(),
+        data,
+    })
+}
+
+/// Outlier scores sᵢ = ⟨xᵢ − μ, v⟩² of the rows, v the top right singular
+/// vector of the centred sub-matrix (the top eigenvector of XᵀX, by
+/// [Lanczos](crate::aggregate::lanczos)).
+///
+/// The start vector is a fixed Gaussian draw per sampled coordinate (hashed
+/// from `seed` and the flat index), so it does not depend on the clients'
+/// order, and is orthogonal to the top direction with probability 0.
+fn outlier_scores(mut x: Rows, indices: &[usize], seed: u64) -> Vec<f64> {
+    centre(&mut x);
+    let start = indices
+        .iter()
+        .map(|&flat| gaussian_at(seed, flat as u64))
+        .collect();
+    match top_eigenvector(&x, start) {
+        Some(v) => x.rows().map(|row| dot(row, &v).powi(2)).collect(),
+        None => vec![0.0; x.rows().len()],
+    }
 }
 
 impl Aggregator for DnC {
@@ -276,7 +279,7 @@ impl Aggregator for DnC {
         let mut flagged: Vec<Option<f64>> = vec![None; m];
         for _ in 0..self.iterations {
             let indices = sample_indices(&mut rng, round.dim, self.subsample_dim);
-            let scores = outlier_scores(&gather(&round, &indices)?);
+            let scores = outlier_scores(gather(&round, &indices)?, &indices, self.seed);
             if scores.len() != m {
                 return Err(Error::invariant(
                     "aggregate::dnc",
@@ -301,5 +304,74 @@ impl Aggregator for DnC {
             }
         }
         scanned(round.weighted_mean(&members, self.weighting, &[])?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::linalg::{Square, symmetric_eigen};
+
+    /// The scores from the exact top eigenpair of K = XXᵀ: sᵢ = λ₁uᵢ².
+    fn exact_scores(rows: &[Vec<f64>]) -> Vec<f64> {
+        let m = rows.len();
+        let b = rows[0].len();
+        let mean: Vec<f64> = (0..b)
+            .map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / m as f64)
+            .collect();
+        let centred: Vec<Vec<f64>> = rows
+            .iter()
+            .map(|r| r.iter().zip(&mean).map(|(x, mu)| x - mu).collect())
+            .collect();
+        let k = Square::from_fn(m, |i, j| dot(&centred[i], &centred[j]));
+        let (values, vectors) = symmetric_eigen(&k);
+        (0..m)
+            .map(|i| values[0].max(0.0) * vectors.get(i, 0).powi(2))
+            .collect()
+    }
+
+    fn rows(m: usize, b: usize, seed: u64) -> Vec<Vec<f64>> {
+        (0..m)
+            .map(|i| {
+                (0..b)
+                    .map(|j| gaussian_at(seed, (i * b + j) as u64) * (1.0 + j as f64))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn power_scores(rows: &[Vec<f64>]) -> Vec<f64> {
+        let b = rows[0].len();
+        let x = Rows {
+            cols: b,
+            data: rows.concat(),
+        };
+        let indices: Vec<usize> = (0..b).map(|j| 3 * j + 1).collect();
+        outlier_scores(x, &indices, 42)
+    }
+
+    #[test]
+    fn power_iteration_matches_the_exact_top_eigenpair() {
+        // m > b (the b × b side is the small one), m < b, and one outlier.
+        let mut with_outlier = rows(12, 30, 5);
+        with_outlier[7].iter_mut().for_each(|x| *x += 25.0);
+        for (name, data) in [
+            ("m > b", rows(40, 6, 1)),
+            ("m < b", rows(9, 50, 2)),
+            ("outlier", with_outlier),
+        ] {
+            let want = exact_scores(&data);
+            let got = power_scores(&data);
+            let scale = want.iter().copied().fold(0.0, f64::max);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-7 * scale, "{name} [{i}]: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_sub_matrix_scores_zero() {
+        let scores = power_scores(&[vec![1.0, 2.0], vec![1.0, 2.0], vec![1.0, 2.0]]);
+        assert_eq!(scores, [0.0, 0.0, 0.0]);
     }
 }

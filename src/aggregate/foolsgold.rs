@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::engine::{
-    self, add_lower, all_finite, deltas_into, gram_chunk, gram_rows_f64, spans,
-};
+use crate::aggregate::engine::{self, panels, pieces};
 use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, param_error, scanned};
 use crate::aggregate::{
@@ -243,8 +241,8 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
         ));
     }
     let mut items = Vec::new();
-    for span in spans(round) {
-        let mut pieces = Vec::with_capacity(m);
+    for span in pieces(round) {
+        let mut cut = Vec::with_capacity(m);
         for rest in rests.iter_mut() {
             let taken = std::mem::take(rest);
             let available = taken.len();
@@ -255,70 +253,38 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
                     format!("{available} values left for a span of {}", span.len),
                 ));
             };
-            pieces.push(head);
+            cut.push(head);
             *rest = tail;
         }
-        items.push((span, pieces));
+        items.push((span.len, (span, cut)));
     }
     let members = round.all();
-    let workers = engine::drive(
-        items,
-        || {
-            (
-                vec![0.0f64; m * m],
-                Vec::new(),
-                vec![0.0f32; m * m],
-                Vec::new(),
-                None,
-            )
-        },
-        |(acc, buf, block, scratch, failed): &mut HistoryState,
-         (span, pieces): (engine::Span, Vec<&mut [f32]>)| {
-            if failed.is_some() {
-                return;
-            }
-            let chunk = match engine::chunk_at(round, &members, span, scratch) {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    *failed = Some(e);
-                    return;
-                }
-            };
-            deltas_into(&chunk, buf);
-            let len = chunk.len();
-            for (piece, delta) in pieces.into_iter().zip(buf.chunks_exact_mut(len.max(1))) {
-                for (h, d) in piece.iter_mut().zip(delta.iter_mut()) {
+    // The Gram matrix of the updated histories, with the underflow fix-up: a
+    // 1e-20 copy of another client must still have cosine 1 with it.
+    engine::gram_of(
+        m,
+        panels(items),
+        true,
+        Vec::new,
+        |scratch, (span, cut): (engine::Span, Vec<&mut [f32]>), w| {
+            let chunk = engine::chunk_at(round, &members, span, scratch)?;
+            for (i, (history, x)) in cut.into_iter().zip(&chunk.rows).enumerate() {
+                for ((h, x), g) in history.iter_mut().zip(x.iter()).zip(chunk.global) {
                     // Saturating: a client sending f32::MAX every round keeps
                     // a finite (maximal) history instead of poisoning it.
-                    *h = (*h + *d).clamp(-f32::MAX, f32::MAX);
-                    *d = *h;
+                    *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
                 }
+                if let Some(out) = w.row(i) {
+                    out.copy_from_slice(history);
+                }
+                let finite = engine::all_finite(history);
+                w.settle(i, finite, |exact| {
+                    for (e, h) in exact.iter_mut().zip(history.iter()) {
+                        *e = f64::from(*h);
+                    }
+                });
             }
-            gram_chunk(buf, m, len, block);
-            // f32 products can overflow (a 1e20 history) or underflow (a
-            // 1e-20 copy of another client, whose squares vanish in f32):
-            // either would hide a copy from the cosine, so such blocks are
-            // recomputed in f64.
-            // The diagonal of the m × m block: entries 0, m + 1, 2(m + 1), …
-            let tiny = block.iter().step_by(m + 1).any(|d| *d < 1e-30);
-            if all_finite(block) && !tiny {
-                add_lower(block, acc);
-            } else {
-                let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
-                gram_rows_f64(&rows, None, acc);
-            }
+            Ok(())
         },
-    );
-    let mut parts = Vec::with_capacity(workers.len());
-    for (acc, _, _, _, failed) in workers {
-        if let Some(error) = failed {
-            return Err(error);
-        }
-        parts.push(acc);
-    }
-    engine::symmetric_total(parts, m)
+    )
 }
-
-/// A worker of [`update_histories`]: Gram accumulator, Δ rows, one block's
-/// f32 products, scratch for converted rows, first read error.
-type HistoryState = (Vec<f64>, Vec<f32>, Vec<f32>, Vec<f32>, Option<Error>);

@@ -246,6 +246,19 @@ impl<A: Aggregator> Aggregator for FactorGate<A> {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.aggregate_after_removal(global, updates, 0)
+    }
+
+    /// Passes `removed` on to the inner rule. Clients this gate drops are
+    /// *not* added: a low factor is the detector's opinion, not a proven lie,
+    /// and spending the budget on a wrongly flagged honest client would let
+    /// the rule pick an attacker among the rest.
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
         validate_headers(global, updates)?;
         if let Some(gate) = self.gate {
             // The mean must count non-finite updates as 0, which needs the scan.
@@ -276,7 +289,9 @@ impl<A: Aggregator> Aggregator for FactorGate<A> {
                 exclusions: gated,
             });
         }
-        let mut result = self.inner.aggregate(global, &admitted)?;
+        let mut result = self
+            .inner
+            .aggregate_after_removal(global, &admitted, removed)?;
         let mut exclusions = gated;
         exclusions.append(&mut result.exclusions);
         result.exclusions = exclusions;

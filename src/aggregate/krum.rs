@@ -1,7 +1,7 @@
 //! Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017,
 //! "Machine learning with adversaries: Byzantine tolerant gradient descent").
 
-use crate::aggregate::engine::{gram, sq_distances};
+use crate::aggregate::engine::{gram, into_sq_distances};
 use crate::aggregate::linalg::Square;
 use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
 use crate::aggregate::{
@@ -145,21 +145,30 @@ impl MultiKrum {
 }
 
 /// Krum scores over `members` given their squared-distance matrix (m × m):
-/// each score sums the `closest` smallest distances to the other members.
+/// each score sums the `closest` smallest distances to the other members,
+/// in ascending order (so two members with the same distances have the
+/// same score, bit for bit). Rows are scored in parallel: at m = 10,000 the
+/// m sorts of m values cost as much as the Gram matrix.
 pub(crate) fn scores(dist: &Square, closest: usize) -> Vec<f64> {
-    dist.rows()
-        .enumerate()
-        .map(|(i, row)| {
-            let mut others: Vec<f64> = row
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, d)| *d)
-                .collect();
-            others.sort_by(f64::total_cmp);
-            others.iter().take(closest).sum()
-        })
-        .collect()
+    let rows: Vec<(usize, &[f64])> = dist.rows().enumerate().collect();
+    let per_row = dist.m().saturating_mul(dist.m().max(2).ilog2() as usize);
+    crate::parallel::map_items(&rows, per_row, |&(i, row)| {
+        let mut others: Vec<f64> = row
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, d)| *d)
+            .collect();
+        let k = closest.min(others.len());
+        if k < others.len() {
+            others.select_nth_unstable_by(k, f64::total_cmp);
+        }
+        let nearest = others.get_mut(..k).unwrap_or(&mut []);
+        // Unstable is exact here: total_cmp orders every bit pattern, so
+        // equal keys are identical values.
+        nearest.sort_unstable_by(f64::total_cmp);
+        nearest.iter().sum()
+    })
 }
 
 /// Member positions with their scores, sorted by ascending score. Exact ties (common: two
@@ -204,7 +213,7 @@ fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
     if !g.is_finite() {
         return Ok(None);
     }
-    let dist = sq_distances(&g);
+    let dist = into_sq_distances(g);
     let s = scores(&dist, n.saturating_sub(f + 2).max(1));
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     let order = ranking(&s, &ids);
@@ -221,12 +230,33 @@ impl Aggregator for Krum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.run(global, updates, self.f)
+    }
+
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        self.run(global, updates, self.f.saturating_sub(removed))
+    }
+}
+
+impl Krum {
+    /// Krum with budget `f` (the configured one, less removed clients).
+    fn run(
+        &self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        f: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |mut round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-            check_n(&round, "krum", self.f)?;
-            let Some((s, order, dist)) = score_round(&round, self.f)? else {
+            check_n(&round, "krum", f)?;
+            let Some((s, order, dist)) = score_round(&round, f)? else {
                 return poisoned(&round);
             };
             let n = s.len();
@@ -238,7 +268,7 @@ impl Aggregator for Krum {
                 KrumVariant::WinnerNeighbourhood => {
                     let mut near: Vec<usize> = (0..n).filter(|&j| j != winner).collect();
                     near.sort_by(|&a, &b| dist.get(winner, a).total_cmp(&dist.get(winner, b)));
-                    near.truncate(n.saturating_sub(self.f + 2).max(1));
+                    near.truncate(n.saturating_sub(f + 2).max(1));
                     near.insert(0, winner);
                     near.sort_unstable();
                     near
@@ -264,18 +294,42 @@ impl Aggregator for MultiKrum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.run(global, updates, self.f, self.m)
+    }
+
+    /// Runs with f − removed, and keeps at most m − removed clients (at
+    /// least one): the m the rule was configured for counted the removed.
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        let m = self.m.saturating_sub(removed).max(1);
+        self.run(global, updates, self.f.saturating_sub(removed), m)
+    }
+}
+
+impl MultiKrum {
+    fn run(
+        &self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        f: usize,
+        m: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |mut round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
-            check_n(&round, "multi_krum", self.f)?;
-            round.require("multi_krum", self.m, format!("m ≤ n with m = {}", self.m))?;
-            let Some((_, order, _)) = score_round(&round, self.f)? else {
+            check_n(&round, "multi_krum", f)?;
+            round.require("multi_krum", m, format!("m ≤ n with m = {m}"))?;
+            let Some((_, order, _)) = score_round(&round, f)? else {
                 return poisoned(&round);
             };
-            let mut members: Vec<usize> = order.iter().take(self.m).map(|&(i, _)| i).collect();
+            let mut members: Vec<usize> = order.iter().take(m).map(|&(i, _)| i).collect();
             members.sort_unstable();
-            for &(i, score) in order.iter().skip(self.m) {
+            for &(i, score) in order.iter().skip(m) {
                 round.exclude(i, ExclusionReason::NotSelected { score });
             }
             round.weighted_mean(&members, self.weighting, &[])

@@ -120,11 +120,21 @@ impl Square {
 
     /// Copies the lower triangle onto the upper one (a symmetric matrix from
     /// an accumulator that filled j ≤ i only).
+    ///
+    /// In 64 × 64 blocks: mirroring row by row writes one column per row, a
+    /// cache miss per value once m × m outgrows the caches (5 % of Krum at
+    /// m = 10,000).
     pub(crate) fn mirror_lower(&mut self) {
-        for i in 0..self.m {
-            for j in 0..i {
-                let lower = self.get(i, j);
-                self.set(j, i, lower);
+        const B: usize = 64;
+        let m = self.m;
+        for ib in (0..m).step_by(B) {
+            for jb in (0..=ib).step_by(B) {
+                for i in ib..(ib + B).min(m) {
+                    for j in jb..(jb + B).min(i) {
+                        let lower = self.get(i, j);
+                        self.set(j, i, lower);
+                    }
+                }
             }
         }
     }

@@ -160,6 +160,7 @@ mod foolsgold;
 mod gate;
 mod geomed;
 mod krum;
+mod lanczos;
 mod linalg;
 mod round;
 mod simd;
@@ -315,6 +316,19 @@ pub enum SkipReason {
     NoClientLeft,
     /// The kept clients' weights sum to zero.
     ZeroTotalWeight,
+    /// Too few clients were left for the rule's size constraint, even after
+    /// the removed ones were counted against its Byzantine budget (reported
+    /// by the defended round instead of failing the round).
+    TooFewClients {
+        /// The rule's name.
+        rule: String,
+        /// The constraint, e.g. `n ≥ 2f + 3 with f = 1`.
+        constraint: String,
+        /// Clients the constraint needs.
+        required: usize,
+        /// Clients left.
+        found: usize,
+    },
 }
 
 /// How a contributing client's weight is to be read.
@@ -469,6 +483,27 @@ pub trait Aggregator: Send + Sync {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation>;
+
+    /// Aggregates a round from which `removed` of its clients were already
+    /// taken out as untrustworthy (rejected by admission, a failed trail
+    /// check, a factor gate).
+    ///
+    /// A rule with a Byzantine budget f (Krum, Multi-Krum, Bulyan) counts
+    /// them against it: it runs with f − removed (at least 0) over `updates`,
+    /// so one liar removed from a round of exactly the minimum size (Krum
+    /// n = 2f + 3, Bulyan n = 4f + 3) never makes the rest too few. This
+    /// assumes every removed client is one of the f; an honest client
+    /// removed by mistake lowers the number of Byzantine clients tolerated
+    /// among the rest. Rules without a budget ignore `removed` (the default).
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        let _ = removed;
+        self.aggregate(global, updates)
+    }
 }
 
 impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
@@ -482,6 +517,15 @@ impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
         (**self).aggregate(global, updates)
+    }
+
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
+        (**self).aggregate_after_removal(global, updates, removed)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Hot loops, compiled twice: for the baseline target and, on x86-64 CPUs
-//! that have them, with AVX2 + FMA (selected at run time).
+//! Hot loops, compiled for the baseline target and, on x86-64 CPUs that have
+//! them, with AVX2 + FMA (and AVX-512 for the Gram tiles), selected at run time.
 //!
 //! The loops are plain Rust written so that they vectorise (fixed-width
 //! accumulator arrays, unconditional stores); the AVX2 copies only widen the
@@ -7,106 +7,426 @@
 //! `#[target_feature]` copy, made only after `is_x86_feature_detected!`
 //! confirmed the CPU supports the features.
 
-/// Lower triangle of one block's Gram matrix, written to `out` (m × m,
-/// row-major): `out[i][j] = ⟨rowᵢ, rowⱼ⟩` in f32 for j ≤ i (the upper triangle
-/// is left as it is). `buf` holds m rows of `len`.
+/// `out = g_coef · g + Σᵢ coefs[i] · rowsᵢ` (the global term only when
+/// given), coordinate by coordinate; rows, global and `out` have one length.
 ///
-/// The products are f32 for speed: the caller checks the block for
-/// non-finite entries (an f32 overflow of finite inputs, or a non-finite
-/// input) and recomputes it in f64 when needed.
-pub(crate) fn gram_chunk(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
+/// One pass, register-blocked: a block of [`SUM_BLOCK`] coordinates is
+/// accumulated over every row in registers and stored once. Adding one row at
+/// a time into `out` instead reads and writes `out` once per row (or per
+/// four rows), which measured twice the input's read time for FedAvg even on
+/// one thread. The sum runs over the rows in order, so each coordinate's
+/// result depends on its inputs only.
+pub(crate) fn weighted_sum(
+    rows: &[&[f32]],
+    coefs: &[f32],
+    global: Option<(&[f32], f32)>,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { gram_chunk_avx2(buf, m, len, acc) };
-        return;
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { weighted_sum_avx512(rows, coefs, global, out) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { weighted_sum_avx2(rows, coefs, global, out) };
+            return;
+        }
     }
-    gram_chunk_impl::<false>(buf, m, len, acc);
+    weighted_sum_impl::<false>(rows, coefs, global, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn weighted_sum_avx512(
+    rows: &[&[f32]],
+    coefs: &[f32],
+    global: Option<(&[f32], f32)>,
+    out: &mut [f32],
+) {
+    weighted_sum_impl::<true>(rows, coefs, global, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn gram_chunk_avx2(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
-    gram_chunk_impl::<true>(buf, m, len, acc);
+fn weighted_sum_avx2(
+    rows: &[&[f32]],
+    coefs: &[f32],
+    global: Option<(&[f32], f32)>,
+    out: &mut [f32],
+) {
+    weighted_sum_impl::<true>(rows, coefs, global, out);
 }
-
-const LANES: usize = 16;
 
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
+fn weighted_sum_impl<const FMA: bool>(
+    rows: &[&[f32]],
+    coefs: &[f32],
+    global: Option<(&[f32], f32)>,
+    out: &mut [f32],
+) {
+    let madd = |c: f32, x: f32, a: f32| if FMA { c.mul_add(x, a) } else { a + c * x };
+    // The first pass assigns (the global term, or the first rows), so `out`
+    // is never zeroed first.
+    let mut rest_rows = rows;
+    let mut rest_coefs = coefs;
+    match global {
+        Some((g, c)) => out.iter_mut().zip(g).for_each(|(o, x)| *o = c * x),
+        None => {
+            if let ([a, b, x, y, ..], [ca, cb, cx, cy, ..]) = (rows, coefs) {
+                let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
+                for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
+                    *o = madd(*cy, *vy, madd(*cx, *vx, madd(*cb, *vb, ca * va)));
+                }
+                rest_rows = rows.get(4..).unwrap_or(&[]);
+                rest_coefs = coefs.get(4..).unwrap_or(&[]);
+            } else {
+                out.fill(0.0);
+            }
+        }
+    }
+    // Four rows per pass quarters the read-modify-write traffic on `out`.
+    let mut quads = rest_rows.chunks_exact(4);
+    let mut cs = rest_coefs.chunks_exact(4);
+    for (rows, c) in (&mut quads).zip(&mut cs) {
+        if let ([a, b, x, y], [ca, cb, cx, cy]) = (rows, c) {
+            let inputs = a.iter().zip(b.iter()).zip(x.iter().zip(y.iter()));
+            for (o, ((va, vb), (vx, vy))) in out.iter_mut().zip(inputs) {
+                *o = madd(*cy, *vy, madd(*cx, *vx, madd(*cb, *vb, madd(*ca, *va, *o))));
+            }
+        }
+    }
+    for (row, c) in quads.remainder().iter().zip(cs.remainder()) {
+        for (o, x) in out.iter_mut().zip(row.iter()) {
+            *o = madd(*c, *x, *o);
+        }
+    }
 }
 
-/// Four dot products sharing the left operand: each `a` block is loaded once
-/// for four rows, which keeps the kernel compute-bound rather than load-bound.
+/// `out = x − g` (all three of one length); true when every result is
+/// finite. One vectorised pass: the finiteness test is folded in as
+/// `acc += v · 0`, which stays 0 for finite values and turns NaN for any
+/// infinity or NaN.
+pub(crate) fn sub_finite(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe { sub_finite_avx512(out, x, g) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { sub_finite_avx2(out, x, g) };
+        }
+    }
+    sub_finite_impl(out, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn sub_finite_avx512(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    sub_finite_impl(out, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sub_finite_avx2(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    sub_finite_impl(out, x, g)
+}
+
+#[inline(always)]
+fn sub_finite_impl(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    const W: usize = 16;
+    let mut acc = [0.0f32; W];
+    let (ob, ot) = out.as_chunks_mut::<W>();
+    let (xb, xt) = x.as_chunks::<W>();
+    let (gb, gt) = g.as_chunks::<W>();
+    for ((o, x), g) in ob.iter_mut().zip(xb).zip(gb) {
+        for (((o, x), g), a) in o.iter_mut().zip(x).zip(g).zip(acc.iter_mut()) {
+            let v = x - g;
+            *o = v;
+            *a += v * 0.0;
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((o, x), g) in ot.iter_mut().zip(xt).zip(gt) {
+        let v = x - g;
+        *o = v;
+        tail += v * 0.0;
+    }
+    acc.iter().fold(tail, |s, a| s + a) == 0.0
+}
+
+/// Rows of a panel (see [`gram_tiles`]) are padded with zeros to a multiple
+/// of this many values, so the tile kernels have no tail.
+pub(crate) const PANEL_ALIGN: usize = 16;
+
+/// The shape of the register tile [`gram_tiles`] uses on this CPU: rows ×
+/// columns of the Gram block computed at once. Row ranges handed to
+/// [`gram_tiles`] by parallel callers are multiples of [`TILE_ROWS`].
+pub(crate) const TILE_ROWS: usize = 4;
+
+/// One Gram tile's f32 results, handed to the caller's sink: `(i0, j0,
+/// values)` with `values[r][c] = ⟨row i0 + r, row j0 + c⟩` (rows beyond the
+/// panel read as zero; the sink drops them and the upper triangle).
+pub(crate) type Tile<'a> = (usize, usize, &'a [[f32; 4]; 4]);
+
+/// The lower triangle (j ≤ i) of the Gram matrix of a panel's rows, tile by
+/// tile: `rows` holds `m` rows of `stride` values (only the first `len` used,
+/// `len` a multiple of [`PANEL_ALIGN`], zero beyond), and `sink` receives
+/// every tile whose rows start in `row_range` (a range of multiples of
+/// [`TILE_ROWS`], or ending at m).
 ///
-/// The rows all have `a`'s length (rows of one buffer, cut by `chunks_exact`).
+/// Register-tiled: each tile keeps its 16 dot products in registers while it
+/// streams its 8 rows once, so loads are half the multiply–adds (a
+/// one-pair-at-a-time dot product loads two values per multiply–add and is
+/// load-bound). Column blocks of [`COL_BLOCK`] rows keep the rows a stripe of
+/// tiles revisits in L2 whatever m is. The products are f32; the caller
+/// checks and fixes non-finite or suspicious entries.
+pub(crate) fn gram_tiles(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { gram_tiles_avx512(rows, stride, m, len, row_range, sink) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { gram_tiles_avx2(rows, stride, m, len, row_range, sink) };
+            return;
+        }
+    }
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, tile::<8>);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn gram_tiles_avx512(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, |a, b| {
+        // SAFETY: this function only runs where AVX-512F was detected.
+        unsafe { x86::tile_avx512(a, b) }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gram_tiles_avx2(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+) {
+    gram_tiles_impl(rows, stride, m, len, row_range, sink, |a, b| {
+        // SAFETY: this function only runs where AVX2 and FMA were detected.
+        unsafe { x86::tile_avx2(a, b) }
+    });
+}
+
+/// Rows per column block of [`gram_tiles`]: 128 rows of a 512-value panel
+/// are 256 KB, within L2.
+pub(crate) const COL_BLOCK: usize = 128;
+
+/// A zero row for tile positions beyond the last row.
+static ZEROS: [f32; 1024] = [0.0; 1024];
+
 #[inline(always)]
-// SAFETY-OF-INDEX: `x`, `y0`…`y3` are `[f32; LANES]` arrays (from `as_chunks`),
-// `acc` is `[[f32; LANES]; 4]`, and k < LANES: every index is in bounds by type
-// (the checks compile away; the body is the exact loop that vectorises).
+fn gram_tiles_impl(
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    len: usize,
+    row_range: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(Tile<'_>),
+    tile: impl Fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4],
+) {
+    let len = len.min(stride);
+    let zero = ZEROS.get(..len).unwrap_or(&[]);
+    let row = |i: usize| -> &[f32] {
+        if i < m {
+            rows.get(i * stride..i * stride + len).unwrap_or(zero)
+        } else {
+            zero
+        }
+    };
+    let end = row_range.end.min(m);
+    let mut jb = 0;
+    while jb < end {
+        let jb_end = (jb + COL_BLOCK).min(m);
+        // Tiles of rows i0..i0 + 4 against columns j0..j0 + 4 of this block,
+        // for j0 ≤ the tile's last row (lower triangle).
+        let mut i0 = row_range.start.max(jb - jb % TILE_ROWS);
+        while i0 < end {
+            let a = [row(i0), row(i0 + 1), row(i0 + 2), row(i0 + 3)];
+            let mut j0 = jb;
+            while j0 < jb_end && j0 < i0 + TILE_ROWS {
+                let b = [row(j0), row(j0 + 1), row(j0 + 2), row(j0 + 3)];
+                let values = tile(a, b);
+                sink((i0, j0, &values));
+                j0 += 4;
+            }
+            i0 += TILE_ROWS;
+        }
+        jb = jb_end;
+    }
+}
+
+/// The 4 × 4 dot products of rows `a` against rows `b` (all of one length,
+/// a multiple of `L`; any tail is ignored), each accumulated in `L` lanes:
+/// the portable kernel (the x86 ones are in [`x86`]).
+// SAFETY-OF-INDEX: `acc` is `[[[f32; L]; 4]; 4]`, `x`/`y` are `[&[f32; L]; 4]`
+// and every index is a constant below those sizes after unrolling: in bounds by
+// type (the checks compile away; the body is the loop that vectorises).
 #[allow(clippy::indexing_slicing)]
-fn dot4<const FMA: bool>(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0.0f32; LANES]; 4];
-    let (blocks, a_tail) = a.as_chunks::<LANES>();
-    let [b0, b1, b2, b3] = b.map(|r| r.as_chunks::<LANES>().0);
-    for ((((x, y0), y1), y2), y3) in blocks.iter().zip(b0).zip(b1).zip(b2).zip(b3) {
-        for k in 0..LANES {
-            acc[0][k] = madd::<FMA>(x[k], y0[k], acc[0][k]);
-            acc[1][k] = madd::<FMA>(x[k], y1[k], acc[1][k]);
-            acc[2][k] = madd::<FMA>(x[k], y2[k], acc[2][k]);
-            acc[3][k] = madd::<FMA>(x[k], y3[k], acc[3][k]);
+fn tile<const L: usize>(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let mut acc = [[[0.0f32; L]; 4]; 4];
+    let n = a
+        .iter()
+        .chain(b.iter())
+        .map(|r| r.len() / L)
+        .min()
+        .unwrap_or(0);
+    // Cut to n blocks each, so the indices below are visibly in bounds.
+    let a = a.map(|r| r.as_chunks::<L>().0.get(..n).unwrap_or(&[]));
+    let b = b.map(|r| r.as_chunks::<L>().0.get(..n).unwrap_or(&[]));
+    for t in 0..n {
+        let x = [&a[0][t], &a[1][t], &a[2][t], &a[3][t]];
+        let y = [&b[0][t], &b[1][t], &b[2][t], &b[3][t]];
+        for r in 0..4 {
+            for c in 0..4 {
+                for k in 0..L {
+                    acc[r][c][k] += x[r][k] * y[c][k];
+                }
+            }
         }
     }
-    let mut out = [0.0f32; 4];
-    for (o, (lane, row)) in out.iter_mut().zip(acc.iter().zip(b)) {
-        let tail: f32 = a_tail
+    acc.map(|row| row.map(|lanes| lane_sum(&lanes)))
+}
+
+/// The Gram tile kernels written with x86 intrinsics: the portable kernel's
+/// 4 × 4 × lanes accumulators do not stay in registers when left to the
+/// auto-vectoriser (it emitted scalar FMAs through the stack).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 4 × 4 dot products, 16 lanes each: 16 accumulators, 8 loads per 16
+    /// multiply–adds.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = a
             .iter()
-            .zip(row.as_chunks::<LANES>().1)
-            .map(|(x, y)| x * y)
-            .sum();
-        *o = lane.iter().sum::<f32>() + tail;
+            .chain(b.iter())
+            .map(|r| r.len() / 16)
+            .min()
+            .unwrap_or(0);
+        let [a0, a1, a2, a3] = a.map(|r| r.as_ptr());
+        let [b0, b1, b2, b3] = b.map(|r| r.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        for t in 0..n {
+            let off = t * 16;
+            // SAFETY: every row has at least n·16 values, so off + 16 ≤ len.
+            let (x, y) = unsafe {
+                (
+                    [a0, a1, a2, a3].map(|p| _mm512_loadu_ps(p.add(off))),
+                    [b0, b1, b2, b3].map(|p| _mm512_loadu_ps(p.add(off))),
+                )
+            };
+            for (acc_row, xr) in acc.iter_mut().zip(x) {
+                for (slot, yc) in acc_row.iter_mut().zip(y) {
+                    *slot = _mm512_fmadd_ps(xr, yc, *slot);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
     }
-    out
+
+    /// 4 × 4 dot products, 8 lanes each, as two 4 × 2 halves (8
+    /// accumulators each: AVX2 has 16 vector registers).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(a: [&[f32]; 4], b: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = a
+            .iter()
+            .chain(b.iter())
+            .map(|r| r.len() / 8)
+            .min()
+            .unwrap_or(0);
+        let [a0, a1, a2, a3] = a.map(|r| r.as_ptr());
+        let [b0, b1, b2, b3] = b.map(|r| r.as_ptr());
+        let mut out = [[0.0f32; 4]; 4];
+        for (half, (c0, c1)) in [(b0, b1), (b2, b3)].into_iter().enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for t in 0..n {
+                let off = t * 8;
+                // SAFETY: every row has at least n·8 values, so off + 8 ≤ len.
+                let (x, y) = unsafe {
+                    (
+                        [a0, a1, a2, a3].map(|p| _mm256_loadu_ps(p.add(off))),
+                        [c0, c1].map(|p| _mm256_loadu_ps(p.add(off))),
+                    )
+                };
+                for (acc_row, xr) in acc.iter_mut().zip(x) {
+                    for (slot, yc) in acc_row.iter_mut().zip(y) {
+                        *slot = _mm256_fmadd_ps(xr, yc, *slot);
+                    }
+                }
+            }
+            for (out_row, acc_row) in out.iter_mut().zip(acc) {
+                for (o, v) in out_row.iter_mut().skip(2 * half).zip(acc_row) {
+                    *o = hsum256(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of the 8 lanes (fixed order).
+    #[target_feature(enable = "avx2")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
 }
 
-/// One dot product (`b` has `a`'s length, as in [`dot4`]).
+/// Sum of an array's lanes as a pairwise tree (fixed order).
 #[inline(always)]
-fn dot1<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (a_blocks, a_tail) = a.as_chunks::<LANES>();
-    let (b_blocks, b_tail) = b.as_chunks::<LANES>();
-    for (x, y) in a_blocks.iter().zip(b_blocks) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s = madd::<FMA>(*x, *y, *s);
+fn lane_sum<const L: usize>(lanes: &[f32; L]) -> f32 {
+    let mut v = *lanes;
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        let (lo, hi) = v.split_at_mut(w);
+        for (l, h) in lo.iter_mut().zip(hi.iter()) {
+            *l += *h;
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn gram_chunk_impl<const FMA: bool>(buf: &[f32], m: usize, len: usize, acc: &mut [f32]) {
-    let rows: Vec<&[f32]> = buf.chunks_exact(len.max(1)).take(m).collect();
-    // Row i of the m × m output takes ⟨rowᵢ, rowⱼ⟩ for j ≤ i: rows 0..=i in
-    // groups of four, then one at a time.
-    for ((i, a), out) in rows.iter().enumerate().zip(acc.chunks_exact_mut(m.max(1))) {
-        // Cannot fail: i < rows.len() ≤ m = out.len().
-        let (Some((lower, _)), Some((out, _))) = (
-            rows.split_at_checked(i + 1),
-            out.split_at_mut_checked(i + 1),
-        ) else {
-            continue;
-        };
-        let (quads, singles) = lower.as_chunks::<4>();
-        let (out_quads, out_singles) = out.as_chunks_mut::<4>();
-        for (q, o) in quads.iter().zip(out_quads) {
-            *o = dot4::<FMA>(a, *q);
-        }
-        for (b, o) in singles.iter().zip(out_singles) {
-            *o = dot1::<FMA>(a, b);
-        }
-    }
+    v.first().copied().unwrap_or(0.0)
 }
 
 /// Applies a sorting network to the columns of `buf` (rows of `len`):
@@ -208,22 +528,71 @@ mod tests {
     }
 
     #[test]
-    fn gram_chunk_matches_naive() {
-        let (m, len) = (7, 53);
-        let buf: Vec<f32> = (0..m * len)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-            .collect();
-        let mut acc = vec![0.0f32; m * m];
-        gram_chunk(&buf, m, len, &mut acc);
-        for i in 0..m {
-            for j in 0..=i {
-                let naive: f64 = (0..len)
-                    .map(|k| f64::from(buf[i * len + k]) * f64::from(buf[j * len + k]))
-                    .sum();
-                assert!(
-                    (f64::from(acc[i * m + j]) - naive).abs() < 1e-4,
-                    "({i},{j})"
-                );
+    fn weighted_sum_matches_naive_for_any_row_count() {
+        let len = 133;
+        for n in 0..11 {
+            let rows: Vec<Vec<f32>> = (0..n)
+                .map(|i| {
+                    (0..len)
+                        .map(|k| ((i * 7 + k * 3) % 13) as f32 - 6.0)
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+            let coefs: Vec<f32> = (0..n).map(|i| 0.25 * (i + 1) as f32).collect();
+            let g: Vec<f32> = (0..len).map(|k| k as f32).collect();
+            for global in [None, Some((g.as_slice(), -0.5f32))] {
+                let mut out = vec![f32::NAN; len];
+                weighted_sum(&refs, &coefs, global, &mut out);
+                for k in 0..len {
+                    let mut want = global.map_or(0.0, |(g, c)| f64::from(c * g[k]));
+                    for (r, c) in rows.iter().zip(&coefs) {
+                        want += f64::from(*c) * f64::from(r[k]);
+                    }
+                    assert!((f64::from(out[k]) - want).abs() < 1e-3, "n = {n}, k = {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gram_tiles_match_naive_lower_triangle() {
+        for (m, len) in [(1, 16), (7, 48), (13, 32), (37, 64), (300, 16)] {
+            let stride = 64;
+            let buf: Vec<f32> = (0..m * stride)
+                .map(|i| {
+                    if i % stride < len {
+                        ((i * 37 % 101) as f32 - 50.0) / 50.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut got = vec![f32::NAN; m * m];
+            let mut seen = vec![0u32; m * m];
+            let mut sink = |(i0, j0, v): Tile<'_>| {
+                for (r, row) in v.iter().enumerate() {
+                    for (c, value) in row.iter().enumerate() {
+                        let (i, j) = (i0 + r, j0 + c);
+                        if i < m && j <= i {
+                            got[i * m + j] = *value;
+                            seen[i * m + j] += 1;
+                        }
+                    }
+                }
+            };
+            gram_tiles(&buf, stride, m, len, 0..m, &mut sink);
+            for i in 0..m {
+                for j in 0..=i {
+                    let naive: f64 = (0..len)
+                        .map(|k| f64::from(buf[i * stride + k]) * f64::from(buf[j * stride + k]))
+                        .sum();
+                    assert_eq!(seen[i * m + j], 1, "({i},{j}) of m = {m}");
+                    assert!(
+                        (f64::from(got[i * m + j]) - naive).abs() < 1e-4,
+                        "({i},{j})"
+                    );
+                }
             }
         }
     }

@@ -8,11 +8,17 @@
 //!     [--threshold-policy fixed:0.8|target-fpr:0.05|max-f1] [--folds 5]
 //!     [--c-grid 0.01,0.1,1,10,100] [--seed 0] [--selection first_layer_b|all_layers]
 //!     [--sketch-dim K [--sketch-seed S]] [--early-stopping]
-//! safe-fedllm-probe score --probe probe.safetensors [--base round0.safetensors] FILE...
-//! safe-fedllm-probe eval  --probe probe.safetensors --manifest test.jsonl [--threshold T]
+//! safe-fedllm-probe score --probe probe.safetensors [--base round0.safetensors] [--zero-fill] FILE...
+//! safe-fedllm-probe eval  --probe probe.safetensors --manifest test.jsonl [--threshold T] [--zero-fill]
 //! safe-fedllm-probe round --spec defense.toml --global global.safetensors [--probe P]
 //!     [--round N] [--header] [--out new_global.safetensors] CLIENT=FILE:SAMPLES...
 //! ```
+//!
+//! `score` and `eval` refuse a file that lacks a tensor the probe reads, as
+//! the defended round does (`Rejection::MissingProbeKeys`): scoring zeros in
+//! its place would let an adapter that omits the probed layer read as benign.
+//! `--zero-fill` scores such files anyway, with the missing keys listed and
+//! `"zero_fill": true` in the output.
 //!
 //! Output contract: stdout carries JSON only (one object for `train` and
 //! `eval`, one object per line for `score`); stderr carries JSON only
@@ -25,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use safe_fedllm::features::{FeatureConfig, Selection};
+use safe_fedllm::features::{FeatureConfig, Selection, TransformReport};
 use safe_fedllm::lora::{AdapterView, LazyDelta, ReadLimits, read_file};
 use safe_fedllm::probe::eval::Evaluation;
 use safe_fedllm::probe::{
@@ -137,6 +143,10 @@ struct ScoreArgs {
     /// each file is taken to hold a delta.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Score files lacking probed tensors with zeros in their place instead
+    /// of failing them (marked in each line). Unsafe against evasion.
+    #[arg(long)]
+    zero_fill: bool,
     /// Adapter files to score.
     #[arg(required = true)]
     files: Vec<PathBuf>,
@@ -153,6 +163,10 @@ struct EvalArgs {
     /// Evaluate at this τ instead of the probe's own.
     #[arg(long, value_parser = parse_probability)]
     threshold: Option<f32>,
+    /// Evaluate samples lacking probed tensors with zeros in their place
+    /// instead of failing (listed in the output). Unsafe against evasion.
+    #[arg(long)]
+    zero_fill: bool,
 }
 
 #[derive(Clone)]
@@ -270,15 +284,14 @@ fn score(args: &ScoreArgs) -> Result<(Vec<Value>, usize), safe_fedllm::Error> {
     let lines = args
         .files
         .iter()
-        .map(
-            |path| match score_one(&probe, path, base.as_ref(), &limits) {
-                Ok(line) => line,
-                Err(e) => {
-                    failed += 1;
-                    json!({ "path": path, "error": e.to_string() })
-                }
-            },
-        )
+        .map(|path| {
+            let line = score_one(&probe, path, base.as_ref(), &limits)
+                .and_then(|line| refuse_zero_filled(line, path, args.zero_fill));
+            line.unwrap_or_else(|failure| {
+                failed += 1;
+                failure
+            })
+        })
         .collect();
     Ok((lines, failed))
 }
@@ -288,17 +301,18 @@ fn score_one(
     path: &Path,
     base: Option<&AdapterView<'_>>,
     limits: &ReadLimits,
-) -> Result<Value, safe_fedllm::Error> {
-    let bytes = read_file(path, limits)?;
-    let update = AdapterView::parse(&bytes).map_err(|e| in_file(path, e))?;
+) -> Result<Value, Value> {
+    let failed = |e: safe_fedllm::Error| json!({ "path": path, "error": e.to_string() });
+    let bytes = read_file(path, limits).map_err(failed)?;
+    let update = AdapterView::parse(&bytes).map_err(|e| failed(in_file(path, e)))?;
     let features = match base {
         Some(base) => probe
             .feature_spec()
-            .transform(&LazyDelta::new(&update, base).map_err(|e| in_file(path, e))?),
+            .transform(&LazyDelta::new(&update, base).map_err(|e| failed(in_file(path, e)))?),
         None => probe.feature_spec().transform(&update),
     }
-    .map_err(|e| in_file(path, e))?;
-    let score = probe.score_features(&features.values)?;
+    .map_err(|e| failed(in_file(path, e)))?;
+    let score = probe.score_features(&features.values).map_err(failed)?;
     Ok(json!({
         "path": path,
         "score": score,
@@ -307,6 +321,47 @@ fn score_one(
         "zero_filled": features.report.zero_filled,
         "ignored": features.report.ignored,
     }))
+}
+
+/// A scored line whose file lacked probed tensors becomes a failure (with
+/// the keys listed) unless `--zero-fill` allows it; allowed lines are marked.
+fn refuse_zero_filled(mut line: Value, path: &Path, zero_fill: bool) -> Result<Value, Value> {
+    let missing = string_list(&line["zero_filled"]);
+    if let Some(first) = missing.first().filter(|_| !zero_fill) {
+        let e = in_file(path, missing_probe_key(first, missing.len()));
+        return Err(json!({
+            "path": path,
+            "error": e.to_string(),
+            "missing_probe_keys": missing,
+        }));
+    }
+    line["zero_fill"] = json!(zero_fill);
+    Ok(line)
+}
+
+/// The error for a file lacking `first` (and `count − 1` more) probed keys.
+fn missing_probe_key(first: &str, count: usize) -> safe_fedllm::Error {
+    let missing_from = if count > 1 {
+        "the file (with other probed tensors; pass --zero-fill to score zeros in their place)"
+    } else {
+        "the file (pass --zero-fill to score zeros in its place)"
+    };
+    safe_fedllm::Error::MissingKey {
+        tensor: first.to_owned(),
+        present_in: "the probe's feature layout",
+        missing_from,
+    }
+}
+
+fn string_list(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn in_file(path: &Path, e: safe_fedllm::Error) -> safe_fedllm::Error {
@@ -319,7 +374,8 @@ fn in_file(path: &Path, e: safe_fedllm::Error) -> safe_fedllm::Error {
 fn eval(args: &EvalArgs) -> Result<Value, safe_fedllm::Error> {
     let probe = LinearProbe::load(&args.probe)?;
     let manifest = Manifest::load(&args.manifest)?;
-    let x = manifest.feature_matrix(probe.feature_spec(), None)?;
+    let (x, reports) = manifest.feature_matrix_with_reports(probe.feature_spec(), None)?;
+    let zero_filled = zero_filled_samples(&manifest, &reports, args.zero_fill)?;
     let scores = probe.score_matrix(x.view())?;
     let labels: Vec<Label> = manifest.labels();
     let threshold = args.threshold.unwrap_or(probe.threshold());
@@ -337,7 +393,38 @@ fn eval(args: &EvalArgs) -> Result<Value, safe_fedllm::Error> {
         "ece_bins": e.ece_bins,
         "brier": e.brier,
         "confusion": e.confusion,
+        "zero_fill": args.zero_fill,
+        "zero_filled": zero_filled,
     }))
+}
+
+/// The samples whose files lacked probed tensors, as `{line, path, keys}`;
+/// the first one is an error unless `zero_fill` allows them.
+fn zero_filled_samples(
+    manifest: &Manifest,
+    reports: &[TransformReport],
+    zero_fill: bool,
+) -> Result<Vec<Value>, safe_fedllm::Error> {
+    let mut samples = Vec::new();
+    for (entry, report) in manifest.entries().iter().zip(reports) {
+        let Some(first) = report.zero_filled.first() else {
+            continue;
+        };
+        if !zero_fill {
+            return Err(safe_fedllm::Error::ManifestSample {
+                line: entry.line,
+                path: entry.path.clone(),
+                root: manifest.root().to_path_buf(),
+                source: Box::new(missing_probe_key(first, report.zero_filled.len())),
+            });
+        }
+        samples.push(json!({
+            "line": entry.line,
+            "path": entry.path,
+            "keys": report.zero_filled,
+        }));
+    }
+    Ok(samples)
 }
 
 fn fail(kind: &str, message: &str, code: u8) -> ExitCode {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, ClientLevel, DefenseLevel, Detector, EvidenceLevel,
-    ShadowLevel, StepLevel,
+    ShadowLevel, ShadowNeed, StepLevel,
 };
 use crate::error::Result;
 
@@ -82,6 +82,10 @@ impl Detector for AnyDetector {
 
     fn needs_shadow(&self, client: &ClientId) -> bool {
         self.inner().needs_shadow(client)
+    }
+
+    fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
+        self.inner().shadow_need(client)
     }
 }
 

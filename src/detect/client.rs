@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_PIVOT, DEFAULT_STEEPNESS,
-    DefenseLevel, Detector, LevelRepr, MissingEvidence, Verdict, check_positive_finite,
-    check_state, check_unit,
+    DefenseLevel, Detector, LevelRepr, MissingEvidence, Safeguards, Verdict, check_positive_finite,
+    check_state, check_unit, safeguard,
 };
 use crate::error::{Error, Result, check_parameter};
 
@@ -21,6 +21,7 @@ use crate::error::{Error, Result, check_parameter};
 /// | [`active_rounds`](Self::active_rounds) R | `Some(20)` | `prefilter_round` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`missing_score`](Self::missing_score) | [`MissingEvidence::Malicious`] | missing → s = 1 |
+/// | [`safeguards`](Self::safeguards) | [`Safeguards::default`] (verdict cap, probation) | [`Safeguards::reference`] (none) |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientLevelParams {
@@ -29,6 +30,8 @@ pub struct ClientLevelParams {
     active_rounds: Option<u32>,
     min_weight: f64,
     missing_score: MissingEvidence,
+    #[serde(default)]
+    safeguards: Safeguards,
 }
 
 impl Default for ClientLevelParams {
@@ -39,6 +42,7 @@ impl Default for ClientLevelParams {
             active_rounds: Some(DEFAULT_ACTIVE_ROUNDS),
             min_weight: 0.0,
             missing_score: MissingEvidence::Malicious,
+            safeguards: Safeguards::default(),
         }
     }
 }
@@ -57,8 +61,16 @@ impl ClientLevelParams {
         /// Lower bound ∈ [0, 1] of every factor (the stored mean is not clamped).
         min_weight: f64;
         /// How a missing last-step score counts. Default
-        /// [`MissingEvidence::Malicious`]: s = 1, as in the reference.
+        /// [`MissingEvidence::Malicious`]: s = 1, as in the reference
+        /// ([`MissingEvidence::FromUpdate`] is the same here: the last step is
+        /// the update).
         missing_score: MissingEvidence;
+        /// The protocol safeguards: in a round whose update scores ≥ τ the
+        /// factor is at most that round's raw factor (also after the level
+        /// froze), and a new identity is on probation (a never-seen id after
+        /// round R gets the probation factor, not 1.0). [`Safeguards::reference`]
+        /// reproduces the paper's running mean alone.
+        safeguards: Safeguards;
     }
 
     /// Validates the settings.
@@ -68,7 +80,8 @@ impl ClientLevelParams {
         let pivot = self.pivot;
         let ok = pivot.is_finite() && pivot > 0.0 && pivot < 1.0;
         check_parameter(ok, LEVEL, "pivot", pivot, "a number in (0, 1)")?;
-        check_unit(LEVEL, "min_weight", self.min_weight)
+        check_unit(LEVEL, "min_weight", self.min_weight)?;
+        self.safeguards.check()
     }
 
     /// Validates the settings and builds a detector with no client state.
@@ -88,19 +101,8 @@ impl ClientLevelParams {
     ///
     /// t(s) = 0.5·σ(k(s/p − 0.5)) for s ≤ p, else 0.5 + 0.5·σ(k((s − p)/(1 − p) − 0.5)).
     pub fn raw_factor(&self, score: f64) -> f64 {
-        let s = score.clamp(0.0, 1.0);
-        let (k, p) = (self.steepness, self.pivot);
-        let t = if s <= p {
-            0.5 * sigmoid(k * (s / p - 0.5))
-        } else {
-            0.5 + 0.5 * sigmoid(k * ((s - p) / (1.0 - p) - 0.5))
-        };
-        1.0 - t
+        safeguard::raw_factor(score, self.steepness, self.pivot)
     }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// One client's running mean of raw factors.
@@ -125,9 +127,10 @@ pub struct ClientMeanState {
 /// (malicious), as in the reference.
 ///
 /// ```
-/// use safe_fedllm::detect::{ClientEvidence, ClientId, ClientLevel, Detector};
+/// use safe_fedllm::detect::{ClientEvidence, ClientId, ClientLevel, Detector, Safeguards};
 ///
-/// let mut d = ClientLevel::params().build()?;
+/// // The paper's running mean alone (no probation for the new id).
+/// let mut d = ClientLevel::params().safeguards(Safeguards::reference()).build()?;
 /// let id = ClientId::from("bob");
 /// let a = d.assess(0, &id, &ClientEvidence::new(64).with_last_step_score(Some(0.4)))?;
 /// // s = 0.4 = pivot / 2: t = 0.5·σ(0) = 0.25, factor 0.75 (up to 0.4's f32 rounding).
@@ -191,22 +194,13 @@ impl Detector for ClientLevel {
         evidence.validate(round, client)?;
         let p = &self.params;
         if !p.is_active(round) {
-            let mean = self.clients.get(client).map_or(1.0, |s| s.mean);
-            let reason = format!(
-                "client-level frozen from round {} on (round {round}): keeps mean factor {mean:.6}",
-                // Not active means active_rounds is Some(r) with round ≥ r.
-                p.active_rounds.unwrap_or_default()
-            );
-            return Ok(Assessment::new(
-                mean,
-                p.min_weight,
-                Verdict::Undecided,
-                reason,
-            ));
+            return Ok(self.frozen(round, client, evidence));
         }
         let (score, note) = match (evidence.last_step_score, p.missing_score) {
             (Some(s), _) => (f64::from(s), ""),
-            (None, MissingEvidence::Malicious) => (1.0, " (missing, counted as 1)"),
+            (None, MissingEvidence::Malicious | MissingEvidence::FromUpdate) => {
+                (1.0, " (missing, counted as 1)")
+            }
             (None, MissingEvidence::Benign) => (0.0, " (missing, counted as 0)"),
         };
         let raw = p.raw_factor(score);
@@ -225,11 +219,38 @@ impl Detector for ClientLevel {
         } else {
             Verdict::Benign
         };
+        let (factor, verdict, capped) =
+            p.safeguards
+                .apply(state.mean, verdict, evidence, state.rounds, |s| {
+                    p.raw_factor(s)
+                });
         let reason = format!(
-            "last-step score {score:.6}{note}: raw factor {raw:.6}, mean over {} rounds {:.6}",
+            "last-step score {score:.6}{note}: raw factor {raw:.6}, mean over {} rounds {:.6}{capped}",
             state.rounds, state.mean
         );
-        Ok(Assessment::new(state.mean, p.min_weight, verdict, reason))
+        Ok(Assessment::new(factor, p.min_weight, verdict, reason))
+    }
+}
+
+impl ClientLevel {
+    /// The frozen phase: the client's learned mean (the prior for a client
+    /// never assessed while learning), bounded by the safeguards.
+    fn frozen(&self, round: u32, client: &ClientId, evidence: &ClientEvidence) -> Assessment {
+        let p = &self.params;
+        let state = self.clients.get(client);
+        let mean = state.map_or(1.0, |s| s.mean);
+        let learned = state.map_or(0, |s| s.rounds);
+        let (factor, verdict, capped) =
+            p.safeguards
+                .apply(mean, Verdict::Undecided, evidence, learned, |s| {
+                    p.raw_factor(s)
+                });
+        let reason = format!(
+            "client-level frozen from round {} on (round {round}): keeps mean factor {mean:.6}{capped}",
+            // Not active means active_rounds is Some(r) with round ≥ r.
+            p.active_rounds.unwrap_or_default()
+        );
+        Assessment::new(factor, p.min_weight, verdict, reason)
     }
 }
 
@@ -252,9 +273,18 @@ mod tests {
     }
 
     #[test]
-    fn frozen_never_seen_client_gets_one() {
+    fn frozen_never_seen_client_gets_one_in_the_reference_only() {
+        let mut safe = ClientLevel::params()
+            .active_rounds(Some(2))
+            .build()
+            .unwrap();
+        let a = safe
+            .assess(2, &ClientId::from("z"), &ClientEvidence::new(1))
+            .unwrap();
+        assert_eq!(a.factor, 0.5);
         let mut d = ClientLevel::params()
             .active_rounds(Some(2))
+            .safeguards(Safeguards::reference())
             .build()
             .unwrap();
         let a = d
@@ -271,6 +301,7 @@ mod tests {
         let mut reference = ClientLevel::params().build().unwrap();
         let mut lenient = ClientLevel::params()
             .missing_score(MissingEvidence::Benign)
+            .safeguards(Safeguards::reference())
             .build()
             .unwrap();
         let r = reference.assess(0, &id, &e).unwrap();

@@ -53,6 +53,45 @@ pub struct ClientEvidence {
     pub shadow_scores: Vec<f32>,
     /// Probe score of the final shadow-branch step, when known.
     pub shadow_last_score: Option<f32>,
+    /// Distance (‖stepᵢ − stepᵢ₋₁‖₂, the first from the branch's base) each
+    /// main-branch step travelled, when the server computed it from step
+    /// adapters. Empty: every step weighs the same (the reference).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub step_distances: Vec<f64>,
+    /// Distance each shadow step travelled (as `step_distances`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_distances: Vec<f64>,
+    /// Whether the server opened the client's shadow commitment this round
+    /// (commit–reveal audits); [`Opening::Scheduled`] when it does not use them.
+    #[serde(skip_serializing_if = "Opening::is_scheduled")]
+    pub opening: Opening,
+}
+
+/// What the server did with a client's shadow report this round.
+///
+/// Without commit–reveal ([`Opening::Scheduled`]) the evidence level audits a
+/// frozen client on its own, announced schedule. With it, the server decides
+/// after the upload, and the level follows that decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Opening {
+    /// No commit–reveal: the level's own audit schedule applies.
+    #[default]
+    Scheduled,
+    /// The server drew this client and the revealed report matched its
+    /// commitment: the shadow scores are this round's audit.
+    Opened,
+    /// The client committed and was not drawn: no audit this round.
+    Sealed,
+    /// The client broke its commitment (none sent, nothing revealed, or a
+    /// report that does not match): counts as a failed audit, r = 1.
+    Broken,
+}
+
+impl Opening {
+    fn is_scheduled(&self) -> bool {
+        *self == Opening::Scheduled
+    }
 }
 
 impl Default for ClientEvidence {
@@ -64,6 +103,9 @@ impl Default for ClientEvidence {
             last_step_score: None,
             shadow_scores: Vec::new(),
             shadow_last_score: None,
+            step_distances: Vec::new(),
+            shadow_distances: Vec::new(),
+            opening: Opening::Scheduled,
         }
     }
 }
@@ -110,6 +152,38 @@ impl ClientEvidence {
         self
     }
 
+    /// Sets the distance each main-branch step travelled (one per step score).
+    pub fn with_step_distances(mut self, distances: Vec<f64>) -> Self {
+        self.step_distances = distances;
+        self
+    }
+
+    /// Sets the distance each shadow step travelled (one per shadow score).
+    pub fn with_shadow_distances(mut self, distances: Vec<f64>) -> Self {
+        self.shadow_distances = distances;
+        self
+    }
+
+    /// The main branch as the levels read it.
+    pub(crate) fn main_branch(&self) -> super::Branch<'_> {
+        super::Branch {
+            scores: &self.step_scores,
+            distances: &self.step_distances,
+            update_score: self.last_step_score,
+            threshold: self.threshold,
+        }
+    }
+
+    /// The shadow branch as the levels read it.
+    pub(crate) fn shadow_branch(&self) -> super::Branch<'_> {
+        super::Branch {
+            scores: &self.shadow_scores,
+            distances: &self.shadow_distances,
+            update_score: self.last_step_score,
+            threshold: self.threshold,
+        }
+    }
+
     /// Sets (or clears) the last shadow step's score.
     pub fn with_shadow_last_score(mut self, score: Option<f32>) -> Self {
         self.shadow_last_score = score;
@@ -145,6 +219,28 @@ impl ClientEvidence {
         for (what, score) in lasts {
             if let Some(s) = score.filter(|s| !s.is_finite()) {
                 return Err(invalid(round, client, format!("{what} score is {s}")));
+            }
+        }
+        let distances = [
+            ("step", &self.step_distances, self.step_scores.len()),
+            (
+                "shadow step",
+                &self.shadow_distances,
+                self.shadow_scores.len(),
+            ),
+        ];
+        for (what, d, steps) in distances {
+            if !d.is_empty() && d.len() != steps {
+                let reason = format!("{} {what} distances for {steps} {what} scores", d.len());
+                return Err(invalid(round, client, reason));
+            }
+            if let Some((i, x)) = d
+                .iter()
+                .enumerate()
+                .find(|(_, x)| !(x.is_finite() && **x >= 0.0))
+            {
+                let reason = format!("{what} distance #{i} is {x}");
+                return Err(invalid(round, client, reason));
             }
         }
         Ok(())

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::detect::shadow::ShadowLevelParams;
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_AUDIT_INTERVAL, DEFAULT_EVIDENCE_MIN,
-    DefenseLevel, Detector, LevelRepr, MissingEvidence, Verdict, check_positive_int, check_state,
+    DefenseLevel, Detector, LevelRepr, MissingEvidence, Opening, Safeguards, ShadowNeed, Verdict,
+    check_positive_int, check_state, safeguard,
 };
 use crate::error::{Error, Result};
 
@@ -19,10 +20,12 @@ use crate::error::{Error, Result};
 /// | [`shadow`](Self::shadow) | [`ShadowLevelParams`] defaults (η = 7, batch 16 × 1, τ = 0.8) | `evidence_eta`, … |
 /// | [`evidence_min`](Self::evidence_min) | 3 | `evidence_min` |
 /// | [`audit_interval`](Self::audit_interval) | 5 | `audit_interval` |
-/// | [`missing_last_score`](Self::missing_last_score) | [`MissingEvidence::Benign`] | missing → benign |
+/// | [`missing_last_score`](Self::missing_last_score) | [`MissingEvidence::FromUpdate`] | [`MissingEvidence::Benign`]: missing → benign |
+/// | [`safeguards`](Self::safeguards) | [`Safeguards::default`] | [`Safeguards::reference`] |
 ///
 /// `min_weight` and the missing-shadow-steps policy are the shadow
-/// settings' ([`ShadowLevelParams::min_weight`], [`ShadowLevelParams::missing_steps`]).
+/// settings' ([`ShadowLevelParams::min_weight`], [`ShadowLevelParams::missing_steps`]);
+/// the shadow settings' safeguards are not read (these are).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvidenceLevelParams {
@@ -30,6 +33,8 @@ pub struct EvidenceLevelParams {
     evidence_min: usize,
     audit_interval: u32,
     missing_last_score: MissingEvidence,
+    #[serde(default)]
+    safeguards: Safeguards,
 }
 
 impl Default for EvidenceLevelParams {
@@ -38,7 +43,8 @@ impl Default for EvidenceLevelParams {
             shadow: ShadowLevelParams::default(),
             evidence_min: DEFAULT_EVIDENCE_MIN,
             audit_interval: DEFAULT_AUDIT_INTERVAL,
-            missing_last_score: MissingEvidence::Benign,
+            missing_last_score: MissingEvidence::FromUpdate,
+            safeguards: Safeguards::default(),
         }
     }
 }
@@ -55,17 +61,24 @@ impl EvidenceLevelParams {
         /// takes part in (≥ 1), counted from its freeze or last audit.
         audit_interval: u32;
         /// How a missing last shadow-step score counts. Default
-        /// [`MissingEvidence::Benign`] reproduces the reference (whose
-        /// client level does the opposite); [`MissingEvidence::Malicious`] is the
-        /// safer choice: a client that withholds its last step cannot collect
+        /// [`MissingEvidence::FromUpdate`]: the verdict on the update the server
+        /// scored itself, so a client that withholds its shadow cannot collect
         /// benign evidence or pass an audit by doing so.
+        /// [`MissingEvidence::Benign`] reproduces the reference (whose client
+        /// level does the opposite); [`MissingEvidence::Malicious`] is stricter.
         missing_last_score: MissingEvidence;
+        /// The protocol safeguards: in a round whose update scores ≥ τ the
+        /// factor is at most the client level's raw factor for that score, also
+        /// while the client is frozen benign; a new identity is on probation.
+        /// [`Safeguards::reference`] reproduces the paper.
+        safeguards: Safeguards;
     }
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         const LEVEL: &str = "evidence level";
         self.shadow.check()?;
+        self.safeguards.check()?;
         check_positive_int(LEVEL, "evidence_min", self.evidence_min as u64)?;
         check_positive_int(LEVEL, "audit_interval", u64::from(self.audit_interval))
     }
@@ -115,6 +128,9 @@ pub struct EvidenceClientState {
     pub evidence: Vec<EvidenceEntry>,
     /// Participating rounds since the freeze or the last audit.
     pub audit_counter: u32,
+    /// Rounds the client was assessed in (probation counts these).
+    #[serde(default)]
+    pub rounds: u64,
 }
 
 impl Default for EvidenceClientState {
@@ -123,6 +139,7 @@ impl Default for EvidenceClientState {
             status: EvidenceStatus::Collecting,
             evidence: Vec::new(),
             audit_counter: 0,
+            rounds: 0,
         }
     }
 }
@@ -225,15 +242,23 @@ impl EvidenceLevel {
     /// This round's verdict from the last shadow score: true = malicious.
     fn last_is_malicious(&self, evidence: &ClientEvidence) -> (bool, String) {
         let tau = evidence.threshold;
+        if evidence.opening == Opening::Broken {
+            return (true, "shadow commitment broken".to_owned());
+        }
         match evidence.shadow_last_score {
             Some(s) => (s >= tau, format!("last shadow score {s:.6} vs τ = {tau}")),
-            None => (
-                self.params.missing_last_score == MissingEvidence::Malicious,
-                format!(
-                    "last shadow score missing, counted {:?}",
-                    self.params.missing_last_score
-                ),
-            ),
+            None => {
+                let policy = self.params.missing_last_score;
+                let malicious = match (policy, evidence.last_step_score) {
+                    (MissingEvidence::Benign, _) => false,
+                    (MissingEvidence::Malicious, _) | (MissingEvidence::FromUpdate, None) => true,
+                    (MissingEvidence::FromUpdate, Some(s)) => s >= tau,
+                };
+                (
+                    malicious,
+                    format!("last shadow score missing, counted {policy:?}"),
+                )
+            }
         }
     }
 
@@ -247,17 +272,29 @@ impl EvidenceLevel {
         let min_weight = self.params.shadow.min_weight;
         let (malicious, why) = self.last_is_malicious(evidence);
         let state = self.clients.entry(client.clone()).or_default();
-        state.audit_counter = state.audit_counter.saturating_add(1);
-        if state.audit_counter < interval {
-            let reason = format!(
-                "frozen benign with weight {weight:.6}; next audit in {} round(s)",
-                interval - state.audit_counter
-            );
-            return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+        match evidence.opening {
+            Opening::Scheduled => {
+                state.audit_counter = state.audit_counter.saturating_add(1);
+                if state.audit_counter < interval {
+                    let reason = format!(
+                        "frozen benign with weight {weight:.6}; next audit in {} round(s)",
+                        interval - state.audit_counter
+                    );
+                    return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+                }
+            }
+            Opening::Sealed => {
+                let reason = format!("frozen benign with weight {weight:.6}; commitment not drawn");
+                return Assessment::new(weight, min_weight, Verdict::Benign, reason);
+            }
+            Opening::Opened | Opening::Broken => {}
         }
         state.audit_counter = 0;
         if malicious {
-            *state = EvidenceClientState::default();
+            *state = EvidenceClientState {
+                rounds: state.rounds,
+                ..EvidenceClientState::default()
+            };
             let reason = format!("audit failed ({why}): un-frozen, evidence cleared");
             Assessment::new(0.0, min_weight, Verdict::Malicious, reason)
         } else {
@@ -268,7 +305,10 @@ impl EvidenceLevel {
 
     fn collect(&mut self, round: u32, client: &ClientId, evidence: &ClientEvidence) -> Assessment {
         let p = &self.params;
-        let ratio = p.shadow.harmful_ratio(evidence);
+        let mut ratio = p.shadow.harmful_ratio(evidence);
+        if evidence.opening == Opening::Broken {
+            ratio.ratio = 1.0;
+        }
         let factor = p.shadow.factor(ratio.ratio);
         let shadow_reason = ratio.describe(evidence.shadow_scores.len(), p.shadow.eta, factor);
         let (malicious, why) = self.last_is_malicious(evidence);
@@ -327,7 +367,7 @@ impl Detector for EvidenceLevel {
     ) -> Result<Assessment> {
         evidence.validate(round, client)?;
         let status = self.clients.get(client).map(|s| s.status.clone());
-        Ok(match status {
+        let a = match status {
             Some(EvidenceStatus::FrozenMalicious) => Assessment::new(
                 0.0,
                 self.params.shadow.min_weight,
@@ -338,7 +378,23 @@ impl Detector for EvidenceLevel {
                 self.frozen_benign(client, weight, evidence)
             }
             Some(EvidenceStatus::Collecting) | None => self.collect(round, client, evidence),
-        })
+        };
+        let state = self.clients.entry(client.clone()).or_default();
+        state.rounds = state.rounds.saturating_add(1);
+        let p = &self.params;
+        let (factor, verdict, capped) = p.safeguards.apply(
+            a.factor,
+            a.verdict,
+            evidence,
+            state.rounds,
+            safeguard::reference_raw_factor,
+        );
+        Ok(Assessment::new(
+            factor,
+            p.shadow.min_weight,
+            verdict,
+            a.reason + &capped,
+        ))
     }
 
     /// The reference's `use_shadow`: collecting clients train a shadow
@@ -346,6 +402,14 @@ impl Detector for EvidenceLevel {
     /// frozen benign only in their audit round (the reference's default
     /// `audit_interval` there is 10 while the detector's is 5; here both use
     /// the one configured value).
+    fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
+        match self.clients.get(client).map(|s| &s.status) {
+            None | Some(EvidenceStatus::Collecting) => ShadowNeed::EveryRound,
+            Some(EvidenceStatus::FrozenMalicious) => ShadowNeed::Never,
+            Some(EvidenceStatus::FrozenBenign { .. }) => ShadowNeed::Audit,
+        }
+    }
+
     fn needs_shadow(&self, client: &ClientId) -> bool {
         match self
             .clients
@@ -375,7 +439,10 @@ mod tests {
 
     #[test]
     fn benign_client_is_frozen_with_the_mean_then_audited() {
-        let mut d = EvidenceLevel::params().build().unwrap();
+        let mut d = EvidenceLevel::params()
+            .safeguards(Safeguards::reference())
+            .build()
+            .unwrap();
         let id = ClientId::from("b");
         // r = 16/32 for harmful-first-step evidence with a benign last step.
         let mixed = ClientEvidence::new(32).with_shadow_steps(vec![0.9, 0.1]);
@@ -441,7 +508,10 @@ mod tests {
             .with_shadow_steps(vec![0.1, 0.1])
             .with_shadow_last_score(None);
         let id = ClientId::from("s");
-        let mut reference = EvidenceLevel::params().build().unwrap();
+        let mut reference = EvidenceLevel::params()
+            .missing_last_score(MissingEvidence::Benign)
+            .build()
+            .unwrap();
         let mut safer = EvidenceLevel::params()
             .missing_last_score(MissingEvidence::Malicious)
             .build()

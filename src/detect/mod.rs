@@ -27,10 +27,12 @@
 //! in `docs/detectors.md`, `docs/threat-model.md` and on each level.
 //!
 //! ```
-//! use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, StepLevel, Verdict};
+//! use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, Safeguards, StepLevel, Verdict};
 //!
-//! // Reference defaults: γ = 0.95, batch 16 × grad-accum 1, τ = 0.8, R = 20.
-//! let mut detector = StepLevel::params().build()?;
+//! // Reference defaults: γ = 0.95, batch 16 × grad-accum 1, τ = 0.8, R = 20,
+//! // and the paper's formula alone (the default safeguards would also keep a
+//! // new id on probation, at most 0.5, for its first three rounds).
+//! let mut detector = StepLevel::params().safeguards(Safeguards::reference()).build()?;
 //! let alice = ClientId::from("alice");
 //!
 //! // 160 samples, 10 steps, 3 of them scored harmful (≥ 0.8): 48 harmful samples.
@@ -47,6 +49,7 @@ mod any;
 mod client;
 mod evidence;
 mod evidence_level;
+mod safeguard;
 mod shadow;
 mod step;
 
@@ -59,46 +62,72 @@ use crate::error::{Error, Result, check_parameter};
 
 pub use any::AnyDetector;
 pub use client::{ClientLevel, ClientLevelParams};
-pub use evidence::ClientEvidence;
+pub use evidence::{ClientEvidence, Opening};
 pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
+pub use safeguard::{DEFAULT_PROBATION, Probation, Safeguards, VerdictCap};
 pub use shadow::{ShadowLevel, ShadowLevelParams};
 pub use step::{StepLevel, StepLevelParams};
 
+/// One branch's step evidence as the levels read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Branch<'a> {
+    /// Probe score of every step, in order.
+    pub scores: &'a [f32],
+    /// Distance each step travelled from the one before (empty: every step
+    /// weighs the same, as in the reference).
+    pub distances: &'a [f64],
+    /// The server's score of the submitted update, read when the branch is
+    /// missing under [`MissingEvidence::FromUpdate`].
+    pub update_score: Option<f32>,
+    /// τ of the probe that scored the branch: a score ≥ τ is harmful.
+    pub threshold: f32,
+}
+
 /// Harmful and benign sample counts of one branch's steps under `counting`.
 ///
-/// `missing` (no scores at all) is counted per `policy`: one step's worth
-/// under [`SampleCounting::Steps`], the declared count under the reference.
+/// Under [`SampleCounting::Steps`] with distances, a step weighs by the
+/// distance it travelled: steps that did not move count for nothing, and the
+/// harmful share is the harmful steps' share of the distance, so a trail
+/// cannot be diluted by repeating adapters. The mass added to the level's
+/// memory is (moving steps) × samples per step.
+///
+/// `missing` (no scores at all, or no step that moved) is counted per
+/// `policy`: one step's worth under [`SampleCounting::Steps`], the declared
+/// count under the reference.
 pub(crate) fn branch_counts(
     counting: SampleCounting,
-    scores: &[f32],
-    threshold: f32,
+    branch: Branch<'_>,
     samples_per_step: u64,
     declared: u64,
     policy: MissingEvidence,
 ) -> BranchCounts {
-    let harmful_steps = count_harmful(scores, threshold);
+    let threshold = branch.threshold;
+    let harmful_steps = count_harmful(branch.scores, threshold);
+    let per_step = samples_per_step as f64;
     let (missing, harmful, benign) = match counting {
-        SampleCounting::Steps => {
-            let missing = scores.is_empty();
-            let steps = u64::try_from(scores.len()).unwrap_or(u64::MAX);
-            let bad = u64::try_from(harmful_steps).unwrap_or(u64::MAX);
-            match (missing, policy) {
-                (true, MissingEvidence::Malicious) => (true, samples_per_step, 0),
-                (true, MissingEvidence::Benign) => (true, 0, samples_per_step),
-                (false, _) => (
-                    false,
-                    bad.saturating_mul(samples_per_step),
-                    steps.saturating_sub(bad).saturating_mul(samples_per_step),
-                ),
+        SampleCounting::Steps => match distance_share(branch, threshold) {
+            Some((moving, share)) => {
+                let mass = moving as f64 * per_step;
+                (false, share * mass, (1.0 - share) * mass)
             }
-        }
+            None => {
+                let bad = missing_is_harmful(policy, branch.update_score, threshold);
+                (
+                    true,
+                    if bad { per_step } else { 0.0 },
+                    if bad { 0.0 } else { per_step },
+                )
+            }
+        },
         SampleCounting::Reference => {
-            let missing = scores.is_empty() && declared > 0;
-            let harmful = match (missing, policy) {
-                (true, MissingEvidence::Malicious) => declared,
-                _ => harmful_samples(harmful_steps, samples_per_step, declared),
+            let missing = branch.scores.is_empty() && declared > 0;
+            let harmful = if missing {
+                let bad = missing_is_harmful(policy, branch.update_score, threshold);
+                if bad { declared } else { 0 }
+            } else {
+                harmful_samples(harmful_steps, samples_per_step, declared)
             };
-            (missing, harmful, declared - harmful)
+            (missing, harmful as f64, (declared - harmful) as f64)
         }
     };
     BranchCounts {
@@ -109,25 +138,59 @@ pub(crate) fn branch_counts(
     }
 }
 
+/// (moving steps, harmful share of the distance travelled), or `None` when
+/// no step carries weight. Without distances every step moves one unit.
+fn distance_share(branch: Branch<'_>, threshold: f32) -> Option<(usize, f64)> {
+    let unit = branch.distances.is_empty();
+    let weight = |i: usize| {
+        if unit {
+            1.0
+        } else {
+            branch.distances.get(i).copied().unwrap_or(0.0)
+        }
+    };
+    let (mut moving, mut total, mut bad) = (0usize, 0.0f64, 0.0f64);
+    for (i, &s) in branch.scores.iter().enumerate() {
+        let w = weight(i);
+        if w > 0.0 {
+            moving += 1;
+            total += w;
+            if s >= threshold {
+                bad += w;
+            }
+        }
+    }
+    (moving > 0 && total > 0.0).then(|| (moving, (bad / total).clamp(0.0, 1.0)))
+}
+
+/// Whether missing evidence counts as harmful under `policy`.
+fn missing_is_harmful(policy: MissingEvidence, update_score: Option<f32>, threshold: f32) -> bool {
+    match policy {
+        MissingEvidence::Benign => false,
+        MissingEvidence::Malicious => true,
+        MissingEvidence::FromUpdate => update_score.is_none_or(|s| s >= threshold),
+    }
+}
+
 /// One branch's steps as harmful and benign sample counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct BranchCounts {
     /// Steps scored ≥ τ.
     pub harmful_steps: usize,
-    /// Harmful samples.
-    pub harmful: u64,
+    /// Harmful samples (distance-weighted: not always a whole number).
+    pub harmful: f64,
     /// Benign samples.
-    pub benign: u64,
-    /// True when the branch reported no scores.
+    pub benign: f64,
+    /// True when the branch reported no usable step.
     pub missing: bool,
 }
 
 impl BranchCounts {
     /// harmful / (harmful + benign), 0 when both are 0.
     pub fn ratio(&self) -> f64 {
-        let total = self.harmful as f64 + self.benign as f64;
+        let total = self.harmful + self.benign;
         if total > 0.0 {
-            (self.harmful as f64 / total).clamp(0.0, 1.0)
+            (self.harmful / total).clamp(0.0, 1.0)
         } else {
             0.0
         }
@@ -245,8 +308,9 @@ pub enum SampleCounting {
 /// The reference is asymmetric: a missing last-step score counts as
 /// malicious (s = 1) at client level but as benign at evidence level, and a
 /// client with no harmful-step record counts as fully benign at step, shadow
-/// and evidence level. Each level's default reproduces the reference; the
-/// safer choice is [`MissingEvidence::Malicious`] everywhere.
+/// and evidence level: silence pays. The default here is
+/// [`MissingEvidence::FromUpdate`] everywhere: missing evidence is judged on
+/// the update the server scored itself, never on a benign default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissingEvidence {
@@ -254,6 +318,11 @@ pub enum MissingEvidence {
     Benign,
     /// Missing evidence counts as malicious (score 1 / every step harmful).
     Malicious,
+    /// Missing evidence is replaced by the server's score of the submitted
+    /// update (`ClientEvidence::last_step_score`, which the defended round
+    /// always computes): one step with that score, or a last score equal to
+    /// it. Without that score too, it counts as malicious. The default.
+    FromUpdate,
 }
 
 /// One client's security factor for one round, with the reason.
@@ -338,6 +407,21 @@ pub trait Detector: Send + Sync {
         evidence: &ClientEvidence,
     ) -> Result<Assessment>;
 
+    /// When the level reads `client`'s shadow branch: the part of its
+    /// schedule that does not depend on the round. A server running
+    /// commit–reveal audits asks every client whose need is not
+    /// [`ShadowNeed::Never`] to commit every round, opens
+    /// [`ShadowNeed::EveryRound`] clients always and draws among
+    /// [`ShadowNeed::Audit`] clients in secret.
+    fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
+        let _ = client;
+        if self.level().uses_shadow() {
+            ShadowNeed::EveryRound
+        } else {
+            ShadowNeed::Never
+        }
+    }
+
     /// Whether the client needs to train a shadow branch this round.
     ///
     /// True every round for [`ShadowLevel`]; for [`EvidenceLevel`] false once
@@ -347,6 +431,18 @@ pub trait Detector: Send + Sync {
         let _ = client;
         self.level().uses_shadow()
     }
+}
+
+/// When a level reads a client's shadow branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowNeed {
+    /// Never (levels without a shadow branch; clients frozen malicious).
+    Never,
+    /// Every round (shadow level; evidence level while collecting).
+    EveryRound,
+    /// Only in audit rounds (evidence level, frozen benign).
+    Audit,
 }
 
 /// The factor clamped below by `min_weight` (the reference's

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, DEFAULT_BATCH_SIZE, DEFAULT_ETA, DEFAULT_GRAD_ACCUM,
-    DefenseLevel, Detector, MissingEvidence, SampleCounting, Verdict, branch_counts,
-    check_positive_finite, check_positive_int, check_unit,
+    DefenseLevel, Detector, MissingEvidence, Opening, Safeguards, SampleCounting, Verdict,
+    branch_counts, check_positive_finite, check_positive_int, check_unit, safeguard,
 };
 use crate::error::{Error, Result};
 
@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 /// | [`batch_size`](Self::batch_size) | 16 | `batch_size` |
 /// | [`grad_accum`](Self::grad_accum) | 1 | `gradient_accumulation_steps` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
-/// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::Benign`] | no harmful step recorded → r = 0 |
+/// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::FromUpdate`] | [`MissingEvidence::Benign`]: no harmful step recorded → r = 0 |
+/// | [`counting`](Self::counting) | [`SampleCounting::Steps`] | [`SampleCounting::Reference`] |
+/// | [`safeguards`](Self::safeguards) | [`Safeguards::default`] (verdict cap) | [`Safeguards::reference`] |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShadowLevelParams {
@@ -29,6 +31,8 @@ pub struct ShadowLevelParams {
     pub(crate) missing_steps: MissingEvidence,
     #[serde(default)]
     pub(crate) counting: SampleCounting,
+    #[serde(default)]
+    pub(crate) safeguards: Safeguards,
 }
 
 impl Default for ShadowLevelParams {
@@ -38,8 +42,9 @@ impl Default for ShadowLevelParams {
             batch_size: DEFAULT_BATCH_SIZE,
             grad_accum: DEFAULT_GRAD_ACCUM,
             min_weight: 0.0,
-            missing_steps: MissingEvidence::Benign,
+            missing_steps: MissingEvidence::FromUpdate,
             counting: SampleCounting::Steps,
+            safeguards: Safeguards::default(),
         }
     }
 }
@@ -55,19 +60,29 @@ impl ShadowLevelParams {
         grad_accum: u64;
         /// Lower bound ∈ [0, 1] of every factor.
         min_weight: f64;
-        /// How a client that reports samples but no shadow step scores counts.
-        /// Default [`MissingEvidence::Benign`] (reference: r = 0, factor 1);
-        /// [`MissingEvidence::Malicious`] sets r = 1 (factor 0).
+        /// How a client that reports no shadow step (or none that moved) counts.
+        /// Default [`MissingEvidence::FromUpdate`]: r from the server's score of
+        /// the update (r = 1 when it is harmful or unknown, else 0).
+        /// [`MissingEvidence::Benign`] is the reference (r = 0, factor 1: silence
+        /// pays); [`MissingEvidence::Malicious`] sets r = 1 (factor 0).
         missing_steps: MissingEvidence;
         /// How the harmful share r is counted. Default [`SampleCounting::Steps`]
         /// (r = harmful shadow steps / shadow steps: no declared count can
         /// dilute it); [`SampleCounting::Reference`] reproduces the paper.
         counting: SampleCounting;
+        /// The protocol safeguards: a round whose update scores ≥ τ is capped
+        /// at the client level's raw factor for that score, whatever the shadow
+        /// branch says. The shadow level keeps no identities, so probation does
+        /// not apply to it (a new id is judged exactly like an old one); inside
+        /// the evidence level the evidence level's own safeguards are read.
+        /// [`Safeguards::reference`] reproduces the paper.
+        safeguards: Safeguards;
     }
 
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         const LEVEL: &str = "shadow level";
+        self.safeguards.check()?;
         check_positive_finite(LEVEL, "eta", self.eta)?;
         check_positive_int(LEVEL, "batch_size", self.batch_size)?;
         check_positive_int(LEVEL, "grad_accum", self.grad_accum)?;
@@ -86,8 +101,7 @@ impl ShadowLevelParams {
         let per_step = self.batch_size.saturating_mul(self.grad_accum);
         let counts = branch_counts(
             self.counting,
-            &evidence.shadow_scores,
-            evidence.threshold,
+            evidence.shadow_branch(),
             per_step,
             evidence.samples,
             self.missing_steps,
@@ -95,7 +109,7 @@ impl ShadowLevelParams {
         ShadowRatio {
             harmful_steps: counts.harmful_steps,
             harmful: counts.harmful,
-            samples: counts.harmful.saturating_add(counts.benign),
+            samples: counts.harmful + counts.benign,
             ratio: counts.ratio(),
             missing: counts.missing,
         }
@@ -111,8 +125,8 @@ impl ShadowLevelParams {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ShadowRatio {
     pub(crate) harmful_steps: usize,
-    pub(crate) harmful: u64,
-    pub(crate) samples: u64,
+    pub(crate) harmful: f64,
+    pub(crate) samples: f64,
     pub(crate) ratio: f64,
     pub(crate) missing: bool,
 }
@@ -126,7 +140,7 @@ impl ShadowRatio {
             )
         } else {
             format!(
-                "{}/{steps} shadow steps harmful: r = {}/{} = {:.6} ⇒ (1 − r)^{eta} = {factor:.6}",
+                "{}/{steps} shadow steps harmful: r = {:.3}/{:.3} = {:.6} ⇒ (1 − r)^{eta} = {factor:.6}",
                 self.harmful_steps, self.harmful, self.samples, self.ratio
             )
         }
@@ -206,15 +220,34 @@ impl Detector for ShadowLevel {
     ) -> Result<Assessment> {
         evidence.validate(round, client)?;
         let p = &self.params;
-        let ratio = p.harmful_ratio(evidence);
+        let mut ratio = p.harmful_ratio(evidence);
+        if evidence.opening == Opening::Broken {
+            ratio.ratio = 1.0;
+            ratio.harmful = ratio.harmful.max(1.0);
+        }
         let factor = p.factor(ratio.ratio);
-        let verdict = match (ratio.missing, ratio.harmful) {
-            (true, 0) => Verdict::Undecided,
-            (_, 0) => Verdict::Benign,
+        let verdict = match (ratio.missing, ratio.harmful > 0.0) {
+            (true, false) => Verdict::Undecided,
+            (_, false) => Verdict::Benign,
             _ => Verdict::Malicious,
         };
-        let reason = ratio.describe(evidence.shadow_scores.len(), p.eta, factor);
-        Ok(Assessment::new(factor, p.min_weight, verdict, reason))
+        let (capped_factor, verdict, capped) = p.safeguards.apply(
+            factor,
+            verdict,
+            evidence,
+            u64::MAX,
+            safeguard::reference_raw_factor,
+        );
+        let mut reason = ratio.describe(evidence.shadow_scores.len(), p.eta, factor) + &capped;
+        if evidence.opening == Opening::Broken {
+            reason.insert_str(0, "shadow commitment broken, counted r = 1; ");
+        }
+        Ok(Assessment::new(
+            capped_factor,
+            p.min_weight,
+            verdict,
+            reason,
+        ))
     }
 }
 
@@ -265,8 +298,18 @@ mod tests {
     fn missing_shadow_steps_follow_the_policy() {
         let e = ClientEvidence::new(16);
         let id = ClientId::from("c");
-        let mut reference = ShadowLevel::params().build().unwrap();
+        let mut reference = ShadowLevel::params()
+            .missing_steps(MissingEvidence::Benign)
+            .build()
+            .unwrap();
         assert_eq!(reference.assess(0, &id, &e).unwrap().factor, 1.0);
+        // The default reads the server's score of the update instead.
+        let mut default = ShadowLevel::params().build().unwrap();
+        let harmful = e.clone().with_last_step_score(Some(0.9));
+        let a = default.assess(0, &id, &harmful).unwrap();
+        assert_eq!((a.factor, a.verdict), (0.0, Verdict::Malicious));
+        let benign = e.clone().with_last_step_score(Some(0.1));
+        assert_eq!(default.assess(0, &id, &benign).unwrap().factor, 1.0);
         let mut safer = ShadowLevel::params()
             .missing_steps(MissingEvidence::Malicious)
             .build()

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::detect::{
     Assessment, BranchCounts, ClientEvidence, ClientId, DEFAULT_ACTIVE_ROUNDS, DEFAULT_BATCH_SIZE,
     DEFAULT_DECAY, DEFAULT_GRAD_ACCUM, DefenseLevel, Detector, LevelRepr, MissingEvidence,
-    SampleCounting, Verdict, apply_min_weight, branch_counts, check_positive_int, check_state,
-    check_unit,
+    Safeguards, SampleCounting, Verdict, apply_min_weight, branch_counts, check_positive_int,
+    check_state, check_unit, safeguard,
 };
 use crate::error::{Error, Result, check_parameter};
 
@@ -22,7 +22,9 @@ use crate::error::{Error, Result, check_parameter};
 /// | [`active_rounds`](Self::active_rounds) R | `Some(20)` | `prefilter_round` |
 /// | [`min_weight`](Self::min_weight) | 0.0 | `prefilter_min_weight` |
 /// | [`prior`](Self::prior) (α₀, β₀) | (1, 1) | initial `alpha_beta` |
-/// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::Benign`] | (no harmful step recorded) |
+/// | [`missing_steps`](Self::missing_steps) | [`MissingEvidence::FromUpdate`] | [`MissingEvidence::Benign`] (no harmful step recorded) |
+/// | [`counting`](Self::counting) | [`SampleCounting::Steps`] | [`SampleCounting::Reference`] |
+/// | [`safeguards`](Self::safeguards) | [`Safeguards::default`] | [`Safeguards::reference`] |
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StepLevelParams {
@@ -35,6 +37,8 @@ pub struct StepLevelParams {
     missing_steps: MissingEvidence,
     #[serde(default)]
     counting: SampleCounting,
+    #[serde(default)]
+    safeguards: Safeguards,
 }
 
 impl Default for StepLevelParams {
@@ -46,8 +50,9 @@ impl Default for StepLevelParams {
             active_rounds: Some(DEFAULT_ACTIVE_ROUNDS),
             min_weight: 0.0,
             prior: (1.0, 1.0),
-            missing_steps: MissingEvidence::Benign,
+            missing_steps: MissingEvidence::FromUpdate,
             counting: SampleCounting::Steps,
+            safeguards: Safeguards::default(),
         }
     }
 }
@@ -69,14 +74,21 @@ impl StepLevelParams {
         active_rounds: Option<u32>;
         /// Lower bound ∈ [0, 1] of every factor.
         min_weight: f64;
-        /// How a client that reports samples but no step scores is counted.
-        /// Default [`MissingEvidence::Benign`] (the reference: no harmful step was
-        /// recorded, so zero harmful samples).
+        /// How a client that reports no step (or no step that moved) is
+        /// counted. Default [`MissingEvidence::FromUpdate`]: as one step scored
+        /// like the update the server scored itself. [`MissingEvidence::Benign`]
+        /// is the reference (no harmful step was recorded, so zero harmful
+        /// samples: silence pays).
         missing_steps: MissingEvidence;
         /// How harmful and benign samples are counted. Default
         /// [`SampleCounting::Steps`] (no declared count can dilute a verdict);
         /// [`SampleCounting::Reference`] reproduces the paper.
         counting: SampleCounting;
+        /// The protocol safeguards: a round whose update scores ≥ τ, or whose
+        /// own steps are harmful, is capped at that round's raw factor, whatever
+        /// the Beta trust (also after the level froze); a new identity is on
+        /// probation. [`Safeguards::reference`] reproduces the paper.
+        safeguards: Safeguards;
     }
 
     /// Initial Beta parameters (α₀, β₀), both finite and ≥ 0.
@@ -88,6 +100,7 @@ impl StepLevelParams {
     /// Validates the settings.
     pub fn check(&self) -> Result<()> {
         const LEVEL: &str = "step level";
+        self.safeguards.check()?;
         check_unit(LEVEL, "decay", self.decay)?;
         check_positive_int(LEVEL, "batch_size", self.batch_size)?;
         check_positive_int(LEVEL, "grad_accum", self.grad_accum)?;
@@ -131,6 +144,9 @@ pub struct StepClientState {
     /// The factor of the client's last active round (after `min_weight`),
     /// kept for the frozen phase.
     pub last_factor: Option<f64>,
+    /// Active rounds the client was assessed in (probation counts these).
+    #[serde(default)]
+    pub rounds: u64,
 }
 
 /// **Step-level** detection: the probe scores the ΔLoRA after *every* local
@@ -150,12 +166,20 @@ pub struct StepClientState {
 /// probe sees at client level anyway.
 ///
 /// Only the first R rounds update (reference `prefilter_round`); afterwards
-/// factors are frozen.
+/// factors are frozen, except that the [`Safeguards`] still cap a round whose
+/// update the server scores malicious.
+///
+/// With a trail of step adapters the server also knows how far each step
+/// moved (`ClientEvidence::step_distances`): steps weigh by that distance, so
+/// repeating an adapter (a step that does not move) adds nothing.
 ///
 /// ```
-/// use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, StepLevel, Verdict};
+/// use safe_fedllm::detect::{ClientEvidence, ClientId, Detector, Safeguards, StepLevel, Verdict};
 ///
-/// let mut d = StepLevel::params().active_rounds(Some(1)).build()?;
+/// let mut d = StepLevel::params()
+///     .active_rounds(Some(1))
+///     .safeguards(Safeguards::reference())
+///     .build()?;
 /// let id = ClientId::from(3u32);
 /// let benign = ClientEvidence::new(32).with_steps(vec![0.1, 0.2]);
 /// let first = d.assess(0, &id, &benign)?;
@@ -165,6 +189,14 @@ pub struct StepClientState {
 /// let frozen = d.assess(1, &id, &harmful)?;
 /// assert_eq!(frozen.factor, first.factor);
 /// assert_eq!(frozen.verdict, Verdict::Undecided);
+///
+/// // With the default safeguards, the harmful last step (0.9) caps the frozen
+/// // factor at the client level's raw factor for 0.9: 1 − (0.5 + 0.5·σ(0)) = 0.25.
+/// let mut guarded = StepLevel::params().active_rounds(Some(1)).build()?;
+/// guarded.assess(0, &id, &benign)?;
+/// let capped = guarded.assess(1, &id, &harmful)?;
+/// assert_eq!(capped.verdict, Verdict::Malicious);
+/// assert!((capped.factor - 0.25).abs() < 1e-5);
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,9 +244,10 @@ impl StepLevel {
         trust(a, b)
     }
 
-    fn frozen(&self, round: u32, client: &ClientId) -> Assessment {
+    fn frozen(&self, round: u32, client: &ClientId, evidence: &ClientEvidence) -> Assessment {
         let p = &self.params;
-        let (factor, source) = match self.clients.get(client) {
+        let state = self.clients.get(client);
+        let (factor, source) = match state {
             Some(StepClientState {
                 last_factor: Some(f),
                 ..
@@ -222,12 +255,20 @@ impl StepLevel {
             Some(s) => (trust(s.alpha, s.beta), "its current trust"),
             None => (self.prior_trust(), "the prior trust (never assessed)"),
         };
+        let learned = state.map_or(0, |s| s.rounds);
+        let (factor, verdict, capped) = p.safeguards.apply(
+            factor,
+            Verdict::Undecided,
+            evidence,
+            learned,
+            safeguard::reference_raw_factor,
+        );
         let reason = format!(
-            "step-level frozen from round {} on (round {round}): keeps {source} {factor:.6}",
+            "step-level frozen from round {} on (round {round}): keeps {source} {factor:.6}{capped}",
             // Not active means active_rounds is Some(r) with round ≥ r.
             p.active_rounds.unwrap_or_default()
         );
-        Assessment::new(factor, p.min_weight, Verdict::Undecided, reason)
+        Assessment::new(factor, p.min_weight, verdict, reason)
     }
 }
 
@@ -249,14 +290,13 @@ impl Detector for StepLevel {
     ) -> Result<Assessment> {
         evidence.validate(round, client)?;
         if !self.params.is_active(round) {
-            return Ok(self.frozen(round, client));
+            return Ok(self.frozen(round, client, evidence));
         }
         let p = &self.params;
         let samples = evidence.samples;
         let counts = branch_counts(
             p.counting,
-            &evidence.step_scores,
-            evidence.threshold,
+            evidence.main_branch(),
             p.samples_per_step(),
             samples,
             p.missing_steps,
@@ -275,26 +315,43 @@ impl Detector for StepLevel {
                 alpha: a0,
                 beta: b0,
                 last_factor: None,
+                rounds: 0,
             });
-        state.alpha = state.alpha * p.decay + benign as f64;
-        state.beta = state.beta * p.decay + harmful as f64;
-        let factor = apply_min_weight(trust(state.alpha, state.beta), p.min_weight);
-        state.last_factor = Some(factor);
-        let verdict = match (missing, harmful) {
-            (true, 0) => Verdict::Undecided,
-            (_, 0) => Verdict::Benign,
+        state.alpha = state.alpha * p.decay + benign;
+        state.beta = state.beta * p.decay + harmful;
+        state.rounds = state.rounds.saturating_add(1);
+        let verdict = match (missing, harmful > 0.0) {
+            (true, false) => Verdict::Undecided,
+            (_, false) => Verdict::Benign,
             _ => Verdict::Malicious,
         };
+        let mut factor = trust(state.alpha, state.beta);
+        // This round's own raw factor: its benign share. A malicious round is
+        // bounded by it, not only by the trust history built before it.
+        let round_share = 1.0 - counts.ratio();
+        if p.safeguards.cap() == super::VerdictCap::Current && verdict == Verdict::Malicious {
+            factor = factor.min(round_share);
+        }
+        let (factor, verdict, capped) = p.safeguards.apply(
+            factor,
+            verdict,
+            evidence,
+            state.rounds,
+            safeguard::reference_raw_factor,
+        );
+        let factor = apply_min_weight(factor, p.min_weight);
+        state.last_factor = Some(factor);
         let reason = if missing {
             format!(
-                "no step scores for {samples} samples, counted as {:?} per policy; \
-                 Beta trust α={:.4} β={:.4}",
+                "no step scores (or no step that moved) for {samples} samples, counted as {:?} \
+                 per policy; Beta trust α={:.4} β={:.4}{capped}",
                 p.missing_steps, state.alpha, state.beta
             )
         } else {
             format!(
-                "{harmful_steps}/{} steps scored ≥ {}: {harmful} harmful, {benign} benign samples \
-                 ({:?} counting); Beta trust α={:.4} β={:.4}",
+                "{harmful_steps}/{} steps scored ≥ {}: {harmful:.3} harmful, {benign:.3} benign \
+                 samples ({:?} counting, round share {round_share:.6}); Beta trust α={:.4} \
+                 β={:.4}{capped}",
                 evidence.step_scores.len(),
                 evidence.threshold,
                 p.counting,
@@ -326,26 +383,34 @@ mod tests {
 
     #[test]
     fn never_seen_client_in_frozen_phase_gets_the_prior() {
-        let mut d = StepLevel::params().active_rounds(Some(0)).build().unwrap();
-        let a = d
-            .assess(0, &id("x"), &ClientEvidence::new(10).with_steps(vec![0.9]))
+        let e = ClientEvidence::new(10).with_steps(vec![0.9]);
+        let mut d = StepLevel::params()
+            .active_rounds(Some(0))
+            .safeguards(Safeguards::reference())
+            .build()
             .unwrap();
+        let a = d.assess(0, &id("x"), &e).unwrap();
         assert_eq!(a.factor, 0.5);
         assert!(d.client_state(&id("x")).is_none());
+        // With the safeguards the malicious update caps the frozen prior.
+        let mut safe = StepLevel::params().active_rounds(Some(0)).build().unwrap();
+        let b = safe.assess(0, &id("x"), &e).unwrap();
+        assert!((b.factor - safeguard::reference_raw_factor(0.9)).abs() < 1e-6);
+        assert_eq!(b.verdict, Verdict::Malicious);
     }
 
     #[test]
     fn missing_steps_policy_changes_the_count() {
         let e = ClientEvidence::new(32);
-        let mut reference = StepLevel::params()
+        let reference_params = StepLevel::params()
             .counting(SampleCounting::Reference)
-            .build()
-            .unwrap();
+            .missing_steps(MissingEvidence::Benign)
+            .safeguards(Safeguards::reference());
+        let mut reference = reference_params.clone().build().unwrap();
         let a = reference.assess(0, &id("a"), &e).unwrap();
         assert!((a.factor - 32.95 / 33.9).abs() < 1e-12);
         assert_eq!(a.verdict, Verdict::Undecided);
-        let mut safer = StepLevel::params()
-            .counting(SampleCounting::Reference)
+        let mut safer = reference_params
             .missing_steps(MissingEvidence::Malicious)
             .build()
             .unwrap();
@@ -355,20 +420,37 @@ mod tests {
         // Counting from steps, a missing trail is worth one step (16 samples).
         let mut steps = StepLevel::params()
             .missing_steps(MissingEvidence::Malicious)
+            .safeguards(Safeguards::reference())
             .build()
             .unwrap();
         let c = steps.assess(0, &id("a"), &e).unwrap();
         assert!((c.factor - 0.95 / 17.9).abs() < 1e-12, "{}", c.factor);
+        // The default judges silence on the server-scored update.
+        let mut default = StepLevel::params()
+            .safeguards(Safeguards::reference())
+            .build()
+            .unwrap();
+        let benign = e.clone().with_last_step_score(Some(0.1));
+        let d = default.assess(0, &id("b"), &benign).unwrap();
+        assert!((d.factor - 16.95 / 17.9).abs() < 1e-12, "{}", d.factor);
+        let harmful = e.with_last_step_score(Some(0.9));
+        let h = default.assess(0, &id("h"), &harmful).unwrap();
+        assert!((h.factor - 0.95 / 17.9).abs() < 1e-12, "{}", h.factor);
+        assert_eq!(h.verdict, Verdict::Malicious);
     }
 
     #[test]
     fn a_huge_declared_count_cannot_dilute_harmful_steps() {
         let e = ClientEvidence::new(1_000_000_000).with_steps(vec![0.99; 10]);
-        let mut safe = StepLevel::params().build().unwrap();
+        let unguarded = StepLevel::params().safeguards(Safeguards::reference());
+        let mut safe = unguarded.clone().build().unwrap();
         let a = safe.assess(0, &id("liar"), &e).unwrap();
         // β = 0.95 + 160, α = 0.95: factor ≈ 0.006.
         assert!((a.factor - 0.95 / 161.9).abs() < 1e-12, "{}", a.factor);
-        let mut reference = StepLevel::params()
+        // Every step harmful: this round's benign share, 0, caps the factor.
+        let mut guarded = StepLevel::params().build().unwrap();
+        assert_eq!(guarded.assess(0, &id("liar"), &e).unwrap().factor, 0.0);
+        let mut reference = unguarded
             .counting(SampleCounting::Reference)
             .build()
             .unwrap();

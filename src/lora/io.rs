@@ -28,11 +28,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::Path;
 
-use half::{bf16, f16};
 use safetensors::{Dtype, View};
 
 use crate::error::{Error, MalformedSafetensors, Result};
 use crate::lora::adapter::{LoraAdapter, LoraConfig, check_ranks};
+pub use crate::lora::codec::StorageDtype;
+use crate::lora::codec::{decode_into, dtype_width, encode};
 use crate::lora::key::LoraKey;
 use crate::lora::source::{TensorSource, checked_range};
 use crate::lora::tensor::{ExtraTensor, LoraTensor};
@@ -77,28 +78,6 @@ impl Default for ReadLimits {
         ReadLimits {
             max_bytes: Self::DEFAULT_MAX_BYTES,
             max_header_bytes: Self::DEFAULT_MAX_HEADER_BYTES,
-        }
-    }
-}
-
-/// Floating-point format used when saving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StorageDtype {
-    /// 32-bit IEEE float (lossless).
-    #[default]
-    F32,
-    /// 16-bit IEEE half (round to nearest even).
-    F16,
-    /// bfloat16 (round to nearest even).
-    Bf16,
-}
-
-impl StorageDtype {
-    fn dtype(self) -> Dtype {
-        match self {
-            StorageDtype::F32 => Dtype::F32,
-            StorageDtype::F16 => Dtype::F16,
-            StorageDtype::Bf16 => Dtype::BF16,
         }
     }
 }
@@ -308,19 +287,6 @@ impl TensorSource for AdapterView<'_> {
     }
 }
 
-/// Bytes per element of the supported storage dtypes.
-fn dtype_width(name: &str, dtype: Dtype) -> Result<usize> {
-    match dtype {
-        Dtype::F32 => Ok(4),
-        Dtype::F16 | Dtype::BF16 => Ok(2),
-        other => Err(Error::UnsupportedDtype {
-            tensor: name.to_owned(),
-            dtype: other.to_string(),
-            supported: "F32, F16 or BF16",
-        }),
-    }
-}
-
 fn check_input_size(bytes: &[u8], limits: &ReadLimits) -> Result<()> {
     let len = bytes.len() as u64;
     if len > limits.max_bytes {
@@ -395,64 +361,6 @@ fn view_entry<'data>(
     })
 }
 
-/// Converts little-endian `F32`/`F16`/`BF16` bytes into `out`, one pass.
-pub(crate) fn decode_into(name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    let width = dtype_width(name, dtype)?;
-    if bytes.len() != out.len() * width {
-        return Err(Error::DataLength {
-            tensor: name.to_owned(),
-            shape: vec![out.len()],
-            expected: out.len(),
-            found: bytes.len() / width,
-        });
-    }
-    match dtype {
-        Dtype::F32 => decode_f32(bytes, out),
-        Dtype::F16 => decode_f16(bytes, out),
-        _ => decode_bf16(bytes, out),
-    }
-    Ok(())
-}
-
-fn decode_f32(bytes: &[u8], out: &mut [f32]) {
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        if let &[a, b, c, d] = c {
-            *o = f32::from_le_bytes([a, b, c, d]);
-        }
-    }
-}
-
-fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
-    // bf16 is the top half of an f32: widening is a 16-bit shift.
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        if let &[a, b] = c {
-            *o = f32::from_bits(u32::from(u16::from_le_bytes([a, b])) << 16);
-        }
-    }
-}
-
-fn decode_f16(bytes: &[u8], out: &mut [f32]) {
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        if let &[a, b] = c {
-            *o = f16::from_bits(u16::from_le_bytes([a, b])).to_f32();
-        }
-    }
-}
-
-fn encode(values: &[f32], dtype: StorageDtype) -> Vec<u8> {
-    match dtype {
-        StorageDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StorageDtype::F16 => values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect(),
-        StorageDtype::Bf16 => values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-    }
-}
-
 struct OwnedView {
     dtype: Dtype,
     shape: Vec<usize>,
@@ -505,17 +413,23 @@ impl LoraAdapter {
     /// Serialises to safetensors bytes: LoRA tensors in `dtype` under their
     /// canonical names, extras unchanged, and the [`LoraConfig`] in
     /// `__metadata__` (with `"format": "pt"`, as PEFT writes).
+    ///
+    /// A finite value that `dtype` cannot hold (above 65,504 in magnitude for
+    /// [`StorageDtype::F16`], above `bf16::MAX` after rounding for
+    /// [`StorageDtype::Bf16`]) is [`Error::StorageOverflow`] naming the tensor
+    /// and flat index, instead of a file holding ±∞.
     pub fn to_bytes(&self, dtype: StorageDtype) -> Result<Vec<u8>> {
         let mut owned: Vec<(String, OwnedView)> =
             Vec::with_capacity(self.len() + self.extras.len());
         for entry in self.iter() {
             let t = &entry.tensor;
+            let name = entry.key.canonical();
             owned.push((
-                entry.key.canonical().to_owned(),
+                name.to_owned(),
                 OwnedView {
                     dtype: dtype.dtype(),
                     shape: t.shape().to_vec(),
-                    bytes: encode(t.as_slice(), dtype),
+                    bytes: encode(name, t.as_slice(), dtype)?,
                 },
             ));
         }

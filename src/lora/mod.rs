@@ -6,6 +6,7 @@
 //! [`LoraTensor::transposed`].
 
 mod adapter;
+mod codec;
 mod delta;
 mod io;
 mod key;

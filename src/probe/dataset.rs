@@ -37,7 +37,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::features::{FeatureConfig, FeatureSpec};
+use crate::features::{FeatureConfig, FeatureSpec, TransformReport};
 use crate::lora::{AdapterView, LazyDelta, LoraKey, ReadLimits, TensorSource, read_file};
 use crate::probe::Label;
 use crate::probe::sketch::Sketch;
@@ -212,14 +212,30 @@ impl Manifest {
         config.fit(&headers)
     }
 
-    /// One feature row per entry (sketched when `sketch` is given).
+    /// One feature row per entry (sketched when `sketch` is given). Layout
+    /// keys a file lacks are zero-filled: for training, where the layout is
+    /// the union of the files' keys. To score or evaluate, where a missing
+    /// probed key is evasion by omission, use
+    /// [`Manifest::feature_matrix_with_reports`] and refuse such rows.
     pub fn feature_matrix(
         &self,
         spec: &FeatureSpec,
         sketch: Option<&Sketch>,
     ) -> Result<Array2<f32>> {
+        self.feature_matrix_with_reports(spec, sketch)
+            .map(|(x, _)| x)
+    }
+
+    /// [`Manifest::feature_matrix`] with each row's [`TransformReport`]
+    /// (which layout keys the file lacked, in file order).
+    pub fn feature_matrix_with_reports(
+        &self,
+        spec: &FeatureSpec,
+        sketch: Option<&Sketch>,
+    ) -> Result<(Array2<f32>, Vec<TransformReport>)> {
         let width = sketch.map_or(spec.dim(), Sketch::output_dim);
         let mut x = Array2::<f32>::zeros((self.entries.len(), width));
+        let mut reports = Vec::with_capacity(self.entries.len());
         let mut scratch = vec![0.0f32; if sketch.is_some() { spec.dim() } else { 0 }];
         let mut bases = BaseCache::default();
         for (mut row, entry) in x.rows_mut().into_iter().zip(&self.entries) {
@@ -231,13 +247,14 @@ impl Manifest {
             } else {
                 row_ref(row)
             };
-            entry_features(entry, spec, &mut bases, target)
+            let report = entry_features(entry, spec, &mut bases, target)
                 .map_err(|err| self.sample_error(entry, err))?;
+            reports.push(report);
             if let Some(sketch) = sketch {
                 sketch.project(&scratch, row)?;
             }
         }
-        Ok(x)
+        Ok((x, reports))
     }
 }
 
@@ -298,7 +315,7 @@ fn entry_features(
     spec: &FeatureSpec,
     bases: &mut BaseCache,
     out: &mut [f32],
-) -> Result<()> {
+) -> Result<TransformReport> {
     let base_bytes = match &entry.base {
         None => None,
         Some(path) => {
@@ -310,11 +327,11 @@ fn entry_features(
         }
     };
     with_file(&entry.path, |update| match base_bytes {
-        None => spec.transform_into(update, out).map(|_| ()),
+        None => spec.transform_into(update, out),
         Some((base_path, bytes)) => {
             let base = AdapterView::parse(bytes).map_err(|e| Error::in_file(base_path, e))?;
             let delta = LazyDelta::new(update, &base)?;
-            spec.transform_into(&delta, out).map(|_| ())
+            spec.transform_into(&delta, out)
         }
     })
 }

@@ -21,8 +21,35 @@
 //! | samples | declared count under the [`SamplePolicy`]; 0 is rejected | policy |
 //! | magnitude | ‖Δ‖₂ against the [`NormBound`]: excluded or clipped per [`OverBound`] | policy |
 //!
-//! Defaults fail closed: counts capped at 2 × the round's median, updates
-//! beyond 10 × the round's median norm excluded, missing probe keys rejected.
+//! # Medians
+//!
+//! The round-relative policies ([`SamplePolicy::CapAtMedianMultiple`],
+//! [`NormBound::MedianMultiple`]) use the **lower median** (the ⌈m/2⌉-th
+//! smallest value) over the m **eligible** clients: those that passed every
+//! stage above that does not depend on the round (structure, values, probe
+//! keys, a non-zero count). A client rejected at any of those stages never
+//! sets a bound. Breakdown point: raising a lower median above every honest
+//! value takes ⌊m/2⌋ + 1 of the m eligible clients (a strict majority; half
+//! cannot); lowering it takes ⌈m/2⌉, which only clips or caps everyone harder.
+//! Evidence (step trails, shadow reports) is checked after admission, so a
+//! client later rejected for its evidence is eligible here.
+//!
+//! # Pull
+//!
+//! Under FedAvg a client moves the global by (its count / the total count) ×
+//! its Δ. The defaults bound both factors by a median client's: counts are
+//! capped at the round's lower median count and every Δ longer than the
+//! round's lower median norm M is clipped to M. So each admitted client pulls
+//! the global by at most M·(median count)/(total count), one median client's
+//! worth, and k sybils that stay inside the bounds move it by at most k·M/n
+//! among n equally weighted clients, in any direction, including the tensors
+//! the probe does not read. Honest clients above the medians lose some weight
+//! and length: that is the price of a bound that holds whatever the attacker
+//! chooses. A round of m eligible clients needs ⌊m/2⌋ + 1 colluders to raise
+//! either median (see [Medians](#medians)).
+//!
+//! Defaults fail closed: counts capped at the round's lower median, updates
+//! clipped to the round's lower median norm, missing probe keys rejected.
 //! [`Admission::reference`] reproduces the reference implementation (trust
 //! the count, no magnitude bound, zero-fill missing probe keys) for
 //! reproducing the paper; it is documented as unsafe.
@@ -35,6 +62,7 @@ use crate::ClientId;
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, TensorSource};
 use crate::parallel::map_items;
+use crate::round::update_norm::delta_norm;
 
 /// How a client's declared sample count becomes its aggregation count.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -46,10 +74,11 @@ pub enum SamplePolicy {
     /// Cap every count at this maximum (≥ 1), e.g. the largest local dataset
     /// the server knows a client can hold.
     CapAt(u64),
-    /// Cap every count at this multiple (≥ 1) of the round's median declared
-    /// count (over the clients that passed the structure and value checks).
-    /// The default, with multiple 2: one liar can at most double its weight
-    /// relative to a typical client.
+    /// Cap every count at this multiple (≥ 1) of the round's lower median
+    /// declared count (over the eligible clients: see the
+    /// [module docs](self#medians)).
+    /// The default, with multiple 1: no client weighs more than the median
+    /// client (see [Pull](self#pull)).
     CapAtMedianMultiple(f64),
     /// Ignore declared counts: every admitted client counts 1.
     Uniform,
@@ -57,7 +86,7 @@ pub enum SamplePolicy {
 
 impl Default for SamplePolicy {
     fn default() -> Self {
-        SamplePolicy::CapAtMedianMultiple(2.0)
+        SamplePolicy::CapAtMedianMultiple(1.0)
     }
 }
 
@@ -70,15 +99,18 @@ pub enum NormBound {
     Unbounded,
     /// A fixed bound (finite, > 0).
     Absolute(f64),
-    /// A multiple (≥ 1) of the round's median update norm. The default, with
-    /// multiple 10. A majority of colluding clients can raise the median: use
-    /// [`NormBound::Absolute`] too when the server knows typical norms.
+    /// A multiple (≥ 1) of the round's lower median update norm (over the
+    /// eligible clients: see the [module docs](self#medians)). The default,
+    /// with multiple 1 and [`OverBound::Clip`]: no admitted update is longer
+    /// than the median one (see [Pull](self#pull)). Only a strict majority of
+    /// the eligible clients can raise it: use [`NormBound::Absolute`] when the
+    /// server knows typical norms.
     MedianMultiple(f64),
 }
 
 impl Default for NormBound {
     fn default() -> Self {
-        NormBound::MedianMultiple(10.0)
+        NormBound::MedianMultiple(1.0)
     }
 }
 
@@ -86,10 +118,14 @@ impl Default for NormBound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OverBound {
-    /// Reject the client (default: an update that large is not a fine-tuning step).
-    #[default]
+    /// Reject the client: for a bound set well above honest norms (an
+    /// [`NormBound::Absolute`] from known training settings), where an update
+    /// beyond it is not a fine-tuning step.
     Exclude,
-    /// Scale Δ down to the bound and admit the client (norm clipping).
+    /// Scale Δ down to the bound and admit the client (norm clipping). The
+    /// default: with the default bound at the median norm, half the honest
+    /// clients are above it, and clipping keeps them.
+    #[default]
     Clip,
 }
 
@@ -240,11 +276,15 @@ impl Admission {
         let inspected: Vec<Inspection> = map_items(messages, per_client, |(_, update, _)| {
             inspect(global, probe_keys, *update, self.require_probe_keys)
         });
-        let declared: Vec<u64> = messages.iter().map(|(_, _, n)| *n).collect();
-        let stats = RoundStats::of(&inspected, &declared);
-        let decisions = messages
+        let eligible: Vec<Inspection> = messages
             .iter()
             .zip(inspected)
+            .map(|((_, _, declared), inspection)| self.check_count(inspection, *declared))
+            .collect();
+        let stats = RoundStats::of(&eligible, messages);
+        let decisions = messages
+            .iter()
+            .zip(eligible)
             .map(|((client, _, declared), inspection)| AdmissionDecision {
                 client: (*client).clone(),
                 declared_samples: *declared,
@@ -254,14 +294,22 @@ impl Admission {
         Ok(decisions)
     }
 
+    /// The last stage that does not depend on the round: a declared 0 is
+    /// rejected (except under [`SamplePolicy::Uniform`]).
+    fn check_count(&self, inspection: Inspection, declared: u64) -> Inspection {
+        match inspection {
+            Inspection::Sound { .. } if declared == 0 && self.samples != SamplePolicy::Uniform => {
+                Inspection::Rejected(Rejection::ZeroSamples)
+            }
+            other => other,
+        }
+    }
+
     fn decide(&self, inspection: Inspection, declared: u64, stats: &RoundStats) -> Admitted {
         let norm = match inspection {
             Inspection::Rejected(reason) => return Admitted::Rejected(reason),
             Inspection::Sound { norm } => norm,
         };
-        if declared == 0 && self.samples != SamplePolicy::Uniform {
-            return Admitted::Rejected(Rejection::ZeroSamples);
-        }
         let samples = self.aggregation_samples(declared, stats);
         match self.norm_limit(stats) {
             Some(bound) if norm > bound => match self.over_bound {
@@ -410,6 +458,13 @@ pub enum Rejection {
         /// The error, as text.
         error: String,
     },
+    /// More than one message of the round carries this client id. Every copy
+    /// is rejected: the server cannot tell which one is the client's, and
+    /// keeping the first would let whoever sends first speak for the id.
+    DuplicateClient {
+        /// How many messages carried the id.
+        copies: usize,
+    },
     /// The step trail or shadow report could not be used (unreadable step
     /// adapters, non-finite or missing scores, a shadow report without a
     /// shadow base).
@@ -425,25 +480,32 @@ enum Inspection {
     Sound { norm: f64 },
 }
 
-/// Medians over the clients that passed the structure and value stages.
+/// The round's reference values, as [lower medians](lower_median) over the
+/// *eligible* clients: those that passed every stage that does not depend on
+/// the round (structure, values, probe keys, a non-zero count). A rejected
+/// client never sets a bound the others are held to.
 struct RoundStats {
     median_norm: f64,
     median_samples: f64,
 }
 
 impl RoundStats {
-    /// Norms over every sound update; counts over sound updates that
-    /// declared at least one sample (a 0 is rejected, not averaged in).
-    fn of(inspected: &[Inspection], declared: &[u64]) -> Self {
+    /// Norms over every eligible update; counts over eligible updates that
+    /// declared at least one sample (under [`SamplePolicy::Uniform`] a 0 is
+    /// eligible but says nothing about dataset sizes).
+    fn of(eligible: &[Inspection], messages: &[(&ClientId, &dyn TensorSource, u64)]) -> Self {
         let sound = || {
-            inspected.iter().zip(declared).filter_map(|(i, n)| match i {
-                Inspection::Sound { norm } => Some((*norm, *n)),
-                Inspection::Rejected(_) => None,
-            })
+            eligible
+                .iter()
+                .zip(messages)
+                .filter_map(|(i, (_, _, n))| match i {
+                    Inspection::Sound { norm } => Some((*norm, *n)),
+                    Inspection::Rejected(_) => None,
+                })
         };
         RoundStats {
-            median_norm: median(sound().map(|(norm, _)| norm).collect()),
-            median_samples: median(
+            median_norm: lower_median(sound().map(|(norm, _)| norm).collect()),
+            median_samples: lower_median(
                 sound()
                     .filter(|(_, n)| *n > 0)
                     .map(|(_, n)| n as f64)
@@ -453,18 +515,28 @@ impl RoundStats {
     }
 }
 
-/// The median (mean of the middle two for an even count); 0 when empty.
-fn median(mut values: Vec<f64>) -> f64 {
+/// The lower median: the ⌈m/2⌉-th smallest of m values (the middle one for
+/// odd m, the lower of the middle two for even m); 0 when empty.
+///
+/// Breakdown, for k of the m values chosen by an attacker:
+///
+/// * **upward** (a larger bound, what a poisoner wants): the lower median is
+///   at most the ⌈m/2⌉-th smallest honest value while k ≤ ⌊m/2⌋, so raising
+///   it past every honest value takes a strict majority, k ≥ ⌊m/2⌋ + 1. Half
+///   the clients (k = m/2) cannot: with 10 sybils among 20 it is the largest
+///   honest value. (The mean of the middle two, the usual median, is set by
+///   exactly half.)
+/// * **downward**: k ≥ ⌈m/2⌉ can lower it to anything (for even m, exactly
+///   half). A lower bound only clips or caps every client harder, sybils
+///   included: it slows the round, it does not let anyone pull further.
+fn lower_median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match (
-        values.get(n / 2),
-        n.checked_sub(1).and_then(|i| values.get(i / 2)),
-    ) {
-        (Some(hi), Some(lo)) if n.is_multiple_of(2) => (hi + lo) / 2.0,
-        (Some(mid), _) => *mid,
-        _ => 0.0,
-    }
+    values
+        .len()
+        .checked_sub(1)
+        .and_then(|last| values.get(last / 2))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// Structure, probe keys and values (with the norm) of one update.
@@ -525,82 +597,6 @@ fn structure(global: &LoraAdapter, update: &dyn TensorSource) -> Option<Rejectio
         })
         .collect();
     (!tensors.is_empty()).then_some(Rejection::ShapeMismatch { tensors })
-}
-
-/// Values read per step when a source has no `f32` slices.
-const READ_CHUNK: usize = 16_384;
-
-/// ‖update − global‖₂ in f64, scanning every value for NaN/∞ in the same
-/// pass. The inner `Err` is a non-finite value; the outer one a read failure.
-fn delta_norm(
-    global: &LoraAdapter,
-    update: &dyn TensorSource,
-) -> Result<std::result::Result<f64, Rejection>> {
-    let mut sum = 0.0f64;
-    let mut scratch = Vec::new();
-    for entry in global.iter() {
-        let name = entry.key.canonical();
-        let base = entry.tensor.as_slice();
-        if let Some(values) = update.as_f32(name).filter(|v| v.len() == base.len()) {
-            match squared_distance(values, base, 0) {
-                Ok(s) => sum += s,
-                Err((index, value)) => return Ok(Err(non_finite(name, index, value))),
-            }
-            continue;
-        }
-        for (piece, start) in base.chunks(READ_CHUNK).zip((0..).step_by(READ_CHUNK)) {
-            scratch.resize(piece.len(), 0.0);
-            update.read_range(name, start, &mut scratch)?;
-            match squared_distance(&scratch, piece, start) {
-                Ok(s) => sum += s,
-                Err((index, value)) => return Ok(Err(non_finite(name, index, value))),
-            }
-        }
-    }
-    Ok(Ok(sum.sqrt()))
-}
-
-/// Σ (x − y)² in f64 over a slice, or the first non-finite `x` (index offset
-/// by `start`). Lanes of eight keep the loop vectorised; the finiteness test
-/// rides along on the same values.
-fn squared_distance(
-    values: &[f32],
-    base: &[f32],
-    start: usize,
-) -> std::result::Result<f64, (usize, f32)> {
-    let mut lanes = [0.0f64; 8];
-    let mut finite = true;
-    let mut xs = values.chunks_exact(8);
-    let mut ys = base.chunks_exact(8);
-    for (x, y) in (&mut xs).zip(&mut ys) {
-        for ((lane, a), b) in lanes.iter_mut().zip(x).zip(y) {
-            finite &= a.is_finite();
-            let d = f64::from(*a) - f64::from(*b);
-            *lane += d * d;
-        }
-    }
-    for (a, b) in xs.remainder().iter().zip(ys.remainder()) {
-        finite &= a.is_finite();
-        let d = f64::from(*a) - f64::from(*b);
-        lanes[0] += d * d;
-    }
-    if finite {
-        return Ok(lanes.iter().sum());
-    }
-    let (index, value) = values
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite())
-        .map_or((0, f32::NAN), |(i, v)| (i, *v));
-    Err((start + index, value))
-}
-
-fn non_finite(tensor: &str, index: usize, value: f32) -> Rejection {
-    Rejection::NonFinite {
-        tensor: tensor.to_owned(),
-        index,
-        value: value.to_string(),
-    }
 }
 
 fn param(name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Error {

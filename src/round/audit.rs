@@ -10,6 +10,7 @@ use crate::detect::{DefenseLevel, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::round::admission::Admitted;
+use crate::round::commit::CommitmentStatus;
 use crate::round::trail::TrailStatus;
 
 /// What happened to a report before aggregation.
@@ -27,17 +28,26 @@ pub enum Disposition {
 }
 
 /// Where a piece of evidence came from, so an auditor knows what was proven.
+///
+/// "Verified" means one thing here: every score the detector read was
+/// computed by the server from the submitted update itself. Anything else the
+/// client sent is a claim, even when the server scored it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provenance {
     /// The level does not read this evidence, or the client sent none.
     Absent,
-    /// Scored by the server from data it verified (the update itself; a step
-    /// trail whose last step matched the update).
+    /// Every score was computed by the server from the update itself: a
+    /// one-step trail whose step equals the update.
     Verified,
+    /// Scored by the server from step adapters the client sent, whose last
+    /// step equals the update (checked); the steps before it are claims the
+    /// server cannot check. They weigh by the distance they travelled
+    /// ([`ClientOutcome::step_trail`]), so repeated adapters count for nothing.
+    LastStepVerified,
     /// Scored by the server from adapters the client sent that cannot be
-    /// verified (intermediate steps of an unchecked trail; any shadow branch:
-    /// the client trains it alone).
+    /// verified (a trail whose end was not checked; any shadow branch: the
+    /// client trains it alone).
     ServerScoredUnverified,
     /// Scores the client computed itself: nothing about them is proven.
     SelfReported,
@@ -78,8 +88,36 @@ pub struct ClientOutcome {
     pub step_evidence: Provenance,
     /// Provenance of the shadow-branch scores the detector read.
     pub shadow_evidence: Provenance,
+    /// The main-branch step trail the server measured (step adapters only).
+    #[serde(default)]
+    pub step_trail: Option<TrailSummary>,
+    /// What became of its shadow commitment (commit–reveal audits only).
+    #[serde(default)]
+    pub shadow_commitment: Option<CommitmentStatus>,
     /// Why the aggregator left the client out, if it did.
     pub excluded: Option<ExclusionReason>,
+}
+
+/// How far a reported step trail moved, as the server measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrailSummary {
+    /// Steps reported.
+    pub steps: usize,
+    /// Steps that moved (distance > 0); the others carry no weight.
+    pub moved: usize,
+    /// Total distance travelled, Σ ‖stepᵢ − stepᵢ₋₁‖₂.
+    pub distance: f64,
+}
+
+impl TrailSummary {
+    /// The summary of a trail's distances, `None` when it has no step.
+    pub(crate) fn of(distances: &[f64]) -> Option<Self> {
+        (!distances.is_empty()).then(|| TrailSummary {
+            steps: distances.len(),
+            moved: distances.iter().filter(|&&d| d > 0.0).count(),
+            distance: distances.iter().sum(),
+        })
+    }
 }
 
 /// Wall-clock time spent in each stage, in seconds.

@@ -1,7 +1,7 @@
 //! The defended round: admission → probe → detector → safety gate →
 //! aggregator, with an audit record.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -10,174 +10,21 @@ use crate::ClientId;
 use crate::aggregate::{
     Aggregation, Aggregator, AnyAggregator, ClientUpdate, SafetyGate, SkipReason,
 };
-use crate::detect::{AnyDetector, ClientEvidence, DefenseLevel, Detector, Verdict};
+use crate::detect::{
+    AnyDetector, ClientEvidence, DefenseLevel, Detector, Opening, ShadowNeed, Verdict,
+};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
 use crate::probe::{LinearProbe, Probe};
 use crate::round::admission::{Admission, AdmissionDecision, Admitted, Rejection};
-use crate::round::audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
+use crate::round::audit::{
+    ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary,
+};
+use crate::round::commit::{self, AuditDraw, CommitmentStatus, ShadowPlan};
+use crate::round::report::{ClientReport, StepsReport};
 use crate::round::spec::ValidDefense;
-use crate::round::steps::{ShadowBranch, score_step, score_steps};
+use crate::round::steps::{ShadowBranch, score_step, score_steps, step_distances};
 use crate::round::trail::{TrailCheck, TrailStatus, check_trail};
-
-/// A branch's step evidence as a client reports it.
-#[derive(Clone, Default)]
-pub enum StepsReport<'a> {
-    /// Nothing reported.
-    #[default]
-    None,
-    /// The adapter after every local step, in order. The server scores each
-    /// against the branch's base (the round's global adapter for the main
-    /// branch, the [`ShadowBranch`] base for the shadow branch) and, for the
-    /// main branch, checks that the last one equals the update
-    /// ([`check_trail`]).
-    Adapters(Vec<&'a dyn TensorSource>),
-    /// Scores the client computed itself. Unverifiable: marked
-    /// [`Provenance::SelfReported`] in the audit. Use in simulations or with
-    /// trusted client code only.
-    Scores(&'a [f32]),
-}
-
-impl std::fmt::Debug for StepsReport<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StepsReport::None => f.write_str("None"),
-            StepsReport::Adapters(a) => write!(f, "Adapters({} steps)", a.len()),
-            StepsReport::Scores(s) => f.debug_tuple("Scores").field(s).finish(),
-        }
-    }
-}
-
-/// What one client sends the server at the end of a round, borrowed from
-/// wherever the server keeps it (owned adapters, validated views over
-/// upload bytes or an mmap, numpy arrays behind Python).
-#[derive(Clone, Debug)]
-pub struct ClientReport<'a> {
-    /// Who sent it.
-    pub client: &'a ClientId,
-    /// Its adapter after local training (full weights, not a delta).
-    pub update: &'a dyn TensorSource,
-    /// The sample count it declares. Admission decides what it is worth.
-    pub samples: u64,
-    /// Main-branch step evidence (read by [`StepLevel`](crate::detect::StepLevel)).
-    pub steps: StepsReport<'a>,
-    /// Shadow-branch step evidence (read by the shadow and evidence levels).
-    pub shadow: StepsReport<'a>,
-}
-
-impl std::fmt::Debug for dyn TensorSource + '_ {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self.lora_keys().map(LoraKey::canonical).collect();
-        write!(f, "TensorSource({} tensors)", keys.len())
-    }
-}
-
-impl<'a> ClientReport<'a> {
-    /// A report with an update and declared sample count, and no step evidence.
-    pub fn new(client: &'a ClientId, update: &'a dyn TensorSource, samples: u64) -> Self {
-        ClientReport {
-            client,
-            update,
-            samples,
-            steps: StepsReport::None,
-            shadow: StepsReport::None,
-        }
-    }
-
-    /// Sets the main-branch step evidence.
-    pub fn with_steps(mut self, steps: StepsReport<'a>) -> Self {
-        self.steps = steps;
-        self
-    }
-
-    /// Sets the shadow-branch step evidence.
-    pub fn with_shadow(mut self, shadow: StepsReport<'a>) -> Self {
-        self.shadow = shadow;
-        self
-    }
-}
-
-/// Owned step evidence, for [`OwnedReport`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub enum OwnedSteps {
-    /// Nothing reported.
-    #[default]
-    None,
-    /// The adapter after every local step, in order.
-    Adapters(Vec<LoraAdapter>),
-    /// Scores the client computed itself (self-reported).
-    Scores(Vec<f32>),
-}
-
-impl OwnedSteps {
-    fn borrow(&self) -> StepsReport<'_> {
-        match self {
-            OwnedSteps::None => StepsReport::None,
-            OwnedSteps::Adapters(a) => {
-                StepsReport::Adapters(a.iter().map(|x| x as &dyn TensorSource).collect())
-            }
-            OwnedSteps::Scores(s) => StepsReport::Scores(s),
-        }
-    }
-}
-
-/// A client message that owns its tensors (simulations, tests, servers that
-/// decode uploads into [`LoraAdapter`]s); [`OwnedReport::as_report`] lends it
-/// to [`DefendedRound::run`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct OwnedReport {
-    /// Who sent it.
-    pub client: ClientId,
-    /// Its adapter after local training.
-    pub update: LoraAdapter,
-    /// The sample count it declares.
-    pub samples: u64,
-    /// Main-branch step evidence.
-    pub steps: OwnedSteps,
-    /// Shadow-branch step evidence.
-    pub shadow: OwnedSteps,
-}
-
-impl OwnedReport {
-    /// A report with an update and declared sample count, and no step evidence.
-    pub fn new(client: impl Into<ClientId>, update: LoraAdapter, samples: u64) -> Self {
-        OwnedReport {
-            client: client.into(),
-            update,
-            samples,
-            steps: OwnedSteps::None,
-            shadow: OwnedSteps::None,
-        }
-    }
-
-    /// Sets the main-branch step evidence.
-    pub fn with_steps(mut self, steps: OwnedSteps) -> Self {
-        self.steps = steps;
-        self
-    }
-
-    /// Sets the shadow-branch step evidence.
-    pub fn with_shadow(mut self, shadow: OwnedSteps) -> Self {
-        self.shadow = shadow;
-        self
-    }
-
-    /// The borrowed form [`DefendedRound::run`] reads.
-    pub fn as_report(&self) -> ClientReport<'_> {
-        ClientReport {
-            client: &self.client,
-            update: &self.update,
-            samples: self.samples,
-            steps: self.steps.borrow(),
-            shadow: self.shadow.borrow(),
-        }
-    }
-}
-
-/// Borrows a slice of owned reports for [`DefendedRound::run`].
-pub fn borrow_reports(reports: &[OwnedReport]) -> Vec<ClientReport<'_>> {
-    reports.iter().map(OwnedReport::as_report).collect()
-}
 
 /// Settings of the defended round.
 ///
@@ -284,8 +131,12 @@ impl RoundParams {
 /// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`], not
 /// aggregated, detector state untouched); a message whose last step differs
 /// from its update is [`Disposition::TrailMismatch`] (factor 0,
-/// [`Verdict::Malicious`]). Round-level faults are errors: no reports, a
-/// repeated client id, a non-finite global adapter, an aggregator error.
+/// [`Verdict::Malicious`]). Every message carrying a repeated client id is
+/// rejected ([`Rejection::DuplicateClient`]). Rejected and mismatched clients
+/// count against the rule's Byzantine budget
+/// ([`Aggregator::aggregate_after_removal`]); a rule still short of clients
+/// skips the round ([`SkipReason::TooFewClients`]). Round-level faults are
+/// errors: no reports, a non-finite global adapter, another aggregator error.
 ///
 /// **A failed round changes nothing**: the detector assesses a copy of its
 /// state, committed only when the round completes (applied or skipped), so a
@@ -340,6 +191,7 @@ pub struct DefendedRound<P, D, A> {
     aggregator: A,
     params: RoundParams,
     shadow: Option<ShadowBranch>,
+    audits: Option<AuditDraw>,
     spec_sha256: Option<String>,
 }
 
@@ -350,6 +202,8 @@ enum Scored {
         trail: TrailStatus,
         steps: Provenance,
         shadow: Provenance,
+        step_trail: Option<TrailSummary>,
+        commitment: Option<CommitmentStatus>,
     },
     Rejected {
         rejection: Rejection,
@@ -399,6 +253,7 @@ impl DefendedRound<LinearProbe, AnyDetector, AnyAggregator> {
             aggregator,
             params,
             shadow: None,
+            audits: None,
             spec_sha256: Some(spec.sha256().to_owned()),
         }
     }
@@ -414,7 +269,22 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             aggregator,
             params: RoundParams::default(),
             shadow: None,
+            audits: None,
             spec_sha256: None,
+        }
+    }
+
+    /// The same round with its aggregator wrapped or converted (for example
+    /// boxed behind `dyn Aggregator`), keeping its state and spec hash.
+    pub fn map_aggregator<B: Aggregator>(self, f: impl FnOnce(A) -> B) -> DefendedRound<P, D, B> {
+        DefendedRound {
+            probe: self.probe,
+            detector: self.detector,
+            aggregator: f(self.aggregator),
+            params: self.params,
+            shadow: self.shadow,
+            audits: self.audits,
+            spec_sha256: self.spec_sha256,
         }
     }
 
@@ -479,7 +349,36 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     /// Whether `client` should train a shadow branch this round (tell the
     /// client before local training; see [`Detector::needs_shadow`]).
     pub fn needs_shadow(&self, client: &ClientId) -> bool {
-        self.detector.needs_shadow(client)
+        match &self.audits {
+            None => self.detector.needs_shadow(client),
+            Some(_) => self.detector.shadow_need(client) != ShadowNeed::Never,
+        }
+    }
+
+    /// Audits frozen clients by commit–reveal ([`commit`](crate::round::commit)):
+    /// every client the level may audit must commit to its shadow report
+    /// each round ([`needs_shadow`](Self::needs_shadow) is true for it every
+    /// round, so it says nothing about the schedule), and `draw` decides
+    /// after the upload which commitments to open. A client that breaks its
+    /// commitment fails the audit.
+    pub fn with_audits(mut self, draw: AuditDraw) -> Self {
+        self.audits = Some(draw);
+        self
+    }
+
+    /// Whether `client`'s shadow report is to be revealed this round: ask
+    /// only after its upload (and commitment) arrived. Without commit–reveal
+    /// this is the announced schedule, [`needs_shadow`](Self::needs_shadow).
+    pub fn opens(&self, round: u32, client: &ClientId) -> bool {
+        let need = self.detector.shadow_need(client);
+        match &self.audits {
+            None => self.detector.needs_shadow(client),
+            Some(draw) => match need {
+                ShadowNeed::Never => false,
+                ShadowNeed::EveryRound => true,
+                ShadowNeed::Audit => draw.opens(round, client),
+            },
+        }
     }
 
     /// Runs one round. `global` is the adapter the clients started from.
@@ -501,14 +400,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             .iter()
             .map(|b| b.key.as_str())
             .collect();
-        let messages: Vec<(&ClientId, &dyn TensorSource, u64)> = reports
-            .iter()
-            .map(|r| (r.client, r.update, r.samples))
-            .collect();
-        let decisions = self
-            .params
-            .admission
-            .admit(global, &probe_keys, &messages)?;
+        let decisions = self.admit(global, &probe_keys, reports)?;
         let admission_s = admission_start.elapsed().as_secs_f64();
 
         let probe_start = Instant::now();
@@ -567,6 +459,53 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         Ok(outcome)
     }
 
+    /// Admission, with every copy of a repeated client id rejected before
+    /// it (so duplicates never enter the round's medians).
+    fn admit(
+        &self,
+        global: &LoraAdapter,
+        probe_keys: &[&str],
+        reports: &[ClientReport<'_>],
+    ) -> Result<Vec<AdmissionDecision>> {
+        let mut copies: BTreeMap<&ClientId, usize> = BTreeMap::new();
+        for r in reports {
+            *copies.entry(r.client).or_default() += 1;
+        }
+        let repeated = |r: &ClientReport<'_>| copies.get(r.client).copied().unwrap_or(0) > 1;
+        let messages: Vec<(&ClientId, &dyn TensorSource, u64)> = reports
+            .iter()
+            .filter(|r| !repeated(r))
+            .map(|r| (r.client, r.update, r.samples))
+            .collect();
+        let mut admitted = self
+            .params
+            .admission
+            .admit(global, probe_keys, &messages)?
+            .into_iter();
+        let mut decisions = Vec::with_capacity(reports.len());
+        for r in reports {
+            let decision = if repeated(r) {
+                Some(AdmissionDecision {
+                    client: r.client.clone(),
+                    declared_samples: r.samples,
+                    status: Admitted::Rejected(Rejection::DuplicateClient {
+                        copies: copies.get(r.client).copied().unwrap_or(0),
+                    }),
+                })
+            } else {
+                admitted.next()
+            };
+            decisions.push(decision.ok_or_else(|| {
+                Error::invariant(
+                    "round::defended::admit",
+                    "admission returns one decision per message",
+                    format!("{} reports", reports.len()),
+                )
+            })?);
+        }
+        Ok(decisions)
+    }
+
     fn score_report(
         &self,
         round: u32,
@@ -614,7 +553,21 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             }
         };
         let reads_steps = level.uses_all_steps();
-        let reads_shadow = level.uses_shadow() && self.detector.needs_shadow(report.client);
+        let plan = if level.uses_shadow() {
+            let need = self.detector.shadow_need(report.client);
+            let scheduled = self.detector.needs_shadow(report.client);
+            match commit::plan(self.audits.as_ref(), need, scheduled, round, report) {
+                Ok(plan) => plan,
+                Err(e) => return rejected(format!("shadow report unreadable: {e}"), trail),
+            }
+        } else {
+            ShadowPlan {
+                read: false,
+                opening: Opening::Scheduled,
+                status: None,
+            }
+        };
+        let reads_shadow = plan.read;
         let self_reported = (reads_steps && matches!(report.steps, StepsReport::Scores(_)))
             || (reads_shadow && matches!(report.shadow, StepsReport::Scores(_)));
         if self_reported && !self.params.accept_self_reported {
@@ -627,12 +580,16 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         let mut evidence = ClientEvidence::new(samples)
             .with_threshold(self.probe.threshold())
             .with_last_step_score(Some(update_score));
+        evidence.opening = plan.opening;
         let mut steps = Provenance::Absent;
+        let mut step_trail = None;
         if reads_steps {
             match self.main_scores(global, &report.steps) {
-                Ok(scores) => {
+                Ok((scores, distances)) => {
                     steps = provenance(&report.steps, &trail);
+                    step_trail = TrailSummary::of(&distances);
                     evidence.step_scores = scores;
+                    evidence.step_distances = distances;
                 }
                 Err(e) => return rejected(format!("step adapters rejected: {e}"), trail),
             }
@@ -640,13 +597,15 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         let mut shadow = Provenance::Absent;
         if reads_shadow {
             match self.shadow_scores(&report.shadow) {
-                Ok(scores) => {
+                Ok((scores, distances)) => {
                     shadow = match &report.shadow {
                         StepsReport::None => Provenance::Absent,
                         StepsReport::Scores(_) => Provenance::SelfReported,
                         StepsReport::Adapters(_) => Provenance::ServerScoredUnverified,
                     };
-                    evidence = evidence.with_shadow_steps(scores);
+                    evidence = evidence
+                        .with_shadow_steps(scores)
+                        .with_shadow_distances(distances);
                 }
                 Err(e) => return rejected(format!("shadow steps rejected: {e}"), trail),
             }
@@ -659,6 +618,8 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             trail,
             steps,
             shadow,
+            step_trail,
+            commitment: plan.status,
         }
     }
 
@@ -672,19 +633,27 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         }
     }
 
-    fn main_scores(&self, global: &LoraAdapter, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+    /// Scores and distances travelled of the main branch's steps (no
+    /// distances for self-reported scores: the server saw no step).
+    fn main_scores(&self, global: &LoraAdapter, steps: &StepsReport<'_>) -> Result<Branch> {
         match steps {
-            StepsReport::None => Ok(Vec::new()),
-            StepsReport::Scores(s) => Ok(s.to_vec()),
-            StepsReport::Adapters(a) => score_steps(&self.probe, global, a),
+            StepsReport::None => Ok((Vec::new(), Vec::new())),
+            StepsReport::Scores(s) => Ok((s.to_vec(), Vec::new())),
+            StepsReport::Adapters(a) => Ok((
+                score_steps(&self.probe, global, a)?,
+                step_distances(global, a)?,
+            )),
         }
     }
 
-    fn shadow_scores(&self, steps: &StepsReport<'_>) -> Result<Vec<f32>> {
+    fn shadow_scores(&self, steps: &StepsReport<'_>) -> Result<Branch> {
         match (steps, &self.shadow) {
-            (StepsReport::None, _) => Ok(Vec::new()),
-            (StepsReport::Scores(s), _) => Ok(s.to_vec()),
-            (StepsReport::Adapters(a), Some(shadow)) => shadow.score_steps(&self.probe, a),
+            (StepsReport::None, _) => Ok((Vec::new(), Vec::new())),
+            (StepsReport::Scores(s), _) => Ok((s.to_vec(), Vec::new())),
+            (StepsReport::Adapters(a), Some(shadow)) => Ok((
+                shadow.score_steps(&self.probe, a)?,
+                step_distances(shadow.base(), a)?,
+            )),
             (StepsReport::Adapters(_), None) => Err(Error::InvalidParameter {
                 component: "defended round",
                 name: "shadow_branch",
@@ -714,24 +683,51 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             })
             .collect();
         if updates.is_empty() {
-            return Ok(Aggregation {
-                outcome: crate::aggregate::Outcome::Skipped {
-                    reason: SkipReason::NoClientLeft,
-                },
-                contributions: Vec::new(),
-                exclusions: Vec::new(),
-            });
+            return Ok(skipped(SkipReason::NoClientLeft));
         }
-        self.aggregator.aggregate(global, &updates)
+        // Rejected and trail-mismatched clients count against the rule's
+        // Byzantine budget; a rule still left without enough clients skips
+        // the round (typed) rather than failing it for everyone.
+        let removed = reports.len().saturating_sub(updates.len());
+        match self
+            .aggregator
+            .aggregate_after_removal(global, &updates, removed)
+        {
+            Err(Error::TooFewClients {
+                rule,
+                constraint,
+                required,
+                found,
+            }) => Ok(skipped(SkipReason::TooFewClients {
+                rule: rule.to_owned(),
+                constraint,
+                required,
+                found,
+            })),
+            other => other,
+        }
     }
 }
 
-/// Provenance of main-branch step scores.
+fn skipped(reason: SkipReason) -> Aggregation {
+    Aggregation {
+        outcome: crate::aggregate::Outcome::Skipped { reason },
+        contributions: Vec::new(),
+        exclusions: Vec::new(),
+    }
+}
+
+/// A branch's step scores and the distance each step travelled.
+type Branch = (Vec<f32>, Vec<f64>);
+
+/// Provenance of main-branch step scores: [`Provenance::Verified`] only for
+/// a one-step trail that is the update itself.
 fn provenance(steps: &StepsReport<'_>, trail: &TrailStatus) -> Provenance {
     match (steps, trail) {
         (StepsReport::None, _) => Provenance::Absent,
         (StepsReport::Scores(_), _) => Provenance::SelfReported,
-        (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::Verified,
+        (StepsReport::Adapters(a), TrailStatus::Verified) if a.len() == 1 => Provenance::Verified,
+        (StepsReport::Adapters(_), TrailStatus::Verified) => Provenance::LastStepVerified,
         (StepsReport::Adapters(_), _) => Provenance::ServerScoredUnverified,
     }
 }
@@ -765,6 +761,8 @@ fn assess<D: Detector>(
         trail,
         step_evidence: Provenance::Absent,
         shadow_evidence: Provenance::Absent,
+        step_trail: None,
+        shadow_commitment: None,
         excluded: None,
     };
     Ok(match scored {
@@ -810,6 +808,8 @@ fn assess<D: Detector>(
             trail,
             steps,
             shadow,
+            step_trail,
+            commitment,
         } => {
             let a = detector.assess(round, report.client, &evidence)?;
             let mut o = outcome(
@@ -822,6 +822,8 @@ fn assess<D: Detector>(
             );
             o.step_evidence = steps;
             o.shadow_evidence = shadow;
+            o.step_trail = step_trail;
+            o.shadow_commitment = commitment;
             o
         }
     })
@@ -850,14 +852,6 @@ fn check_reports(reports: &[ClientReport<'_>]) -> Result<()> {
         return Err(Error::Empty {
             what: "the round's client reports",
         });
-    }
-    let mut seen = BTreeSet::new();
-    for r in reports {
-        if !seen.insert(r.client) {
-            return Err(Error::DuplicateClient {
-                client: r.client.clone(),
-            });
-        }
     }
     Ok(())
 }

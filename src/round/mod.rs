@@ -26,21 +26,24 @@
 
 pub mod admission;
 mod audit;
+pub mod commit;
 mod defended;
 mod refresh;
+mod report;
 mod spec;
 mod steps;
 pub mod trail;
+mod update_norm;
 
 pub use admission::{
     Admission, AdmissionDecision, Admitted, NormBound, OverBound, Rejection, SamplePolicy,
     ShapeDifference,
 };
-pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings};
-pub use defended::{
-    ClientReport, DefendedRound, OwnedReport, OwnedSteps, RoundParams, StepsReport, borrow_reports,
-};
+pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary};
+pub use commit::{AuditDraw, CommitmentStatus, ShadowCommitment};
+pub use defended::{DefendedRound, RoundParams};
 pub use refresh::{LabelledRun, ProbeRefresh, Refreshed};
+pub use report::{ClientReport, OwnedReport, OwnedSteps, StepsReport, borrow_reports};
 pub use spec::{DefenseSpec, DetectorSpec, InlineProbe, ProbeSpec, ValidDefense};
 pub use steps::{ShadowBranch, StepRecorder, score_steps};
 pub use trail::{TrailCheck, TrailStatus, check_trail};

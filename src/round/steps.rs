@@ -6,7 +6,7 @@
 //! written, and step adapters can be dropped right after scoring.
 
 use crate::error::{Error, Result};
-use crate::lora::{LazyDelta, LoraAdapter, TensorSource};
+use crate::lora::{LazyDelta, LoraAdapter, TensorSource, element_count};
 use crate::probe::Probe;
 
 use crate::detect::DEFAULT_SHADOW_LEARNING_RATE;
@@ -66,6 +66,52 @@ pub fn score_steps<P: Probe + ?Sized, S: TensorSource>(
     steps: &[S],
 ) -> Result<Vec<f32>> {
     steps.iter().map(|s| score_step(probe, base, s)).collect()
+}
+
+/// The distance ‖stepᵢ − stepᵢ₋₁‖₂ each step travelled, the first from
+/// `base`, accumulated in f64 over every tensor of the step.
+///
+/// The levels weigh steps by it: a step that does not move (a repeated
+/// adapter) adds nothing to the evidence, however many times it is sent.
+/// Reads two tensors at a time; a step holding a tensor `base` lacks fails.
+pub(crate) fn step_distances(
+    base: &dyn TensorSource,
+    steps: &[&dyn TensorSource],
+) -> Result<Vec<f64>> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut prev = base;
+    let mut out = Vec::with_capacity(steps.len());
+    for &step in steps {
+        out.push(distance(prev, step, &mut a, &mut b)?);
+        prev = step;
+    }
+    Ok(out)
+}
+
+fn distance(
+    from: &dyn TensorSource,
+    to: &dyn TensorSource,
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for key in to.lora_keys() {
+        let key = key.canonical();
+        let n = element_count(to, key)?;
+        a.resize(n, 0.0);
+        b.resize(n, 0.0);
+        from.copy_into(key, a)?;
+        to.copy_into(key, b)?;
+        sum += a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| {
+                let d = f64::from(*y) - f64::from(*x);
+                d * d
+            })
+            .sum::<f64>();
+    }
+    Ok(sum.sqrt())
 }
 
 /// Scores local steps as a training loop produces them.

@@ -44,7 +44,8 @@ pub enum TrailCheck {
 pub enum TrailStatus {
     /// No step adapters were reported, or checking is off.
     NotChecked,
-    /// The last reported step equals the update.
+    /// The last reported step equals the update. Nothing is proven about the
+    /// steps before it.
     Verified,
     /// The last reported step differs from the update.
     Mismatch {

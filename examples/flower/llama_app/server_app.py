@@ -1,5 +1,5 @@
 """ServerApp: offline probe phase (labelled local runs from the initial
-adapter), then the Safe-FedLLM strategy at the configured level."""
+adapter), then the Safe-FedLLM strategy the run_config's defense spec describes."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def main(grid: Grid, context: Context) -> None:
         labels.append(malicious)
     probe = sf.Probe.train(deltas, labels, c=10.0, calibrate="max_f1")
     n = int(run["num-nodes"])
-    strategy = SafeFedLLMStrategy(
-        probe,
-        level=str(run["level"]),
-        rule=str(run["rule"]),
+    # The defence is the run_config's spec (safe-fedllm.spec.*); the probe
+    # trained above is the one it scores with.
+    strategy = SafeFedLLMStrategy.from_run_config(
+        run,
+        probe=probe,
         audit_path=os.path.join(out_dir, "audit.jsonl"),
-        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        state_path=os.path.join(out_dir, "state.npz"),
         fraction_evaluate=0.0,
         min_train_nodes=n,
         min_available_nodes=n,

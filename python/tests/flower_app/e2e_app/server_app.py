@@ -1,8 +1,10 @@
-"""ServerApp: trains a probe offline (synthetic labelled runs), then runs the
-Safe-FedLLM strategy for `num-server-rounds` and writes a summary JSON."""
+"""ServerApp: the Safe-FedLLM strategy, configured by the run_config alone
+(`safe-fedllm.spec-file` and `safe-fedllm.spec.*`), for `num-server-rounds`;
+writes a summary JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable
@@ -11,20 +13,11 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-import safe_fedllm as sf
 from safe_fedllm.flower import SafeFedLLMStrategy, array_record_to_numpy, numpy_to_array_record
 
-from .task import client_update, initial_global
+from .task import initial_global
 
 app = ServerApp()
-
-
-def train_probe(global_: dict[str, np.ndarray]) -> sf.Probe:
-    """The offline phase: labelled local runs from the base adapter."""
-    rng = np.random.default_rng(7)
-    runs = [(client_update(global_, rng, m), m) for m in [False] * 40 + [True] * 40]
-    deltas = [sf.delta(u, global_) for u, _ in runs]
-    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8)
 
 
 class RecordingStrategy(SafeFedLLMStrategy):
@@ -32,9 +25,16 @@ class RecordingStrategy(SafeFedLLMStrategy):
     clients' ground-truth labels, and the distance of the new global to the
     benign clients' mean and to the plain mean."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, kill_after_round: int = 0, **kwargs):
+        # `kill_after_round` is the test's, not the defence's: the defence is the run_config's spec.
         super().__init__(*args, **kwargs)
         self.rounds: list[dict] = []
+        self.kill_after_round = kill_after_round
+        self._start_sha = ""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._start_sha = digest(array_record_to_numpy(arrays))
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -53,14 +53,26 @@ class RecordingStrategy(SafeFedLLMStrategy):
             mean = {k: np.mean([u[k] for u in group], axis=0) for k in new}
             return float(max(np.abs(new[k] - mean[k]).max() for k in new))
         self.rounds.append({
-            "server_round": server_round,
+            "server_round": server_round + self._offset,
+            "start_sha": self._start_sha,
             "skipped": arrays is None,
             "factors": {n: metrics[f"factor.{n}"] for n in updates},
             "malicious": labels,
             "max_abs_to_benign_mean": dist(benign) if benign else None,
             "max_abs_to_plain_mean": dist(everyone),
         })
+        if self.kill_after_round and server_round + self._offset == self.kill_after_round:
+            os._exit(3)  # the ServerApp dies without any cleanup (the resume test)
         return arrays, metrics
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the arrays' bytes in key order (to compare globals across runs)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 @app.main()
@@ -70,13 +82,11 @@ def main(grid: Grid, context: Context) -> None:
     os.makedirs(out_dir, exist_ok=True)
     n = int(cfg["num-nodes"])
     global_ = initial_global()
-    probe = train_probe(global_)
-    strategy = RecordingStrategy(
-        probe,
-        level=str(cfg["level"]),
-        rule=str(cfg["rule"]),
+    strategy = RecordingStrategy.from_run_config(
+        cfg,
         audit_path=os.path.join(out_dir, "audit.jsonl"),
-        checkpoint_path=os.path.join(out_dir, "detector.json"),
+        state_path=os.path.join(out_dir, "state.npz"),
+        kill_after_round=int(cfg["kill-after-round"]),
         fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=n,

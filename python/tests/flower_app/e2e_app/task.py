@@ -3,9 +3,15 @@
 Benign clients move the adapter by small random noise; malicious clients add
 a large move along one fixed direction (the signature the probe learns), as a
 harmful fine-tuning run would. Deterministic per (partition, round).
+
+`write_defense` is the offline phase, run by the test harness before `flwr
+run`: it trains the probe on labelled runs and writes it beside a defense spec
+that names it; the ServerApp gets that spec's path from the run_config.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +50,39 @@ def client_update(global_: dict[str, np.ndarray], rng: np.random.Generator, mali
             delta = delta + direction[k] * (STEP * 40.0)
         out[k] = (g + delta).astype(np.float32)
     return out
+
+
+DEFENSE_TOML = """\
+# The e2e app's defense. The run_config names this file
+# (safe-fedllm.spec-file); the detector level and the rule are declared in the
+# app's [tool.flwr.app.config], so those run_config settings win over it.
+[probe]
+path = "probe.safetensors"
+
+[admission]
+require_probe_keys = true
+
+[gate]
+threshold = 0.2
+"""
+
+
+def train_probe():
+    """The offline phase: labelled local runs from the base adapter."""
+    import safe_fedllm as sf
+
+    global_ = initial_global()
+    rng = np.random.default_rng(7)
+    runs = [(client_update(global_, rng, m), m) for m in [False] * 40 + [True] * 40]
+    deltas = [sf.delta(u, global_) for u, _ in runs]
+    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8)
+
+
+def write_defense(folder: Path) -> Path:
+    """Writes `probe.safetensors` and `defense.toml` (naming it) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "defense.toml"
+    if not spec.exists():
+        train_probe().save(folder / "probe.safetensors")
+        spec.write_text(DEFENSE_TOML)
+    return spec
