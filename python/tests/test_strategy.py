@@ -106,7 +106,8 @@ def test_malicious_nodes_get_factor_zero_and_global_stays_near_benign_mean(probe
     for i in range(3):
         assert metrics[f"factor.{20 + i}"] < 0.05 and metrics[f"verdict.{20 + i}"] == 1
     for i in range(5):
-        assert metrics[f"factor.{10 + i}"] > 0.9 and metrics[f"verdict.{10 + i}"] == 0
+        # New clients are on probation (≤ 0.5); benign ones get all of it.
+        assert metrics[f"factor.{10 + i}"] >= 0.5 and metrics[f"verdict.{10 + i}"] == 0
     new = array_record_to_numpy(arrays)
     mean = benign_mean(benign)
     for k in global_arrays:
@@ -222,7 +223,9 @@ def test_round_level_fault_keeps_the_global(probe, global_arrays, rng, tmp_path)
     arrays, metrics = s.aggregate_train(1, [reply(i, client_update(global_arrays, rng, False)) for i in range(3)])
     assert arrays is None
     audit = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
-    assert "TooFewClientsError" in audit["round_error"]
+    # Too few clients for the rule is a typed skip in the audit, not an error.
+    assert audit.get("round_error") is None
+    assert audit["outcome"]["skip_reason"]["TooFewClients"]["rule"] == "krum"
 
 
 def test_step_level_with_feature_key_trails(probe, global_arrays, rng, tmp_path):
@@ -257,7 +260,7 @@ def test_step_level_with_feature_key_trails(probe, global_arrays, rng, tmp_path)
     # the trail carries only the feature tensors: small
     assert set(k.split("/", 1)[1] for k in honest_trail.to_arrays()) == set(keys)
     _, metrics = s.aggregate_train(1, replies)
-    assert metrics["factor.1"] > 0.9
+    assert metrics["factor.1"] >= 0.5  # probation caps a new client at 0.5
     assert metrics["factor.2"] < 0.1
     assert metrics["factor.3"] == 0.0 and metrics["verdict.3"] == 1  # trail mismatch
     outcome = s.last_outcome["outcome"]
