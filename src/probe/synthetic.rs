@@ -70,7 +70,7 @@ impl SyntheticConfig {
 
     /// Generates `[samples, dim]` L2-normalised rows and their labels.
     ///
-    /// Errors: [`Error::InvalidParameter`] for zero sizes or out-of-range
+    /// Errors: [`Error::InvalidParameter`](crate::Error::InvalidParameter) for zero sizes or out-of-range
     /// settings.
     pub fn generate(&self) -> Result<(Array2<f32>, Vec<Label>)> {
         self.check()?;
