@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 ///
 /// | setting | default | reference |
 /// |---|---|---|
-/// | [`shadow`](Self::shadow) | [`ShadowLevelParams`] defaults (η = 7, batch 16 × 1, τ = 0.8) | `evidence_eta`, … |
+/// | [`shadow`](Self::shadow) | [`ShadowLevelParams`] defaults (η = 7, batch 16 × 1; τ is the probe's) | `evidence_eta`, … |
 /// | [`evidence_min`](Self::evidence_min) | 3 | `evidence_min` |
 /// | [`audit_interval`](Self::audit_interval) | 5 | `audit_interval` |
 /// | [`missing_last_score`](Self::missing_last_score) | [`MissingEvidence::FromUpdate`] | [`MissingEvidence::Benign`]: missing → benign |
