@@ -48,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::features::FeatureSpec;
 use crate::probe::LinearProbe;
 use crate::round::admission::Admission;
-use crate::round::defended::RoundParams;
+use crate::round::params::RoundParams;
 use crate::round::trail::TrailCheck;
 
 /// A whole defense, as written down, saved, diffed and reviewed.
