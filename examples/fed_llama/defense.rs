@@ -156,6 +156,7 @@ impl Defense {
             DefenseLevel::Evidence => {
                 DetectorSpec::Evidence(EvidenceLevelParams::default().shadow(shadow()))
             }
+            DefenseLevel::Layered => return None,
         };
         let mut spec = DefenseSpec {
             detector,
@@ -310,7 +311,7 @@ impl Server {
     pub fn captures_steps(&self) -> bool {
         match self {
             Server::Rule { .. } => false,
-            Server::Probe(round) => round.detector().level().uses_all_steps(),
+            Server::Probe(round) => round.detector().uses_all_steps(),
         }
     }
 

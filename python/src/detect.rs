@@ -18,6 +18,7 @@ pub(crate) fn level_name(level: DefenseLevel) -> &'static str {
         DefenseLevel::Client => "client",
         DefenseLevel::Shadow => "shadow",
         DefenseLevel::Evidence => "evidence",
+        DefenseLevel::Layered => "layered",
     }
 }
 
@@ -38,6 +39,7 @@ pub(crate) fn spec_of(detector: &AnyDetector) -> DetectorSpec {
         AnyDetector::Client(d) => DetectorSpec::Client(d.settings().clone()),
         AnyDetector::Shadow(d) => DetectorSpec::Shadow(d.settings().clone()),
         AnyDetector::Evidence(d) => DetectorSpec::Evidence(d.settings().clone()),
+        AnyDetector::Layered(d) => DetectorSpec::Layered(d.settings()),
     }
 }
 

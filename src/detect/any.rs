@@ -1,15 +1,16 @@
-//! [`AnyDetector`]: the four levels behind one serialisable type.
+//! [`AnyDetector`]: the four levels, and a layered detector, behind one
+//! serialisable type.
 
 use serde::{Deserialize, Serialize};
 
 use crate::detect::{
     Assessment, ClientEvidence, ClientId, ClientLevel, DefenseLevel, Detector, EvidenceLevel,
-    ShadowLevel, ShadowNeed, StepLevel,
+    Layered, ShadowLevel, ShadowNeed, StepLevel,
 };
 use crate::error::Result;
 
-/// One of the four levels, chosen at run time, checkpointed as one JSON
-/// value tagged with its level.
+/// One of the four levels or a [`Layered`] combination, chosen at run time,
+/// checkpointed as one JSON value tagged with its level.
 ///
 /// ```
 /// use safe_fedllm::detect::{AnyDetector, ClientEvidence, ClientId, Detector, ShadowLevel};
@@ -34,6 +35,8 @@ pub enum AnyDetector {
     Shadow(ShadowLevel),
     /// [`EvidenceLevel`].
     Evidence(EvidenceLevel),
+    /// [`Layered`].
+    Layered(Layered),
 }
 
 impl AnyDetector {
@@ -44,6 +47,7 @@ impl AnyDetector {
             DefenseLevel::Client => ClientLevel::params().build()?.into(),
             DefenseLevel::Shadow => ShadowLevel::params().build()?.into(),
             DefenseLevel::Evidence => EvidenceLevel::params().build()?.into(),
+            DefenseLevel::Layered => Layered::params().build()?.into(),
         })
     }
 
@@ -53,6 +57,7 @@ impl AnyDetector {
             AnyDetector::Client(d) => d,
             AnyDetector::Shadow(d) => d,
             AnyDetector::Evidence(d) => d,
+            AnyDetector::Layered(d) => d,
         }
     }
 
@@ -62,6 +67,7 @@ impl AnyDetector {
             AnyDetector::Client(d) => d,
             AnyDetector::Shadow(d) => d,
             AnyDetector::Evidence(d) => d,
+            AnyDetector::Layered(d) => d,
         }
     }
 }
@@ -69,6 +75,14 @@ impl AnyDetector {
 impl Detector for AnyDetector {
     fn level(&self) -> DefenseLevel {
         self.inner().level()
+    }
+
+    fn uses_shadow(&self) -> bool {
+        self.inner().uses_shadow()
+    }
+
+    fn uses_all_steps(&self) -> bool {
+        self.inner().uses_all_steps()
     }
 
     fn assess(
@@ -113,6 +127,12 @@ impl From<EvidenceLevel> for AnyDetector {
     }
 }
 
+impl From<Layered> for AnyDetector {
+    fn from(d: Layered) -> Self {
+        AnyDetector::Layered(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +144,7 @@ mod tests {
             DefenseLevel::Client,
             DefenseLevel::Shadow,
             DefenseLevel::Evidence,
+            DefenseLevel::Layered,
         ] {
             let mut d = AnyDetector::with_defaults(level).unwrap();
             assert_eq!(d.level(), level);

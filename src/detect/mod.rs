@@ -13,11 +13,14 @@
 //! | [`ShadowLevel`] | every *shadow* step's score | none | every round |
 //! | [`EvidenceLevel`] | shadow steps + the last shadow step | evidence, freeze, audit | every round |
 //!
+//! [`Layered`] runs several of them on the same evidence and keeps the
+//! minimum of their factors, so every source can veto and none can vouch.
+//!
 //! Every level implements [`Detector`]. All detector state is serde
 //! (de)serialisable, so a server can checkpoint between rounds and resume with
 //! bit-identical factors; deserialisation re-validates parameters and state.
-//! [`AnyDetector`] wraps the four levels in one serialisable enum for servers
-//! that choose the level at run time.
+//! [`AnyDetector`] wraps the four levels (and [`Layered`]) in one
+//! serialisable enum for servers that choose the level at run time.
 //!
 //! Detectors are pure: scores and step counts in, a factor out. They never see
 //! an update, a file or a sample count a client could inflate: the defended
@@ -49,6 +52,7 @@ mod any;
 mod client;
 mod evidence;
 mod evidence_level;
+mod layered;
 mod safeguard;
 mod shadow;
 mod step;
@@ -64,6 +68,7 @@ pub use any::AnyDetector;
 pub use client::{ClientLevel, ClientLevelParams};
 pub use evidence::{ClientEvidence, Opening};
 pub use evidence_level::{EvidenceLevel, EvidenceLevelParams, EvidenceStatus};
+pub use layered::{Combine, Layered, LayeredParams, LevelParams, SourceAssessment};
 pub use safeguard::{DEFAULT_PROBATION, Probation, Safeguards, VerdictCap};
 pub use shadow::{ShadowLevel, ShadowLevelParams};
 pub use step::{StepLevel, StepLevelParams};
@@ -233,16 +238,22 @@ pub enum DefenseLevel {
     Shadow,
     /// Shadow level with evidence memory, freezing and audits ([`EvidenceLevel`]).
     Evidence,
+    /// Several levels combined, each able to veto ([`Layered`]).
+    Layered,
 }
 
 impl DefenseLevel {
     /// True when the level reads shadow-branch scores (and so the client must
-    /// train a shadow branch, doubling its local compute).
+    /// train a shadow branch, doubling its local compute). False for
+    /// [`DefenseLevel::Layered`], whose answer depends on its sources: ask the
+    /// detector ([`Detector::uses_shadow`]).
     pub fn uses_shadow(self) -> bool {
         matches!(self, DefenseLevel::Shadow | DefenseLevel::Evidence)
     }
 
-    /// True when the level reads the score of every main-branch step.
+    /// True when the level reads the score of every main-branch step. False
+    /// for [`DefenseLevel::Layered`]: ask the detector
+    /// ([`Detector::uses_all_steps`]).
     pub fn uses_all_steps(self) -> bool {
         matches!(self, DefenseLevel::Step)
     }
@@ -255,6 +266,7 @@ impl fmt::Display for DefenseLevel {
             DefenseLevel::Client => "client-level",
             DefenseLevel::Shadow => "shadow-level",
             DefenseLevel::Evidence => "evidence-level",
+            DefenseLevel::Layered => "layered",
         })
     }
 }
@@ -334,15 +346,24 @@ pub struct Assessment {
     pub verdict: Verdict,
     /// Human-readable explanation (the numbers that produced the factor).
     pub reason: String,
+    /// What each source said, for a [`Layered`] detector (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceAssessment>,
 }
 
 impl Assessment {
-    fn new(factor: f64, min_weight: f64, verdict: Verdict, reason: String) -> Self {
+    /// A single level's assessment (no sources).
+    pub fn single(factor: f64, verdict: Verdict, reason: String) -> Self {
         Assessment {
-            factor: apply_min_weight(factor, min_weight),
+            factor,
             verdict,
             reason,
+            sources: Vec::new(),
         }
+    }
+
+    fn new(factor: f64, min_weight: f64, verdict: Verdict, reason: String) -> Self {
+        Self::single(apply_min_weight(factor, min_weight), verdict, reason)
     }
 }
 
@@ -378,7 +399,7 @@ impl Assessment {
 ///         let s = f64::from(evidence.last_step_score.unwrap_or(1.0)).clamp(0.0, 1.0);
 ///         // τ is the probe's, carried by the evidence.
 ///         let verdict = if evidence.is_harmful(s) { Verdict::Malicious } else { Verdict::Benign };
-///         Ok(Assessment { factor: 1.0 - s, verdict, reason: format!("1 - s, s = {s}") })
+///         Ok(Assessment::single(1.0 - s, verdict, format!("1 - s, s = {s}")))
 ///     }
 /// }
 ///
@@ -394,6 +415,22 @@ impl Assessment {
 pub trait Detector: Send + Sync {
     /// The level this detector implements.
     fn level(&self) -> DefenseLevel;
+
+    /// True when the detector reads shadow-branch scores: the round then
+    /// scores the shadow report. By default the level's
+    /// ([`DefenseLevel::uses_shadow`]); a [`Layered`] detector answers for
+    /// its sources.
+    fn uses_shadow(&self) -> bool {
+        self.level().uses_shadow()
+    }
+
+    /// True when the detector reads every main-branch step's score: the
+    /// round then scores the step trail. By default the level's
+    /// ([`DefenseLevel::uses_all_steps`]); a [`Layered`] detector answers for
+    /// its sources.
+    fn uses_all_steps(&self) -> bool {
+        self.level().uses_all_steps()
+    }
 
     /// Assesses `client` in `round` from its evidence, updating its state.
     ///
@@ -415,7 +452,7 @@ pub trait Detector: Send + Sync {
     /// [`ShadowNeed::Audit`] clients in secret.
     fn shadow_need(&self, client: &ClientId) -> ShadowNeed {
         let _ = client;
-        if self.level().uses_shadow() {
+        if self.uses_shadow() {
             ShadowNeed::EveryRound
         } else {
             ShadowNeed::Never
@@ -429,7 +466,7 @@ pub trait Detector: Send + Sync {
     /// `use_shadow`); false for levels that do not read shadow scores.
     fn needs_shadow(&self, client: &ClientId) -> bool {
         let _ = client;
-        self.level().uses_shadow()
+        self.uses_shadow()
     }
 }
 
@@ -635,6 +672,7 @@ mod tests {
         assert_send_sync::<ShadowLevel>();
         assert_send_sync::<EvidenceLevel>();
         assert_send_sync::<AnyDetector>();
+        assert_send_sync::<Layered>();
         assert_send_sync::<ClientEvidence>();
         assert_send_sync::<Assessment>();
         assert_send_sync::<Box<dyn Detector>>();

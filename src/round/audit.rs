@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
 use crate::aggregate::{ExclusionReason, SkipReason};
-use crate::detect::{DefenseLevel, Verdict};
+use crate::detect::{DefenseLevel, SourceAssessment, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::round::admission::Admitted;
@@ -79,6 +79,10 @@ pub struct ClientOutcome {
     /// The detector's explanation (the numbers behind the factor), or what
     /// made the evidence unusable.
     pub detail: String,
+    /// Each source's factor, verdict and reason, for a layered detector
+    /// ([`Layered`](crate::detect::Layered)); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceAssessment>,
     /// The probe's score of `update − global` (the last step), when computed.
     /// Always server-computed.
     pub update_score: Option<f32>,

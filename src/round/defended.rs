@@ -283,7 +283,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             .iter()
             .zip(decisions)
             .map(|(report, decision)| {
-                let scored = self.score_report(round, global, report, &decision, level);
+                let scored = self.score_report(round, global, report, &decision);
                 Staged { decision, scored }
             })
             .collect();

@@ -3,7 +3,7 @@
 //! turned into [`ClientEvidence`], then assessed into a [`ClientOutcome`].
 
 use crate::aggregate::Aggregator;
-use crate::detect::{ClientEvidence, DefenseLevel, Detector, Opening, Verdict};
+use crate::detect::{ClientEvidence, Detector, Opening, Verdict};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::probe::Probe;
@@ -45,7 +45,6 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         global: &LoraAdapter,
         report: &ClientReport<'_>,
         decision: &AdmissionDecision,
-        level: DefenseLevel,
     ) -> Scored {
         let samples = match &decision.status {
             Admitted::Rejected(rejection) => {
@@ -85,8 +84,8 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
                 );
             }
         };
-        let reads_steps = level.uses_all_steps();
-        let plan = if level.uses_shadow() {
+        let reads_steps = self.detector.uses_all_steps();
+        let plan = if self.detector.uses_shadow() {
             let need = self.detector.shadow_need(report.client);
             let scheduled = self.detector.needs_shadow(report.client);
             match commit::plan(self.audits.as_ref(), need, scheduled, round, report) {
@@ -237,6 +236,7 @@ pub(super) fn assess<D: Detector>(
         aggregation_weight: None,
         verdict,
         detail,
+        sources: Vec::new(),
         update_score,
         trail,
         step_evidence: Provenance::Absent,
@@ -300,6 +300,7 @@ pub(super) fn assess<D: Detector>(
                 evidence.last_step_score,
                 trail,
             );
+            o.sources = a.sources;
             o.step_evidence = steps;
             o.shadow_evidence = shadow;
             o.step_trail = step_trail;

@@ -42,7 +42,8 @@ use sha2::{Digest, Sha256};
 
 use crate::aggregate::{AggregatorSpec, AnyAggregator, SafetyGate};
 use crate::detect::{
-    AnyDetector, ClientLevelParams, EvidenceLevelParams, ShadowLevelParams, StepLevelParams,
+    AnyDetector, ClientLevelParams, EvidenceLevelParams, LayeredParams, ShadowLevelParams,
+    StepLevelParams,
 };
 use crate::error::{Error, Result};
 use crate::features::FeatureSpec;
@@ -205,6 +206,9 @@ pub enum DetectorSpec {
     Shadow(ShadowLevelParams),
     /// [`EvidenceLevel`](crate::detect::EvidenceLevel).
     Evidence(EvidenceLevelParams),
+    /// [`Layered`](crate::detect::Layered): `sources` (a list of the levels
+    /// above, each tagged with its `level`) and `combine` (`"min"`).
+    Layered(LayeredParams),
 }
 
 impl Default for DetectorSpec {
@@ -222,6 +226,7 @@ impl DetectorSpec {
             DetectorSpec::Client(p) => p.clone().build()?.into(),
             DetectorSpec::Shadow(p) => p.clone().build()?.into(),
             DetectorSpec::Evidence(p) => p.clone().build()?.into(),
+            DetectorSpec::Layered(p) => p.clone().build()?.into(),
         })
     }
 }
