@@ -244,3 +244,21 @@ fn a_checkpointed_layered_round_resumes_bit_identically() {
     }
     assert_eq!(a.detector(), b.detector());
 }
+
+#[test]
+fn the_recommended_preset_is_the_example_spec_file() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/fed_llama/specs/recommended.toml");
+    let mut file = DefenseSpec::from_file(&path).unwrap();
+    file.probe.base_dir = None;
+    assert_eq!(file, DefenseSpec::recommended());
+    assert_eq!(
+        DefenseSpec::preset("recommended").unwrap(),
+        DefenseSpec::recommended()
+    );
+    let valid = DefenseSpec::recommended().check().unwrap();
+    let round = DefendedRound::from_spec_with_probe(&valid, probe()).unwrap();
+    assert_eq!(round.detector().level(), DefenseLevel::Layered);
+    // The crate's default stays the safe spec.
+    assert_ne!(DefenseSpec::default(), DefenseSpec::recommended());
+}

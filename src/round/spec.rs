@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::aggregate::{AggregatorSpec, AnyAggregator, SafetyGate};
+use crate::aggregate::{AggregatorSpec, AnyAggregator, SafetyGate, Weighting};
 use crate::detect::{
     AnyDetector, ClientLevelParams, EvidenceLevelParams, LayeredParams, ShadowLevelParams,
     StepLevelParams,
@@ -305,15 +305,53 @@ impl DefenseSpec {
         }
     }
 
-    /// A preset by name: `"default"` ([`DefenseSpec::safe`]) or `"reference"`.
+    /// The layered defense: three stages, each able to veto, none able to
+    /// vouch.
+    ///
+    /// * **Admission** (the safe defaults): sample counts capped at the
+    ///   round's median, every update clipped to the round's median norm, so
+    ///   no scaled or noisy update outweighs an honest one.
+    /// * **Detector**: [`Layered`](crate::detect::Layered) over client level
+    ///   (the update the server scores itself) and step level (the trail),
+    ///   by their minimum: a lying trail can lower a factor, never raise it
+    ///   above what the update alone gives.
+    /// * **Aggregator**: Multi-Krum selection (f = 3, keep m = 7) over every
+    ///   assessed client, then the mean of the selected weighted by nₖ·wₖ:
+    ///   update-space attacks the probe does not see (sign flip, ALIE, IPM)
+    ///   meet a distance-based selection, and probe evidence still weighs the
+    ///   selected. Factor-0 clients stay in the selection
+    ///   (`drop_zero_factor = false`) so the detector zeroing a client never
+    ///   leaves fewer than 2f + 3 candidates.
+    ///
+    /// **Sized for rounds of 10 clients** (Multi-Krum needs n ≥ 2f + 3 = 9 and
+    /// m ≤ n; a smaller round is skipped, typed, with the global unchanged):
+    /// for other round sizes set `f` to the attackers tolerated and `m` to
+    /// n − f. The file `examples/fed_llama/specs/recommended.toml` is this
+    /// preset.
+    pub fn recommended() -> Self {
+        DefenseSpec {
+            detector: DetectorSpec::Layered(LayeredParams::default()),
+            aggregator: AggregatorSpec::MultiKrum {
+                f: 3,
+                m: 7,
+                weighting: Some(Weighting::SamplesTimesFactor),
+                drop_zero_factor: Some(false),
+            },
+            ..DefenseSpec::safe()
+        }
+    }
+
+    /// A preset by name: `"default"` ([`DefenseSpec::safe`]),
+    /// `"recommended"` ([`DefenseSpec::recommended`]) or `"reference"`.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "default" | "safe" => Ok(DefenseSpec::safe()),
+            "recommended" => Ok(DefenseSpec::recommended()),
             "reference" => Ok(DefenseSpec::reference()),
             other => Err(Error::Spec {
                 key: "preset".to_owned(),
                 reason: format!("unknown preset `{other}`"),
-                suggestion: closest(other, &["default", "reference"]),
+                suggestion: closest(other, &["default", "recommended", "reference"]),
             }),
         }
     }
