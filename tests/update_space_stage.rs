@@ -48,8 +48,9 @@ fn y_of(a: &LoraAdapter) -> f32 {
 #[test]
 fn multi_krum_keeps_the_factors_of_the_clients_it_selects() {
     let spec = AggregatorSpec::MultiKrum {
-        f: 1,
-        m: 3,
+        f: Some(1),
+        m: Some(3),
+        fraction: None,
         weighting: Some(Weighting::SamplesTimesFactor),
         drop_zero_factor: Some(false),
     };
@@ -138,16 +139,25 @@ fn update_space_attackers_the_probe_misses_do_not_move_the_recommended_global() 
     }
 }
 
+/// The recommended selection follows the round's size: four clients keep
+/// all four (f = ⌊0.3·4⌋ = 1 is capped at ⌊(4 − 3)/2⌋ = 0), two cannot be
+/// selected among and the round is skipped, typed, the global unchanged.
 #[test]
-fn a_round_too_small_for_the_recommended_selection_is_a_typed_skip() {
-    let reports: Vec<OwnedReport> = (0..4)
-        .map(|i| OwnedReport::new(format!("h{i}"), adapter(0.0, 1.0), 100))
-        .collect();
+fn the_recommended_selection_follows_the_round_size() {
     let valid = DefenseSpec::recommended().check().unwrap();
+    let reports = |n: usize| -> Vec<OwnedReport> {
+        (0..n)
+            .map(|i| OwnedReport::new(format!("h{i}"), adapter(0.0, 1.0 + 0.01 * i as f32), 100))
+            .collect()
+    };
     let mut r = DefendedRound::from_spec_with_probe(&valid, probe()).unwrap();
-    let out = r.run(0, &global(), &borrow_reports(&reports)).unwrap();
-    assert!(out.skipped);
-    assert!(out.new_global.is_none());
-    let reason = serde_json::to_string(&out.skip_reason).unwrap();
+    let four = r.run(0, &global(), &borrow_reports(&reports(4))).unwrap();
+    assert!(!four.skipped);
+    assert!(four.clients.iter().all(|c| c.aggregation_weight.is_some()));
+    let mut r = DefendedRound::from_spec_with_probe(&valid, probe()).unwrap();
+    let two = r.run(0, &global(), &borrow_reports(&reports(2))).unwrap();
+    assert!(two.skipped);
+    assert!(two.new_global.is_none());
+    let reason = serde_json::to_string(&two.skip_reason).unwrap();
     assert!(reason.contains("multi_krum"), "{reason}");
 }

@@ -76,12 +76,18 @@ pub enum AggregatorSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         drop_zero_factor: Option<bool>,
     },
-    /// [`MultiKrum`].
+    /// [`MultiKrum`]: `f` and `m` (a fixed budget), or `fraction` (a budget
+    /// that follows the round's size, [`MultiKrum::proportional`]).
     MultiKrum {
         /// Byzantine clients tolerated.
-        f: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        f: Option<usize>,
         /// Clients averaged.
-        m: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        m: Option<usize>,
+        /// Share of each round's clients tolerated as Byzantine, in [0, 0.5).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fraction: Option<f64>,
         /// Weighting of the mean.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         weighting: Option<Weighting>,
@@ -233,10 +239,26 @@ impl AggregatorSpec {
                 Rule::Krum(Krum::new(*f)?.variant(variant))
             }
             AggregatorSpec::MultiKrum {
-                f, m, weighting, ..
-            } => Rule::MultiKrum(
-                MultiKrum::new(*f, *m)?.weighting(w(weighting, Weighting::default())),
-            ),
+                f,
+                m,
+                fraction,
+                weighting,
+                ..
+            } => {
+                let rule = match (f, m, fraction) {
+                    (Some(f), Some(m), None) => MultiKrum::new(*f, *m)?,
+                    (None, None, Some(x)) => MultiKrum::proportional(*x)?,
+                    _ => {
+                        return Err(Error::parameter(
+                            "multi_krum",
+                            "f/m/fraction",
+                            format!("f = {f:?}, m = {m:?}, fraction = {fraction:?}"),
+                            "either f and m, or fraction",
+                        ));
+                    }
+                };
+                Rule::MultiKrum(rule.weighting(w(weighting, Weighting::default())))
+            }
             AggregatorSpec::Bulyan { f, .. } => Rule::Bulyan(Bulyan::new(*f)?),
             AggregatorSpec::GeometricMedian {
                 weighting,
@@ -472,6 +494,7 @@ mod tests {
             r#"{"rule":"trimmed_mean","beta":0.1}"#,
             r#"{"rule":"krum","f":1,"variant":"winner_neighbourhood"}"#,
             r#"{"rule":"multi_krum","f":1,"m":3}"#,
+            r#"{"rule":"multi_krum","fraction":0.3}"#,
             r#"{"rule":"bulyan","f":1}"#,
             r#"{"rule":"geometric_median","nu":1e-6}"#,
             r#"{"rule":"norm_clipping","bound":"median_norm"}"#,
@@ -498,6 +521,12 @@ mod tests {
                 "beta/per_side",
             ),
             (r#"{"rule":"multi_krum","f":1,"m":0}"#, "m"),
+            (r#"{"rule":"multi_krum","fraction":0.5}"#, "fraction"),
+            (
+                r#"{"rule":"multi_krum","f":1,"fraction":0.2}"#,
+                "f/m/fraction",
+            ),
+            (r#"{"rule":"multi_krum"}"#, "f/m/fraction"),
             (r#"{"rule":"norm_clipping","bound":-1.0}"#, "bound"),
             (r#"{"rule":"foolsgold","kappa":-1.0}"#, "kappa"),
         ] {

@@ -81,6 +81,10 @@ impl Krum {
 /// Multi-Krum: the mean of the m clients with the lowest Krum scores. Needs
 /// n ≥ 2f + 3 and 1 ≤ m ≤ n.
 ///
+/// The budget is fixed ([`MultiKrum::new`]: f and m) or follows the round
+/// ([`MultiKrum::proportional`]: f a fraction of the round's clients, m = n − f),
+/// for servers whose rounds change size.
+///
 /// The paper averages uniformly ([`Weighting::Uniform`], the default);
 /// Flower's `aggregate_krum(…, to_keep = m)` weights the average by sample
 /// counts ([`Weighting::Samples`]).
@@ -110,14 +114,78 @@ impl Krum {
 /// assert!(round.contribution("c7").is_none());
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MultiKrum {
-    f: usize,
-    m: usize,
+    budget: Budget,
     weighting: Weighting,
 }
 
+/// How many Byzantine clients Multi-Krum tolerates, and how many it keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Budget {
+    /// f and m as configured.
+    Fixed { f: usize, m: usize },
+    /// f = ⌊fraction · n⌋ of the round's n clients, m = n − f.
+    Fraction(f64),
+}
+
 impl MultiKrum {
+    /// Multi-Krum whose budget follows each round's size n (the clients
+    /// handed to it plus those already removed as untrustworthy): it
+    /// tolerates f = ⌊`fraction`·n⌋ Byzantine clients, removed ones counted
+    /// against it, and keeps m = n' − f of the n' clients it receives. f is
+    /// capped at ⌊(n' − 3)/2⌋ so that n' ≥ 2f + 3 holds: a round too small for
+    /// the full budget tolerates fewer attackers rather than being skipped
+    /// (fewer than three clients still skip, typed). `fraction` ∈ [0, 0.5).
+    ///
+    /// ```
+    /// # use safe_fedllm::aggregate::*;
+    /// # use safe_fedllm::lora::{LoraAdapter, LoraTensor};
+    /// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    /// # let adapter = |y: f32| -> safe_fedllm::Result<LoraAdapter> {
+    /// #     let mut a = LoraAdapter::new();
+    /// #     a.insert(key, LoraTensor::new("b", [1, 2], vec![0.0, y])?)?;
+    /// #     Ok(a)
+    /// # };
+    /// // Ten clients, three of them flipped: f = ⌊0.3 · 10⌋ = 3, keep m = 7.
+    /// let ys = [1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, -1.0, -1.0, -1.0];
+    /// let clients = ys.iter().map(|&y| adapter(y)).collect::<Result<Vec<_>, _>>()?;
+    /// let updates: Vec<ClientUpdate> =
+    ///     clients.iter().enumerate().map(|(i, a)| ClientUpdate::new(format!("c{i}"), a, 100)).collect();
+    /// let round = MultiKrum::proportional(0.3)?.aggregate(&adapter(0.0)?, &updates)?;
+    /// assert_eq!(round.contributions.len(), 7);
+    /// assert!(round.exclusion("c7").is_some() && round.exclusion("c9").is_some());
+    /// # Ok::<(), safe_fedllm::Error>(())
+    /// ```
+    pub fn proportional(fraction: f64) -> Result<Self> {
+        if !(fraction.is_finite() && (0.0..0.5).contains(&fraction)) {
+            return Err(param_error(
+                "multi_krum",
+                "fraction",
+                fraction,
+                "a fraction in [0, 0.5)",
+            ));
+        }
+        Ok(MultiKrum {
+            budget: Budget::Fraction(fraction),
+            weighting: Weighting::Uniform,
+        })
+    }
+
+    /// (f, m) for a round of `live` clients after `removed` were taken out.
+    fn budget(&self, live: usize, removed: usize) -> (usize, usize) {
+        match self.budget {
+            Budget::Fixed { f, m } => (f.saturating_sub(removed), m.saturating_sub(removed).max(1)),
+            Budget::Fraction(fraction) => {
+                let n = live.saturating_add(removed);
+                // fraction < 0.5 and n fits usize: the product does too.
+                let f = (fraction * n as f64).floor() as usize;
+                let f = f.saturating_sub(removed).min(live.saturating_sub(3) / 2);
+                (f, live.saturating_sub(f).max(1))
+            }
+        }
+    }
+
     /// Multi-Krum keeping `m` ≥ 1 clients. Fails when 2f + 3 overflows
     /// `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
     pub fn new(f: usize, m: usize) -> Result<Self> {
@@ -131,8 +199,7 @@ impl MultiKrum {
             ));
         }
         Ok(MultiKrum {
-            f,
-            m,
+            budget: Budget::Fixed { f, m },
             weighting: Weighting::Uniform,
         })
     }
@@ -294,19 +361,21 @@ impl Aggregator for MultiKrum {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        self.run(global, updates, self.f, self.m)
+        self.aggregate_after_removal(global, updates, 0)
     }
 
-    /// Runs with f − removed, and keeps at most m − removed clients (at
-    /// least one): the m the rule was configured for counted the removed.
+    /// A fixed budget runs with f − removed, and keeps at most m − removed
+    /// clients (at least one): the m the rule was configured for counted the
+    /// removed. A proportional one counts the removed in the round's size and
+    /// against its f.
     fn aggregate_after_removal(
         &mut self,
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
         removed: usize,
     ) -> Result<Aggregation> {
-        let m = self.m.saturating_sub(removed).max(1);
-        self.run(global, updates, self.f.saturating_sub(removed), m)
+        let (f, m) = self.budget(updates.len(), removed);
+        self.run(global, updates, f, m)
     }
 }
 

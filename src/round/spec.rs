@@ -315,25 +315,23 @@ impl DefenseSpec {
     ///   (the update the server scores itself) and step level (the trail),
     ///   by their minimum: a lying trail can lower a factor, never raise it
     ///   above what the update alone gives.
-    /// * **Aggregator**: Multi-Krum selection (f = 3, keep m = 7) over every
-    ///   assessed client, then the mean of the selected weighted by nₖ·wₖ:
-    ///   update-space attacks the probe does not see (sign flip, ALIE, IPM)
-    ///   meet a distance-based selection, and probe evidence still weighs the
-    ///   selected. Factor-0 clients stay in the selection
-    ///   (`drop_zero_factor = false`) so the detector zeroing a client never
-    ///   leaves fewer than 2f + 3 candidates.
+    /// * **Aggregator**: Multi-Krum selection over every assessed client,
+    ///   tolerating 30 % of each round's clients as Byzantine (f = ⌊0.3·n⌋,
+    ///   keep m = n − f; [`MultiKrum::proportional`](crate::aggregate::MultiKrum::proportional)),
+    ///   then the mean of the selected weighted by nₖ·wₖ: update-space attacks
+    ///   the probe does not see (sign flip, ALIE, IPM) meet a distance-based
+    ///   selection, and probe evidence still weighs the selected. Factor-0
+    ///   clients stay in the selection (`drop_zero_factor = false`): the
+    ///   detector zeroing a client never shrinks the candidates.
     ///
-    /// **Sized for rounds of 10 clients** (Multi-Krum needs n ≥ 2f + 3 = 9 and
-    /// m ≤ n; a smaller round is skipped, typed, with the global unchanged):
-    /// for other round sizes set `f` to the attackers tolerated and `m` to
-    /// n − f. The file `examples/fed_llama/specs/recommended.toml` is this
-    /// preset.
+    /// The file `examples/fed_llama/specs/recommended.toml` is this preset.
     pub fn recommended() -> Self {
         DefenseSpec {
             detector: DetectorSpec::Layered(LayeredParams::default()),
             aggregator: AggregatorSpec::MultiKrum {
-                f: 3,
-                m: 7,
+                f: None,
+                m: None,
+                fraction: Some(0.3),
                 weighting: Some(Weighting::SamplesTimesFactor),
                 drop_zero_factor: Some(false),
             },
