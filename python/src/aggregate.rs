@@ -80,7 +80,7 @@ fn admit_of(gate: Option<&Bound<'_, PyAny>>) -> PyResult<Admit> {
 /// names and defaults as the `aggregator` section of a defense spec.
 ///
 /// `rule` is one of "fedavg" (weighting), "median", "trimmed_mean" (beta or
-/// per_side), "krum" (f, variant), "multi_krum" (f, m, weighting), "bulyan"
+/// per_side), "krum" (f, variant), "multi_krum" (f and m, or fraction; weighting), "bulyan"
 /// (f), "geometric_median" (weighting, nu, tolerance, max_iterations),
 /// "norm_clipping" (bound: a number or "median_norm"; weighting),
 /// "foolsgold" (kappa, weighting), "flame" (noise_lambda, seed, weighting),
