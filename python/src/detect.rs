@@ -45,10 +45,11 @@ pub(crate) fn spec_of(detector: &AnyDetector) -> DetectorSpec {
 
 /// A Safe-FedLLM detector: turns a client's probe scores into a security factor.
 ///
-/// `level` is "step", "client", "shadow" or "evidence"; keyword arguments
-/// are that level's settings, named as in the `detector` section of a
-/// defense spec (the evidence level's shadow settings under
-/// `shadow={...}`). A setting the level does not have raises `SpecError`
+/// `level` is "step", "client", "shadow", "evidence" or "layered"; keyword
+/// arguments are that level's settings, named as in the `detector` section
+/// of a defense spec (the evidence level's shadow settings under
+/// `shadow={...}`; a layered detector's `sources=[{"level": "client"}, ...]`
+/// and `combine="min"`). A setting the level does not have raises `SpecError`
 /// naming it; an out-of-range value raises `InvalidParameterError`. τ is
 /// the probe's, never a detector setting.
 ///
