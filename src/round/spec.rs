@@ -315,25 +315,23 @@ impl DefenseSpec {
     ///   (the update the server scores itself) and step level (the trail),
     ///   by their minimum: a lying trail can lower a factor, never raise it
     ///   above what the update alone gives.
-    /// * **Aggregator**: Multi-Krum selection over every assessed client,
-    ///   tolerating 30 % of each round's clients as Byzantine (f = ⌊0.3·n⌋,
-    ///   keep m = n − f; [`MultiKrum::proportional`](crate::aggregate::MultiKrum::proportional)),
+    /// * **Aggregator**: FLAME-style selection over every assessed client
+    ///   ([`Flame`](crate::aggregate::Flame): the majority cluster by cosine
+    ///   distance, each admitted update clipped to the round's median norm),
     ///   then the mean of the selected weighted by nₖ·wₖ: update-space attacks
-    ///   the probe does not see (sign flip, ALIE, IPM) meet a distance-based
-    ///   selection, and probe evidence still weighs the selected. Factor-0
-    ///   clients stay in the selection (`drop_zero_factor = false`): the
-    ///   detector zeroing a client never shrinks the candidates.
+    ///   the probe does not see (sign flip, IPM, noise, colluders pushing one
+    ///   direction) fall outside the majority cluster, and probe evidence
+    ///   still weighs the clients selected. It needs no Byzantine budget, so
+    ///   it runs on rounds of any size.
     ///
     /// The file `examples/fed_llama/specs/recommended.toml` is this preset.
     pub fn recommended() -> Self {
         DefenseSpec {
             detector: DetectorSpec::Layered(LayeredParams::default()),
-            aggregator: AggregatorSpec::MultiKrum {
-                f: None,
-                m: None,
-                fraction: Some(0.3),
+            aggregator: AggregatorSpec::Flame {
+                noise_lambda: None,
+                seed: None,
                 weighting: Some(Weighting::SamplesTimesFactor),
-                drop_zero_factor: Some(false),
             },
             ..DefenseSpec::safe()
         }
