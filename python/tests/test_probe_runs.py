@@ -351,3 +351,33 @@ def test_the_manifest_trains_and_evaluates_with_the_command_line_tool(collected:
     ev = subprocess.run([cli, "eval", "--probe", str(out), "--manifest", collected["held"]], capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
     assert "auc" in ev.stdout.lower()
+
+
+def test_peft_train_step_collects_runs_of_a_real_peft_model(tmp_path: Path) -> None:
+    """The torch/PEFT route end to end on a 1-layer LLaMA (skipped without torch, transformers, peft)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safe_fedllm.torch import peft_arrays, peft_train_step
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+    def batches(token: int) -> list[dict]:
+        ids = torch.full((2, 8), token, dtype=torch.long)
+        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+
+    base = peft_arrays(model)
+    step = peft_train_step(model, lambda params: torch.optim.AdamW(params, lr=1e-2))
+    manifest = collect_runs(step, base, batches(3), batches(7), tmp_path, RunPlan(runs_per_class=2, steps=2), progress=False)
+    deltas, labels, groups = load_deltas(manifest)
+    assert len(deltas) == 8 and sorted(deltas[0]) == sorted(sf.Adapter.from_arrays(base).keys())
+    # Each run starts from the base: the first steps of two benign runs match (same batch, fresh optimiser).
+    k = sorted(deltas[0])[1]
+    first = [sf.Adapter.load(tmp_path / "runs" / f"benign-00{i}" / "step-0001.safetensors").to_arrays()[k] for i in (0, 1)]
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-5, atol=1e-7)
+    assert any(np.abs(v).max() > 0 for v in deltas[-1].values())
