@@ -302,9 +302,17 @@ def summary(probe: Probe) -> str:
         f"in {cal.get('groups')} runs, dim {training.get('trained_dim')}; C = {cal.get('c')}\n"
         f"  out-of-fold: AUC {cal.get('oof_roc_auc', float('nan')):.4f}, "
         f"ECE {cal.get('oof_ece', float('nan')):.4f}, Brier {cal.get('oof_brier', float('nan')):.4f}\n"
-        f"  τ = {probe.threshold:.4f} ({t.get('policy')}): FPR {t.get('false_positive_rate', float('nan')):.4f}, "
+        f"  τ = {probe.threshold:.4f} ({_policy(t.get('policy'))}): FPR {t.get('false_positive_rate', float('nan')):.4f}, "
         f"recall {t.get('recall', float('nan')):.4f}, margin {t.get('margin', float('nan')):.4f}"
     )
+
+
+def _policy(policy: Any) -> str:
+    """The threshold policy as the command line spells it (``target-fpr:0.05``)."""
+    if isinstance(policy, dict) and len(policy) == 1:
+        ((name, value),) = policy.items()
+        return f"{name.replace('_', '-')}:{value:g}" if isinstance(value, (int, float)) else name.replace("_", "-")
+    return str(policy).replace("_", "-")
 
 
 def evaluate_probe(probe: Probe, manifest: str | os.PathLike[str], threshold: float | None = None) -> dict[str, float]:

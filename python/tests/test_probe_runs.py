@@ -350,7 +350,10 @@ def test_the_manifest_trains_and_evaluates_with_the_command_line_tool(collected:
     assert evaluate_probe(from_cli, collected["held"])["auc"] >= 0.95
     ev = subprocess.run([cli, "eval", "--probe", str(out), "--manifest", collected["held"]], capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
-    assert "auc" in ev.stdout.lower()
+    cli_eval, ours = json.loads(ev.stdout), evaluate_probe(from_cli, collected["held"])
+    assert cli_eval["n"] == ours["n"]
+    for cli_name, name in (("roc_auc", "auc"), ("accuracy", "accuracy"), ("false_positive_rate", "fpr"), ("recall", "recall")):
+        assert cli_eval[cli_name] == pytest.approx(ours[name], abs=1e-9), cli_name
 
 
 def test_peft_train_step_collects_runs_of_a_real_peft_model(tmp_path: Path) -> None:
