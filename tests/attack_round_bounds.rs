@@ -66,7 +66,6 @@ fn round_with(
 fn policies() -> [(&'static str, Admission); 2] {
     let exclude = Admission::default()
         .norm_bound(NormBound::MedianMultiple(10.0))
-        .unwrap()
         .over_bound(OverBound::Exclude);
     [
         ("default", Admission::default()),
@@ -341,9 +340,7 @@ fn sybils_pushing_lora_a_inside_the_default_bounds_pull_no_more_than_as_many_hon
         // median) let the same sybils pull 13–19 × further.
         let old = Admission::default()
             .samples(safe_fedllm::round::SamplePolicy::CapAtMedianMultiple(2.0))
-            .unwrap()
             .norm_bound(NormBound::MedianMultiple(10.0))
-            .unwrap()
             .over_bound(OverBound::Exclude);
         let (old_out, _) = sybil_round(n, k, old);
         let old_moved = a_movement(&old_out);

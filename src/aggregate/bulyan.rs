@@ -51,11 +51,21 @@ pub struct Bulyan {
 }
 
 impl Bulyan {
-    /// Bulyan tolerating `f` Byzantine clients. Fails when 4f + 3 overflows
-    /// `usize`; n ≥ 4f + 3 is checked per round.
+    /// Bulyan tolerating `f` Byzantine clients: a convenience for
+    /// [`AggregatorSpec::Bulyan`](crate::aggregate::AggregatorSpec::Bulyan),
+    /// validated by the same [`check`](Self::check). Fails when 4f + 3
+    /// overflows `usize`; n ≥ 4f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
-        check_affine("bulyan", "f", 4, f, 3, "f with 4f + 3 ≤ usize::MAX")?;
-        Ok(Bulyan { f })
+        let rule = Bulyan { f };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine("bulyan", "f", 4, self.f, 3, "f with 4f + 3 ≤ usize::MAX")
     }
 }
 

@@ -4,9 +4,9 @@
 use crate::aggregate::engine::{
     self, extremes_network, pruned_network, row, saturate, sort_columns, sorting_network,
 };
-use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
+use crate::aggregate::round::{Round, affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
-use crate::error::Result;
+use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// Coordinate-wise median: each coordinate of the new adapter is the median of
@@ -224,32 +224,39 @@ pub struct TrimmedMean {
 }
 
 impl TrimmedMean {
+    /// The trimmed mean dropping `trim` per side: a convenience for
+    /// [`AggregatorSpec::TrimmedMean`](crate::aggregate::AggregatorSpec::TrimmedMean),
+    /// validated by the same [`check`](Self::check). Whether n suffices is
+    /// checked per round ([`Error::TooFewClients`](crate::Error::TooFewClients)).
+    pub fn new(trim: Trim) -> Result<Self> {
+        let rule = TrimmedMean { trim };
+        rule.check()?;
+        Ok(rule)
+    }
+
     /// Fails with [`Error::InvalidParameter`](crate::Error::InvalidParameter)
     /// unless β is in [0, 0.5), or for a per-side count whose constraint
-    /// n ≥ 2k + 1 cannot be computed. Whether n suffices is checked per
-    /// round ([`Error::TooFewClients`](crate::Error::TooFewClients)).
-    pub fn new(trim: Trim) -> Result<Self> {
-        if let Trim::Fraction(beta) = trim
-            && !(0.0..0.5).contains(&beta)
-        {
-            return Err(param_error(
+    /// n ≥ 2k + 1 cannot be computed: the one definition of the ranges, run
+    /// by [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        match self.trim {
+            Trim::Fraction(beta) => check_parameter(
+                (0.0..0.5).contains(&beta),
                 "trimmed_mean",
                 "beta",
                 beta,
                 "a fraction in [0, 0.5)",
-            ));
-        }
-        if let Trim::PerSide(k) = trim {
-            check_affine(
+            ),
+            Trim::PerSide(k) => check_affine(
                 "trimmed_mean",
                 "per_side",
                 2,
                 k,
                 1,
                 "a count k with 2k + 1 ≤ usize::MAX",
-            )?;
+            ),
         }
-        Ok(TrimmedMean { trim })
     }
 
     /// Values dropped per side for m clients.

@@ -3,11 +3,11 @@
 
 use crate::aggregate::engine::{gram, into_sq_distances};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
+use crate::aggregate::round::{Round, affine, check_affine, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::Result;
+use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// What Krum returns once it has found the best-scored client.
@@ -61,14 +61,24 @@ pub struct Krum {
 }
 
 impl Krum {
-    /// Krum tolerating `f` Byzantine clients (the paper's variant). Fails when
-    /// 2f + 3 overflows `usize`; n ≥ 2f + 3 is checked per round.
+    /// Krum tolerating `f` Byzantine clients (the paper's variant): a
+    /// convenience for [`AggregatorSpec::Krum`](crate::aggregate::AggregatorSpec::Krum),
+    /// validated by the same [`check`](Self::check). Fails when 2f + 3
+    /// overflows `usize`; n ≥ 2f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
-        check_affine("krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
-        Ok(Krum {
+        let rule = Krum {
             f,
             variant: KrumVariant::Paper,
-        })
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine("krum", "f", 2, self.f, 3, "f with 2f + 3 ≤ usize::MAX")
     }
 
     /// Sets the variant.
@@ -118,23 +128,39 @@ pub struct MultiKrum {
 }
 
 impl MultiKrum {
-    /// Multi-Krum keeping `m` ≥ 1 clients. Fails when 2f + 3 overflows
-    /// `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
+    /// Multi-Krum keeping `m` ≥ 1 clients: a convenience for
+    /// [`AggregatorSpec::MultiKrum`](crate::aggregate::AggregatorSpec::MultiKrum),
+    /// validated by the same [`check`](Self::check). Fails when 2f + 3
+    /// overflows `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
     pub fn new(f: usize, m: usize) -> Result<Self> {
-        check_affine("multi_krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
-        if m == 0 {
-            return Err(param_error(
-                "multi_krum",
-                "m",
-                m,
-                "at least 1 client to keep",
-            ));
-        }
-        Ok(MultiKrum {
+        let rule = MultiKrum {
             f,
             m,
             weighting: Weighting::Uniform,
-        })
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine(
+            "multi_krum",
+            "f",
+            2,
+            self.f,
+            3,
+            "f with 2f + 3 ≤ usize::MAX",
+        )?;
+        check_parameter(
+            self.m > 0,
+            "multi_krum",
+            "m",
+            self.m,
+            "at least 1 client to keep",
+        )
     }
 
     /// Sets the weighting of the final average.

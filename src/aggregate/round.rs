@@ -592,16 +592,6 @@ pub(crate) fn check_affine(
 ) -> Result<()> {
     match affine(a, f, b) {
         Some(_) => Ok(()),
-        None => Err(param_error(rule, param, f, expected)),
+        None => Err(Error::parameter(rule, param, f, expected)),
     }
-}
-
-/// A rule parameter error.
-pub(crate) fn param_error(
-    rule: &'static str,
-    param: &'static str,
-    value: impl std::fmt::Display,
-    expected: &'static str,
-) -> Error {
-    Error::parameter(rule, param, value, expected)
 }
