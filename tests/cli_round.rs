@@ -152,3 +152,45 @@ fn an_upload_that_is_not_safetensors_fails_naming_client_and_file() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_audited_spec_needs_the_secret_file_and_never_echoes_it() {
+    let dir = std::env::temp_dir().join(format!("safe-fedllm-cli-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("audited.toml");
+    let text = std::fs::read_to_string(fixture("defense.toml")).unwrap();
+    std::fs::write(&spec, format!("{text}\n[audits]\nrate = 0.5\n")).unwrap();
+    let with_secret = |secret: Option<&str>| {
+        let mut args = base_args(&spec);
+        if let Some(secret) = secret {
+            let file = dir.join("secret.hex");
+            std::fs::write(&file, secret).unwrap();
+            args.extend(["--audit-secret-file".into(), file.display().to_string()]);
+        }
+        args.extend(uploads());
+        run(&args)
+    };
+    // No secret: refused, naming the section.
+    let (code, stdout, stderr) = with_secret(None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty() && stderr.contains("audits"), "{stderr}");
+    // A malformed secret: refused, naming the file, never printing it.
+    let leaked = "not-a-secret-but-private-0123456789";
+    let (code, _, stderr) = with_secret(Some(leaked));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("secret.hex") && !stderr.contains(leaked),
+        "{stderr}"
+    );
+    // 64 hex digits: the round runs, with the fixture's verdicts (the client
+    // level audits nobody) under the audited spec's own hash.
+    let (code, stdout, stderr) = with_secret(Some(&format!("{}\n", "ab".repeat(32))));
+    assert_eq!(code, 0, "{stderr}");
+    let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
+    let got = projection(&line);
+    assert_eq!(got["clients"], expected["clients"]);
+    assert_ne!(got["spec_sha256"], expected["spec_sha256"]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -13,7 +13,7 @@ use safe_fedllm::lora::{AdapterView, LoraAdapter, LoraDelta, LoraTensor, TensorS
 use safe_fedllm::probe::synthetic::SyntheticConfig;
 use safe_fedllm::probe::{CalibratedParams, LinearProbe, Probe, ProbeBuilder, Threshold};
 use safe_fedllm::round::{
-    ClientReport, DefendedRound, DefenseSpec, DetectorSpec, RoundOutcome, ValidDefense,
+    AuditSpec, ClientReport, DefendedRound, DefenseSpec, DetectorSpec, RoundOutcome, ValidDefense,
 };
 use safe_fedllm::{ClientId, Error};
 use serde_json::{Value, json};
@@ -162,6 +162,11 @@ fn specs_to_round_trip() -> Vec<DefenseSpec> {
             ..DefenseSpec::safe()
         });
     }
+    specs.push(DefenseSpec {
+        detector: DetectorSpec::Evidence(EvidenceLevelParams::default()),
+        audits: Some(AuditSpec { rate: 0.25 }),
+        ..DefenseSpec::safe()
+    });
     specs
 }
 
@@ -249,6 +254,8 @@ fn a_misspelt_key_in_every_section_is_named_with_a_suggestion() {
             "probe.inline.bias2",
             None,
         ),
+        ("[audits]\nrat = 0.25\n", "audits.rat", Some("rate")),
+        ("[audits]\nrate = 0.25\nsecret = 7\n", "audits.secret", None),
     ];
     for (text, key, suggestion) in cases {
         let (k, s) = spec_error(DefenseSpec::from_toml(text));
@@ -298,6 +305,9 @@ fn an_out_of_range_value_in_every_section_is_a_typed_error_naming_it() {
             "aggregator.m",
         ),
         ("trail = { max_abs = -1.0 }\n", "trail"),
+        ("[audits]\nrate = 0.0\n", "audits.rate"),
+        ("[audits]\nrate = 1.5\n", "audits.rate"),
+        ("[audits]\nrate = nan\n", "audits.rate"),
     ];
     for (text, key) in cases {
         let (k, _) = spec_error(check(text));
@@ -465,4 +475,44 @@ fn a_target_fpr_calibrated_probe_and_a_refresh_move_verdicts() {
     assert_eq!(first.client("c").unwrap().verdict, at_calibrated);
     assert_eq!(second.client("c").unwrap().verdict, at_default);
     assert_eq!(second.threshold, 0.8);
+}
+
+#[test]
+fn an_audited_spec_runs_only_with_the_servers_secret_which_the_spec_never_holds() {
+    let text = "[detector]\nlevel = \"evidence\"\n[audits]\nrate = 0.25\n";
+    let valid = DefenseSpec::from_toml(text).unwrap().check().unwrap();
+    // The secret is not a spec setting: the spec (and its hash, and the run
+    // header) are the same whatever secret the server holds.
+    assert!(!valid.header_json().unwrap().contains("secret"));
+    let global = adapter(&[0.0, 0.0]);
+    let id = ClientId::from("c");
+    let update = adapter(&[0.0, 1.0]);
+    let reports = [ClientReport::new(&id, &update, 64)];
+
+    // Without the secret the round refuses to run, and changes nothing.
+    let mut unkeyed = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5)).unwrap();
+    // Every client the level may audit commits every round, keyed or not.
+    assert!(unkeyed.needs_shadow(&id));
+    match unkeyed.run(0, &global, &reports) {
+        Err(Error::Spec { key, .. }) => assert_eq!(key, "audits"),
+        other => panic!("expected Error::Spec at `audits`, got {other:?}"),
+    }
+    let fresh = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5)).unwrap();
+    assert_eq!(unkeyed.detector(), fresh.detector());
+
+    // Keyed, it runs at the spec's rate.
+    let mut keyed = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5))
+        .unwrap()
+        .with_audit_secret([9; 32])
+        .unwrap();
+    assert_eq!(keyed.audit_rate(), Some(0.25));
+    let outcome = keyed.run(0, &global, &reports).unwrap();
+    assert_eq!(outcome.spec_sha256.as_deref(), Some(valid.sha256()));
+
+    // A secret for a spec without audits is refused rather than ignored.
+    let plain = DefenseSpec::safe().check().unwrap();
+    let refused = DefendedRound::from_spec_with_probe(&plain, toy_probe(0.5))
+        .unwrap()
+        .with_audit_secret([9; 32]);
+    assert!(matches!(refused, Err(Error::Spec { ref key, .. }) if key == "audits"));
 }
