@@ -14,38 +14,17 @@ use safe_fedllm::detect::{
     AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
     Verdict,
 };
-use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+use safe_fedllm::features::FeatureSpec;
+use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use safe_fedllm::probe::{LinearProbe, Probe};
 use safe_fedllm::round::{
     Admission, Admitted, DefendedRound, Disposition, NormBound, OverBound, OwnedReport, OwnedSteps,
     Provenance, Rejection, RoundParams, SamplePolicy, borrow_reports,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
 
-/// lora_B = (x, y); lora_A = 20 values of `a` (a tensor of more than 16
-/// values, so SIMD paths are exercised).
-fn adapter(x: f32, y: f32, a: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], vec![a, a]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0, 0.5)
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, 0.5), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+use common::{A, B, adapter, global, probe};
 
 fn benign(y: f32) -> LoraAdapter {
     adapter(0.0, y, 0.5)

@@ -3,17 +3,15 @@
 //! also checked by tests/defense_spec.rs and python/tests/test_spec.py).
 #![cfg(feature = "cli")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use safe_fedllm::lora::LoraAdapter;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/spec")
-        .join(name)
-}
+mod common;
+
+use common::{projection, spec_fixture as fixture};
 
 fn run(args: &[String]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_safe-fedllm-probe"))
@@ -47,28 +45,6 @@ fn base_args(spec: &Path) -> Vec<String> {
         "--global".into(),
         fixture("global.safetensors").display().to_string(),
     ]
-}
-
-/// The fields every front end must agree on (as in tests/defense_spec.rs).
-fn projection(outcome: &Value) -> Value {
-    let clients: Vec<Value> = outcome["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            json!({
-                "client": c["client"], "disposition": c["disposition"],
-                "verdict": c["verdict"], "factor": c["factor"], "samples": c["samples"],
-            })
-        })
-        .collect();
-    json!({
-        "clients": clients,
-        "mean_factor": outcome["mean_factor"],
-        "skipped": outcome["skipped"],
-        "threshold": outcome["threshold"],
-        "spec_sha256": outcome["spec_sha256"],
-    })
 }
 
 #[test]

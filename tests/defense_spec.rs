@@ -2,8 +2,6 @@
 //! through JSON and TOML, typed errors for every misspelt key and
 //! out-of-range value per section, and the one τ moving verdicts.
 
-use std::path::{Path, PathBuf};
-
 use safe_fedllm::aggregate::AggregatorSpec;
 use safe_fedllm::detect::{
     ClientLevelParams, EvidenceLevelParams, ShadowLevelParams, StepLevelParams, Verdict,
@@ -16,15 +14,13 @@ use safe_fedllm::round::{
     AuditSpec, ClientReport, DefendedRound, DefenseSpec, DetectorSpec, RoundOutcome, ValidDefense,
 };
 use safe_fedllm::{ClientId, Error};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+mod common;
+
+use common::{projection, spec_fixture as fixture};
 
 const KEY: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/spec")
-        .join(name)
-}
 
 /// The fixture's uploads: (client, file, declared samples).
 const UPLOADS: [(&str, &str, u64); 4] = [
@@ -33,32 +29,6 @@ const UPLOADS: [(&str, &str, u64); 4] = [
     ("carol", "carol.safetensors", 120),
     ("mallory", "mallory.safetensors", 100),
 ];
-
-/// What every front end must agree on: per client the disposition, verdict
-/// and factor; the round's mean factor, skip, τ and spec hash.
-fn projection(outcome: &Value) -> Value {
-    let clients: Vec<Value> = outcome["clients"]
-        .as_array()
-        .expect("clients")
-        .iter()
-        .map(|c| {
-            json!({
-                "client": c["client"],
-                "disposition": c["disposition"],
-                "verdict": c["verdict"],
-                "factor": c["factor"],
-                "samples": c["samples"],
-            })
-        })
-        .collect();
-    json!({
-        "clients": clients,
-        "mean_factor": outcome["mean_factor"],
-        "skipped": outcome["skipped"],
-        "threshold": outcome["threshold"],
-        "spec_sha256": outcome["spec_sha256"],
-    })
-}
 
 fn run_fixture() -> RoundOutcome {
     let spec = DefenseSpec::from_file(fixture("defense.toml"))
