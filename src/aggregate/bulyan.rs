@@ -5,7 +5,7 @@ use crate::aggregate::coordinate::sorted_reduce;
 use crate::aggregate::engine::{gram, into_sq_distances, row};
 use crate::aggregate::krum::{poisoned, ranking, scores};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{affine, check_affine, with_scan};
+use crate::aggregate::updates::{affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;

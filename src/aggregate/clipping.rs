@@ -4,7 +4,7 @@
 use crate::aggregate::engine::{finite, sq_norms};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
-use crate::aggregate::round::with_scan;
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
 use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;

@@ -4,7 +4,7 @@
 use crate::aggregate::engine::{
     self, extremes_network, pruned_network, row, saturate, sort_columns, sorting_network,
 };
-use crate::aggregate::round::{Round, affine, check_affine, with_scan};
+use crate::aggregate::updates::{ValidUpdates, affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
 use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
@@ -112,7 +112,7 @@ fn median_of_sorted_wide(sorted: &[f64], len: usize, m: usize, out: &mut [f32]) 
 /// sorted across the `members` (only the needed rows are in sorted place);
 /// `wide` is the f64 version, run on a chunk whose f32 result is not finite.
 pub(crate) fn sorted_reduce<F, W>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     needed_rows: impl Fn(usize) -> bool,
     reduce: F,
@@ -135,7 +135,7 @@ where
 /// result overflows although every input is finite is reduced again by
 /// `wide` in f64.
 pub(crate) fn reduce_with_network<F, W>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     network: &[(usize, usize)],
     reduce: F,

@@ -4,7 +4,7 @@
 
 use crate::aggregate::engine::{client_read_error, segment_key};
 use crate::aggregate::lanczos::{Rows, dot, top_eigenvector};
-use crate::aggregate::round::{Round, Seg, scanned};
+use crate::aggregate::updates::{Seg, ValidUpdates, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -193,7 +193,7 @@ fn centre(x: &mut Rows) {
 }
 
 /// The clients' updates at the sampled coordinates.
-fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Rows> {
+fn gather(round: &ValidUpdates<'_>, indices: &[usize]) -> Result<Rows> {
     // Sampled indices are < d, the offsets start at 0 and every segment of
     // every usable client has the global tensor's length: a place outside is
     // a bug, reported with the index.
@@ -276,7 +276,7 @@ impl Aggregator for DnC {
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
         self.check()?;
-        let mut round = Round::prepare(global, updates)?;
+        let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }

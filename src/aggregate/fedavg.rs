@@ -1,6 +1,6 @@
 //! Security-weighted FedAvg, with Safe-FedLLM's safety gate when asked.
 
-use crate::aggregate::round::with_scan;
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, Weighting};
 use crate::error::Result;
 use crate::lora::LoraAdapter;

@@ -5,7 +5,7 @@ use crate::aggregate::clipping::clip_scale;
 use crate::aggregate::engine::{self, gram};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::{Square, median};
-use crate::aggregate::round::with_scan;
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, Outcome, SkipReason, Weighting,
 };

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::engine::{self, panels, pieces};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, scanned};
+use crate::aggregate::updates::{ValidUpdates, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -185,7 +185,7 @@ impl Aggregator for FoolsGold {
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
         self.check()?;
-        let mut round = Round::prepare(global, updates)?;
+        let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
@@ -231,7 +231,11 @@ impl Aggregator for FoolsGold {
 
 /// Hᵢ += Δᵢ for every usable client, and the Gram matrix of the updated
 /// histories, in one pass.
-fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Square> {
+fn update_histories(
+    round: &ValidUpdates<'_>,
+    state: &mut FoolsGoldState,
+    m: usize,
+) -> Result<Square> {
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     // Split every member's history at the chunk boundaries, in lockstep.
     let mut by_id: BTreeMap<&ClientId, &mut [f32]> = state

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::round::{Round, validate_headers};
+use crate::aggregate::updates::{ValidUpdates, validate_headers};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, Exclusion, ExclusionReason, SkipReason,
 };
@@ -109,7 +109,7 @@ impl SafetyGate {
 
     /// The gate's verdict on a validated round (the mean counts excluded
     /// non-finite clients as 0).
-    pub(crate) fn check(&self, round: &Round<'_>) -> Option<SkipReason> {
+    pub(crate) fn check(&self, round: &ValidUpdates<'_>) -> Option<SkipReason> {
         self.skip_reason(round.mean_factor())
     }
 }
@@ -261,7 +261,7 @@ impl<A: Aggregator> Aggregator for FactorGate<A> {
         validate_headers(global, updates)?;
         if let Some(gate) = self.gate {
             // The mean must count non-finite updates as 0, which needs the scan.
-            let round = Round::prepare(global, updates)?;
+            let round = ValidUpdates::prepare(global, updates)?;
             if let Some(reason) = gate.check(&round) {
                 return Ok(round.skip(reason));
             }

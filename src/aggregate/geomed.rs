@@ -5,7 +5,7 @@
 use crate::aggregate::engine::{gram, sq_distances};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::{Square, median};
-use crate::aggregate::round::with_scan;
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };

@@ -3,7 +3,7 @@
 
 use crate::aggregate::engine::{gram, into_sq_distances};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, affine, check_affine, with_scan};
+use crate::aggregate::updates::{ValidUpdates, affine, check_affine, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
@@ -214,7 +214,7 @@ pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<(usize, f64)> {
 /// round every input is finite and the Gram entries and norms are f64 sums of
 /// f32 products (at most 1.2e77 each), which cannot overflow: reaching this
 /// there is a bug, reported as one.
-pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
+pub(crate) fn poisoned(round: &ValidUpdates<'_>) -> Result<Option<Aggregation>> {
     if round.deferred {
         Ok(None)
     } else {
@@ -226,13 +226,13 @@ pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
     }
 }
 
-fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
+fn check_n(round: &ValidUpdates<'_>, rule: &'static str, f: usize) -> Result<()> {
     round.require_checked(rule, affine(2, f, 3), format!("n ≥ 2f + 3 with f = {f}"))
 }
 
 /// Scores every usable client; `None` when the Gram matrix is not finite.
 type Scored = (Vec<f64>, Vec<(usize, f64)>, Square);
-fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
+fn score_round(round: &ValidUpdates<'_>, f: usize) -> Result<Option<Scored>> {
     let members = round.all();
     let n = members.len();
     let g = gram(round, &members)?;

@@ -162,8 +162,8 @@ mod geomed;
 mod krum;
 mod lanczos;
 mod linalg;
-mod round;
 mod simd;
+mod updates;
 
 pub use any::{AggregatorSpec, AnyAggregator, ClipBoundName, ClipBoundSpec, KrumVariantName};
 pub use bulyan::Bulyan;
@@ -176,7 +176,7 @@ pub use foolsgold::{FoolsGold, FoolsGoldState};
 pub use gate::{Admit, FactorGate, SafetyGate};
 pub use geomed::GeometricMedian;
 pub use krum::{Krum, KrumVariant, MultiKrum};
-pub use round::{flatten, unflatten};
+pub use updates::{flatten, unflatten};
 
 pub use crate::client::ClientId;
 

@@ -26,10 +26,10 @@ use crate::round::steps::ShadowBranch;
 ///
 /// **Per-client faults never abort the round.** A message that fails
 /// admission ([`Rejection`]) or whose evidence cannot be used is
-/// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`], not
+/// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`](crate::detect::Verdict::Undecided), not
 /// aggregated, detector state untouched); a message whose last step differs
 /// from its update is [`Disposition::TrailMismatch`] (factor 0,
-/// [`Verdict::Malicious`]). Every message carrying a repeated client id is
+/// [`Verdict::Malicious`](crate::detect::Verdict::Malicious)). Every message carrying a repeated client id is
 /// rejected ([`Rejection::DuplicateClient`]). Rejected and mismatched clients
 /// count against the rule's Byzantine budget
 /// ([`Aggregator::aggregate_after_removal`]); a rule still short of clients
@@ -176,7 +176,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     }
 
     /// Sets the shadow branch whose base shadow-step adapters are scored
-    /// against (needed when clients report [`StepsReport::Adapters`] for
+    /// against (needed when clients report [`StepsReport::Adapters`](crate::round::StepsReport::Adapters) for
     /// their shadow branch).
     pub fn with_shadow(mut self, shadow: ShadowBranch) -> Self {
         self.shadow = Some(shadow);
