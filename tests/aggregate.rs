@@ -848,3 +848,69 @@ proptest! {
         prop_assert!(vectors.contains(&out));
     }
 }
+
+/// Honest clients near 1.0 and one attacker at 1000 in every coordinate.
+fn honest_and_attacker(global: &LoraAdapter, honest: usize) -> Vec<LoraAdapter> {
+    let dim = flatten(global).len();
+    let mut vectors: Vec<Vec<f32>> = (0..honest)
+        .map(|i| vec![1.0 + 0.01 * i as f32; dim])
+        .collect();
+    vectors.push(vec![1000.0; dim]);
+    adapters(global, &vectors)
+}
+
+#[test]
+fn trimmed_mean_and_dnc_count_removed_liars_against_their_budget() {
+    let global = template(2, 2);
+    // Two clients left after one liar was removed from three: the trimmed
+    // mean (k = 1) and DnC (f = 1) alone need three and two, but one of the
+    // budget is spent on the liar.
+    let two = adapters(&global, &[vec![1.0; 4], vec![3.0; 4]]);
+    let ups = updates(&two);
+    let mut trimmed = TrimmedMean::new(Trim::PerSide(1)).unwrap();
+    assert!(matches!(
+        trimmed.aggregate(&global, &ups),
+        Err(Error::TooFewClients { .. })
+    ));
+    let out = trimmed.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert_eq!(result_vec(&out), [2.0; 4]); // k − 1 = 0: the plain mean
+    let mut dnc = DnC::new(2).unwrap();
+    assert!(matches!(
+        dnc.aggregate(&global, &ups),
+        Err(Error::TooFewClients { .. })
+    ));
+    assert!(dnc.aggregate_after_removal(&global, &ups, 1).is_ok());
+    // A fraction counts the n submitted: β = 0.25 of 6 + 2 is two per side,
+    // all of it spent on the two liars (of the 6 left alone it trims one).
+    let mut six = vec![vec![1.0; 4]; 5];
+    six.push(vec![7.0; 4]);
+    let six = adapters(&global, &six);
+    let mut fraction = TrimmedMean::new(Trim::Fraction(0.25)).unwrap();
+    let alone = fraction.aggregate(&global, &updates(&six)).unwrap();
+    assert_eq!(result_vec(&alone), [1.0; 4]);
+    let out = fraction
+        .aggregate_after_removal(&global, &updates(&six), 2)
+        .unwrap();
+    assert_eq!(result_vec(&out), [2.0; 4]);
+
+    // What is left of the budget still holds an attacker among the rest to
+    // the honest range: k = 2 with one liar removed trims one per side, f = 2
+    // with one removed drops one per iteration.
+    let clients = honest_and_attacker(&global, 4);
+    let ups = updates(&clients);
+    let mut trimmed = TrimmedMean::new(Trim::PerSide(2)).unwrap();
+    let out = trimmed.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert!(
+        result_vec(&out).iter().all(|v| (1.0..=1.04).contains(v)),
+        "{:?}",
+        result_vec(&out)
+    );
+    let mut dnc = DnC::new(2).unwrap();
+    let out = dnc.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert!(out.contribution("c4").is_none(), "the attacker is dropped");
+    assert!(
+        result_vec(&out).iter().all(|v| (1.0..=1.04).contains(v)),
+        "{:?}",
+        result_vec(&out)
+    );
+}

@@ -266,6 +266,15 @@ impl TrimmedMean {
             Trim::PerSide(k) => k,
         }
     }
+
+    /// Values dropped per side for the m clients left after `removed`
+    /// proven liars were taken out of the round: the budget k (for a
+    /// fraction, of the n = m + removed clients submitted) counts them, so
+    /// k − removed (at least 0).
+    fn per_side_after_removal(&self, m: usize, removed: usize) -> usize {
+        self.per_side(m.saturating_add(removed))
+            .saturating_sub(removed)
+    }
 }
 
 impl Aggregator for TrimmedMean {
@@ -278,12 +287,22 @@ impl Aggregator for TrimmedMean {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.aggregate_after_removal(global, updates, 0)
+    }
+
+    /// Trims k − removed per side (see [`Aggregator::aggregate_after_removal`]).
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             let m = round.clients.len();
-            let k = self.per_side(m);
+            let k = self.per_side_after_removal(m, removed);
             round.require_checked(
                 "trimmed_mean",
                 affine(2, k, 1),

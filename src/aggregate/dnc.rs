@@ -157,8 +157,10 @@ impl DnC {
         self
     }
 
-    fn removed(&self) -> usize {
-        (self.filter_fraction * self.f as f64).floor() as usize
+    /// Clients dropped per iteration, ⌊c·f'⌋, with f' = f − `liars` (at
+    /// least 0): the proven liars already taken out count against f.
+    fn dropped(&self, liars: usize) -> usize {
+        (self.filter_fraction * self.f.saturating_sub(liars) as f64).floor() as usize
     }
 }
 
@@ -275,12 +277,22 @@ impl Aggregator for DnC {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.aggregate_after_removal(global, updates, 0)
+    }
+
+    /// Runs with f − removed (see [`Aggregator::aggregate_after_removal`]).
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        liars: usize,
+    ) -> Result<Aggregation> {
         self.check()?;
         let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
-        let removed = self.removed();
+        let removed = self.dropped(liars);
         round.require_checked(
             "dnc",
             removed.checked_add(1),

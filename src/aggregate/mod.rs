@@ -488,8 +488,9 @@ pub trait Aggregator: Send + Sync {
     /// taken out as untrustworthy (rejected by admission, a failed trail
     /// check, a factor gate).
     ///
-    /// A rule with a Byzantine budget f (Krum, Multi-Krum, Bulyan) counts
-    /// them against it: it runs with f − removed (at least 0) over `updates`,
+    /// A rule with a Byzantine budget (f of Krum, Multi-Krum, Bulyan and DnC;
+    /// the per-side trim k of the trimmed mean) counts them against it: it
+    /// runs with f − removed (k − removed; at least 0) over `updates`,
     /// so one liar removed from a round of exactly the minimum size (Krum
     /// n = 2f + 3, Bulyan n = 4f + 3) never makes the rest too few. This
     /// assumes every removed client is one of the f; an honest client
