@@ -283,15 +283,10 @@ fn update_histories(
         |scratch, (span, cut): (engine::Span, Vec<&mut [f32]>), w| {
             let chunk = engine::chunk_at(round, &members, span, scratch)?;
             for (i, (history, x)) in cut.into_iter().zip(&chunk.rows).enumerate() {
-                for ((h, x), g) in history.iter_mut().zip(x.iter()).zip(chunk.global) {
-                    // Saturating: a client sending f32::MAX every round keeps
-                    // a finite (maximal) history instead of poisoning it.
-                    *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
-                }
+                let finite = crate::aggregate::simd::add_saturating(history, x, chunk.global);
                 if let Some(out) = w.row(i) {
                     out.copy_from_slice(history);
                 }
-                let finite = engine::all_finite(history);
                 w.settle(i, finite, |exact| {
                     for (e, h) in exact.iter_mut().zip(history.iter()) {
                         *e = f64::from(*h);
@@ -301,4 +296,33 @@ fn update_histories(
             Ok(())
         },
     )
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use crate::aggregate::simd::add_saturating;
+
+    #[test]
+    fn add_saturating_matches_the_scalar_definition_and_reports_non_finite() {
+        for len in [0usize, 1, 15, 16, 17, 40] {
+            let x: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let g: Vec<f32> = (0..len).map(|i| 0.25 * i as f32).collect();
+            let mut h: Vec<f32> = (0..len)
+                .map(|i| if i % 3 == 0 { f32::MAX } else { -1.0 })
+                .collect();
+            let expected: Vec<f32> = h
+                .iter()
+                .zip(&x)
+                .zip(&g)
+                .map(|((h, x), g)| (h + (x - g)).clamp(-f32::MAX, f32::MAX))
+                .collect();
+            assert!(add_saturating(&mut h, &x, &g));
+            assert_eq!(h, expected, "len {len}");
+            if len > 0 {
+                h[len - 1] = f32::NAN;
+                assert!(!add_saturating(&mut h, &x, &g), "len {len}");
+                assert!(h[len - 1].is_nan());
+            }
+        }
+    }
 }
