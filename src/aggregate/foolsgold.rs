@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::engine::{self, panels, pieces};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, param_error, scanned};
+use crate::aggregate::updates::{ValidUpdates, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// FoolsGold's memory: each client's summed update history Hₖ = Σ_rounds Δₖ,
@@ -44,41 +44,50 @@ pub struct FoolsGoldState {
 /// with αᵢ = 0 are excluded ([`ExclusionReason::FoolsGoldZeroWeight`]); if all
 /// are, the round is skipped. The paper's optional feature-importance
 /// weighting of the similarity is not implemented.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FoolsGold {
     kappa: f64,
     weighting: Weighting,
     state: FoolsGoldState,
 }
 
-impl FoolsGold {
+impl Default for FoolsGold {
     /// κ = 1, uniform weighting, empty history.
-    pub fn new() -> Self {
+    fn default() -> Self {
         FoolsGold {
             kappa: 1.0,
             weighting: Weighting::Uniform,
             state: FoolsGoldState::default(),
         }
     }
+}
 
-    /// Sets the logit confidence κ > 0.
-    pub fn kappa(mut self, kappa: f64) -> Result<Self> {
-        if !(kappa > 0.0 && kappa.is_finite()) {
-            return Err(param_error(
-                "foolsgold",
-                "kappa",
-                kappa,
-                "a finite value > 0",
-            ));
-        }
-        self.kappa = kappa;
-        Ok(self)
+impl FoolsGold {
+    /// κ = 1, uniform weighting, empty history.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Sets the weighting combined with FoolsGold's αᵢ.
-    pub fn weighting(mut self, weighting: Weighting) -> Self {
-        self.weighting = weighting;
-        self
+    setters! {
+        /// Sets the logit confidence κ > 0.
+        kappa: f64;
+        /// Sets the weighting combined with FoolsGold's αᵢ.
+        weighting: Weighting;
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check) and
+    /// before every round, so a setter never lets an out-of-range value reach
+    /// the rule.
+    pub fn check(&self) -> Result<()> {
+        let k = self.kappa;
+        check_parameter(
+            k > 0.0 && k.is_finite(),
+            "foolsgold",
+            "kappa",
+            k,
+            "a finite value > 0",
+        )
     }
 
     /// Resumes from a checkpointed state.
@@ -175,7 +184,8 @@ impl Aggregator for FoolsGold {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
+        self.check()?;
+        let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
@@ -221,7 +231,11 @@ impl Aggregator for FoolsGold {
 
 /// Hᵢ += Δᵢ for every usable client, and the Gram matrix of the updated
 /// histories, in one pass.
-fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Square> {
+fn update_histories(
+    round: &ValidUpdates<'_>,
+    state: &mut FoolsGoldState,
+    m: usize,
+) -> Result<Square> {
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     // Split every member's history at the chunk boundaries, in lockstep.
     let mut by_id: BTreeMap<&ClientId, &mut [f32]> = state
