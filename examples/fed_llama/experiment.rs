@@ -375,7 +375,7 @@ type RunKey = (Branch, u32, usize, usize, u64);
 /// step captured): federations that share a trajectory run close together
 /// in job order, so an old entry is rarely asked for again. Round-0 and
 /// shadow runs, wanted by every federation, are never evicted.
-const CACHE_RUNS: usize = 2_000;
+const CACHE_RUNS: usize = 1_000;
 
 /// A 64-bit FNV-1a hash of an adapter's keys and values (bit patterns).
 pub fn adapter_hash(adapter: &LoraAdapter) -> u64 {
@@ -532,19 +532,13 @@ pub struct Shared<'a> {
     pub progress: &'a dyn Progress,
 }
 
-/// Runs the jobs on `setup.threads` workers, one whole federation per worker
-/// (clients sequential inside it): evaluation and the server run in
-/// parallel too, not only client training.
+/// Runs the jobs on `setup.threads` workers, one federation per task, its
+/// clients as nested tasks: federations keep every worker busy (evaluation
+/// and the server run in parallel too, not only client training), and a
+/// worker left idle at the end steals the clients of a federation still
+/// running.
 pub fn federate_all(shared: &Shared<'_>, jobs: &[Job]) -> Vec<Result<Vec<RoundRecord>, String>> {
-    let inner = Setup {
-        threads: 1,
-        ..*shared.setup
-    };
-    let single = Shared {
-        setup: &inner,
-        ..*shared
-    };
-    parallel_map(jobs, shared.setup.threads, |&job| federate(&single, job))
+    parallel_map(jobs, shared.setup.threads, |&job| federate(shared, job))
 }
 
 /// Pool tag of a malicious client in `scenario`: 0 = benign, 1000 = all
@@ -627,8 +621,8 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         {
             let t0 = Instant::now();
             let root = cfg.refresh_runs;
-            let mut runs = Vec::with_capacity(2 * root);
-            for i in 0..2 * root {
+            let replays: Vec<usize> = (0..2 * root).collect();
+            let runs = parallel_map(&replays, setup.threads, |&i| {
                 let bad = i % 2 == 1;
                 let id = (cfg.clients + cfg.probe_runs + i / 2) as u64;
                 let tag = if bad { HARMFUL } else { BENIGN };
@@ -644,8 +638,9 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
                 let label = if bad { Label::Malicious } else { Label::Benign };
-                runs.push(LabelledRun::new(label, steps));
-            }
+                Ok::<_, String>(LabelledRun::new(label, steps))
+            });
+            let runs: Vec<LabelledRun> = runs.into_iter().collect::<Result<_, _>>()?;
             let current = server.probe().cloned();
             if let Some(current) = current {
                 match refresh.refit(round as u32, &current, &runs) {
