@@ -14,38 +14,17 @@ use safe_fedllm::detect::{
     AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
     Verdict,
 };
-use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+use safe_fedllm::features::FeatureSpec;
+use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use safe_fedllm::probe::{LinearProbe, Probe};
 use safe_fedllm::round::{
     Admission, Admitted, DefendedRound, Disposition, NormBound, OverBound, OwnedReport, OwnedSteps,
     Provenance, Rejection, RoundParams, SamplePolicy, borrow_reports,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
 
-/// lora_B = (x, y); lora_A = 20 values of `a` (a tensor of more than 16
-/// values, so SIMD paths are exercised).
-fn adapter(x: f32, y: f32, a: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], vec![a, a]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0, 0.5)
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, 0.5), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+use common::{A, B, adapter, global, probe};
 
 fn benign(y: f32) -> LoraAdapter {
     adapter(0.0, y, 0.5)
@@ -195,7 +174,7 @@ fn zero_samples_are_rejected_and_cannot_whitewash_harmful_shadow_steps() {
     assert!(max_diff(&out.new_global.unwrap(), &honest_only(DefenseLevel::Shadow)) < 1e-6);
     // Even under the uniform policy (counts ignored, 0 admitted), the shadow
     // share comes from the steps: factor (1 − 1)^7 = 0.
-    let uniform = Admission::default().samples(SamplePolicy::Uniform).unwrap();
+    let uniform = Admission::default().samples(SamplePolicy::Uniform);
     let mut round = DefendedRound::new(probe(), detector(DefenseLevel::Shadow), FedAvg::new())
         .with_params(params().admission(uniform))
         .unwrap();
@@ -308,7 +287,6 @@ fn huge_update_is_clipped_to_the_median_norm_by_default_under_every_level() {
 fn huge_update_is_excluded_beyond_a_median_multiple_under_the_exclude_policy() {
     let policy = Admission::default()
         .norm_bound(NormBound::MedianMultiple(10.0))
-        .unwrap()
         .over_bound(OverBound::Exclude);
     for magnitude in [1e20f32, f32::MAX] {
         let mut reports = honest();
@@ -334,7 +312,6 @@ fn huge_update_is_excluded_beyond_a_median_multiple_under_the_exclude_policy() {
 fn huge_update_is_clipped_to_the_bound_under_the_clip_policy() {
     let policy = Admission::default()
         .norm_bound(NormBound::Absolute(1.0))
-        .unwrap()
         .over_bound(OverBound::Clip);
     let mut reports = honest();
     reports.push(OwnedReport::new("huge", benign(f32::MAX), 100));
@@ -655,26 +632,31 @@ fn client_level_checkpoint_with_impossible_round_count_is_rejected() {
 
 #[test]
 fn invalid_admission_settings_are_typed_errors() {
-    assert!(
-        Admission::default()
-            .samples(SamplePolicy::CapAt(0))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .samples(SamplePolicy::CapAtMedianMultiple(f64::NAN))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .norm_bound(NormBound::Absolute(-1.0))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .norm_bound(NormBound::MedianMultiple(f64::INFINITY))
-            .is_err()
-    );
+    for (bad, name) in [
+        (
+            Admission::default().samples(SamplePolicy::CapAt(0)),
+            "samples",
+        ),
+        (
+            Admission::default().samples(SamplePolicy::CapAtMedianMultiple(f64::NAN)),
+            "samples",
+        ),
+        (
+            Admission::default().norm_bound(NormBound::Absolute(-1.0)),
+            "norm_bound",
+        ),
+        (
+            Admission::default().norm_bound(NormBound::MedianMultiple(f64::INFINITY)),
+            "norm_bound",
+        ),
+    ] {
+        let named = |e: safe_fedllm::Error| matches!(e, safe_fedllm::Error::InvalidParameter { component: "admission", name: n, .. } if n == name);
+        assert!(named(bad.check().unwrap_err()), "{bad:?}");
+        // A round is never built on it, so no client is admitted under it.
+        let built = DefendedRound::new(probe(), detector(DefenseLevel::Client), FedAvg::new())
+            .with_params(params().admission(bad.clone()));
+        assert!(named(built.err().unwrap()), "{bad:?}");
+    }
     assert!(SafetyGate::new(1.5).is_err());
     // A policy deserialised from JSON is re-checked before use.
     let bad: Admission = serde_json::from_str(
@@ -731,5 +713,96 @@ fn zero_samples_are_rejected_under_every_level() {
             max_diff(&out.new_global.unwrap(), &honest_only(level)) < 1e-6,
             "{level}"
         );
+    }
+}
+
+/// An upload whose `lora_A` cannot be read (a truncated file, a failing
+/// store): every other value reads as the wrapped adapter's.
+struct FailsOnA(LoraAdapter);
+
+impl safe_fedllm::lora::TensorSource for FailsOnA {
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &safe_fedllm::lora::LoraKey> + '_> {
+        self.0.lora_keys()
+    }
+    fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
+        self.0.shape_of(canonical)
+    }
+    fn read_range(
+        &self,
+        canonical: &str,
+        offset: usize,
+        out: &mut [f32],
+    ) -> safe_fedllm::Result<()> {
+        if canonical == A {
+            return Err(safe_fedllm::Error::Empty {
+                what: "the uploaded bytes of lora_A",
+            });
+        }
+        self.0.read_range(canonical, offset, out)
+    }
+}
+
+#[test]
+fn an_unreadable_upload_is_rejected_alone_and_the_others_keep_their_norms() {
+    // Admission reads every sound update in one shared pass; a failed read
+    // must reject its client only, never the round or its neighbours.
+    let honest = honest();
+    let broken = FailsOnA(malicious(50.0));
+    let broken_id = ClientId::from("broken");
+    let mut reports = borrow_reports(&honest);
+    reports.push(safe_fedllm::round::ClientReport::new(
+        &broken_id, &broken, 100,
+    ));
+    let mut round = round_with(DefenseLevel::Client);
+    let out = round.run(0, &global(), &reports).unwrap();
+    let c = out.client("broken").unwrap();
+    assert!(
+        matches!(c.admission.rejection(), Some(Rejection::Unreadable { error }) if error.contains("lora_A")),
+        "{:?}",
+        c.admission
+    );
+    assert_eq!(c.factor, 0.0);
+    assert!(c.aggregation_weight.is_none());
+    for (i, h) in out
+        .clients
+        .iter()
+        .filter(|c| c.client.as_str() != "broken")
+        .enumerate()
+    {
+        assert!(h.admission.rejection().is_none(), "h{i}: {:?}", h.admission);
+    }
+    let new = out.new_global.as_ref().unwrap();
+    assert!(max_diff(new, &honest_only(DefenseLevel::Client)) < 1e-6);
+}
+
+#[test]
+fn admission_norms_from_the_shared_pass_equal_each_update_read_alone() {
+    // ‖u − g‖ by hand for lora_B = (0, y), lora_A = (0.5, 0.5) against the
+    // global (0, 0, 0.5, 0.5): exactly y. A norm bound at 1.0 × the lower
+    // median clips exactly the clients above it, by median / y.
+    let honest = honest();
+    let admission = Admission::default()
+        .norm_bound(NormBound::MedianMultiple(1.0))
+        .over_bound(OverBound::Clip);
+    let messages: Vec<_> = honest
+        .iter()
+        .map(|r| {
+            (
+                &r.client,
+                &r.update as &dyn safe_fedllm::lora::TensorSource,
+                r.samples,
+            )
+        })
+        .collect();
+    let decisions = admission.admit(&global(), &[B], &messages).unwrap();
+    // Norms 0.5, 0.6, 0.7, 0.8: lower median 0.6.
+    for (d, y) in decisions.iter().zip([0.5f64, 0.6, 0.7, 0.8]) {
+        match &d.status {
+            Admitted::Admitted { .. } => assert!(y <= 0.6 + 1e-6, "{y}: {:?}", d.status),
+            Admitted::Clipped { scale, .. } => {
+                assert!((scale - 0.6 / y).abs() < 1e-6, "{y}: {:?}", d.status)
+            }
+            other => panic!("{y}: {other:?}"),
+        }
     }
 }

@@ -162,8 +162,8 @@ mod geomed;
 mod krum;
 mod lanczos;
 mod linalg;
-mod round;
 mod simd;
+mod updates;
 
 pub use any::{AggregatorSpec, AnyAggregator, ClipBoundName, ClipBoundSpec, KrumVariantName};
 pub use bulyan::Bulyan;
@@ -176,9 +176,27 @@ pub use foolsgold::{FoolsGold, FoolsGoldState};
 pub use gate::{Admit, FactorGate, SafetyGate};
 pub use geomed::GeometricMedian;
 pub use krum::{Krum, KrumVariant, MultiKrum};
-pub use round::{flatten, unflatten};
+pub use updates::{flatten, unflatten};
 
 pub use crate::client::ClientId;
+
+/// ‖xᵢ − g‖² of each source in one chunked pass over all of them, the global
+/// read once (per chunk, while it is in cache) rather than once per source.
+/// Every source must hold exactly the global's keys and shapes, and the
+/// caller must have checked the global for NaN/∞. A non-finite value makes
+/// its source's entry non-finite; a failed read fails the call.
+pub(crate) fn delta_sq_norms(
+    global: &LoraAdapter,
+    sources: &[&dyn TensorSource],
+) -> crate::Result<Vec<f64>> {
+    let updates: Vec<ClientUpdate<'_>> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, source)| ClientUpdate::new(i.to_string(), *source, 1))
+        .collect();
+    let round = updates::ValidUpdates::prepare_deferred_checked_global(global, &updates)?;
+    engine::sq_norms(&round, &round.all())
+}
 
 /// One client's contribution to a round: its local adapter (full weights, not
 /// a delta), how many samples it trained on, and its security factor.
@@ -488,8 +506,9 @@ pub trait Aggregator: Send + Sync {
     /// taken out as untrustworthy (rejected by admission, a failed trail
     /// check, a factor gate).
     ///
-    /// A rule with a Byzantine budget f (Krum, Multi-Krum, Bulyan) counts
-    /// them against it: it runs with f − removed (at least 0) over `updates`,
+    /// A rule with a Byzantine budget (f of Krum, Multi-Krum, Bulyan and DnC;
+    /// the per-side trim k of the trimmed mean) counts them against it: it
+    /// runs with f − removed (k − removed; at least 0) over `updates`,
     /// so one liar removed from a round of exactly the minimum size (Krum
     /// n = 2f + 3, Bulyan n = 4f + 3) never makes the rest too few. This
     /// assumes every removed client is one of the f; an honest client

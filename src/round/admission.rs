@@ -59,7 +59,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
-use crate::error::{Error, Result};
+use crate::aggregate::delta_sq_norms;
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::{LoraAdapter, TensorSource};
 use crate::parallel::map_items;
 use crate::round::update_norm::delta_norm;
@@ -135,11 +136,14 @@ pub enum OverBound {
 /// use safe_fedllm::round::{Admission, NormBound, OverBound, SamplePolicy};
 ///
 /// let strict = Admission::default()
-///     .samples(SamplePolicy::CapAt(512))?
-///     .norm_bound(NormBound::Absolute(5.0))?
+///     .samples(SamplePolicy::CapAt(512))
+///     .norm_bound(NormBound::Absolute(5.0))
 ///     .over_bound(OverBound::Clip);
+/// strict.check()?;
 /// assert_eq!(strict.sample_policy(), SamplePolicy::CapAt(512));
-/// assert!(Admission::default().samples(SamplePolicy::CapAtMedianMultiple(0.5)).is_err());
+/// // Setters store what they are given; `check` names the setting out of range.
+/// let loose = Admission::default().samples(SamplePolicy::CapAtMedianMultiple(0.5));
+/// assert!(loose.check().unwrap_err().to_string().contains("samples"));
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,46 +181,17 @@ impl Admission {
         }
     }
 
-    /// Sets the sample-count policy (validated).
-    pub fn samples(mut self, policy: SamplePolicy) -> Result<Self> {
-        match policy {
-            SamplePolicy::CapAt(0) => return Err(param("samples", "CapAt(0)", "a cap ≥ 1")),
-            SamplePolicy::CapAtMedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
-                return Err(param("samples", k, "a finite multiple ≥ 1"));
-            }
-            _ => {}
-        }
-        self.samples = policy;
-        Ok(self)
-    }
-
-    /// Sets the norm bound (validated).
-    pub fn norm_bound(mut self, bound: NormBound) -> Result<Self> {
-        match bound {
-            NormBound::Absolute(b) if !(b.is_finite() && b > 0.0) => {
-                return Err(param("norm_bound", b, "a finite bound > 0"));
-            }
-            NormBound::MedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
-                return Err(param("norm_bound", k, "a finite multiple ≥ 1"));
-            }
-            _ => {}
-        }
-        self.norm_bound = bound;
-        Ok(self)
-    }
-
-    /// Sets what happens beyond the norm bound.
-    pub fn over_bound(mut self, action: OverBound) -> Self {
-        self.over_bound = action;
-        self
-    }
-
-    /// Whether a client lacking a tensor the probe reads is rejected (default
-    /// `true`). `false` zero-fills it, as the reference does — which lets a
-    /// client evade the probe by omitting the probed layer.
-    pub fn require_probe_keys(mut self, require: bool) -> Self {
-        self.require_probe_keys = require;
-        self
+    setters! {
+        /// Sets the sample-count policy (validated by [`check`](Self::check)).
+        samples: SamplePolicy;
+        /// Sets the norm bound (validated by [`check`](Self::check)).
+        norm_bound: NormBound;
+        /// Sets what happens beyond the norm bound.
+        over_bound: OverBound;
+        /// Whether a client lacking a tensor the probe reads is rejected (default
+        /// `true`). `false` zero-fills it, as the reference does — which lets a
+        /// client evade the probe by omitting the probed layer.
+        require_probe_keys: bool;
     }
 
     /// The sample-count policy.
@@ -239,12 +214,27 @@ impl Admission {
         self.require_probe_keys
     }
 
-    /// Re-validates a policy that came from outside (a deserialised config).
+    /// Validates the policy: the one definition of each setting's range, run
+    /// by [`RoundParams::check`](crate::round::RoundParams::check) and
+    /// [`DefenseSpec::check`](crate::round::DefenseSpec::check) before a
+    /// round is built, and by [`admit`](Self::admit) itself.
     pub fn check(&self) -> Result<()> {
-        self.clone()
-            .samples(self.samples)?
-            .norm_bound(self.norm_bound)?;
-        Ok(())
+        let (ok, value, expected) = match self.samples {
+            SamplePolicy::CapAt(c) => (c >= 1, format!("CapAt({c})"), "a cap ≥ 1"),
+            SamplePolicy::CapAtMedianMultiple(k) => (
+                k.is_finite() && k >= 1.0,
+                k.to_string(),
+                "a finite multiple ≥ 1",
+            ),
+            SamplePolicy::Trust | SamplePolicy::Uniform => (true, String::new(), ""),
+        };
+        check_parameter(ok, COMPONENT, "samples", value, expected)?;
+        let (ok, value, expected) = match self.norm_bound {
+            NormBound::Absolute(b) => (b.is_finite() && b > 0.0, b, "a finite bound > 0"),
+            NormBound::MedianMultiple(k) => (k.is_finite() && k >= 1.0, k, "a finite multiple ≥ 1"),
+            NormBound::Unbounded => (true, 0.0, ""),
+        };
+        check_parameter(ok, COMPONENT, "norm_bound", value, expected)
     }
 
     /// Admits a round's messages against `global`. `probe_keys` are the
@@ -260,22 +250,25 @@ impl Admission {
         messages: &[(&ClientId, &dyn TensorSource, u64)],
     ) -> Result<Vec<AdmissionDecision>> {
         self.check()?;
-        if let Some((entry, (index, value))) = global
-            .iter()
-            .find_map(|e| e.tensor.first_non_finite().map(|bad| (e, bad)))
-        {
-            return Err(Error::NonFinite {
-                tensor: format!("global adapter: {}", entry.key.canonical()),
+        global.check_finite().map_err(|e| match e {
+            Error::NonFinite {
+                tensor,
                 index,
                 value,
-            });
-        }
-        // One full read of every update: one rayon task per client (on the
-        // calling thread when the round is tiny).
-        let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
-        let inspected: Vec<Inspection> = map_items(messages, per_client, |(_, update, _)| {
-            inspect(global, probe_keys, *update, self.require_probe_keys)
-        });
+            } => Error::NonFinite {
+                tensor: format!("global adapter: {tensor}"),
+                index,
+                value,
+            },
+            other => other,
+        })?;
+        let structural: Vec<Option<Rejection>> = messages
+            .iter()
+            .map(|(_, update, _)| {
+                inspect_structure(global, probe_keys, *update, self.require_probe_keys)
+            })
+            .collect();
+        let inspected = inspect_values(global, messages, structural)?;
         let eligible: Vec<Inspection> = messages
             .iter()
             .zip(inspected)
@@ -540,14 +533,15 @@ fn lower_median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Structure, probe keys and values (with the norm) of one update.
-fn inspect(
+/// The stages that read no tensor value: keys and shapes, then the probe's keys.
+fn inspect_structure(
     global: &LoraAdapter,
     probe_keys: &[&str],
     update: &dyn TensorSource,
     require_probe_keys: bool,
-) -> Inspection {
+) -> Option<Rejection> {
     if let Some(rejection) = structure(global, update) {
-        return Inspection::Rejected(rejection);
+        return Some(rejection);
     }
     if require_probe_keys {
         let missing: Vec<String> = probe_keys
@@ -556,9 +550,70 @@ fn inspect(
             .map(|k| (*k).to_owned())
             .collect();
         if !missing.is_empty() {
-            return Inspection::Rejected(Rejection::MissingProbeKeys { keys: missing });
+            return Some(Rejection::MissingProbeKeys { keys: missing });
         }
     }
+    None
+}
+
+/// The value stage of every structurally sound update: ‖update − global‖₂
+/// and the NaN/∞ scan, in one read of the inputs.
+///
+/// The fast path reads all sound updates chunk by chunk together
+/// ([`delta_sq_norms`]), so the global is read once rather than once per
+/// client. A client whose squared norm is not finite (it holds NaN/∞: finite
+/// f32 values cannot overflow the f64 sum) is read again alone for the
+/// rejection's first offending index; if any read fails, every sound client
+/// is read alone, so one unreadable source is rejected and never fails the
+/// others.
+fn inspect_values(
+    global: &LoraAdapter,
+    messages: &[(&ClientId, &dyn TensorSource, u64)],
+    structural: Vec<Option<Rejection>>,
+) -> Result<Vec<Inspection>> {
+    let sound: Vec<&dyn TensorSource> = messages
+        .iter()
+        .zip(&structural)
+        .filter(|(_, r)| r.is_none())
+        .map(|((_, update, _), _)| *update)
+        .collect();
+    let mut norms = match delta_sq_norms(global, &sound) {
+        Ok(squares) => squares
+            .into_iter()
+            .zip(&sound)
+            .map(|(square, update)| {
+                if square.is_finite() {
+                    Inspection::Sound {
+                        norm: square.sqrt(),
+                    }
+                } else {
+                    inspect_alone(global, *update)
+                }
+            })
+            .collect(),
+        Err(_) => {
+            let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
+            map_items(&sound, per_client, |update| inspect_alone(global, *update))
+        }
+    }
+    .into_iter();
+    structural
+        .into_iter()
+        .map(|rejected| match rejected {
+            Some(rejection) => Ok(Inspection::Rejected(rejection)),
+            None => norms.next().ok_or_else(|| {
+                Error::invariant(
+                    "round::admission::inspect_values",
+                    "one value inspection per structurally sound update",
+                    format!("{} sound updates", sound.len()),
+                )
+            }),
+        })
+        .collect()
+}
+
+/// One update's value stage, read on its own.
+fn inspect_alone(global: &LoraAdapter, update: &dyn TensorSource) -> Inspection {
     match delta_norm(global, update) {
         Ok(Ok(norm)) => Inspection::Sound { norm },
         Ok(Err(rejection)) => Inspection::Rejected(rejection),
@@ -599,11 +654,5 @@ fn structure(global: &LoraAdapter, update: &dyn TensorSource) -> Option<Rejectio
     (!tensors.is_empty()).then_some(Rejection::ShapeMismatch { tensors })
 }
 
-fn param(name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Error {
-    Error::InvalidParameter {
-        component: "admission",
-        name,
-        value: value.to_string(),
-        expected,
-    }
-}
+/// The component named in this module's parameter errors.
+const COMPONENT: &str = "admission";
