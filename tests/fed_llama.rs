@@ -147,6 +147,85 @@ fn lora_tensors_leave_and_enter_burn_in_peft_orientation() {
     assert!(model.load_lora(&wrong, &devices.train).is_err());
 }
 
+/// A batch of `rows` random rows of `seq` tokens, the first `prompt` of
+/// each unscored.
+fn random_batch(vocab: usize, rows: usize, seq: usize, prompt: usize, seed: u64) -> model::Batch {
+    let mut rng = Rng::new(seed);
+    let ids: Vec<i64> = (0..rows * (seq + 1))
+        .map(|_| rng.index(vocab) as i64)
+        .collect();
+    let mut batch = model::Batch {
+        inputs: Vec::new(),
+        targets: Vec::new(),
+        mask: Vec::new(),
+        batch: rows,
+        seq,
+    };
+    for r in 0..rows {
+        let row = &ids[r * (seq + 1)..(r + 1) * (seq + 1)];
+        batch.inputs.extend_from_slice(&row[..seq]);
+        batch.targets.extend_from_slice(&row[1..]);
+        batch
+            .mask
+            .extend((0..seq).map(|t| if t + 1 >= prompt { 1.0 } else { 0.0 }));
+    }
+    batch
+}
+
+#[test]
+fn answer_only_scoring_equals_the_masked_sum() {
+    let devices = Devices::flex(6);
+    for tie in [true, false] {
+        let config = tiny(23, tie);
+        let model = config.init(&devices.eval);
+        let batch = random_batch(23, 5, 10, 4, 8);
+        let full = model
+            .target_logprobs(&batch, &devices.eval)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let rows = model.row_logprobs(&batch, &devices.eval);
+        assert_eq!(rows.len(), 5);
+        for (r, got) in rows.iter().enumerate() {
+            let want: f32 = (0..10)
+                .map(|t| full[r * 10 + t] * batch.mask[r * 10 + t])
+                .sum();
+            assert!(want < -1.0, "row {r} scored nothing");
+            assert!(
+                (got - want).abs() < 1e-4,
+                "tie {tie}, row {r}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_run_cache_replays_only_the_identical_start() {
+    use experiment::{Branch, RunCache};
+    let config = tiny(11, true);
+    let start = random_adapter(&config, 4, 1);
+    let run = training::LocalRun {
+        adapter: random_adapter(&config, 4, 2),
+        steps: vec![random_adapter(&config, 4, 2)],
+        seconds: 1.0,
+        capture_seconds: 0.0,
+    };
+    let cache = RunCache::default();
+    cache.put(Branch::Main, 0, 3, 2, &start, run.clone());
+    let hit = cache.get(Branch::Main, 0, 3, 2, &start).unwrap();
+    assert_eq!(hit.adapter, run.adapter);
+    // One value one ulp away, another client, round, pool or branch: a miss.
+    let mut near = start.clone();
+    let key = peft_key(1, "v_proj", "B");
+    let v = &mut near.get_mut(&key).unwrap().as_mut_slice()[0];
+    *v = f32::from_bits(v.to_bits() + 1);
+    assert!(cache.get(Branch::Main, 0, 3, 2, &near).is_none());
+    assert!(cache.get(Branch::Main, 0, 4, 2, &start).is_none());
+    assert!(cache.get(Branch::Main, 0, 3, 1, &start).is_none());
+    assert!(cache.get(Branch::Main, 1000, 3, 2, &start).is_none());
+    assert!(cache.get(Branch::Shadow, 0, 3, 2, &start).is_none());
+}
+
 #[test]
 fn attention_is_causal_with_grouped_heads_and_both_heads() {
     let devices = Devices::flex(2);

@@ -1,7 +1,7 @@
 //! The experiment: probe phase, then one federation per (malicious share,
 //! defense), each recording per-round metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -334,37 +334,153 @@ pub fn probe_phase(
     })
 }
 
-/// Local runs that are identical across federations, trained once and
-/// replayed (their measured time is charged to every run that uses them):
-/// every shadow run (fixed base, fixed learning rate, the client's
-/// deterministic data) and every main-branch run of round 0 (all
-/// federations start from the same adapter at the same learning rate).
+/// Work that is identical across federations, done once and replayed (a
+/// replayed run's measured time is charged to every federation that uses it).
+/// A local run is determined by the client's data (pool tag, client,
+/// round), its branch, and the exact adapter it starts from; an evaluation
+/// by the exact global adapter. Federations whose globals coincide (every
+/// federation at round 0, the shadow branch's fixed base, defenses that
+/// exclude exactly the same clients, skipped rounds) share them. Keys carry
+/// a hash of the start adapter and a hit is confirmed against the stored
+/// adapter, so a hash collision costs a retraining, never a wrong result.
 /// Shared by the federations running in parallel.
 #[derive(Default)]
 pub struct RunCache {
-    runs: Mutex<HashMap<RunKey, Arc<LocalRun>>>,
+    inner: Mutex<CacheInner>,
 }
 
-/// (pool tag, client, round, shadow branch?)
-type RunKey = (u32, usize, usize, bool);
+#[derive(Default)]
+struct CacheInner {
+    runs: HashMap<RunKey, (Arc<LoraAdapter>, Arc<LocalRun>)>,
+    /// Evictable keys, oldest first.
+    order: VecDeque<RunKey>,
+    evals: HashMap<u64, (LoraAdapter, Metrics)>,
+}
+
+/// Which local run of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Branch {
+    /// The client's main-branch run from the current global.
+    Main,
+    /// Its shadow-branch run from the fixed shadow base.
+    Shadow,
+    /// A root-set run of the server's probe refresh.
+    Refresh,
+}
+
+/// (branch, pool tag, client, round, hash of the start adapter)
+type RunKey = (Branch, u32, usize, usize, u64);
+
+/// Main-branch runs of round ≥ 1 kept at most (≈ 100 kB each with every
+/// step captured): federations that share a trajectory run close together
+/// in job order, so an old entry is rarely asked for again. Round-0 and
+/// shadow runs, wanted by every federation, are never evicted.
+const CACHE_RUNS: usize = 1_000;
+
+/// A 64-bit FNV-1a hash of an adapter's keys and values (bit patterns).
+pub fn adapter_hash(adapter: &LoraAdapter) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for entry in adapter.iter() {
+        eat(entry.key.canonical().as_bytes());
+        for v in entry.tensor.as_slice() {
+            eat(&v.to_bits().to_le_bytes());
+        }
+    }
+    hash
+}
 
 impl RunCache {
-    fn get_or_train(
+    /// The cached run for (`branch`, `tag`, `client`, `round`) from `start`.
+    pub fn get(
         &self,
-        key: RunKey,
-        train: impl FnOnce() -> Result<LocalRun, String>,
-    ) -> Result<Arc<LocalRun>, String> {
-        if let Some(run) = self.lock().get(&key) {
-            return Ok(Arc::clone(run));
-        }
-        // Trained outside the lock: two federations may train the same run
-        // at once (identical results); the first one stored wins.
-        let run = Arc::new(train()?);
-        Ok(Arc::clone(self.lock().entry(key).or_insert(run)))
+        branch: Branch,
+        tag: u32,
+        client: usize,
+        round: usize,
+        start: &LoraAdapter,
+    ) -> Option<Arc<LocalRun>> {
+        let key = (branch, tag, client, round, adapter_hash(start));
+        let inner = self.lock();
+        let (stored, run) = inner.runs.get(&key)?;
+        (**stored == *start).then(|| Arc::clone(run))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, Arc<LocalRun>>> {
-        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    /// Stores a run (the first one stored for a key wins: two federations
+    /// may train the same run at once, with identical results).
+    pub fn put(
+        &self,
+        branch: Branch,
+        tag: u32,
+        client: usize,
+        round: usize,
+        start: &LoraAdapter,
+        run: LocalRun,
+    ) -> Arc<LocalRun> {
+        let key = (branch, tag, client, round, adapter_hash(start));
+        let mut inner = self.lock();
+        if let Some((stored, existing)) = inner.runs.get(&key)
+            && **stored == *start
+        {
+            return Arc::clone(existing);
+        }
+        let run = Arc::new(run);
+        inner
+            .runs
+            .insert(key, (Arc::new(start.clone()), Arc::clone(&run)));
+        if branch != Branch::Shadow && round > 0 {
+            inner.order.push_back(key);
+            while inner.order.len() > CACHE_RUNS {
+                if let Some(old) = inner.order.pop_front() {
+                    inner.runs.remove(&old);
+                }
+            }
+        }
+        run
+    }
+
+    /// The run for the key, trained by `train` on a miss.
+    fn get_or_train(
+        &self,
+        (branch, tag, client, round): (Branch, u32, usize, usize),
+        start: &LoraAdapter,
+        train: impl FnOnce() -> Result<LocalRun, String>,
+    ) -> Result<Arc<LocalRun>, String> {
+        if let Some(run) = self.get(branch, tag, client, round, start) {
+            return Ok(run);
+        }
+        // Trained outside the lock.
+        let run = train()?;
+        Ok(self.put(branch, tag, client, round, start, run))
+    }
+
+    /// The metrics of `global`, evaluated by `evaluate` on a miss.
+    pub fn evaluate(
+        &self,
+        global: &LoraAdapter,
+        evaluate: impl FnOnce() -> Result<Metrics, String>,
+    ) -> Result<Metrics, String> {
+        let hash = adapter_hash(global);
+        if let Some((stored, metrics)) = self.lock().evals.get(&hash)
+            && stored == global
+        {
+            return Ok(*metrics);
+        }
+        let metrics = evaluate()?;
+        self.lock()
+            .evals
+            .entry(hash)
+            .or_insert_with(|| (global.clone(), metrics));
+        Ok(metrics)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -416,19 +532,13 @@ pub struct Shared<'a> {
     pub progress: &'a dyn Progress,
 }
 
-/// Runs the jobs on `setup.threads` workers, one whole federation per worker
-/// (clients sequential inside it): evaluation and the server run in
-/// parallel too, not only client training.
+/// Runs the jobs on `setup.threads` workers, one federation per task, its
+/// clients as nested tasks: federations keep every worker busy (evaluation
+/// and the server run in parallel too, not only client training), and a
+/// worker left idle at the end steals the clients of a federation still
+/// running.
 pub fn federate_all(shared: &Shared<'_>, jobs: &[Job]) -> Vec<Result<Vec<RoundRecord>, String>> {
-    let inner = Setup {
-        threads: 1,
-        ..*shared.setup
-    };
-    let single = Shared {
-        setup: &inner,
-        ..*shared
-    };
-    parallel_map(jobs, shared.setup.threads, |&job| federate(&single, job))
+    parallel_map(jobs, shared.setup.threads, |&job| federate(shared, job))
 }
 
 /// Pool tag of a malicious client in `scenario`: 0 = benign, 1000 = all
@@ -493,7 +603,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
     };
     let mut global = (*round0).clone();
     let mut model = setup.model.clone();
-    let initial = eval.evaluate(&model, &setup.devices.eval);
+    let initial = cache.evaluate(&global, || Ok(eval.evaluate(&model, &setup.devices.eval)))?;
     let mut records = vec![record(job, 0, initial, &[], &[], &[], false, 0.0, 0.0)];
     for round in 0..cfg.rounds {
         let lr = round_lr(cfg.lr, cfg.min_lr, round, cfg.rounds);
@@ -511,11 +621,16 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         {
             let t0 = Instant::now();
             let root = cfg.refresh_runs;
-            let mut runs = Vec::with_capacity(2 * root);
-            for i in 0..2 * root {
+            let replays: Vec<usize> = (0..2 * root).collect();
+            let runs = parallel_map(&replays, setup.threads, |&i| {
                 let bad = i % 2 == 1;
                 let id = (cfg.clients + cfg.probe_runs + i / 2) as u64;
-                let run = labelled_run(setup, pools, &global, id, bad, lr, cfg.seed ^ 0x0052_4F4F)?;
+                let tag = if bad { HARMFUL } else { BENIGN };
+                let run = cache.get_or_train(
+                    (Branch::Refresh, tag, id as usize, round),
+                    &global,
+                    || labelled_run(setup, pools, &global, id, bad, lr, cfg.seed ^ 0x0052_4F4F),
+                )?;
                 let steps = run
                     .steps
                     .iter()
@@ -523,8 +638,9 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
                 let label = if bad { Label::Malicious } else { Label::Benign };
-                runs.push(LabelledRun::new(label, steps));
-            }
+                Ok::<_, String>(LabelledRun::new(label, steps))
+            });
+            let runs: Vec<LabelledRun> = runs.into_iter().collect::<Result<_, _>>()?;
             let current = server.probe().cloned();
             if let Some(current) = current {
                 match refresh.refit(round as u32, &current, &runs) {
@@ -544,26 +660,23 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         } else {
             Capture::LastOnly
         };
+        // Every step is kept, whatever this server needs, so that the run
+        // can be replayed to any federation.
         let main_run = |t: u32, k: usize, data: &ClientData| -> Result<Arc<LocalRun>, String> {
-            let train = |capture| {
+            cache.get_or_train((Branch::Main, t, k, round), &global, || {
                 local_train(
                     setup.model,
                     &global,
                     &data.round_batches(k, round),
                     lr,
                     cfg.lora,
-                    capture,
+                    Capture::EveryStep,
                     &setup.devices.train,
                 )
-            };
-            if round == 0 {
-                cache.get_or_train((t, k, 0, false), || train(Capture::EveryStep))
-            } else {
-                train(capture).map(Arc::new)
-            }
+            })
         };
         let shadow_run = |t: u32, k: usize, data: &ClientData| {
-            cache.get_or_train((t, k, round, true), || {
+            cache.get_or_train((Branch::Shadow, t, k, round), shadow.base(), || {
                 local_train(
                     setup.model,
                     shadow.base(),
@@ -669,8 +782,10 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         if let Some(new_global) = outcome.new_global {
             global = new_global;
         }
-        model.load_lora(&global, &setup.devices.train)?;
-        let metrics = eval.evaluate(&model, &setup.devices.eval);
+        let metrics = cache.evaluate(&global, || {
+            model.load_lora(&global, &setup.devices.train)?;
+            Ok(eval.evaluate(&model, &setup.devices.eval))
+        })?;
         let truth: Vec<bool> = chosen.iter().map(|&k| malicious[k]).collect();
         records.push(record(
             job,

@@ -240,21 +240,27 @@ pub struct Batch {
 impl Llama {
     /// Logits `[B, S, V]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.hidden(tokens);
+        let [b, s, d] = x.dims();
+        let logits = self.head(x.reshape([b * s, d]));
+        let vocab = logits.dims()[1];
+        logits.reshape([b, s, vocab])
+    }
+
+    /// The final-norm hidden states `[B, S, d]`.
+    fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let mut x = self.embed.forward(tokens);
         for layer in &self.layers {
             x = layer.forward(x, &self.rope);
         }
-        let x = self.norm.forward(x);
+        self.norm.forward(x)
+    }
+
+    /// Logits `[N, V]` of hidden states `[N, d]`.
+    fn head(&self, x: Tensor<2>) -> Tensor<2> {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => {
-                let [b, s, d] = x.dims();
-                let weight = self.embed.weight.val();
-                let vocab = weight.dims()[0];
-                x.reshape([b * s, d])
-                    .matmul(weight.transpose())
-                    .reshape([b, s, vocab])
-            }
+            None => x.matmul(self.embed.weight.val().transpose()),
         }
     }
 
@@ -282,15 +288,42 @@ impl Llama {
             .div_scalar(count)
     }
 
-    /// Sum of masked target log-probabilities per row.
+    /// Sum of masked target log-probabilities per row. Only the masked
+    /// (answer) positions go through the head and the softmax over the
+    /// vocabulary, which is most of an evaluation's work.
     pub fn row_logprobs(&self, batch: &Batch, device: &Device) -> Vec<f32> {
+        let mut sums = vec![0.0f32; batch.batch];
+        let positions: Vec<usize> = (0..batch.mask.len())
+            .filter(|&i| batch.mask.get(i).is_some_and(|&m| m != 0.0))
+            .collect();
+        if positions.is_empty() || batch.seq == 0 {
+            return sums;
+        }
+        let n = positions.len();
         let shape = [batch.batch, batch.seq];
-        let mask = Tensor::<2>::from_data(TensorData::new(batch.mask.clone(), shape), device);
-        let sums = (self.target_logprobs(batch, device) * mask).sum_dim(1);
-        sums.into_data()
+        let inputs =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), device);
+        let x = self.hidden(inputs);
+        let [b, s, d] = x.dims();
+        let index: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [n]), device);
+        let targets: Vec<i64> = positions
+            .iter()
+            .map(|&p| batch.targets.get(p).copied().unwrap_or(0))
+            .collect();
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
+        let logprobs = log_softmax(self.head(x.reshape([b * s, d]).select(0, index)), 1)
+            .gather(1, targets)
+            .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for (&p, lp) in positions.iter().zip(logprobs) {
+            if let Some(sum) = sums.get_mut(p / batch.seq) {
+                *sum += lp;
+            }
+        }
+        sums
     }
 
     /// Freezes every base parameter and attaches LoRA (rank, α) to every
