@@ -6,6 +6,8 @@
 // uses are dead in this crate.
 #![allow(dead_code)]
 
+#[path = "../examples/fed_llama/attacker.rs"]
+mod attacker;
 #[path = "../examples/fed_llama/config.rs"]
 mod config;
 #[path = "../examples/fed_llama/data.rs"]
@@ -307,6 +309,7 @@ fn miniature_federation_end_to_end() {
         eval: &eval,
         round0: &round0,
         probe: &probe.probe,
+        surrogate: None,
         shadow: &shadow,
         cache: &cache,
         progress: &Silent,
@@ -397,7 +400,7 @@ fn miniature_federation_end_to_end() {
     assert_eq!(summaries.len(), 5);
     let table = report::table(&summaries);
     assert!(table.contains("shadow level") && table.contains("none (FedAvg)"));
-    assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie shadow"));
+    assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie-shadow"));
     assert!(table.contains("spec 1"));
     let svg = report::asr_svg(&all);
     assert_eq!(svg.matches("<polyline").count(), 5);

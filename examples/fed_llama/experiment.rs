@@ -17,11 +17,14 @@ use safe_fedllm::round::{
 };
 use serde::Serialize;
 
+use crate::attacker::{
+    Craft, SybilRound, apply, craft, evade_trail, server_admission, sybil_updates,
+};
 use crate::config::ExperimentConfig;
 use crate::data::{Corpus, Encoded, Rng, TextCodec, encode_all};
 use crate::defense::{Defense, RuleContext, Server};
 use crate::model::Llama;
-use crate::scenario::{Craft, Scenario, apply, craft, evade_trail};
+use crate::scenario::{Knowledge, Scenario};
 use crate::training::{
     BatchPlan, Capture, ClientData, Devices, EvalSet, LocalRun, Metrics, local_train, round_lr,
 };
@@ -223,8 +226,9 @@ pub fn probe_trainer(cfg: &ExperimentConfig, folds: usize) -> CalibratedParams {
 }
 
 /// One labelled local run from `start` on client `id`'s pool of `kind`
-/// (a probe run or a root-set run of the refresh), every step kept.
-fn labelled_run(
+/// (a probe run, a root-set run of the refresh or a surrogate attacker's
+/// run), every step kept.
+pub fn labelled_run(
     setup: &Setup<'_>,
     pools: &Pools,
     start: &LoraAdapter,
@@ -408,6 +412,8 @@ pub struct Shared<'a> {
     pub round0: &'a LoraAdapter,
     /// The probe of the probe phase.
     pub probe: &'a LinearProbe,
+    /// The surrogate attacker's own probe (`adaptive:surrogate` only).
+    pub surrogate: Option<&'a LinearProbe>,
     /// The shadow branch (fixed base and learning rate).
     pub shadow: &'a ShadowBranch,
     /// Runs identical across federations.
@@ -450,6 +456,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         eval,
         round0,
         probe,
+        surrogate,
         shadow,
         cache,
         progress,
@@ -501,7 +508,10 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         if defense == Defense::Oracle {
             chosen.retain(|&k| !malicious[k]);
         }
-        let is_mal = |k: usize| malicious.get(k).copied().unwrap_or(false);
+        // In a round the scenario spends honest (sleeper, alternate), its
+        // clients train and report exactly as benign ones.
+        let attacking = scenario.attacks_in(round);
+        let is_mal = |k: usize| attacking && malicious.get(k).copied().unwrap_or(false);
         let mut round_seconds = 0.0;
         let mut defense_seconds = 0.0;
 
@@ -575,7 +585,11 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                 )
             })
         };
-        let runs = parallel_map(&chosen, setup.threads, |&k| main_run(tag(k), k, &data));
+        let (tag, data) = (
+            |k: usize| if is_mal(k) { tag(k) } else { BENIGN },
+            |k: usize| if is_mal(k) { &data } else { &decoy },
+        );
+        let runs = parallel_map(&chosen, setup.threads, |&k| main_run(tag(k), k, data(k)));
         let runs: Vec<Arc<LocalRun>> = runs.into_iter().collect::<Result<_, _>>()?;
         for run in &runs {
             round_seconds += run.seconds;
@@ -594,29 +608,59 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         let attackers = chosen.iter().filter(|&&k| is_mal(k)).count();
+        // The probe the adaptive attacker evades: the round-0 probe (stale),
+        // the server's current one (white-box, after any refresh) or its own.
+        let knowledge = scenario.knowledge();
+        let attack_probe = match knowledge {
+            Some(Knowledge::White | Knowledge::JustUnder) => server.probe().unwrap_or(probe),
+            Some(Knowledge::Surrogate) => {
+                surrogate.ok_or("adaptive:surrogate: no surrogate probe was trained")?
+            }
+            _ => probe,
+        }
+        .clone();
+        let mut declared = vec![cfg.samples_per_round(); chosen.len()];
+        let colluding = sybil_updates(
+            scenario,
+            &SybilRound {
+                chosen: &chosen,
+                runs: &runs,
+                global: &global,
+                is_mal: &is_mal,
+                admission: &server_admission(defense, &ctx, &cfg.specs),
+                samples: cfg.samples_per_round(),
+            },
+        )?;
         let mut reports = Vec::with_capacity(chosen.len());
-        for (&k, run) in chosen.iter().zip(&runs) {
+        for (i, (&k, run)) in chosen.iter().zip(&runs).enumerate() {
             let id = k.to_string();
-            let liar = is_mal(k) && scenario.needs_decoy();
             let mut update = run.adapter.clone();
             let mut steps = run.steps.clone();
             if is_mal(k) && scenario.crafts_update() {
                 let own = LoraDelta::between(&run.adapter, &global).map_err(|e| e.to_string())?;
-                let crafted = craft(
-                    scenario,
-                    &own,
-                    &Craft {
-                        benign: &benign_deltas,
-                        probe,
-                        clients: chosen.len(),
-                        attackers,
-                        seed: cfg.seed ^ ((round as u64) << 16) ^ k as u64,
-                    },
-                )?;
+                let crafted = match colluding.iter().find(|c| c.0 == k) {
+                    Some((_, delta, samples)) => {
+                        if let Some(d) = declared.get_mut(i) {
+                            *d = *samples;
+                        }
+                        delta.clone()
+                    }
+                    None => craft(
+                        scenario,
+                        &own,
+                        &Craft {
+                            benign: &benign_deltas,
+                            probe: &attack_probe,
+                            clients: chosen.len(),
+                            attackers,
+                            seed: cfg.seed ^ ((round as u64) << 16) ^ k as u64,
+                        },
+                    )?,
+                };
                 update = apply(&global, &crafted)?;
                 if capture == Capture::EveryStep {
-                    steps = if scenario == Scenario::Adaptive {
-                        evade_trail(probe, &global, &run.steps)?
+                    steps = if let Some(knowledge) = knowledge {
+                        evade_trail(knowledge, &attack_probe, &global, &run.steps)?
                     } else {
                         // Honest steps, the last one replaced by the sent
                         // update so that the trail check passes.
@@ -628,7 +672,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     };
                 }
             }
-            if liar && scenario == Scenario::LieTrail && capture == Capture::EveryStep {
+            if is_mal(k) && scenario.lies_in_trail() && capture == Capture::EveryStep {
                 // A benign run's trail, its last step the real update.
                 let fake = main_run(BENIGN, k, &decoy)?;
                 round_seconds += fake.seconds;
@@ -637,21 +681,22 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     *last = update.clone();
                 }
             }
-            let mut report = ClientReport::new(id.clone(), update, cfg.samples_per_round());
+            let samples = declared.get(i).copied().unwrap_or(cfg.samples_per_round());
+            let mut report = ClientReport::new(id.clone(), update, samples);
             if capture == Capture::EveryStep {
                 report = report.with_steps(StepsReport::Adapters(steps));
             }
             if server.needs_shadow(&id) {
-                let lie = liar && scenario == Scenario::LieShadow;
+                let lie = is_mal(k) && scenario.lies_in_shadow();
                 let shadow_run = if lie {
                     shadow_run(BENIGN, k, &decoy)?
                 } else {
-                    shadow_run(tag(k), k, &data)?
+                    shadow_run(tag(k), k, data(k))?
                 };
                 round_seconds += shadow_run.seconds;
                 defense_seconds += shadow_run.seconds;
-                let shadow_steps = if is_mal(k) && scenario == Scenario::Adaptive {
-                    evade_trail(probe, shadow.base(), &shadow_run.steps)?
+                let shadow_steps = if let Some(knowledge) = knowledge.filter(|_| is_mal(k)) {
+                    evade_trail(knowledge, &attack_probe, shadow.base(), &shadow_run.steps)?
                 } else {
                     shadow_run.steps.clone()
                 };
@@ -671,6 +716,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         }
         model.load_lora(&global, &setup.devices.train)?;
         let metrics = eval.evaluate(&model, &setup.devices.eval);
+        // Ground truth is who is malicious, honest rounds included.
         let truth: Vec<bool> = chosen.iter().map(|&k| malicious[k]).collect();
         records.push(record(
             job,
@@ -684,8 +730,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             defense_seconds,
         ));
         progress.tick(&format!(
-            "{} {percent}% {} r{}",
-            scenario.name(),
+            "{scenario} {percent}% {} r{}",
             defense.name(),
             round + 1
         ));

@@ -39,6 +39,7 @@
 //! 5. One table on screen; `summary.csv`, `rounds.csv`, `asr.svg` and
 //!    `config.json` in the output directory.
 
+mod attacker;
 mod config;
 mod data;
 mod defense;
@@ -104,8 +105,10 @@ struct Args {
     /// It runs with the experiment's probe unless it names its own.
     #[arg(long = "defense", value_name = "FILE")]
     defense_specs: Vec<PathBuf>,
-    /// Attack scenarios, several allowed [default: poison].
-    #[arg(long = "scenario", value_enum, value_delimiter = ',')]
+    /// Attack scenarios, several allowed [default: poison]: poison, mixed:P,
+    /// adaptive[:white|surrogate|just-under], lie-trail, lie-shadow, lie-both,
+    /// sign-flip, scaling[:K], noise, alie, ipm, sleeper:R, alternate, sybil:K.
+    #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Option<Vec<Scenario>>,
     /// Rounds between probe refreshes of the `+ refresh` defenses [default: 4].
     #[arg(long)]
@@ -465,6 +468,15 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
     }
+    let surrogate = if config
+        .scenarios
+        .iter()
+        .any(|s| s.knowledge() == Some(scenario::Knowledge::Surrogate))
+    {
+        Some(attacker::surrogate_phase(&setup, &pools, &round0)?)
+    } else {
+        None
+    };
     let cache = RunCache::default();
     let shared = Shared {
         setup: &setup,
@@ -472,6 +484,7 @@ fn run(args: Args) -> Result<(), String> {
         eval: &eval,
         round0: &round0,
         probe: &probe.probe,
+        surrogate: surrogate.as_ref(),
         shadow: &shadow,
         cache: &cache,
         progress: &bars,

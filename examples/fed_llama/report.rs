@@ -159,7 +159,7 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
+        "{:<20} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
         "scenario",
         "mal%",
         "defense",
@@ -182,7 +182,7 @@ pub fn table(summaries: &[Summary]) -> String {
         last_share = Some(key);
         let _ = writeln!(
             out,
-            "{:<10} {:>5}  {:<22} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%  {}",
+            "{:<20} {:>5}  {:<22} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%  {}",
             s.scenario.name(),
             s.malicious_percent,
             s.defense.name(),
