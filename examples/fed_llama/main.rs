@@ -477,7 +477,9 @@ fn run(args: Args) -> Result<(), String> {
     write(&args.out.join("rounds.csv"), &report::rounds_csv(&records))?;
     write(&args.out.join("asr.svg"), &svg::asr_svg(&records))?;
     let results: Vec<_> = runs.iter().filter_map(zoo::SeedRun::result).collect();
-    let verdicts = verdict::verdicts(&results);
+    let mut verdicts = verdict::verdicts(&results);
+    let order = |d: Defense| config.defenses.iter().position(|&x| x == d);
+    verdicts.sort_by_key(|v| (order(v.defense), v.percent, v.scenario));
     println!("\n{}", verdict::verdict_table(&verdicts));
     write(
         &args.out.join("verdict.csv"),
