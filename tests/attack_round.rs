@@ -733,3 +733,95 @@ fn zero_samples_are_rejected_under_every_level() {
         );
     }
 }
+
+/// An upload whose `lora_A` cannot be read (a truncated file, a failing
+/// store): every other value reads as the wrapped adapter's.
+struct FailsOnA(LoraAdapter);
+
+impl safe_fedllm::lora::TensorSource for FailsOnA {
+    fn lora_keys(&self) -> Box<dyn Iterator<Item = &safe_fedllm::lora::LoraKey> + '_> {
+        self.0.lora_keys()
+    }
+    fn shape_of(&self, canonical: &str) -> Option<[usize; 2]> {
+        self.0.shape_of(canonical)
+    }
+    fn read_range(
+        &self,
+        canonical: &str,
+        offset: usize,
+        out: &mut [f32],
+    ) -> safe_fedllm::Result<()> {
+        if canonical == A {
+            return Err(safe_fedllm::Error::Empty {
+                what: "the uploaded bytes of lora_A",
+            });
+        }
+        self.0.read_range(canonical, offset, out)
+    }
+}
+
+#[test]
+fn an_unreadable_upload_is_rejected_alone_and_the_others_keep_their_norms() {
+    // Admission reads every sound update in one shared pass; a failed read
+    // must reject its client only, never the round or its neighbours.
+    let honest = honest();
+    let broken = FailsOnA(malicious(50.0));
+    let broken_id = ClientId::from("broken");
+    let mut reports = borrow_reports(&honest);
+    reports.push(safe_fedllm::round::ClientReport::new(
+        &broken_id, &broken, 100,
+    ));
+    let mut round = round_with(DefenseLevel::Client);
+    let out = round.run(0, &global(), &reports).unwrap();
+    let c = out.client("broken").unwrap();
+    assert!(
+        matches!(c.admission.rejection(), Some(Rejection::Unreadable { error }) if error.contains("lora_A")),
+        "{:?}",
+        c.admission
+    );
+    assert_eq!(c.factor, 0.0);
+    assert!(c.aggregation_weight.is_none());
+    for (i, h) in out
+        .clients
+        .iter()
+        .filter(|c| c.client.as_str() != "broken")
+        .enumerate()
+    {
+        assert!(h.admission.rejection().is_none(), "h{i}: {:?}", h.admission);
+    }
+    let new = out.new_global.as_ref().unwrap();
+    assert!(max_diff(new, &honest_only(DefenseLevel::Client)) < 1e-6);
+}
+
+#[test]
+fn admission_norms_from_the_shared_pass_equal_each_update_read_alone() {
+    // ‖u − g‖ by hand for lora_B = (0, y), lora_A = (0.5, 0.5) against the
+    // global (0, 0, 0.5, 0.5): exactly y. A norm bound at 1.0 × the lower
+    // median clips exactly the clients above it, by median / y.
+    let honest = honest();
+    let admission = Admission::default()
+        .norm_bound(NormBound::MedianMultiple(1.0))
+        .unwrap()
+        .over_bound(OverBound::Clip);
+    let messages: Vec<_> = honest
+        .iter()
+        .map(|r| {
+            (
+                &r.client,
+                &r.update as &dyn safe_fedllm::lora::TensorSource,
+                r.samples,
+            )
+        })
+        .collect();
+    let decisions = admission.admit(&global(), &[B], &messages).unwrap();
+    // Norms 0.5, 0.6, 0.7, 0.8: lower median 0.6.
+    for (d, y) in decisions.iter().zip([0.5f64, 0.6, 0.7, 0.8]) {
+        match &d.status {
+            Admitted::Admitted { .. } => assert!(y <= 0.6 + 1e-6, "{y}: {:?}", d.status),
+            Admitted::Clipped { scale, .. } => {
+                assert!((scale - 0.6 / y).abs() < 1e-6, "{y}: {:?}", d.status)
+            }
+            other => panic!("{y}: {other:?}"),
+        }
+    }
+}

@@ -290,17 +290,26 @@ impl LoraAdapter {
 
     /// Fails with [`Error::NonFinite`] naming the first tensor (in key order)
     /// that holds a NaN or infinity.
+    ///
+    /// Tensors are scanned in parallel on the current rayon pool (every
+    /// round scans the global adapter before reading any update).
     pub fn check_finite(&self) -> Result<()> {
-        for e in self.entries.values() {
-            if let Some((index, value)) = e.tensor.first_non_finite() {
-                return Err(Error::NonFinite {
-                    tensor: e.key.canonical().to_owned(),
-                    index,
-                    value,
-                });
-            }
+        let entries: Vec<_> = self.entries.values().collect();
+        let per_tensor = self.num_params() / entries.len().max(1);
+        let found =
+            crate::parallel::map_items(&entries, per_tensor, |e| e.tensor.first_non_finite());
+        match entries
+            .iter()
+            .zip(found)
+            .find_map(|(e, bad)| bad.map(|b| (e, b)))
+        {
+            Some((e, (index, value))) => Err(Error::NonFinite {
+                tensor: e.key.canonical().to_owned(),
+                index,
+                value,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

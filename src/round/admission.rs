@@ -59,6 +59,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
+use crate::aggregate::delta_sq_norms;
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, TensorSource};
 use crate::parallel::map_items;
@@ -260,22 +261,25 @@ impl Admission {
         messages: &[(&ClientId, &dyn TensorSource, u64)],
     ) -> Result<Vec<AdmissionDecision>> {
         self.check()?;
-        if let Some((entry, (index, value))) = global
-            .iter()
-            .find_map(|e| e.tensor.first_non_finite().map(|bad| (e, bad)))
-        {
-            return Err(Error::NonFinite {
-                tensor: format!("global adapter: {}", entry.key.canonical()),
+        global.check_finite().map_err(|e| match e {
+            Error::NonFinite {
+                tensor,
                 index,
                 value,
-            });
-        }
-        // One full read of every update: one rayon task per client (on the
-        // calling thread when the round is tiny).
-        let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
-        let inspected: Vec<Inspection> = map_items(messages, per_client, |(_, update, _)| {
-            inspect(global, probe_keys, *update, self.require_probe_keys)
-        });
+            } => Error::NonFinite {
+                tensor: format!("global adapter: {tensor}"),
+                index,
+                value,
+            },
+            other => other,
+        })?;
+        let structural: Vec<Option<Rejection>> = messages
+            .iter()
+            .map(|(_, update, _)| {
+                inspect_structure(global, probe_keys, *update, self.require_probe_keys)
+            })
+            .collect();
+        let inspected = inspect_values(global, messages, structural)?;
         let eligible: Vec<Inspection> = messages
             .iter()
             .zip(inspected)
@@ -540,14 +544,15 @@ fn lower_median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Structure, probe keys and values (with the norm) of one update.
-fn inspect(
+/// The stages that read no tensor value: keys and shapes, then the probe's keys.
+fn inspect_structure(
     global: &LoraAdapter,
     probe_keys: &[&str],
     update: &dyn TensorSource,
     require_probe_keys: bool,
-) -> Inspection {
+) -> Option<Rejection> {
     if let Some(rejection) = structure(global, update) {
-        return Inspection::Rejected(rejection);
+        return Some(rejection);
     }
     if require_probe_keys {
         let missing: Vec<String> = probe_keys
@@ -556,9 +561,70 @@ fn inspect(
             .map(|k| (*k).to_owned())
             .collect();
         if !missing.is_empty() {
-            return Inspection::Rejected(Rejection::MissingProbeKeys { keys: missing });
+            return Some(Rejection::MissingProbeKeys { keys: missing });
         }
     }
+    None
+}
+
+/// The value stage of every structurally sound update: ‖update − global‖₂
+/// and the NaN/∞ scan, in one read of the inputs.
+///
+/// The fast path reads all sound updates chunk by chunk together
+/// ([`delta_sq_norms`]), so the global is read once rather than once per
+/// client. A client whose squared norm is not finite (it holds NaN/∞: finite
+/// f32 values cannot overflow the f64 sum) is read again alone for the
+/// rejection's first offending index; if any read fails, every sound client
+/// is read alone, so one unreadable source is rejected and never fails the
+/// others.
+fn inspect_values(
+    global: &LoraAdapter,
+    messages: &[(&ClientId, &dyn TensorSource, u64)],
+    structural: Vec<Option<Rejection>>,
+) -> Result<Vec<Inspection>> {
+    let sound: Vec<&dyn TensorSource> = messages
+        .iter()
+        .zip(&structural)
+        .filter(|(_, r)| r.is_none())
+        .map(|((_, update, _), _)| *update)
+        .collect();
+    let mut norms = match delta_sq_norms(global, &sound) {
+        Ok(squares) => squares
+            .into_iter()
+            .zip(&sound)
+            .map(|(square, update)| {
+                if square.is_finite() {
+                    Inspection::Sound {
+                        norm: square.sqrt(),
+                    }
+                } else {
+                    inspect_alone(global, *update)
+                }
+            })
+            .collect(),
+        Err(_) => {
+            let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
+            map_items(&sound, per_client, |update| inspect_alone(global, *update))
+        }
+    }
+    .into_iter();
+    structural
+        .into_iter()
+        .map(|rejected| match rejected {
+            Some(rejection) => Ok(Inspection::Rejected(rejection)),
+            None => norms.next().ok_or_else(|| {
+                Error::invariant(
+                    "round::admission::inspect_values",
+                    "one value inspection per structurally sound update",
+                    format!("{} sound updates", sound.len()),
+                )
+            }),
+        })
+        .collect()
+}
+
+/// One update's value stage, read on its own.
+fn inspect_alone(global: &LoraAdapter, update: &dyn TensorSource) -> Inspection {
     match delta_norm(global, update) {
         Ok(Ok(norm)) => Inspection::Sound { norm },
         Ok(Err(rejection)) => Inspection::Rejected(rejection),

@@ -167,7 +167,11 @@ where
     Init: Fn() -> S + Sync + Send,
     Kernel: Fn(&mut S, &ChunkRef<'_>, &mut [f32]) + Sync + Send,
 {
-    let mut outputs: Vec<Vec<f32>> = round.global.iter().map(|g| vec![0.0; g.len()]).collect();
+    // Zeroing reused heap memory is a full write of the output: spread it
+    // over the pool rather than doing it on the calling thread.
+    let per_segment = round.dim / round.global.len().max(1);
+    let mut outputs: Vec<Vec<f32>> =
+        crate::parallel::map_items(&round.global, per_segment, |g| vec![0.0; g.len()]);
     let mut items = Vec::with_capacity(round.dim / CHUNK + outputs.len());
     for (seg, out) in outputs.iter_mut().enumerate() {
         let mut start = 0;
