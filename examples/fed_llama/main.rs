@@ -37,7 +37,14 @@
 //!    defense. After every round: attack success rate (ASR) and held-out
 //!    benign loss of the global model.
 //! 5. One table on screen; `summary.csv`, `rounds.csv`, `asr.svg` and
-//!    `config.json` in the output directory.
+//!    `config.json` in the output directory, and the strict verdict over
+//!    `--seeds` (`verdict.csv`, heat map `verdict.svg`). Every finished
+//!    federation is kept under `cells/`, so a rerun skips it.
+//!
+//! `--zoo` runs every attack scenario (`scenario::Scenario::zoo`) at 0, 30
+//! and 50 % malicious over 3 seeds against the recommended spec (when the
+//! file exists), the evidence level behind a norm bound, FedAvg and the
+//! oracle; an interrupted zoo resumes where it stopped.
 
 mod attacker;
 mod clients;
