@@ -78,10 +78,7 @@ fn all_rules() -> Vec<(&'static str, Box<dyn Aggregator>)> {
         ),
         ("foolsgold", Box::new(FoolsGold::new())),
         ("flame", Box::new(Flame::new())),
-        (
-            "dnc",
-            Box::new(DnC::new(1).unwrap().subsample_dim(100_000).unwrap()),
-        ),
+        ("dnc", Box::new(DnC::new(1).unwrap().subsample_dim(100_000))),
     ]
 }
 
@@ -227,7 +224,7 @@ fn robustness_constraints_are_typed_errors() {
 }
 
 #[test]
-fn invalid_parameters_are_rejected_at_construction() {
+fn invalid_parameters_are_rejected_by_check() {
     let param = |r: Result<(), Error>| {
         assert!(matches!(r, Err(Error::InvalidParameter { .. })), "{r:?}");
     };
@@ -237,19 +234,19 @@ fn invalid_parameters_are_rejected_at_construction() {
     param(MultiKrum::new(1, 0).map(drop));
     param(NormClipping::new(ClipBound::Fixed(0.0)).map(drop));
     param(NormClipping::new(ClipBound::Fixed(f64::INFINITY)).map(drop));
-    param(FedAvg::new().skip_avg_weight(Some(1.5)).map(drop));
-    param(GeometricMedian::new().nu(0.0).map(drop));
-    param(GeometricMedian::new().tolerance(-1.0).map(drop));
-    param(GeometricMedian::new().max_iterations(0).map(drop));
-    param(FoolsGold::new().kappa(0.0).map(drop));
-    param(Flame::new().noise_lambda(-1.0).map(drop));
-    param(DnC::new(1).unwrap().iterations(0).map(drop));
-    param(DnC::new(1).unwrap().subsample_dim(0).map(drop));
-    param(DnC::new(1).unwrap().filter_fraction(0.0).map(drop));
+    param(SafetyGate::new(1.5).map(drop));
+    param(GeometricMedian::new().nu(0.0).check());
+    param(GeometricMedian::new().tolerance(-1.0).check());
+    param(GeometricMedian::new().max_iterations(0).check());
+    param(FoolsGold::new().kappa(0.0).check());
+    param(Flame::new().noise_lambda(-1.0).check());
+    param(DnC::new(1).unwrap().iterations(0).check());
+    param(DnC::new(1).unwrap().subsample_dim(0).check());
+    param(DnC::new(1).unwrap().filter_fraction(0.0).check());
     param(
         FactorGate::new(FedAvg::new())
             .admit(Admit::AtLeast(2.0))
-            .map(drop),
+            .check(),
     );
 }
 
@@ -392,11 +389,7 @@ fn fedavg_gate_skips_rounds_with_low_mean_factor() {
     assert_eq!(result_vec(&open), [1.0, 1.0]);
     // All weights zero and no gate: skipped, never a silent plain mean.
     let zero = [ClientUpdate::new("z", &clients[0], 10).with_security_factor(0.0)];
-    let result = FedAvg::new()
-        .skip_avg_weight(None)
-        .unwrap()
-        .aggregate(&global, &zero)
-        .unwrap();
+    let result = FedAvg::new().gate(None).aggregate(&global, &zero).unwrap();
     assert!(matches!(
         result.outcome,
         Outcome::Skipped {
@@ -414,8 +407,7 @@ fn gate_mean_counts_non_finite_updates_as_zero() {
     );
     let ups = updates(&clients); // all factors 1.0; two non-finite → mean 1/3
     let result = FedAvg::new()
-        .skip_avg_weight(Some(0.5))
-        .unwrap()
+        .gate(SafetyGate::new(0.5).unwrap())
         .aggregate(&global, &ups)
         .unwrap();
     assert!(matches!(
@@ -472,13 +464,11 @@ fn factor_gate_runs_krum_over_trusted_clients() {
     assert_eq!(result.contributions.len(), 1);
     // Threshold admission and the round-level gate.
     ups[3].security_factor = 0.4;
-    let gate = FactorGate::new(CoordinateMedian::new())
-        .admit(Admit::AtLeast(0.5))
-        .unwrap();
+    let gate = FactorGate::new(CoordinateMedian::new()).admit(Admit::AtLeast(0.5));
     let result = gate.clone().aggregate(&global, &ups).unwrap();
     assert_eq!(result.contributions.len(), 3);
     assert_eq!(result_vec(&result), [5.1, 5.1]);
-    let mut strict = gate.skip_avg_weight(Some(0.9)).unwrap();
+    let mut strict = gate.gate(SafetyGate::new(0.9).unwrap());
     assert!(strict.aggregate(&global, &ups).unwrap().is_skipped());
 }
 
@@ -724,7 +714,7 @@ fn flame_noise_is_seeded_and_scaled() {
     let quiet = result_vec(&run(&mut Flame::new(), &global, &clients));
     let noisy = |seed| {
         result_vec(&run(
-            &mut Flame::new().noise_lambda(0.5).unwrap().seed(seed),
+            &mut Flame::new().noise_lambda(0.5).seed(seed),
             &global,
             &clients,
         ))
@@ -748,11 +738,7 @@ fn dnc_drops_the_outlier_along_the_top_direction() {
     }
     vectors[4].iter_mut().for_each(|x| *x += 3.0);
     let clients = adapters(&global, &vectors);
-    let result = run(
-        &mut DnC::new(1).unwrap().iterations(3).unwrap(),
-        &global,
-        &clients,
-    );
+    let result = run(&mut DnC::new(1).unwrap().iterations(3), &global, &clients);
     assert!(matches!(
         result.exclusion("c4").unwrap().reason,
         ExclusionReason::DnCOutlier { .. }
@@ -861,4 +847,70 @@ proptest! {
         let out = result_vec(&run(&mut Krum::new(f).unwrap(), &global, &clients));
         prop_assert!(vectors.contains(&out));
     }
+}
+
+/// Honest clients near 1.0 and one attacker at 1000 in every coordinate.
+fn honest_and_attacker(global: &LoraAdapter, honest: usize) -> Vec<LoraAdapter> {
+    let dim = flatten(global).len();
+    let mut vectors: Vec<Vec<f32>> = (0..honest)
+        .map(|i| vec![1.0 + 0.01 * i as f32; dim])
+        .collect();
+    vectors.push(vec![1000.0; dim]);
+    adapters(global, &vectors)
+}
+
+#[test]
+fn trimmed_mean_and_dnc_count_removed_liars_against_their_budget() {
+    let global = template(2, 2);
+    // Two clients left after one liar was removed from three: the trimmed
+    // mean (k = 1) and DnC (f = 1) alone need three and two, but one of the
+    // budget is spent on the liar.
+    let two = adapters(&global, &[vec![1.0; 4], vec![3.0; 4]]);
+    let ups = updates(&two);
+    let mut trimmed = TrimmedMean::new(Trim::PerSide(1)).unwrap();
+    assert!(matches!(
+        trimmed.aggregate(&global, &ups),
+        Err(Error::TooFewClients { .. })
+    ));
+    let out = trimmed.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert_eq!(result_vec(&out), [2.0; 4]); // k − 1 = 0: the plain mean
+    let mut dnc = DnC::new(2).unwrap();
+    assert!(matches!(
+        dnc.aggregate(&global, &ups),
+        Err(Error::TooFewClients { .. })
+    ));
+    assert!(dnc.aggregate_after_removal(&global, &ups, 1).is_ok());
+    // A fraction counts the n submitted: β = 0.25 of 6 + 2 is two per side,
+    // all of it spent on the two liars (of the 6 left alone it trims one).
+    let mut six = vec![vec![1.0; 4]; 5];
+    six.push(vec![7.0; 4]);
+    let six = adapters(&global, &six);
+    let mut fraction = TrimmedMean::new(Trim::Fraction(0.25)).unwrap();
+    let alone = fraction.aggregate(&global, &updates(&six)).unwrap();
+    assert_eq!(result_vec(&alone), [1.0; 4]);
+    let out = fraction
+        .aggregate_after_removal(&global, &updates(&six), 2)
+        .unwrap();
+    assert_eq!(result_vec(&out), [2.0; 4]);
+
+    // What is left of the budget still holds an attacker among the rest to
+    // the honest range: k = 2 with one liar removed trims one per side, f = 2
+    // with one removed drops one per iteration.
+    let clients = honest_and_attacker(&global, 4);
+    let ups = updates(&clients);
+    let mut trimmed = TrimmedMean::new(Trim::PerSide(2)).unwrap();
+    let out = trimmed.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert!(
+        result_vec(&out).iter().all(|v| (1.0..=1.04).contains(v)),
+        "{:?}",
+        result_vec(&out)
+    );
+    let mut dnc = DnC::new(2).unwrap();
+    let out = dnc.aggregate_after_removal(&global, &ups, 1).unwrap();
+    assert!(out.contribution("c4").is_none(), "the attacker is dropped");
+    assert!(
+        result_vec(&out).iter().all(|v| (1.0..=1.04).contains(v)),
+        "{:?}",
+        result_vec(&out)
+    );
 }

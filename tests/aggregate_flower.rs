@@ -14,6 +14,10 @@ use safe_fedllm::aggregate::{
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use serde_json::Value;
 
+mod common;
+
+use common::floats;
+
 struct Fixture {
     json: Value,
     global: LoraAdapter,
@@ -31,14 +35,6 @@ fn adapter(keys: &[String], shapes: &[[usize; 2]], values: &[f32]) -> LoraAdapte
     }
     assert_eq!(offset, values.len());
     out
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn load(name: &str) -> Fixture {

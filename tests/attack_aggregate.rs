@@ -486,7 +486,6 @@ fn gate_threshold_outside_unit_interval_is_a_typed_error() {
                 ..
             })
         ));
-        assert!(FedAvg::new().skip_avg_weight(Some(bad)).is_err());
     }
     // Deserialised gates are validated too.
     assert!(serde_json::from_str::<SafetyGate>(r#"{"threshold": 2.0}"#).is_err());
@@ -529,27 +528,49 @@ fn huge_f_trim_and_m_are_typed_errors() {
     param(Bulyan::new(usize::MAX).map(drop));
     param(TrimmedMean::new(Trim::PerSide(usize::MAX)).map(drop));
     param(TrimmedMean::new(Trim::Fraction(f64::NAN)).map(drop));
-    param(
-        DnC::new(1)
-            .and_then(|d| d.subsample_dim(usize::MAX))
-            .map(drop),
-    );
-    param(DnC::new(1).and_then(|d| d.iterations(usize::MAX)).map(drop));
-    param(
-        DnC::new(1)
-            .and_then(|d| d.filter_fraction(f64::INFINITY))
-            .map(drop),
-    );
-    param(GeometricMedian::new().max_iterations(usize::MAX).map(drop));
-    param(GeometricMedian::new().nu(f64::NAN).map(drop));
-    param(Flame::new().noise_lambda(f64::INFINITY).map(drop));
-
-    // Representable but unmeetable: a typed error at aggregation, never a wrap.
+    // Setters store what they are given; `check` rejects it, and so does
+    // every round run with it (nothing is aggregated).
     let global = small();
     let h = honest(&global, HONEST, 8);
     let clients = adapters(&global, &h);
     let liar = liar_with(&global, 1.0, None);
     let ups = round_of(&clients, &liar);
+    let unchecked: Vec<(Box<dyn Aggregator>, safe_fedllm::Result<()>)> = vec![
+        {
+            let r = DnC::new(1).unwrap().subsample_dim(usize::MAX);
+            (Box::new(r.clone()), r.check())
+        },
+        {
+            let r = DnC::new(1).unwrap().iterations(usize::MAX);
+            (Box::new(r.clone()), r.check())
+        },
+        {
+            let r = DnC::new(1).unwrap().filter_fraction(f64::INFINITY);
+            (Box::new(r.clone()), r.check())
+        },
+        {
+            let r = GeometricMedian::new().max_iterations(usize::MAX);
+            (Box::new(r), r.check())
+        },
+        {
+            let r = GeometricMedian::new().nu(f64::NAN);
+            (Box::new(r), r.check())
+        },
+        {
+            let r = Flame::new().noise_lambda(f64::INFINITY);
+            (Box::new(r.clone()), r.check())
+        },
+        {
+            let r = FoolsGold::new().kappa(-1.0);
+            (Box::new(r.clone()), r.check())
+        },
+    ];
+    for (mut rule, checked) in unchecked {
+        param(checked);
+        param(rule.aggregate(&global, &ups).map(drop));
+    }
+
+    // Representable but unmeetable: a typed error at aggregation, never a wrap.
     too_few(
         Krum::new((usize::MAX - 3) / 2)
             .unwrap()
@@ -571,7 +592,6 @@ fn huge_f_trim_and_m_are_typed_errors() {
         DnC::new(2)
             .unwrap()
             .filter_fraction(1e300)
-            .unwrap()
             .aggregate(&global, &ups),
     );
 }

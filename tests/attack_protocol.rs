@@ -10,8 +10,7 @@
 use safe_fedllm::ClientId;
 use safe_fedllm::aggregate::{Aggregator, Bulyan, FactorGate, FedAvg, Krum, SkipReason};
 use safe_fedllm::detect::{AnyDetector, ClientLevel, DefenseLevel, EvidenceStatus, Verdict};
-use safe_fedllm::features::{FeatureConfig, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, TensorSource};
+use safe_fedllm::lora::{LoraAdapter, TensorSource};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
     Admitted, AuditDraw, ClientOutcome, ClientReport, CommitmentStatus, DefendedRound, Disposition,
@@ -19,8 +18,9 @@ use safe_fedllm::round::{
     borrow_reports,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
+
+use common::{B, global, probe};
 
 const LEVELS: [DefenseLevel; 4] = [
     DefenseLevel::Step,
@@ -29,24 +29,9 @@ const LEVELS: [DefenseLevel; 4] = [
     DefenseLevel::Evidence,
 ];
 
+/// The toy adapter with lora_A at the global's (0.5, 0.5).
 fn adapter(x: f32, y: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], vec![0.5, 0.5]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0)
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
+    common::adapter(x, y, 0.5)
 }
 
 type Round = DefendedRound<LinearProbe, AnyDetector, FedAvg>;

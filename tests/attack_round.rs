@@ -14,38 +14,17 @@ use safe_fedllm::detect::{
     AnyDetector, ClientLevel, DefenseLevel, EvidenceLevel, Safeguards, ShadowLevel, StepLevel,
     Verdict,
 };
-use safe_fedllm::features::{FeatureConfig, FeatureSpec, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+use safe_fedllm::features::FeatureSpec;
+use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use safe_fedllm::probe::{LinearProbe, Probe};
 use safe_fedllm::round::{
     Admission, Admitted, DefendedRound, Disposition, NormBound, OverBound, OwnedReport, OwnedSteps,
     Provenance, Rejection, RoundParams, SamplePolicy, borrow_reports,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
 
-/// lora_B = (x, y); lora_A = 20 values of `a` (a tensor of more than 16
-/// values, so SIMD paths are exercised).
-fn adapter(x: f32, y: f32, a: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], vec![a, a]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0, 0.5)
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, 0.5), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+use common::{A, B, adapter, global, probe};
 
 fn benign(y: f32) -> LoraAdapter {
     adapter(0.0, y, 0.5)
@@ -195,7 +174,7 @@ fn zero_samples_are_rejected_and_cannot_whitewash_harmful_shadow_steps() {
     assert!(max_diff(&out.new_global.unwrap(), &honest_only(DefenseLevel::Shadow)) < 1e-6);
     // Even under the uniform policy (counts ignored, 0 admitted), the shadow
     // share comes from the steps: factor (1 − 1)^7 = 0.
-    let uniform = Admission::default().samples(SamplePolicy::Uniform).unwrap();
+    let uniform = Admission::default().samples(SamplePolicy::Uniform);
     let mut round = DefendedRound::new(probe(), detector(DefenseLevel::Shadow), FedAvg::new())
         .with_params(params().admission(uniform))
         .unwrap();
@@ -308,7 +287,6 @@ fn huge_update_is_clipped_to_the_median_norm_by_default_under_every_level() {
 fn huge_update_is_excluded_beyond_a_median_multiple_under_the_exclude_policy() {
     let policy = Admission::default()
         .norm_bound(NormBound::MedianMultiple(10.0))
-        .unwrap()
         .over_bound(OverBound::Exclude);
     for magnitude in [1e20f32, f32::MAX] {
         let mut reports = honest();
@@ -334,7 +312,6 @@ fn huge_update_is_excluded_beyond_a_median_multiple_under_the_exclude_policy() {
 fn huge_update_is_clipped_to_the_bound_under_the_clip_policy() {
     let policy = Admission::default()
         .norm_bound(NormBound::Absolute(1.0))
-        .unwrap()
         .over_bound(OverBound::Clip);
     let mut reports = honest();
     reports.push(OwnedReport::new("huge", benign(f32::MAX), 100));
@@ -655,26 +632,31 @@ fn client_level_checkpoint_with_impossible_round_count_is_rejected() {
 
 #[test]
 fn invalid_admission_settings_are_typed_errors() {
-    assert!(
-        Admission::default()
-            .samples(SamplePolicy::CapAt(0))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .samples(SamplePolicy::CapAtMedianMultiple(f64::NAN))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .norm_bound(NormBound::Absolute(-1.0))
-            .is_err()
-    );
-    assert!(
-        Admission::default()
-            .norm_bound(NormBound::MedianMultiple(f64::INFINITY))
-            .is_err()
-    );
+    for (bad, name) in [
+        (
+            Admission::default().samples(SamplePolicy::CapAt(0)),
+            "samples",
+        ),
+        (
+            Admission::default().samples(SamplePolicy::CapAtMedianMultiple(f64::NAN)),
+            "samples",
+        ),
+        (
+            Admission::default().norm_bound(NormBound::Absolute(-1.0)),
+            "norm_bound",
+        ),
+        (
+            Admission::default().norm_bound(NormBound::MedianMultiple(f64::INFINITY)),
+            "norm_bound",
+        ),
+    ] {
+        let named = |e: safe_fedllm::Error| matches!(e, safe_fedllm::Error::InvalidParameter { component: "admission", name: n, .. } if n == name);
+        assert!(named(bad.check().unwrap_err()), "{bad:?}");
+        // A round is never built on it, so no client is admitted under it.
+        let built = DefendedRound::new(probe(), detector(DefenseLevel::Client), FedAvg::new())
+            .with_params(params().admission(bad.clone()));
+        assert!(named(built.err().unwrap()), "{bad:?}");
+    }
     assert!(SafetyGate::new(1.5).is_err());
     // A policy deserialised from JSON is re-checked before use.
     let bad: Admission = serde_json::from_str(
@@ -801,7 +783,6 @@ fn admission_norms_from_the_shared_pass_equal_each_update_read_alone() {
     let honest = honest();
     let admission = Admission::default()
         .norm_bound(NormBound::MedianMultiple(1.0))
-        .unwrap()
         .over_bound(OverBound::Clip);
     let messages: Vec<_> = honest
         .iter()

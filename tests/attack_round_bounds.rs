@@ -12,37 +12,16 @@
 use safe_fedllm::Error;
 use safe_fedllm::aggregate::FedAvg;
 use safe_fedllm::detect::{AnyDetector, DefenseLevel};
-use safe_fedllm::features::{FeatureConfig, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor, StorageDtype};
+use safe_fedllm::lora::{LoraAdapter, LoraDelta, StorageDtype};
 use safe_fedllm::probe::LinearProbe;
 use safe_fedllm::round::{
     Admission, Admitted, DefendedRound, NormBound, OverBound, OwnedReport, RoundOutcome,
     RoundParams, borrow_reports,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
 
-/// lora_B = (x, y); lora_A = (a0, a1).
-fn adapter(x: f32, y: f32, a: [f32; 2]) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], a.to_vec()).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0, [0.5, 0.5])
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, [0.5, 0.5]), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+use common::{A, B, adapter_with_a as adapter, global, probe};
 
 fn round(level: DefenseLevel) -> DefendedRound<LinearProbe, AnyDetector, FedAvg> {
     round_with(level, Admission::default())
@@ -66,7 +45,6 @@ fn round_with(
 fn policies() -> [(&'static str, Admission); 2] {
     let exclude = Admission::default()
         .norm_bound(NormBound::MedianMultiple(10.0))
-        .unwrap()
         .over_bound(OverBound::Exclude);
     [
         ("default", Admission::default()),
@@ -341,9 +319,7 @@ fn sybils_pushing_lora_a_inside_the_default_bounds_pull_no_more_than_as_many_hon
         // median) let the same sybils pull 13–19 × further.
         let old = Admission::default()
             .samples(safe_fedllm::round::SamplePolicy::CapAtMedianMultiple(2.0))
-            .unwrap()
             .norm_bound(NormBound::MedianMultiple(10.0))
-            .unwrap()
             .over_bound(OverBound::Exclude);
         let (old_out, _) = sybil_round(n, k, old);
         let old_moved = a_movement(&old_out);

@@ -3,17 +3,15 @@
 //! also checked by tests/defense_spec.rs and python/tests/test_spec.py).
 #![cfg(feature = "cli")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use safe_fedllm::lora::LoraAdapter;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/spec")
-        .join(name)
-}
+mod common;
+
+use common::{projection, spec_fixture as fixture};
 
 fn run(args: &[String]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_safe-fedllm-probe"))
@@ -47,28 +45,6 @@ fn base_args(spec: &Path) -> Vec<String> {
         "--global".into(),
         fixture("global.safetensors").display().to_string(),
     ]
-}
-
-/// The fields every front end must agree on (as in tests/defense_spec.rs).
-fn projection(outcome: &Value) -> Value {
-    let clients: Vec<Value> = outcome["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            json!({
-                "client": c["client"], "disposition": c["disposition"],
-                "verdict": c["verdict"], "factor": c["factor"], "samples": c["samples"],
-            })
-        })
-        .collect();
-    json!({
-        "clients": clients,
-        "mean_factor": outcome["mean_factor"],
-        "skipped": outcome["skipped"],
-        "threshold": outcome["threshold"],
-        "spec_sha256": outcome["spec_sha256"],
-    })
 }
 
 #[test]
@@ -151,4 +127,46 @@ fn an_upload_that_is_not_safetensors_fails_naming_client_and_file() {
         stderr.contains("eve") && stderr.contains("generate.py"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_audited_spec_needs_the_secret_file_and_never_echoes_it() {
+    let dir = std::env::temp_dir().join(format!("safe-fedllm-cli-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("audited.toml");
+    let text = std::fs::read_to_string(fixture("defense.toml")).unwrap();
+    std::fs::write(&spec, format!("{text}\n[audits]\nrate = 0.5\n")).unwrap();
+    let with_secret = |secret: Option<&str>| {
+        let mut args = base_args(&spec);
+        if let Some(secret) = secret {
+            let file = dir.join("secret.hex");
+            std::fs::write(&file, secret).unwrap();
+            args.extend(["--audit-secret-file".into(), file.display().to_string()]);
+        }
+        args.extend(uploads());
+        run(&args)
+    };
+    // No secret: refused, naming the section.
+    let (code, stdout, stderr) = with_secret(None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.is_empty() && stderr.contains("audits"), "{stderr}");
+    // A malformed secret: refused, naming the file, never printing it.
+    let leaked = "not-a-secret-but-private-0123456789";
+    let (code, _, stderr) = with_secret(Some(leaked));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("secret.hex") && !stderr.contains(leaked),
+        "{stderr}"
+    );
+    // 64 hex digits: the round runs, with the fixture's verdicts (the client
+    // level audits nobody) under the audited spec's own hash.
+    let (code, stdout, stderr) = with_secret(Some(&format!("{}\n", "ab".repeat(32))));
+    assert_eq!(code, 0, "{stderr}");
+    let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap();
+    let got = projection(&line);
+    assert_eq!(got["clients"], expected["clients"]);
+    assert_ne!(got["spec_sha256"], expected["spec_sha256"]);
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -2,8 +2,6 @@
 //! through JSON and TOML, typed errors for every misspelt key and
 //! out-of-range value per section, and the one τ moving verdicts.
 
-use std::path::{Path, PathBuf};
-
 use safe_fedllm::aggregate::AggregatorSpec;
 use safe_fedllm::detect::{
     ClientLevelParams, EvidenceLevelParams, ShadowLevelParams, StepLevelParams, Verdict,
@@ -13,18 +11,16 @@ use safe_fedllm::lora::{AdapterView, LoraAdapter, LoraDelta, LoraTensor, TensorS
 use safe_fedllm::probe::synthetic::SyntheticConfig;
 use safe_fedllm::probe::{CalibratedParams, LinearProbe, Probe, ProbeBuilder, Threshold};
 use safe_fedllm::round::{
-    ClientReport, DefendedRound, DefenseSpec, DetectorSpec, RoundOutcome, ValidDefense,
+    AuditSpec, ClientReport, DefendedRound, DefenseSpec, DetectorSpec, RoundOutcome, ValidDefense,
 };
 use safe_fedllm::{ClientId, Error};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+mod common;
+
+use common::{projection, spec_fixture as fixture};
 
 const KEY: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/spec")
-        .join(name)
-}
 
 /// The fixture's uploads: (client, file, declared samples).
 const UPLOADS: [(&str, &str, u64); 4] = [
@@ -33,32 +29,6 @@ const UPLOADS: [(&str, &str, u64); 4] = [
     ("carol", "carol.safetensors", 120),
     ("mallory", "mallory.safetensors", 100),
 ];
-
-/// What every front end must agree on: per client the disposition, verdict
-/// and factor; the round's mean factor, skip, τ and spec hash.
-fn projection(outcome: &Value) -> Value {
-    let clients: Vec<Value> = outcome["clients"]
-        .as_array()
-        .expect("clients")
-        .iter()
-        .map(|c| {
-            json!({
-                "client": c["client"],
-                "disposition": c["disposition"],
-                "verdict": c["verdict"],
-                "factor": c["factor"],
-                "samples": c["samples"],
-            })
-        })
-        .collect();
-    json!({
-        "clients": clients,
-        "mean_factor": outcome["mean_factor"],
-        "skipped": outcome["skipped"],
-        "threshold": outcome["threshold"],
-        "spec_sha256": outcome["spec_sha256"],
-    })
-}
 
 fn run_fixture() -> RoundOutcome {
     let spec = DefenseSpec::from_file(fixture("defense.toml"))
@@ -162,6 +132,11 @@ fn specs_to_round_trip() -> Vec<DefenseSpec> {
             ..DefenseSpec::safe()
         });
     }
+    specs.push(DefenseSpec {
+        detector: DetectorSpec::Evidence(EvidenceLevelParams::default()),
+        audits: Some(AuditSpec { rate: 0.25 }),
+        ..DefenseSpec::safe()
+    });
     specs
 }
 
@@ -249,6 +224,8 @@ fn a_misspelt_key_in_every_section_is_named_with_a_suggestion() {
             "probe.inline.bias2",
             None,
         ),
+        ("[audits]\nrat = 0.25\n", "audits.rat", Some("rate")),
+        ("[audits]\nrate = 0.25\nsecret = 7\n", "audits.secret", None),
     ];
     for (text, key, suggestion) in cases {
         let (k, s) = spec_error(DefenseSpec::from_toml(text));
@@ -298,6 +275,9 @@ fn an_out_of_range_value_in_every_section_is_a_typed_error_naming_it() {
             "aggregator.m",
         ),
         ("trail = { max_abs = -1.0 }\n", "trail"),
+        ("[audits]\nrate = 0.0\n", "audits.rate"),
+        ("[audits]\nrate = 1.5\n", "audits.rate"),
+        ("[audits]\nrate = nan\n", "audits.rate"),
     ];
     for (text, key) in cases {
         let (k, _) = spec_error(check(text));
@@ -465,4 +445,44 @@ fn a_target_fpr_calibrated_probe_and_a_refresh_move_verdicts() {
     assert_eq!(first.client("c").unwrap().verdict, at_calibrated);
     assert_eq!(second.client("c").unwrap().verdict, at_default);
     assert_eq!(second.threshold, 0.8);
+}
+
+#[test]
+fn an_audited_spec_runs_only_with_the_servers_secret_which_the_spec_never_holds() {
+    let text = "[detector]\nlevel = \"evidence\"\n[audits]\nrate = 0.25\n";
+    let valid = DefenseSpec::from_toml(text).unwrap().check().unwrap();
+    // The secret is not a spec setting: the spec (and its hash, and the run
+    // header) are the same whatever secret the server holds.
+    assert!(!valid.header_json().unwrap().contains("secret"));
+    let global = adapter(&[0.0, 0.0]);
+    let id = ClientId::from("c");
+    let update = adapter(&[0.0, 1.0]);
+    let reports = [ClientReport::new(&id, &update, 64)];
+
+    // Without the secret the round refuses to run, and changes nothing.
+    let mut unkeyed = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5)).unwrap();
+    // Every client the level may audit commits every round, keyed or not.
+    assert!(unkeyed.needs_shadow(&id));
+    match unkeyed.run(0, &global, &reports) {
+        Err(Error::Spec { key, .. }) => assert_eq!(key, "audits"),
+        other => panic!("expected Error::Spec at `audits`, got {other:?}"),
+    }
+    let fresh = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5)).unwrap();
+    assert_eq!(unkeyed.detector(), fresh.detector());
+
+    // Keyed, it runs at the spec's rate.
+    let mut keyed = DefendedRound::from_spec_with_probe(&valid, toy_probe(0.5))
+        .unwrap()
+        .with_audit_secret([9; 32])
+        .unwrap();
+    assert_eq!(keyed.audit_rate(), Some(0.25));
+    let outcome = keyed.run(0, &global, &reports).unwrap();
+    assert_eq!(outcome.spec_sha256.as_deref(), Some(valid.sha256()));
+
+    // A secret for a spec without audits is refused rather than ignored.
+    let plain = DefenseSpec::safe().check().unwrap();
+    let refused = DefendedRound::from_spec_with_probe(&plain, toy_probe(0.5))
+        .unwrap()
+        .with_audit_secret([9; 32]);
+    assert!(matches!(refused, Err(Error::Spec { ref key, .. }) if key == "audits"));
 }

@@ -11,6 +11,10 @@ use safe_fedllm::lora::{
 };
 use serde_json::Value;
 
+mod common;
+
+use common::floats;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/lora")
@@ -19,14 +23,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("expected.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn strings(v: &Value) -> Vec<String> {

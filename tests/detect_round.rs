@@ -8,39 +8,16 @@ use safe_fedllm::detect::{
     ClientEvidence, ClientId, ClientLevel, Detector, EvidenceLevel, EvidenceStatus, ShadowLevel,
     StepLevel, Verdict,
 };
-use safe_fedllm::features::{FeatureConfig, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
-use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::lora::{LoraAdapter, LoraTensor};
 use safe_fedllm::round::{
     Admitted, DefendedRound, Disposition, OwnedReport as ClientReport, OwnedSteps as StepsReport,
     Rejection, RoundOutcome, RoundParams, ShadowBranch, TrailCheck, TrailStatus, borrow_reports,
     score_steps,
 };
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-const A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+mod common;
 
-/// An adapter whose lora_B is (x, y) and lora_A is (a, a).
-fn adapter(x: f32, y: f32, a: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out.insert(A, LoraTensor::new("a", [1, 2], vec![a, a]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0, 0.5)
-}
-
-/// A probe over the (L2-normalised) lora_B delta: +x is malicious, +y benign.
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0, 0.5), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+use common::{A, B, adapter, global, probe};
 
 fn benign(scale: f32) -> LoraAdapter {
     adapter(0.0, scale, 0.5 + scale)

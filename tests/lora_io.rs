@@ -11,6 +11,10 @@ use safe_fedllm::lora::{
 };
 use serde_json::Value;
 
+mod common;
+
+use common::floats;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/lora")
@@ -20,14 +24,6 @@ fn fixture(name: &str) -> PathBuf {
 fn expected() -> Value {
     let text = std::fs::read_to_string(fixture("expected.json")).expect("expected.json");
     serde_json::from_str(&text).expect("valid json")
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
 }
 
 const FIRST_B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";

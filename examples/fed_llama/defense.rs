@@ -165,7 +165,6 @@ impl Defense {
         if self == Defense::EvidenceNormBound {
             spec.admission = Admission::default()
                 .norm_bound(NormBound::MedianMultiple(2.0))
-                .ok()?
                 .over_bound(OverBound::Exclude);
         }
         Some(spec)

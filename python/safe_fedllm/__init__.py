@@ -20,7 +20,9 @@ runs on one shared pool with one thread per core. Cap it with the
 other call, :func:`set_num_threads`.
 
 Modules: :mod:`safe_fedllm.flower` (a Flower Message-API strategy),
-:mod:`safe_fedllm.client` (step trail and shadow branch for a ClientApp).
+:mod:`safe_fedllm.client` (step trail and shadow branch for a ClientApp),
+:mod:`safe_fedllm.probe_runs` (collect labelled LoRA runs of your own base
+model and build a probe from them), :mod:`safe_fedllm.torch` (PEFT helpers).
 """
 
 from ._native import (

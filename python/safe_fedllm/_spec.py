@@ -142,6 +142,16 @@ def spec_from_run_config(
     return spec, spec_dir
 
 
+def _core_bound_name(bound: Mapping[str, Any]) -> str | None:
+    """The ``norm_bound`` name of a core bound (``None`` for unbounded)."""
+    return None if bound["bound"] == "unbounded" else bound["bound"]
+
+
+# The core's ``Admission::default()``, read once from the native module (the
+# canonical form of an empty spec): the one definition of every default below.
+_CORE_ADMISSION: dict[str, Any] = _native.check_spec({})["spec"]["admission"]
+
+
 @dataclass(frozen=True)
 class AdmissionPolicy:
     """What a reply must satisfy before the defence looks at it: a typed way
@@ -173,12 +183,12 @@ class AdmissionPolicy:
     global by at most one median client's worth.
     """
 
-    samples: str = "cap_at_median_multiple"
-    sample_value: float | None = 1.0
-    norm_bound: str | None = "median_multiple"
-    norm_value: float | None = 1.0
-    over_bound: str = "clip"
-    require_probe_keys: bool = True
+    samples: str = _CORE_ADMISSION["samples"]["policy"]
+    sample_value: float | None = _CORE_ADMISSION["samples"].get("value")
+    norm_bound: str | None = _core_bound_name(_CORE_ADMISSION["norm_bound"])
+    norm_value: float | None = _CORE_ADMISSION["norm_bound"].get("value")
+    over_bound: str = _CORE_ADMISSION["over_bound"]
+    require_probe_keys: bool = _CORE_ADMISSION["require_probe_keys"]
 
     @classmethod
     def reference(cls) -> "AdmissionPolicy":
@@ -191,7 +201,8 @@ class AdmissionPolicy:
         if self.samples == "cap_at":
             samples["value"] = int(self.sample_value or 0)
         elif self.samples == "cap_at_median_multiple":
-            samples["value"] = float(self.sample_value if self.sample_value is not None else 1.0)
+            multiple = self.sample_value if self.sample_value is not None else _CORE_ADMISSION["samples"]["value"]
+            samples["value"] = float(multiple)
         bound: dict[str, Any] = {"bound": "unbounded"}
         if self.norm_bound is not None:
             bound = {"bound": self.norm_bound, "value": float(self.norm_value or 0.0)}

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use safe_fedllm::aggregate::{
     Admit, Aggregation, Aggregator as _, AggregatorSpec, AnyAggregator, ClientUpdate, FactorGate,
-    Outcome,
+    Outcome, SafetyGate,
 };
 use safe_fedllm::lora::TensorSource;
 use serde_json::Value;
@@ -208,11 +208,11 @@ impl Aggregator {
         let built = spec.check().py()?;
         let wrapped = gate.is_some_and(|g| !g.is_none()) || skip_avg_weight.is_some();
         let inner = if wrapped {
+            let safety_gate = skip_avg_weight.map(SafetyGate::new).transpose().py()?;
             let gated = FactorGate::new(built)
                 .admit(admit_of(gate)?)
-                .py()?
-                .skip_avg_weight(skip_avg_weight)
-                .py()?;
+                .gate(safety_gate);
+            gated.check().py()?;
             Built::Wrapped(gated)
         } else {
             Built::Plain(built)

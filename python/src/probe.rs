@@ -163,19 +163,23 @@ impl Probe {
     /// Trains a probe on labelled deltas (class-balanced L2 logistic
     /// regression).
     ///
-    /// `calibrated=True` uses the crate's recommended trainer: C chosen from
-    /// `c_grid` by (group) k-fold cross-validation (`folds`, `seed`; `groups`
-    /// keeps the samples of one run or client in one fold), Platt scaling so
-    /// scores are probabilities, and τ by `threshold_policy` ("fixed:0.8",
-    /// "target-fpr:0.05" or "max-f1") on the out-of-fold scores; the report
-    /// is in `probe.info`.
+    /// By default (`calibrated=True`) it uses the crate's recommended
+    /// trainer, the one that holds on real deltas: C chosen from `c_grid` by
+    /// (group) k-fold cross-validation (`folds`, `seed`; `groups` keeps the
+    /// samples of one run or client in one fold; a given `c` is a one-value
+    /// grid), Platt scaling so scores are probabilities, and τ by
+    /// `threshold_policy` ("fixed:0.8", "target-fpr:0.05" or "max-f1", or a
+    /// fixed `threshold`) on the out-of-fold scores; the report is in
+    /// `probe.info`. `calibrated=False` fits the plain logistic regression
+    /// once, with τ = `threshold`. Settings left as None take the core's
+    /// defaults.
     ///
     /// `labels`: True / "malicious" or False / "benign" per delta.
     /// `calibrate`: None (keep `threshold`), "max_f1", or a float: the target
     /// false-positive rate. Calibration scores `calibration = (deltas, labels)`
     /// when given (held-out data, recommended), else the training deltas.
     #[staticmethod]
-    #[pyo3(signature = (deltas, labels, *, selection = None, normalization = "l2", c = 1.0, max_iterations = 100, threshold = 0.8, calibrate = None, calibration = None, calibrated = false, c_grid = None, folds = 5, seed = 0, threshold_policy = None, groups = None))]
+    #[pyo3(signature = (deltas, labels, *, selection = None, normalization = "l2", c = None, max_iterations = None, threshold = None, calibrate = None, calibration = None, calibrated = true, c_grid = None, folds = None, seed = None, threshold_policy = None, groups = None))]
     #[allow(clippy::too_many_arguments)]
     fn train(
         py: Python<'_>,
@@ -183,15 +187,15 @@ impl Probe {
         labels: &Bound<'_, PyAny>,
         selection: Option<&Bound<'_, PyAny>>,
         normalization: &str,
-        c: f64,
-        max_iterations: usize,
-        threshold: f32,
+        c: Option<f64>,
+        max_iterations: Option<usize>,
+        threshold: Option<f32>,
         calibrate: Option<&Bound<'_, PyAny>>,
         calibration: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
         calibrated: bool,
         c_grid: Option<Vec<f64>>,
-        folds: usize,
-        seed: u64,
+        folds: Option<usize>,
+        seed: Option<u64>,
         threshold_policy: Option<&str>,
         groups: Option<Vec<usize>>,
     ) -> PyResult<Self> {
@@ -233,28 +237,36 @@ impl Probe {
         let cal_views = cal_held.as_deref().map(sources).transpose()?;
         let inner = py
             .detach(|| -> safe_fedllm::Result<LinearProbe> {
-                let base = LogisticParams::default()
-                    .c(c)
-                    .max_iterations(max_iterations);
+                let mut base = LogisticParams::default();
+                if let Some(n) = max_iterations {
+                    base = base.max_iterations(n);
+                }
                 let probe = if calibrated {
                     // C by (group) k-fold, Platt scaling folded into the
                     // weights, τ by the threshold policy on out-of-fold scores.
-                    let mut trainer = CalibratedParams::default()
-                        .base(base)
-                        .folds(folds)
-                        .seed(seed);
-                    if let Some(grid) = c_grid {
+                    let mut trainer = CalibratedParams::default().base(base);
+                    if let Some(grid) = c_grid.or(c.map(|c| vec![c])) {
                         trainer = trainer.c_grid(grid);
                     }
-                    if let Some(p) = policy {
+                    if let Some(p) = policy.or(threshold.map(Threshold::Fixed)) {
                         trainer = trainer.threshold(p);
+                    }
+                    if let Some(k) = folds {
+                        trainer = trainer.folds(k);
+                    }
+                    if let Some(s) = seed {
+                        trainer = trainer.seed(s);
                     }
                     let builder = ProbeBuilder::new(trainer).features(config);
                     builder.fit_grouped(&views, &labels, groups.as_deref())?
                 } else {
-                    let builder = ProbeBuilder::new(base)
-                        .features(config)
-                        .threshold(threshold);
+                    if let Some(c) = c {
+                        base = base.c(c);
+                    }
+                    let mut builder = ProbeBuilder::new(base).features(config);
+                    if let Some(t) = threshold {
+                        builder = builder.threshold(t);
+                    }
                     builder.fit_grouped(&views, &labels, groups.as_deref())?
                 };
                 let Some(rule) = rule else { return Ok(probe) };

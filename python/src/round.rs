@@ -353,10 +353,15 @@ impl DefendedRound {
     /// and out-of-range values raise `SpecError` (`key`, `reason`,
     /// `suggestion`). Every audit line records the spec's SHA-256.
     ///
+    /// A spec with an `audits` section needs `audit_secret`: the server's
+    /// 32 secret bytes (`os.urandom(32)`, kept out of the spec, which is
+    /// shared and logged); without it the round refuses to run.
+    ///
     /// >>> rnd = DefendedRound.from_spec({"detector": {"level": "client"}}, probe=probe)
     /// >>> rnd = DefendedRound.from_spec("defense.toml")
     #[staticmethod]
-    #[pyo3(signature = (spec, *, probe = None, base_dir = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE))]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (spec, *, probe = None, base_dir = None, shadow_base = None, shadow_learning_rate = DEFAULT_SHADOW_LEARNING_RATE, audit_secret = None))]
     fn from_spec(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -364,9 +369,26 @@ impl DefendedRound {
         base_dir: Option<PathBuf>,
         shadow_base: Option<&Bound<'_, PyAny>>,
         shadow_learning_rate: f64,
+        audit_secret: Option<Vec<u8>>,
     ) -> PyResult<Self> {
         let valid = spec::read(py, spec, base_dir)?.check().py()?;
-        Self::assemble(py, &valid, probe, shadow_base, shadow_learning_rate)
+        let round = Self::assemble(py, &valid, probe, shadow_base, shadow_learning_rate)?;
+        match audit_secret {
+            None => Ok(round),
+            Some(secret) => {
+                let len = secret.len();
+                let secret = <[u8; 32]>::try_from(secret).map_err(|_| {
+                    safe_fedllm::Error::InvalidParameter {
+                        component: "audits",
+                        name: "secret",
+                        value: format!("{len} bytes"),
+                        expected: "32 bytes (os.urandom(32))",
+                    }
+                });
+                let inner = round.inner.with_audit_secret(secret.py()?).py()?;
+                Ok(DefendedRound { inner, ..round })
+            }
+        }
     }
 
     /// SHA-256 of the spec this round was built from (what every audit

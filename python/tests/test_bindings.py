@@ -303,6 +303,21 @@ def test_calibrated_training_chooses_c_and_threshold(global_arrays, rng):
         sf.Probe.train(deltas, labels, calibrated=True, folds=1)
 
 
+def test_probe_train_defaults_to_the_calibrated_trainer(global_arrays, rng):
+    deltas = [sf.delta(client_update(global_arrays, rng, m), global_arrays) for m in [False] * 15 + [True] * 15]
+    labels = [False] * 15 + [True] * 15
+    default = sf.Probe.train(deltas, labels)
+    # The core's recommended trainer: C from its grid by k-fold, τ by its
+    # default policy (fixed at the core's τ), with the calibration report.
+    assert "calibration" in default.info
+    assert default.info["calibration"]["folds"] == 5
+    assert default.threshold == pytest.approx(sf.Probe.from_weights(default.spec, default.weights, default.bias).threshold)
+    plain = sf.Probe.train(deltas, labels, calibrated=False)
+    assert "calibration" not in plain.info
+    # A given `c` is the calibrated trainer's one-value grid.
+    assert sf.Probe.train(deltas, labels, c=10.0, folds=3).info["calibration"]["c"] == 10.0
+
+
 def test_heavy_work_releases_the_gil(probe, global_arrays):
     big_key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     big = {big_key: np.ones((64, 400_000), np.float32)}

@@ -117,3 +117,24 @@ def test_a_detectors_state_survives_the_keyword_constructor(probe):
     d.assess(0, "evil", 100, last_score=0.99)
     rnd = sf.DefendedRound(probe, d, sf.Aggregator("fedavg"))
     assert rnd.detector.to_json() == d.to_json()
+
+
+def test_an_audited_spec_runs_only_with_the_servers_secret(probe):
+    spec = {"detector": {"level": "evidence"}, "audits": {"rate": 0.25}}
+    header = sf.check_spec(spec)
+    assert header["spec"]["audits"] == {"rate": 0.25}
+    # Unkeyed: the round refuses to run rather than announce its audits.
+    with pytest.raises(sf.SpecError) as info:
+        run(sf.DefendedRound.from_spec(spec, probe=probe))
+    assert info.value.key == "audits"
+    # The secret is 32 bytes, never a spec setting.
+    with pytest.raises(sf.InvalidParameterError):
+        sf.DefendedRound.from_spec(spec, probe=probe, audit_secret=b"short")
+    keyed = sf.DefendedRound.from_spec(spec, probe=probe, audit_secret=bytes(range(32)))
+    assert keyed.spec_sha256 == header["spec_sha256"]
+    # A secret for a spec without audits is refused, not ignored.
+    with pytest.raises(sf.SpecError):
+        sf.DefendedRound.from_spec({"detector": {"level": "client"}}, probe=probe, audit_secret=bytes(32))
+    with pytest.raises(sf.SpecError) as info:
+        sf.check_spec({"audits": {"rate": 0.0}})
+    assert info.value.key == "audits.rate"

@@ -244,17 +244,10 @@ impl AggregatorSpec {
                 tolerance,
                 max_iterations,
             } => {
-                let mut r = GeometricMedian::new().weighting(w(weighting, Weighting::default()));
-                if let Some(nu) = nu {
-                    r = r.nu(*nu)?;
-                }
-                if let Some(t) = tolerance {
-                    r = r.tolerance(*t)?;
-                }
-                if let Some(n) = max_iterations {
-                    r = r.max_iterations(*n)?;
-                }
-                Rule::GeometricMedian(r)
+                let r = GeometricMedian::new().weighting(w(weighting, Weighting::default()));
+                let r = set(r, nu, GeometricMedian::nu);
+                let r = set(r, tolerance, GeometricMedian::tolerance);
+                Rule::GeometricMedian(set(r, max_iterations, GeometricMedian::max_iterations))
             }
             AggregatorSpec::NormClipping { bound, weighting } => {
                 let bound = match bound {
@@ -266,25 +259,17 @@ impl AggregatorSpec {
                 )
             }
             AggregatorSpec::FoolsGold { kappa, weighting } => {
-                let mut r = FoolsGold::new().weighting(w(weighting, Weighting::default()));
-                if let Some(k) = kappa {
-                    r = r.kappa(*k)?;
-                }
-                Rule::FoolsGold(Box::new(r))
+                let r = FoolsGold::new().weighting(w(weighting, Weighting::default()));
+                Rule::FoolsGold(Box::new(set(r, kappa, FoolsGold::kappa)))
             }
             AggregatorSpec::Flame {
                 noise_lambda,
                 seed,
                 weighting,
             } => {
-                let mut r = Flame::new().weighting(w(weighting, Weighting::default()));
-                if let Some(l) = noise_lambda {
-                    r = r.noise_lambda(*l)?;
-                }
-                if let Some(s) = seed {
-                    r = r.seed(*s);
-                }
-                Rule::Flame(r)
+                let r = Flame::new().weighting(w(weighting, Weighting::default()));
+                let r = set(r, noise_lambda, Flame::noise_lambda);
+                Rule::Flame(set(r, seed, Flame::seed))
             }
             AggregatorSpec::DnC {
                 f,
@@ -294,27 +279,19 @@ impl AggregatorSpec {
                 seed,
                 weighting,
             } => {
-                let mut r = DnC::new(*f)?.weighting(w(weighting, Weighting::default()));
-                if let Some(c) = filter_fraction {
-                    r = r.filter_fraction(*c)?;
-                }
-                if let Some(b) = subsample_dim {
-                    r = r.subsample_dim(*b)?;
-                }
-                if let Some(n) = iterations {
-                    r = r.iterations(*n)?;
-                }
-                if let Some(s) = seed {
-                    r = r.seed(*s);
-                }
-                Rule::DnC(Box::new(r))
+                let r = DnC::new(*f)?.weighting(w(weighting, Weighting::default()));
+                let r = set(r, filter_fraction, DnC::filter_fraction);
+                let r = set(r, subsample_dim, DnC::subsample_dim);
+                let r = set(r, iterations, DnC::iterations);
+                Rule::DnC(Box::new(set(r, seed, DnC::seed)))
             }
         };
+        rule.check()?;
         let drop_zero = self.drop_zero_factor();
         Ok(AnyAggregator {
             spec: self.clone(),
             rule: if drop_zero {
-                Gated::Gated(FactorGate::new(rule).admit(Admit::Positive)?)
+                Gated::Gated(FactorGate::new(rule).admit(Admit::Positive))
             } else {
                 Gated::Plain(rule)
             },
@@ -344,6 +321,15 @@ impl AggregatorSpec {
     }
 }
 
+/// `rule` with the setting `value` applied by `setter`, or as it is when the
+/// spec leaves the setting out (the rule's own default).
+fn set<R, V: Copy>(rule: R, value: &Option<V>, setter: fn(R, V) -> R) -> R {
+    match value {
+        Some(v) => setter(rule, *v),
+        None => rule,
+    }
+}
+
 /// The built rules.
 #[derive(Debug, Clone, PartialEq)]
 enum Rule {
@@ -361,6 +347,23 @@ enum Rule {
 }
 
 impl Rule {
+    /// Runs the built rule's own [`check`](Krum::check): the one definition
+    /// of each setting's range.
+    fn check(&self) -> Result<()> {
+        match self {
+            Rule::FedAvg(_) | Rule::Median(_) => Ok(()),
+            Rule::TrimmedMean(r) => r.check(),
+            Rule::Krum(r) => r.check(),
+            Rule::MultiKrum(r) => r.check(),
+            Rule::Bulyan(r) => r.check(),
+            Rule::GeometricMedian(r) => r.check(),
+            Rule::NormClipping(r) => r.check(),
+            Rule::FoolsGold(r) => r.check(),
+            Rule::Flame(r) => r.check(),
+            Rule::DnC(r) => r.check(),
+        }
+    }
+
     fn inner_mut(&mut self) -> &mut dyn Aggregator {
         match self {
             Rule::FedAvg(r) => r,

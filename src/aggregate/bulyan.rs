@@ -5,7 +5,7 @@ use crate::aggregate::coordinate::sorted_reduce;
 use crate::aggregate::engine::{gram, into_sq_distances, row};
 use crate::aggregate::krum::{poisoned, ranking, scores};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{affine, check_affine, with_scan};
+use crate::aggregate::updates::{affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -51,11 +51,21 @@ pub struct Bulyan {
 }
 
 impl Bulyan {
-    /// Bulyan tolerating `f` Byzantine clients. Fails when 4f + 3 overflows
-    /// `usize`; n ≥ 4f + 3 is checked per round.
+    /// Bulyan tolerating `f` Byzantine clients: a convenience for
+    /// [`AggregatorSpec::Bulyan`](crate::aggregate::AggregatorSpec::Bulyan),
+    /// validated by the same [`check`](Self::check). Fails when 4f + 3
+    /// overflows `usize`; n ≥ 4f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
-        check_affine("bulyan", "f", 4, f, 3, "f with 4f + 3 ≤ usize::MAX")?;
-        Ok(Bulyan { f })
+        let rule = Bulyan { f };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine("bulyan", "f", 4, self.f, 3, "f with 4f + 3 ≤ usize::MAX")
     }
 }
 

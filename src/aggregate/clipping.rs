@@ -4,9 +4,9 @@
 use crate::aggregate::engine::{finite, sq_norms};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::median;
-use crate::aggregate::round::{param_error, with_scan};
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason, Weighting};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// The norm bound M of [`NormClipping`].
@@ -55,22 +55,32 @@ pub struct NormClipping {
 }
 
 impl NormClipping {
-    /// Fails unless a fixed bound is finite and > 0.
+    /// Clipping to `bound`: a convenience for
+    /// [`AggregatorSpec::NormClipping`](crate::aggregate::AggregatorSpec::NormClipping),
+    /// validated by the same [`check`](Self::check).
     pub fn new(bound: ClipBound) -> Result<Self> {
-        if let ClipBound::Fixed(m) = bound
-            && !(m > 0.0 && m.is_finite())
-        {
-            return Err(param_error(
+        let rule = NormClipping {
+            bound,
+            weighting: Weighting::Uniform,
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Fails unless a fixed bound is finite and > 0: the one definition of
+    /// the range, run by [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        match self.bound {
+            ClipBound::Fixed(m) => check_parameter(
+                m > 0.0 && m.is_finite(),
                 "norm_clipping",
                 "bound",
                 m,
                 "a finite bound > 0",
-            ));
+            ),
+            ClipBound::MedianNorm => Ok(()),
         }
-        Ok(NormClipping {
-            bound,
-            weighting: Weighting::Uniform,
-        })
     }
 
     /// Sets the weighting of the final mean.

@@ -4,9 +4,9 @@
 use crate::aggregate::engine::{
     self, extremes_network, pruned_network, row, saturate, sort_columns, sorting_network,
 };
-use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
+use crate::aggregate::updates::{ValidUpdates, affine, check_affine, with_scan};
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SkipReason};
-use crate::error::Result;
+use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// Coordinate-wise median: each coordinate of the new adapter is the median of
@@ -112,7 +112,7 @@ fn median_of_sorted_wide(sorted: &[f64], len: usize, m: usize, out: &mut [f32]) 
 /// sorted across the `members` (only the needed rows are in sorted place);
 /// `wide` is the f64 version, run on a chunk whose f32 result is not finite.
 pub(crate) fn sorted_reduce<F, W>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     needed_rows: impl Fn(usize) -> bool,
     reduce: F,
@@ -135,7 +135,7 @@ where
 /// result overflows although every input is finite is reduced again by
 /// `wide` in f64.
 pub(crate) fn reduce_with_network<F, W>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     network: &[(usize, usize)],
     reduce: F,
@@ -224,32 +224,39 @@ pub struct TrimmedMean {
 }
 
 impl TrimmedMean {
+    /// The trimmed mean dropping `trim` per side: a convenience for
+    /// [`AggregatorSpec::TrimmedMean`](crate::aggregate::AggregatorSpec::TrimmedMean),
+    /// validated by the same [`check`](Self::check). Whether n suffices is
+    /// checked per round ([`Error::TooFewClients`](crate::Error::TooFewClients)).
+    pub fn new(trim: Trim) -> Result<Self> {
+        let rule = TrimmedMean { trim };
+        rule.check()?;
+        Ok(rule)
+    }
+
     /// Fails with [`Error::InvalidParameter`](crate::Error::InvalidParameter)
     /// unless β is in [0, 0.5), or for a per-side count whose constraint
-    /// n ≥ 2k + 1 cannot be computed. Whether n suffices is checked per
-    /// round ([`Error::TooFewClients`](crate::Error::TooFewClients)).
-    pub fn new(trim: Trim) -> Result<Self> {
-        if let Trim::Fraction(beta) = trim
-            && !(0.0..0.5).contains(&beta)
-        {
-            return Err(param_error(
+    /// n ≥ 2k + 1 cannot be computed: the one definition of the ranges, run
+    /// by [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        match self.trim {
+            Trim::Fraction(beta) => check_parameter(
+                (0.0..0.5).contains(&beta),
                 "trimmed_mean",
                 "beta",
                 beta,
                 "a fraction in [0, 0.5)",
-            ));
-        }
-        if let Trim::PerSide(k) = trim {
-            check_affine(
+            ),
+            Trim::PerSide(k) => check_affine(
                 "trimmed_mean",
                 "per_side",
                 2,
                 k,
                 1,
                 "a count k with 2k + 1 ≤ usize::MAX",
-            )?;
+            ),
         }
-        Ok(TrimmedMean { trim })
     }
 
     /// Values dropped per side for m clients.
@@ -258,6 +265,15 @@ impl TrimmedMean {
             Trim::Fraction(beta) => (beta * m as f64).floor() as usize,
             Trim::PerSide(k) => k,
         }
+    }
+
+    /// Values dropped per side for the m clients left after `removed`
+    /// proven liars were taken out of the round: the budget k (for a
+    /// fraction, of the n = m + removed clients submitted) counts them, so
+    /// k − removed (at least 0).
+    fn per_side_after_removal(&self, m: usize, removed: usize) -> usize {
+        self.per_side(m.saturating_add(removed))
+            .saturating_sub(removed)
     }
 }
 
@@ -271,12 +287,22 @@ impl Aggregator for TrimmedMean {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.aggregate_after_removal(global, updates, 0)
+    }
+
+    /// Trims k − removed per side (see [`Aggregator::aggregate_after_removal`]).
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        removed: usize,
+    ) -> Result<Aggregation> {
         with_scan(global, updates, |round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));
             }
             let m = round.clients.len();
-            let k = self.per_side(m);
+            let k = self.per_side_after_removal(m, removed);
             round.require_checked(
                 "trimmed_mean",
                 affine(2, k, 1),

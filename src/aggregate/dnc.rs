@@ -4,11 +4,11 @@
 
 use crate::aggregate::engine::{client_read_error, segment_key};
 use crate::aggregate::lanczos::{Rows, dot, top_eigenvector};
-use crate::aggregate::round::{Round, Seg, param_error, scanned};
+use crate::aggregate::updates::{Seg, ValidUpdates, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 use crate::rng::{Rng, gaussian_at};
 
@@ -73,65 +73,76 @@ impl DnC {
     /// Largest accepted [`iterations`](Self::iterations).
     pub const MAX_ITERATIONS: usize = 1000;
 
-    /// DnC expecting at most `f` malicious clients, paper defaults otherwise.
-    /// Any f is accepted here; n > ⌊c·f⌋ is checked per round with checked
-    /// arithmetic ([`Error::TooFewClients`](crate::Error::TooFewClients)).
+    /// DnC expecting at most `f` malicious clients, paper defaults otherwise:
+    /// a convenience for [`AggregatorSpec::DnC`](crate::aggregate::AggregatorSpec::DnC),
+    /// validated by the same [`check`](Self::check). Any f is accepted here;
+    /// n > ⌊c·f⌋ is checked per round with checked arithmetic
+    /// ([`Error::TooFewClients`](crate::Error::TooFewClients)).
     pub fn new(f: usize) -> Result<Self> {
-        Ok(DnC {
+        let rule = DnC {
             f,
             filter_fraction: 1.0,
             subsample_dim: 10_000,
             iterations: 5,
             seed: 0,
             weighting: Weighting::Uniform,
-        })
+        };
+        rule.check()?;
+        Ok(rule)
     }
 
     /// Sets the filtering fraction c > 0 (⌊c·f⌋ clients dropped per iteration).
-    pub fn filter_fraction(mut self, c: f64) -> Result<Self> {
-        if !(c > 0.0 && c.is_finite()) {
-            return Err(param_error(
-                "dnc",
-                "filter_fraction",
-                c,
-                "a finite value > 0",
-            ));
-        }
+    pub fn filter_fraction(mut self, c: f64) -> Self {
         self.filter_fraction = c;
-        Ok(self)
+        self
     }
 
     /// Sets the number of sampled coordinates b, 1 ≤ b ≤ [`DnC::MAX_SUBSAMPLE_DIM`].
     ///
     /// The n × b sub-matrix is gathered in f64, so b is bounded: a huge b
     /// would materialise every update (n·d f64) instead of a sample.
-    pub fn subsample_dim(mut self, b: usize) -> Result<Self> {
-        if b == 0 || b > Self::MAX_SUBSAMPLE_DIM {
-            return Err(param_error(
-                "dnc",
-                "subsample_dim",
-                b,
-                "1 ≤ b ≤ 1048576 (DnC::MAX_SUBSAMPLE_DIM)",
-            ));
-        }
+    pub fn subsample_dim(mut self, b: usize) -> Self {
         self.subsample_dim = b;
-        Ok(self)
+        self
     }
 
     /// Sets the number of iterations, 1 ≤ iterations ≤ [`DnC::MAX_ITERATIONS`]
     /// (the paper uses 5; each iteration reads b coordinates of every client
     /// and decomposes an n × n matrix, so an unbounded count is a hang).
-    pub fn iterations(mut self, iterations: usize) -> Result<Self> {
-        if iterations == 0 || iterations > Self::MAX_ITERATIONS {
-            return Err(param_error(
-                "dnc",
-                "iterations",
-                iterations,
-                "1 ≤ iterations ≤ 1000 (DnC::MAX_ITERATIONS)",
-            ));
-        }
+    pub fn iterations(mut self, iterations: usize) -> Self {
         self.iterations = iterations;
-        Ok(self)
+        self
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new), by [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check)
+    /// and before every round, so a setter never lets an out-of-range value
+    /// reach the rule.
+    pub fn check(&self) -> Result<()> {
+        let c = self.filter_fraction;
+        check_parameter(
+            c > 0.0 && c.is_finite(),
+            "dnc",
+            "filter_fraction",
+            c,
+            "a finite value > 0",
+        )?;
+        let b = self.subsample_dim;
+        check_parameter(
+            (1..=Self::MAX_SUBSAMPLE_DIM).contains(&b),
+            "dnc",
+            "subsample_dim",
+            b,
+            "1 ≤ b ≤ 1048576 (DnC::MAX_SUBSAMPLE_DIM)",
+        )?;
+        let n = self.iterations;
+        check_parameter(
+            (1..=Self::MAX_ITERATIONS).contains(&n),
+            "dnc",
+            "iterations",
+            n,
+            "1 ≤ iterations ≤ 1000 (DnC::MAX_ITERATIONS)",
+        )
     }
 
     /// Sets the sampling seed.
@@ -146,8 +157,10 @@ impl DnC {
         self
     }
 
-    fn removed(&self) -> usize {
-        (self.filter_fraction * self.f as f64).floor() as usize
+    /// Clients dropped per iteration, ⌊c·f'⌋, with f' = f − `liars` (at
+    /// least 0): the proven liars already taken out count against f.
+    fn dropped(&self, liars: usize) -> usize {
+        (self.filter_fraction * self.f.saturating_sub(liars) as f64).floor() as usize
     }
 }
 
@@ -182,7 +195,7 @@ fn centre(x: &mut Rows) {
 }
 
 /// The clients' updates at the sampled coordinates.
-fn gather(round: &Round<'_>, indices: &[usize]) -> Result<Rows> {
+fn gather(round: &ValidUpdates<'_>, indices: &[usize]) -> Result<Rows> {
     // Sampled indices are < d, the offsets start at 0 and every segment of
     // every usable client has the global tensor's length: a place outside is
     // a bug, reported with the index.
@@ -264,11 +277,22 @@ impl Aggregator for DnC {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
+        self.aggregate_after_removal(global, updates, 0)
+    }
+
+    /// Runs with f − removed (see [`Aggregator::aggregate_after_removal`]).
+    fn aggregate_after_removal(
+        &mut self,
+        global: &LoraAdapter,
+        updates: &[ClientUpdate<'_>],
+        liars: usize,
+    ) -> Result<Aggregation> {
+        self.check()?;
+        let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
-        let removed = self.removed();
+        let removed = self.dropped(liars);
         round.require_checked(
             "dnc",
             removed.checked_add(1),

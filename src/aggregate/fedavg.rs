@@ -1,6 +1,6 @@
 //! Security-weighted FedAvg, with Safe-FedLLM's safety gate when asked.
 
-use crate::aggregate::round::with_scan;
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{Aggregation, Aggregator, ClientUpdate, SafetyGate, Weighting};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
@@ -82,17 +82,10 @@ impl FedAvg {
     }
 
     /// Skips rounds that `gate` rejects (the reference's FedAvg on its own:
-    /// `FedAvg::new().gate(SafetyGate::default())`).
-    pub fn gate(mut self, gate: SafetyGate) -> Self {
-        self.gate = Some(gate);
+    /// `FedAvg::new().gate(SafetyGate::default())`; `None`: no gate).
+    pub fn gate(mut self, gate: impl Into<Option<SafetyGate>>) -> Self {
+        self.gate = gate.into();
         self
-    }
-
-    /// Shorthand for [`gate`](Self::gate) with [`SafetyGate::new`]`(threshold)`
-    /// (`None` = no gate). Fails unless the threshold is in [0, 1].
-    pub fn skip_avg_weight(mut self, threshold: Option<f64>) -> Result<Self> {
-        self.gate = threshold.map(SafetyGate::new).transpose()?;
-        Ok(self)
     }
 
     /// The gate, if any.

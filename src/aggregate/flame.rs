@@ -5,11 +5,11 @@ use crate::aggregate::clipping::clip_scale;
 use crate::aggregate::engine::{self, gram};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::{Square, median};
-use crate::aggregate::round::{param_error, with_scan};
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, Outcome, SkipReason, Weighting,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 use crate::rng::{gaussian_at, mix64};
 
@@ -91,30 +91,28 @@ impl Flame {
         Self::default()
     }
 
-    /// Sets the noise level λ ≥ 0 (σ = λ·S; 0 = no noise).
-    pub fn noise_lambda(mut self, lambda: f64) -> Result<Self> {
-        if !(lambda >= 0.0 && lambda.is_finite()) {
-            return Err(param_error(
-                "flame",
-                "noise_lambda",
-                lambda,
-                "a finite value ≥ 0",
-            ));
-        }
-        self.noise_lambda = lambda;
-        Ok(self)
+    setters! {
+        /// Sets the noise level λ ≥ 0 (σ = λ·S; 0 = no noise).
+        noise_lambda: f64;
+        /// Sets the noise seed.
+        seed: u64;
+        /// Sets the weighting of the final mean.
+        weighting: Weighting;
     }
 
-    /// Sets the noise seed.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// Sets the weighting of the final mean.
-    pub fn weighting(mut self, weighting: Weighting) -> Self {
-        self.weighting = weighting;
-        self
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check) and
+    /// before every round, so a setter never lets an out-of-range value reach
+    /// the rule.
+    pub fn check(&self) -> Result<()> {
+        let l = self.noise_lambda;
+        check_parameter(
+            l >= 0.0 && l.is_finite(),
+            "flame",
+            "noise_lambda",
+            l,
+            "a finite value ≥ 0",
+        )
     }
 }
 
@@ -210,6 +208,7 @@ impl Aggregator for Flame {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.check()?;
         with_scan(global, updates, |mut round| {
             if round.clients.is_empty() {
                 return Ok(Some(round.skip(SkipReason::NoClientLeft)));

@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::engine::{self, panels, pieces};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, param_error, scanned};
+use crate::aggregate::updates::{ValidUpdates, scanned};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// FoolsGold's memory: each client's summed update history Hₖ = Σ_rounds Δₖ,
@@ -44,41 +44,50 @@ pub struct FoolsGoldState {
 /// with αᵢ = 0 are excluded ([`ExclusionReason::FoolsGoldZeroWeight`]); if all
 /// are, the round is skipped. The paper's optional feature-importance
 /// weighting of the similarity is not implemented.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FoolsGold {
     kappa: f64,
     weighting: Weighting,
     state: FoolsGoldState,
 }
 
-impl FoolsGold {
+impl Default for FoolsGold {
     /// κ = 1, uniform weighting, empty history.
-    pub fn new() -> Self {
+    fn default() -> Self {
         FoolsGold {
             kappa: 1.0,
             weighting: Weighting::Uniform,
             state: FoolsGoldState::default(),
         }
     }
+}
 
-    /// Sets the logit confidence κ > 0.
-    pub fn kappa(mut self, kappa: f64) -> Result<Self> {
-        if !(kappa > 0.0 && kappa.is_finite()) {
-            return Err(param_error(
-                "foolsgold",
-                "kappa",
-                kappa,
-                "a finite value > 0",
-            ));
-        }
-        self.kappa = kappa;
-        Ok(self)
+impl FoolsGold {
+    /// κ = 1, uniform weighting, empty history.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Sets the weighting combined with FoolsGold's αᵢ.
-    pub fn weighting(mut self, weighting: Weighting) -> Self {
-        self.weighting = weighting;
-        self
+    setters! {
+        /// Sets the logit confidence κ > 0.
+        kappa: f64;
+        /// Sets the weighting combined with FoolsGold's αᵢ.
+        weighting: Weighting;
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check) and
+    /// before every round, so a setter never lets an out-of-range value reach
+    /// the rule.
+    pub fn check(&self) -> Result<()> {
+        let k = self.kappa;
+        check_parameter(
+            k > 0.0 && k.is_finite(),
+            "foolsgold",
+            "kappa",
+            k,
+            "a finite value > 0",
+        )
     }
 
     /// Resumes from a checkpointed state.
@@ -175,7 +184,8 @@ impl Aggregator for FoolsGold {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
-        let mut round = Round::prepare(global, updates)?;
+        self.check()?;
+        let mut round = ValidUpdates::prepare(global, updates)?;
         if round.clients.is_empty() {
             return Ok(round.skip(SkipReason::NoClientLeft));
         }
@@ -221,7 +231,11 @@ impl Aggregator for FoolsGold {
 
 /// Hᵢ += Δᵢ for every usable client, and the Gram matrix of the updated
 /// histories, in one pass.
-fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> Result<Square> {
+fn update_histories(
+    round: &ValidUpdates<'_>,
+    state: &mut FoolsGoldState,
+    m: usize,
+) -> Result<Square> {
     let ids: Vec<&ClientId> = round.clients.iter().map(|c| &c.id).collect();
     // Split every member's history at the chunk boundaries, in lockstep.
     let mut by_id: BTreeMap<&ClientId, &mut [f32]> = state
@@ -269,15 +283,10 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
         |scratch, (span, cut): (engine::Span, Vec<&mut [f32]>), w| {
             let chunk = engine::chunk_at(round, &members, span, scratch)?;
             for (i, (history, x)) in cut.into_iter().zip(&chunk.rows).enumerate() {
-                for ((h, x), g) in history.iter_mut().zip(x.iter()).zip(chunk.global) {
-                    // Saturating: a client sending f32::MAX every round keeps
-                    // a finite (maximal) history instead of poisoning it.
-                    *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
-                }
+                let finite = crate::aggregate::simd::add_saturating(history, x, chunk.global);
                 if let Some(out) = w.row(i) {
                     out.copy_from_slice(history);
                 }
-                let finite = engine::all_finite(history);
                 w.settle(i, finite, |exact| {
                     for (e, h) in exact.iter_mut().zip(history.iter()) {
                         *e = f64::from(*h);
@@ -287,4 +296,33 @@ fn update_histories(round: &Round<'_>, state: &mut FoolsGoldState, m: usize) -> 
             Ok(())
         },
     )
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use crate::aggregate::simd::add_saturating;
+
+    #[test]
+    fn add_saturating_matches_the_scalar_definition_and_reports_non_finite() {
+        for len in [0usize, 1, 15, 16, 17, 40] {
+            let x: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let g: Vec<f32> = (0..len).map(|i| 0.25 * i as f32).collect();
+            let mut h: Vec<f32> = (0..len)
+                .map(|i| if i % 3 == 0 { f32::MAX } else { -1.0 })
+                .collect();
+            let expected: Vec<f32> = h
+                .iter()
+                .zip(&x)
+                .zip(&g)
+                .map(|((h, x), g)| (h + (x - g)).clamp(-f32::MAX, f32::MAX))
+                .collect();
+            assert!(add_saturating(&mut h, &x, &g));
+            assert_eq!(h, expected, "len {len}");
+            if len > 0 {
+                h[len - 1] = f32::NAN;
+                assert!(!add_saturating(&mut h, &x, &g), "len {len}");
+                assert!(h[len - 1].is_nan());
+            }
+        }
+    }
 }

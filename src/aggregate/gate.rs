@@ -3,11 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::round::{Round, param_error, validate_headers};
+use crate::aggregate::updates::{ValidUpdates, validate_headers};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, Exclusion, ExclusionReason, SkipReason,
 };
-use crate::error::Result;
+use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// Safe-FedLLM's safety gate (`skip_avg_weight`): skip the round, keeping the
@@ -82,14 +82,13 @@ impl SafetyGate {
     /// [`Error::InvalidParameter`](crate::Error::InvalidParameter)
     /// unless it is finite and in [0, 1].
     pub fn new(threshold: f64) -> Result<Self> {
-        if !(0.0..=1.0).contains(&threshold) {
-            return Err(param_error(
-                "safety_gate",
-                "threshold",
-                threshold,
-                "a value in [0, 1]",
-            ));
-        }
+        check_parameter(
+            (0.0..=1.0).contains(&threshold),
+            "safety_gate",
+            "threshold",
+            threshold,
+            "a value in [0, 1]",
+        )?;
         Ok(SafetyGate { threshold })
     }
 
@@ -110,7 +109,7 @@ impl SafetyGate {
 
     /// The gate's verdict on a validated round (the mean counts excluded
     /// non-finite clients as 0).
-    pub(crate) fn check(&self, round: &Round<'_>) -> Option<SkipReason> {
+    pub(crate) fn check(&self, round: &ValidUpdates<'_>) -> Option<SkipReason> {
         self.skip_reason(round.mean_factor())
     }
 }
@@ -191,33 +190,32 @@ impl<A: Aggregator> FactorGate<A> {
         }
     }
 
-    /// Sets which factors are admitted. Fails unless an `AtLeast` threshold is in [0, 1].
-    pub fn admit(mut self, admit: Admit) -> Result<Self> {
-        if let Admit::AtLeast(t) = admit
-            && !(0.0..=1.0).contains(&t)
-        {
-            return Err(param_error(
+    /// Sets which factors are admitted (an `AtLeast` threshold in [0, 1],
+    /// validated by [`check`](Self::check)).
+    pub fn admit(mut self, admit: Admit) -> Self {
+        self.admit = admit;
+        self
+    }
+
+    /// Puts the round through `gate` before anything else (`None`: no gate).
+    pub fn gate(mut self, gate: impl Into<Option<SafetyGate>>) -> Self {
+        self.gate = gate.into();
+        self
+    }
+
+    /// Fails unless an `AtLeast` threshold is in [0, 1]: run before every
+    /// round, so a setter never lets an out-of-range value reach the rule.
+    pub fn check(&self) -> Result<()> {
+        match self.admit {
+            Admit::AtLeast(t) => check_parameter(
+                (0.0..=1.0).contains(&t),
                 "factor_gate",
                 "admit",
                 t,
                 "a threshold in [0, 1]",
-            ));
+            ),
+            Admit::Positive => Ok(()),
         }
-        self.admit = admit;
-        Ok(self)
-    }
-
-    /// Puts the round through `gate` before anything else.
-    pub fn gate(mut self, gate: SafetyGate) -> Self {
-        self.gate = Some(gate);
-        self
-    }
-
-    /// Shorthand for [`gate`](Self::gate) with [`SafetyGate::new`]`(threshold)`
-    /// (`None` = no gate). Fails unless the threshold is in [0, 1].
-    pub fn skip_avg_weight(mut self, threshold: Option<f64>) -> Result<Self> {
-        self.gate = threshold.map(SafetyGate::new).transpose()?;
-        Ok(self)
     }
 
     /// The round-level gate, if any.
@@ -259,10 +257,11 @@ impl<A: Aggregator> Aggregator for FactorGate<A> {
         updates: &[ClientUpdate<'_>],
         removed: usize,
     ) -> Result<Aggregation> {
+        self.check()?;
         validate_headers(global, updates)?;
         if let Some(gate) = self.gate {
             // The mean must count non-finite updates as 0, which needs the scan.
-            let round = Round::prepare(global, updates)?;
+            let round = ValidUpdates::prepare(global, updates)?;
             if let Some(reason) = gate.check(&round) {
                 return Ok(round.skip(reason));
             }

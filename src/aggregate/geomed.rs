@@ -5,11 +5,11 @@
 use crate::aggregate::engine::{gram, sq_distances};
 use crate::aggregate::krum::poisoned;
 use crate::aggregate::linalg::{Square, median};
-use crate::aggregate::round::{param_error, with_scan};
+use crate::aggregate::updates::with_scan;
 use crate::aggregate::{
     Aggregation, Aggregator, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// The (weighted) geometric median `argmin_z Σ αᵢ‖z − xᵢ‖`, computed with RFA's
@@ -88,54 +88,49 @@ impl GeometricMedian {
         Self::default()
     }
 
-    /// Sets the weights αᵢ.
-    pub fn weighting(mut self, weighting: Weighting) -> Self {
-        self.weighting = weighting;
-        self
+    setters! {
+        /// Sets the weights αᵢ.
+        weighting: Weighting;
+        /// Sets the smoothing ν > 0 (a distance below ν counts as ν).
+        nu: f64;
+        /// Sets the relative objective tolerance (≥ 0).
+        tolerance: f64;
+        /// Sets the iteration cap, 1 ≤ cap ≤ [`GeometricMedian::MAX_ITERATIONS`]
+        /// (each iteration is O(n²) on the coefficients; RFA reports that 3
+        /// suffice, and an unbounded cap would let a stalled round hang).
+        max_iterations: usize;
     }
 
-    /// Sets the smoothing ν > 0 (a distance below ν counts as ν).
-    pub fn nu(mut self, nu: f64) -> Result<Self> {
-        if !(nu > 0.0 && nu.is_finite()) {
-            return Err(param_error(
-                "geometric_median",
-                "nu",
-                nu,
-                "a finite value > 0",
-            ));
-        }
-        self.nu = nu;
-        Ok(self)
-    }
-
-    /// Sets the relative objective tolerance (≥ 0).
-    pub fn tolerance(mut self, tolerance: f64) -> Result<Self> {
-        if !(tolerance >= 0.0 && tolerance.is_finite()) {
-            return Err(param_error(
-                "geometric_median",
-                "tolerance",
-                tolerance,
-                "a finite value ≥ 0",
-            ));
-        }
-        self.tolerance = tolerance;
-        Ok(self)
-    }
-
-    /// Sets the iteration cap, 1 ≤ cap ≤ [`GeometricMedian::MAX_ITERATIONS`]
-    /// (each iteration is O(n²) on the coefficients; RFA reports that 3
-    /// suffice, and an unbounded cap would let a stalled round hang).
-    pub fn max_iterations(mut self, max_iterations: usize) -> Result<Self> {
-        if max_iterations == 0 || max_iterations > Self::MAX_ITERATIONS {
-            return Err(param_error(
-                "geometric_median",
-                "max_iterations",
-                max_iterations,
-                "1 ≤ max_iterations ≤ 100000 (GeometricMedian::MAX_ITERATIONS)",
-            ));
-        }
-        self.max_iterations = max_iterations;
-        Ok(self)
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check) and
+    /// before every round, so a setter never lets an out-of-range value reach
+    /// the rule.
+    pub fn check(&self) -> Result<()> {
+        const RULE: &str = "geometric_median";
+        let nu = self.nu;
+        check_parameter(
+            nu > 0.0 && nu.is_finite(),
+            RULE,
+            "nu",
+            nu,
+            "a finite value > 0",
+        )?;
+        let t = self.tolerance;
+        check_parameter(
+            t >= 0.0 && t.is_finite(),
+            RULE,
+            "tolerance",
+            t,
+            "a finite value ≥ 0",
+        )?;
+        let n = self.max_iterations;
+        check_parameter(
+            (1..=Self::MAX_ITERATIONS).contains(&n),
+            RULE,
+            "max_iterations",
+            n,
+            "1 ≤ max_iterations ≤ 100000 (GeometricMedian::MAX_ITERATIONS)",
+        )
     }
 
     /// Weiszfeld on coefficients: returns the final convex weights c.
@@ -241,6 +236,7 @@ impl Aggregator for GeometricMedian {
         global: &LoraAdapter,
         updates: &[ClientUpdate<'_>],
     ) -> Result<Aggregation> {
+        self.check()?;
         with_scan(global, updates, |mut round| {
             let mut members = Vec::new();
             let mut alpha = Vec::new();

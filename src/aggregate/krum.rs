@@ -3,11 +3,11 @@
 
 use crate::aggregate::engine::{gram, into_sq_distances};
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::{Round, affine, check_affine, param_error, with_scan};
+use crate::aggregate::updates::{ValidUpdates, affine, check_affine, with_scan};
 use crate::aggregate::{
     Aggregation, Aggregator, ClientId, ClientUpdate, ExclusionReason, SkipReason, Weighting,
 };
-use crate::error::Result;
+use crate::error::{Result, check_parameter};
 use crate::lora::LoraAdapter;
 
 /// What Krum returns once it has found the best-scored client.
@@ -61,14 +61,24 @@ pub struct Krum {
 }
 
 impl Krum {
-    /// Krum tolerating `f` Byzantine clients (the paper's variant). Fails when
-    /// 2f + 3 overflows `usize`; n ≥ 2f + 3 is checked per round.
+    /// Krum tolerating `f` Byzantine clients (the paper's variant): a
+    /// convenience for [`AggregatorSpec::Krum`](crate::aggregate::AggregatorSpec::Krum),
+    /// validated by the same [`check`](Self::check). Fails when 2f + 3
+    /// overflows `usize`; n ≥ 2f + 3 is checked per round.
     pub fn new(f: usize) -> Result<Self> {
-        check_affine("krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
-        Ok(Krum {
+        let rule = Krum {
             f,
             variant: KrumVariant::Paper,
-        })
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine("krum", "f", 2, self.f, 3, "f with 2f + 3 ≤ usize::MAX")
     }
 
     /// Sets the variant.
@@ -118,23 +128,39 @@ pub struct MultiKrum {
 }
 
 impl MultiKrum {
-    /// Multi-Krum keeping `m` ≥ 1 clients. Fails when 2f + 3 overflows
-    /// `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
+    /// Multi-Krum keeping `m` ≥ 1 clients: a convenience for
+    /// [`AggregatorSpec::MultiKrum`](crate::aggregate::AggregatorSpec::MultiKrum),
+    /// validated by the same [`check`](Self::check). Fails when 2f + 3
+    /// overflows `usize`; n ≥ 2f + 3 and m ≤ n are checked per round.
     pub fn new(f: usize, m: usize) -> Result<Self> {
-        check_affine("multi_krum", "f", 2, f, 3, "f with 2f + 3 ≤ usize::MAX")?;
-        if m == 0 {
-            return Err(param_error(
-                "multi_krum",
-                "m",
-                m,
-                "at least 1 client to keep",
-            ));
-        }
-        Ok(MultiKrum {
+        let rule = MultiKrum {
             f,
             m,
             weighting: Weighting::Uniform,
-        })
+        };
+        rule.check()?;
+        Ok(rule)
+    }
+
+    /// Validates the settings: the one definition of their ranges, run by
+    /// [`new`](Self::new) and by
+    /// [`AggregatorSpec::check`](crate::aggregate::AggregatorSpec::check).
+    pub fn check(&self) -> Result<()> {
+        check_affine(
+            "multi_krum",
+            "f",
+            2,
+            self.f,
+            3,
+            "f with 2f + 3 ≤ usize::MAX",
+        )?;
+        check_parameter(
+            self.m > 0,
+            "multi_krum",
+            "m",
+            self.m,
+            "at least 1 client to keep",
+        )
     }
 
     /// Sets the weighting of the final average.
@@ -188,7 +214,7 @@ pub(crate) fn ranking<K: Ord>(scores: &[f64], keys: &[K]) -> Vec<(usize, f64)> {
 /// round every input is finite and the Gram entries and norms are f64 sums of
 /// f32 products (at most 1.2e77 each), which cannot overflow: reaching this
 /// there is a bug, reported as one.
-pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
+pub(crate) fn poisoned(round: &ValidUpdates<'_>) -> Result<Option<Aggregation>> {
     if round.deferred {
         Ok(None)
     } else {
@@ -200,13 +226,13 @@ pub(crate) fn poisoned(round: &Round<'_>) -> Result<Option<Aggregation>> {
     }
 }
 
-fn check_n(round: &Round<'_>, rule: &'static str, f: usize) -> Result<()> {
+fn check_n(round: &ValidUpdates<'_>, rule: &'static str, f: usize) -> Result<()> {
     round.require_checked(rule, affine(2, f, 3), format!("n ≥ 2f + 3 with f = {f}"))
 }
 
 /// Scores every usable client; `None` when the Gram matrix is not finite.
 type Scored = (Vec<f64>, Vec<(usize, f64)>, Square);
-fn score_round(round: &Round<'_>, f: usize) -> Result<Option<Scored>> {
+fn score_round(round: &ValidUpdates<'_>, f: usize) -> Result<Option<Scored>> {
     let members = round.all();
     let n = members.len();
     let g = gram(round, &members)?;

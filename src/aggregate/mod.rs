@@ -162,8 +162,8 @@ mod geomed;
 mod krum;
 mod lanczos;
 mod linalg;
-mod round;
 mod simd;
+mod updates;
 
 pub use any::{AggregatorSpec, AnyAggregator, ClipBoundName, ClipBoundSpec, KrumVariantName};
 pub use bulyan::Bulyan;
@@ -176,7 +176,7 @@ pub use foolsgold::{FoolsGold, FoolsGoldState};
 pub use gate::{Admit, FactorGate, SafetyGate};
 pub use geomed::GeometricMedian;
 pub use krum::{Krum, KrumVariant, MultiKrum};
-pub use round::{flatten, unflatten};
+pub use updates::{flatten, unflatten};
 
 pub use crate::client::ClientId;
 
@@ -194,7 +194,7 @@ pub(crate) fn delta_sq_norms(
         .enumerate()
         .map(|(i, source)| ClientUpdate::new(i.to_string(), *source, 1))
         .collect();
-    let round = round::Round::prepare_deferred_checked_global(global, &updates)?;
+    let round = updates::ValidUpdates::prepare_deferred_checked_global(global, &updates)?;
     engine::sq_norms(&round, &round.all())
 }
 
@@ -506,8 +506,9 @@ pub trait Aggregator: Send + Sync {
     /// taken out as untrustworthy (rejected by admission, a failed trail
     /// check, a factor gate).
     ///
-    /// A rule with a Byzantine budget f (Krum, Multi-Krum, Bulyan) counts
-    /// them against it: it runs with f − removed (at least 0) over `updates`,
+    /// A rule with a Byzantine budget (f of Krum, Multi-Krum, Bulyan and DnC;
+    /// the per-side trim k of the trimmed mean) counts them against it: it
+    /// runs with f − removed (k − removed; at least 0) over `updates`,
     /// so one liar removed from a round of exactly the minimum size (Krum
     /// n = 2f + 3, Bulyan n = 4f + 3) never makes the rest too few. This
     /// assumes every removed client is one of the f; an honest client

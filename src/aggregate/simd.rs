@@ -159,6 +159,53 @@ fn sub_finite_impl(out: &mut [f32], x: &[f32], g: &[f32]) -> bool {
     acc.iter().fold(tail, |s, a| s + a) == 0.0
 }
 
+/// `h ← clamp(h + (x − g), ±f32::MAX)` over one chunk, returning whether
+/// every new `h` is finite. Saturating: a client sending `f32::MAX` every
+/// round keeps a finite (maximal) history instead of poisoning it; a NaN
+/// (only a restored history can hold one) stays NaN and is reported.
+///
+/// FoolsGold's history update. Written over 16-value arrays so it compiles
+/// to vector compares and blends (the same loop over three zipped iterators
+/// stayed scalar and cost more than the Gram itself), with an AVX2 copy.
+pub(crate) fn add_saturating(history: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { add_saturating_avx2(history, x, g) };
+        }
+    }
+    add_saturating_impl(history, x, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_saturating_avx2(history: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    add_saturating_impl(history, x, g)
+}
+
+#[inline(always)]
+fn add_saturating_impl(history: &mut [f32], x: &[f32], g: &[f32]) -> bool {
+    // `h · 0` is ±0 for a finite h and NaN otherwise: summed per lane, the
+    // finiteness test vectorises with the update (see `lora::tensor::all_finite`).
+    let mut lanes = [0.0f32; 16];
+    let (h_blocks, h_tail) = history.as_chunks_mut::<16>();
+    let (x_blocks, x_tail) = x.as_chunks::<16>();
+    let (g_blocks, g_tail) = g.as_chunks::<16>();
+    for ((h, x), g) in h_blocks.iter_mut().zip(x_blocks).zip(g_blocks) {
+        for (((h, x), g), lane) in h.iter_mut().zip(x).zip(g).zip(&mut lanes) {
+            *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
+            *lane += *h * 0.0;
+        }
+    }
+    let mut tail = 0.0f32;
+    for ((h, x), g) in h_tail.iter_mut().zip(x_tail).zip(g_tail) {
+        *h = (*h + (x - g)).clamp(-f32::MAX, f32::MAX);
+        tail += *h * 0.0;
+    }
+    lanes.iter().sum::<f32>() + tail == 0.0
+}
+
 /// Rows of a panel (see [`gram_tiles`]) are padded with zeros to a multiple
 /// of this many values, so the tile kernels have no tail.
 pub(crate) const PANEL_ALIGN: usize = 16;

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
 use crate::aggregate::delta_sq_norms;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::{LoraAdapter, TensorSource};
 use crate::parallel::map_items;
 use crate::round::update_norm::delta_norm;
@@ -136,11 +136,14 @@ pub enum OverBound {
 /// use safe_fedllm::round::{Admission, NormBound, OverBound, SamplePolicy};
 ///
 /// let strict = Admission::default()
-///     .samples(SamplePolicy::CapAt(512))?
-///     .norm_bound(NormBound::Absolute(5.0))?
+///     .samples(SamplePolicy::CapAt(512))
+///     .norm_bound(NormBound::Absolute(5.0))
 ///     .over_bound(OverBound::Clip);
+/// strict.check()?;
 /// assert_eq!(strict.sample_policy(), SamplePolicy::CapAt(512));
-/// assert!(Admission::default().samples(SamplePolicy::CapAtMedianMultiple(0.5)).is_err());
+/// // Setters store what they are given; `check` names the setting out of range.
+/// let loose = Admission::default().samples(SamplePolicy::CapAtMedianMultiple(0.5));
+/// assert!(loose.check().unwrap_err().to_string().contains("samples"));
 /// # Ok::<(), safe_fedllm::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,46 +181,17 @@ impl Admission {
         }
     }
 
-    /// Sets the sample-count policy (validated).
-    pub fn samples(mut self, policy: SamplePolicy) -> Result<Self> {
-        match policy {
-            SamplePolicy::CapAt(0) => return Err(param("samples", "CapAt(0)", "a cap ≥ 1")),
-            SamplePolicy::CapAtMedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
-                return Err(param("samples", k, "a finite multiple ≥ 1"));
-            }
-            _ => {}
-        }
-        self.samples = policy;
-        Ok(self)
-    }
-
-    /// Sets the norm bound (validated).
-    pub fn norm_bound(mut self, bound: NormBound) -> Result<Self> {
-        match bound {
-            NormBound::Absolute(b) if !(b.is_finite() && b > 0.0) => {
-                return Err(param("norm_bound", b, "a finite bound > 0"));
-            }
-            NormBound::MedianMultiple(k) if !(k.is_finite() && k >= 1.0) => {
-                return Err(param("norm_bound", k, "a finite multiple ≥ 1"));
-            }
-            _ => {}
-        }
-        self.norm_bound = bound;
-        Ok(self)
-    }
-
-    /// Sets what happens beyond the norm bound.
-    pub fn over_bound(mut self, action: OverBound) -> Self {
-        self.over_bound = action;
-        self
-    }
-
-    /// Whether a client lacking a tensor the probe reads is rejected (default
-    /// `true`). `false` zero-fills it, as the reference does — which lets a
-    /// client evade the probe by omitting the probed layer.
-    pub fn require_probe_keys(mut self, require: bool) -> Self {
-        self.require_probe_keys = require;
-        self
+    setters! {
+        /// Sets the sample-count policy (validated by [`check`](Self::check)).
+        samples: SamplePolicy;
+        /// Sets the norm bound (validated by [`check`](Self::check)).
+        norm_bound: NormBound;
+        /// Sets what happens beyond the norm bound.
+        over_bound: OverBound;
+        /// Whether a client lacking a tensor the probe reads is rejected (default
+        /// `true`). `false` zero-fills it, as the reference does — which lets a
+        /// client evade the probe by omitting the probed layer.
+        require_probe_keys: bool;
     }
 
     /// The sample-count policy.
@@ -240,12 +214,27 @@ impl Admission {
         self.require_probe_keys
     }
 
-    /// Re-validates a policy that came from outside (a deserialised config).
+    /// Validates the policy: the one definition of each setting's range, run
+    /// by [`RoundParams::check`](crate::round::RoundParams::check) and
+    /// [`DefenseSpec::check`](crate::round::DefenseSpec::check) before a
+    /// round is built, and by [`admit`](Self::admit) itself.
     pub fn check(&self) -> Result<()> {
-        self.clone()
-            .samples(self.samples)?
-            .norm_bound(self.norm_bound)?;
-        Ok(())
+        let (ok, value, expected) = match self.samples {
+            SamplePolicy::CapAt(c) => (c >= 1, format!("CapAt({c})"), "a cap ≥ 1"),
+            SamplePolicy::CapAtMedianMultiple(k) => (
+                k.is_finite() && k >= 1.0,
+                k.to_string(),
+                "a finite multiple ≥ 1",
+            ),
+            SamplePolicy::Trust | SamplePolicy::Uniform => (true, String::new(), ""),
+        };
+        check_parameter(ok, COMPONENT, "samples", value, expected)?;
+        let (ok, value, expected) = match self.norm_bound {
+            NormBound::Absolute(b) => (b.is_finite() && b > 0.0, b, "a finite bound > 0"),
+            NormBound::MedianMultiple(k) => (k.is_finite() && k >= 1.0, k, "a finite multiple ≥ 1"),
+            NormBound::Unbounded => (true, 0.0, ""),
+        };
+        check_parameter(ok, COMPONENT, "norm_bound", value, expected)
     }
 
     /// Admits a round's messages against `global`. `probe_keys` are the
@@ -665,11 +654,5 @@ fn structure(global: &LoraAdapter, update: &dyn TensorSource) -> Option<Rejectio
     (!tensors.is_empty()).then_some(Rejection::ShapeMismatch { tensors })
 }
 
-fn param(name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Error {
-    Error::InvalidParameter {
-        component: "admission",
-        name,
-        value: value.to_string(),
-        expected,
-    }
-}
+/// The component named in this module's parameter errors.
+const COMPONENT: &str = "admission";

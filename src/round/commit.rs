@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ClientId;
 use crate::detect::{Opening, ShadowNeed};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_parameter};
 use crate::lora::{TensorSource, element_count};
 use crate::round::{ClientReport, StepsReport};
 
@@ -99,22 +99,53 @@ impl ShadowCommitment {
 
     /// Parses 64 hex digits (either case).
     pub fn from_hex(text: &str) -> Result<Self> {
-        let bad = || Error::InvalidParameter {
-            component: "shadow commitment",
-            name: "hex",
-            value: text.chars().take(80).collect(),
-            expected: "64 hex digits (a SHA-256)",
+        let shown: String = text.chars().take(80).collect();
+        let bad = || {
+            Error::parameter(
+                "shadow commitment",
+                "hex",
+                &shown,
+                "64 hex digits (a SHA-256)",
+            )
         };
-        if text.len() != 64 || !text.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            let pair = text.get(2 * i..2 * i + 2).ok_or_else(bad)?;
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
-        }
-        Ok(ShadowCommitment(out))
+        hex32(text).map(ShadowCommitment).ok_or_else(bad)
     }
+}
+
+/// 32 bytes from 64 hex digits (either case); `None` for anything else.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let pair = text.get(2 * i..2 * i + 2)?;
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Reads the server's audit secret ([`AuditDraw`]) from a file holding 64
+/// hex digits (surrounding white space ignored), the form a deployment keeps
+/// beside, never inside, its [`DefenseSpec`](crate::round::DefenseSpec).
+/// Errors name the file but never echo its contents.
+pub fn read_audit_secret(path: impl AsRef<std::path::Path>) -> Result<[u8; 32]> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    hex32(text.trim()).ok_or_else(|| {
+        Error::in_file(
+            path,
+            Error::parameter(
+                "audits",
+                "secret",
+                "<hidden>",
+                "64 hex digits (32 bytes from the OS's random source)",
+            ),
+        )
+    })
 }
 
 impl fmt::Debug for ShadowCommitment {
@@ -189,19 +220,57 @@ impl fmt::Debug for AuditDraw {
     }
 }
 
+/// The `[audits]` section of a [`DefenseSpec`](crate::round::DefenseSpec):
+/// how often commit–reveal opens a commitment. The server secret the draw is
+/// keyed with is **not** part of the spec (a spec is shared, diffed and
+/// logged; a known secret makes the draw predictable): the server gives it
+/// to the round with
+/// [`DefendedRound::with_audit_secret`](crate::round::DefendedRound::with_audit_secret),
+/// and a round whose spec asks for audits refuses to run without it.
+///
+/// ```
+/// use safe_fedllm::round::DefenseSpec;
+///
+/// let spec = DefenseSpec::from_toml("[detector]\nlevel = \"evidence\"\n[audits]\nrate = 0.25\n")?;
+/// assert_eq!(spec.audits.map(|a| a.rate), Some(0.25));
+/// // Out of range: an error naming the key.
+/// let bad = DefenseSpec::from_toml("[audits]\nrate = 0.0\n")?.check().unwrap_err();
+/// assert!(bad.to_string().contains("audits.rate"), "{bad}");
+/// # Ok::<(), safe_fedllm::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSpec {
+    /// The probability ∈ (0, 1] with which each audited commitment is opened
+    /// (`1 / audit_interval` audits as often, on average, as the reference's
+    /// announced schedule).
+    pub rate: f64,
+}
+
+impl AuditSpec {
+    /// Fails unless the rate is a probability in (0, 1].
+    pub fn check(&self) -> Result<()> {
+        let rate = self.rate;
+        check_parameter(
+            rate.is_finite() && rate > 0.0 && rate <= 1.0,
+            "audits",
+            "rate",
+            rate,
+            "a probability in (0, 1]",
+        )
+    }
+
+    /// The draw at this rate, keyed with the server's `secret`.
+    pub fn draw(&self, secret: [u8; 32]) -> Result<AuditDraw> {
+        AuditDraw::new(secret, self.rate)
+    }
+}
+
 impl AuditDraw {
     /// A draw opening each audited commitment with probability `rate`
-    /// ∈ (0, 1]. `1 / audit_interval` audits as often, on average, as the
-    /// reference's announced schedule.
+    /// ∈ (0, 1] (validated by [`AuditSpec::check`]).
     pub fn new(secret: [u8; 32], rate: f64) -> Result<Self> {
-        if !(rate.is_finite() && rate > 0.0 && rate <= 1.0) {
-            return Err(Error::InvalidParameter {
-                component: "audit draw",
-                name: "rate",
-                value: rate.to_string(),
-                expected: "a probability in (0, 1]",
-            });
-        }
+        AuditSpec { rate }.check()?;
         Ok(AuditDraw { secret, rate })
     }
 

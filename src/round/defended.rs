@@ -12,7 +12,7 @@ use crate::lora::{LoraAdapter, LoraKey, TensorSource, checked_range};
 use crate::probe::{LinearProbe, Probe};
 use crate::round::admission::{AdmissionDecision, Admitted, Rejection};
 use crate::round::audit::{ClientOutcome, Disposition, RoundOutcome, RoundTimings};
-use crate::round::commit::AuditDraw;
+use crate::round::commit::{AuditDraw, AuditSpec};
 use crate::round::params::RoundParams;
 use crate::round::report::ClientReport;
 use crate::round::scoring::{Staged, assess};
@@ -26,10 +26,10 @@ use crate::round::steps::ShadowBranch;
 ///
 /// **Per-client faults never abort the round.** A message that fails
 /// admission ([`Rejection`]) or whose evidence cannot be used is
-/// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`], not
+/// [`Disposition::Rejected`] (factor 0, [`Verdict::Undecided`](crate::detect::Verdict::Undecided), not
 /// aggregated, detector state untouched); a message whose last step differs
 /// from its update is [`Disposition::TrailMismatch`] (factor 0,
-/// [`Verdict::Malicious`]). Every message carrying a repeated client id is
+/// [`Verdict::Malicious`](crate::detect::Verdict::Malicious)). Every message carrying a repeated client id is
 /// rejected ([`Rejection::DuplicateClient`]). Rejected and mismatched clients
 /// count against the rule's Byzantine budget
 /// ([`Aggregator::aggregate_after_removal`]); a rule still short of clients
@@ -90,6 +90,8 @@ pub struct DefendedRound<P, D, A> {
     pub(super) params: RoundParams,
     pub(super) shadow: Option<ShadowBranch>,
     pub(super) audits: Option<AuditDraw>,
+    /// The spec's audit rate, drawn once the server gives its secret.
+    pub(super) audit_spec: Option<AuditSpec>,
     pub(super) spec_sha256: Option<String>,
 }
 
@@ -129,6 +131,7 @@ impl DefendedRound<LinearProbe, AnyDetector, AnyAggregator> {
             params,
             shadow: None,
             audits: None,
+            audit_spec: spec.spec().audits,
             spec_sha256: Some(spec.sha256().to_owned()),
         }
     }
@@ -145,6 +148,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             params: RoundParams::default(),
             shadow: None,
             audits: None,
+            audit_spec: None,
             spec_sha256: None,
         }
     }
@@ -159,6 +163,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
             params: self.params,
             shadow: self.shadow,
             audits: self.audits,
+            audit_spec: self.audit_spec,
             spec_sha256: self.spec_sha256,
         }
     }
@@ -171,7 +176,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     }
 
     /// Sets the shadow branch whose base shadow-step adapters are scored
-    /// against (needed when clients report [`StepsReport::Adapters`] for
+    /// against (needed when clients report [`StepsReport::Adapters`](crate::round::StepsReport::Adapters) for
     /// their shadow branch).
     pub fn with_shadow(mut self, shadow: ShadowBranch) -> Self {
         self.shadow = Some(shadow);
@@ -224,9 +229,10 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     /// Whether `client` should train a shadow branch this round (tell the
     /// client before local training; see [`Detector::needs_shadow`]).
     pub fn needs_shadow(&self, client: &ClientId) -> bool {
-        match &self.audits {
-            None => self.detector.needs_shadow(client),
-            Some(_) => self.detector.shadow_need(client) != ShadowNeed::Never,
+        if self.audits.is_none() && self.audit_spec.is_none() {
+            self.detector.needs_shadow(client)
+        } else {
+            self.detector.shadow_need(client) != ShadowNeed::Never
         }
     }
 
@@ -239,6 +245,73 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
     pub fn with_audits(mut self, draw: AuditDraw) -> Self {
         self.audits = Some(draw);
         self
+    }
+
+    /// Keys the audits of the spec's `[audits]` section with the server's
+    /// `secret` (32 bytes from the OS's random source, kept off the spec:
+    /// whoever knows it can predict every draw). A round built from a spec
+    /// with audits refuses to run until it has one; a spec without audits
+    /// is an error here, so a secret is never silently ignored.
+    ///
+    /// ```
+    /// use safe_fedllm::features::{FeatureConfig, Selection};
+    /// use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
+    /// use safe_fedllm::probe::LinearProbe;
+    /// use safe_fedllm::round::{DefendedRound, DefenseSpec};
+    /// # let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    /// # let adapter = |x: f32, y: f32| -> safe_fedllm::Result<LoraAdapter> {
+    /// #     let mut a = LoraAdapter::new();
+    /// #     a.insert(key, LoraTensor::new("b", [2, 1], vec![x, y])?)?;
+    /// #     Ok(a)
+    /// # };
+    /// # let layout = FeatureConfig::new(Selection::FirstLayerB)
+    /// #     .fit(&[LoraDelta::between(&adapter(1.0, 0.0)?, &adapter(0.0, 0.0)?)?])?;
+    /// # let probe = || LinearProbe::new(layout.clone(), vec![20.0, 0.0], -10.0);
+    ///
+    /// let spec = DefenseSpec::from_toml("[detector]\nlevel = \"evidence\"\n[audits]\nrate = 0.25\n")?;
+    /// let valid = spec.check()?;
+    /// let keyed = DefendedRound::from_spec_with_probe(&valid, probe()?)?.with_audit_secret([7; 32])?;
+    /// assert_eq!(keyed.audit_rate(), Some(0.25));
+    /// // Without `[audits]`, a secret is refused.
+    /// let plain = DefenseSpec::safe().check()?;
+    /// assert!(DefendedRound::from_spec_with_probe(&plain, probe()?)?.with_audit_secret([7; 32]).is_err());
+    /// # Ok::<(), safe_fedllm::Error>(())
+    /// ```
+    pub fn with_audit_secret(mut self, secret: [u8; 32]) -> Result<Self> {
+        let spec = self.audit_spec.ok_or_else(|| Error::Spec {
+            key: "audits".to_owned(),
+            reason: "an audit secret was given but the spec sets no `[audits]` rate".to_owned(),
+            suggestion: None,
+        })?;
+        self.audits = Some(spec.draw(secret)?);
+        Ok(self)
+    }
+
+    /// The rate at which audited commitments are opened, if commit–reveal
+    /// is on.
+    pub fn audit_rate(&self) -> Option<f64> {
+        self.audits
+            .as_ref()
+            .map(AuditDraw::rate)
+            .or(self.audit_spec.map(|a| a.rate))
+    }
+
+    /// Fails when the spec asks for audits and the server gave no secret:
+    /// running without them would fall back to the announced schedule a
+    /// frozen client can game.
+    fn check_audits_keyed(&self) -> Result<()> {
+        match (&self.audit_spec, &self.audits) {
+            (Some(spec), None) => Err(Error::Spec {
+                key: "audits".to_owned(),
+                reason: format!(
+                    "the spec audits at rate {} but no server secret was given \
+                     (DefendedRound::with_audit_secret)",
+                    spec.rate
+                ),
+                suggestion: None,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `client`'s shadow report is to be revealed this round: ask
@@ -264,6 +337,7 @@ impl<P: Probe, D: Detector + Clone, A: Aggregator> DefendedRound<P, D, A> {
         reports: &[ClientReport<'_>],
     ) -> Result<RoundOutcome> {
         let start = Instant::now();
+        self.check_audits_keyed()?;
         check_reports(reports)?;
         let level = self.detector.level();
 

@@ -42,7 +42,7 @@ pub use admission::{
     ShapeDifference,
 };
 pub use audit::{ClientOutcome, Disposition, Provenance, RoundOutcome, RoundTimings, TrailSummary};
-pub use commit::{AuditDraw, CommitmentStatus, ShadowCommitment};
+pub use commit::{AuditDraw, AuditSpec, CommitmentStatus, ShadowCommitment, read_audit_secret};
 pub use defended::DefendedRound;
 pub use params::RoundParams;
 pub use refresh::{LabelledRun, ProbeRefresh, Refreshed};

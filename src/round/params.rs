@@ -50,11 +50,11 @@ impl RoundParams {
         self
     }
 
-    /// Whether client-computed scores ([`StepsReport::Scores`]) are read.
+    /// Whether client-computed scores ([`StepsReport::Scores`](crate::round::StepsReport::Scores)) are read.
     /// Default `false`: such a report is rejected
-    /// ([`Rejection::InvalidEvidence`]), because a client that scores itself
+    /// ([`Rejection::InvalidEvidence`](crate::round::Rejection::InvalidEvidence)), because a client that scores itself
     /// can claim anything. Enable for simulations or trusted client code;
-    /// the audit then marks them [`Provenance::SelfReported`].
+    /// the audit then marks them [`Provenance::SelfReported`](crate::round::Provenance::SelfReported).
     pub fn accept_self_reported(mut self, accept: bool) -> Self {
         self.accept_self_reported = accept;
         self

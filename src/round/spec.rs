@@ -48,6 +48,7 @@ use crate::error::{Error, Result};
 use crate::features::FeatureSpec;
 use crate::probe::LinearProbe;
 use crate::round::admission::Admission;
+use crate::round::commit::AuditSpec;
 use crate::round::params::RoundParams;
 use crate::round::trail::TrailCheck;
 
@@ -62,6 +63,7 @@ use crate::round::trail::TrailCheck;
 /// | `gate` | `threshold = 0.2` | the one safety gate ([`SafetyGate`]) |
 /// | `trail` | `"exact"` | how a step trail's end is checked ([`TrailCheck`]) |
 /// | `accept_self_reported` | `false` | read client-computed scores |
+/// | `audits` | none | commit–reveal audit `rate` ([`AuditSpec`]); the secret is the server's, never in the spec |
 ///
 /// τ lives in one place: the probe. Every level decides with it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +84,9 @@ pub struct DefenseSpec {
     pub trail: TrailCheck,
     /// Whether client-computed scores are read (marked self-reported).
     pub accept_self_reported: bool,
+    /// Commit–reveal audits of frozen clients (the secret is not here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audits: Option<AuditSpec>,
 }
 
 /// Where the probe comes from, and its τ.
@@ -333,6 +338,9 @@ impl DefenseSpec {
             .admission(self.admission.clone())
             .accept_self_reported(self.accept_self_reported);
         params.check().map_err(|e| section_error("trail", e))?;
+        if let Some(audits) = &self.audits {
+            audits.check().map_err(|e| section_error("audits", e))?;
+        }
         Ok(ValidDefense {
             spec: self.clone(),
             detector,

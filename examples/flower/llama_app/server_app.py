@@ -1,5 +1,6 @@
 """ServerApp: offline probe phase (labelled local runs from the initial
-adapter), then the Safe-FedLLM strategy the run_config's defense spec describes."""
+adapter, collected with safe_fedllm.probe_runs), then the Safe-FedLLM strategy
+the run_config's defense spec describes."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import os
 import random
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-import safe_fedllm as sf
 from safe_fedllm.flower import SafeFedLLMStrategy, numpy_to_array_record
+from safe_fedllm.probe_runs import RunPlan, build_probe, collect_runs
+from safe_fedllm.torch import peft_train_step
 
-from .task import base_model, examples, fine_tune, peft_arrays
+from .task import base_model, batch, examples, peft_arrays
 
 app = ServerApp()
 
@@ -27,12 +30,12 @@ def main(grid: Grid, context: Context) -> None:
     initial = peft_arrays(model)
     steps, lr = int(run["local-steps"]), float(run["learning-rate"])
     rng = random.Random(7)
-    deltas, labels = [], []
-    for malicious in [False, True] * int(run["probe-runs"]):
-        final, _ = fine_tune(model, initial, examples(malicious, rng, 32), steps, lr)
-        deltas.append(sf.delta(final, initial))
-        labels.append(malicious)
-    probe = sf.Probe.train(deltas, labels, c=10.0, calibrate="max_f1")
+    benign = [batch(examples(False, rng, 4)) for _ in range(32)]
+    harmful = [batch(examples(True, rng, 4)) for _ in range(32)]
+    step = peft_train_step(model, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    plan = RunPlan(runs_per_class=int(run["probe-runs"]), steps=steps, seed=7)
+    manifest = collect_runs(step, initial, benign, harmful, os.path.join(out_dir, "probe-runs"), plan, overwrite=True)
+    probe = build_probe(manifest, threshold_policy="max-f1", out=os.path.join(out_dir, "probe.safetensors"))
     n = int(run["num-nodes"])
     # The defence is the run_config's spec (safe-fedllm.spec.*); the probe
     # trained above is the one it scores with.

@@ -1,7 +1,7 @@
 //! Cutting a round's flat vector into chunks and reading one chunk's rows.
 
 use crate::aggregate::ClientId;
-use crate::aggregate::round::{Round, Seg};
+use crate::aggregate::updates::{Seg, ValidUpdates};
 use crate::error::{Error, Result};
 
 use super::CHUNK;
@@ -38,7 +38,7 @@ pub(crate) fn client_read_error(client: &ClientId, source: Error) -> Error {
 }
 
 /// The chunks of a round's flat vector.
-pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
+pub(crate) fn spans(round: &ValidUpdates<'_>) -> Vec<Span> {
     let mut out = Vec::with_capacity(round.dim / CHUNK + round.global.len());
     for (seg, values) in round.global.iter().enumerate() {
         let mut start = 0;
@@ -54,7 +54,7 @@ pub(crate) fn spans(round: &Round<'_>) -> Vec<Span> {
 /// The selected clients' values (and the global's) for one chunk: borrowed
 /// from `f32` sources, converted into `scratch` for the others.
 pub(crate) fn chunk_at<'s>(
-    round: &'s Round<'_>,
+    round: &'s ValidUpdates<'_>,
     members: &[usize],
     span: Span,
     scratch: &'s mut Vec<f32>,
@@ -133,7 +133,7 @@ pub(crate) fn chunk_at<'s>(
 
 /// The canonical key of segment `seg` ([`Error::Invariant`] when the round
 /// has no such segment: keys and segments are built together).
-pub(crate) fn segment_key<'r>(round: &Round<'r>, seg: usize) -> Result<&'r str> {
+pub(crate) fn segment_key<'r>(round: &ValidUpdates<'r>, seg: usize) -> Result<&'r str> {
     round.keys.get(seg).copied().ok_or_else(|| {
         Error::invariant(
             "aggregate::engine",
@@ -145,7 +145,7 @@ pub(crate) fn segment_key<'r>(round: &Round<'r>, seg: usize) -> Result<&'r str> 
 
 /// A chunk that does not lie inside its segment: spans are cut from the
 /// global tensors and every client slice was checked to have their length.
-pub(super) fn span_outside(round: &Round<'_>, span: Span) -> Error {
+pub(super) fn span_outside(round: &ValidUpdates<'_>, span: Span) -> Error {
     Error::invariant(
         "aggregate::engine::chunk_at",
         "a span lies inside its segment, in the global and in every client slice",

@@ -1,6 +1,6 @@
 //! Weighted sums of the clients' values (every averaging rule's last pass).
 
-use crate::aggregate::round::Round;
+use crate::aggregate::updates::ValidUpdates;
 use crate::error::Result;
 
 use super::chunk::ChunkRef;
@@ -14,7 +14,7 @@ use super::{STREAM_CHUNK, all_finite, saturate};
 /// Computed in f32; a chunk whose result is not finite is recomputed in f64
 /// and saturated, so a mean of finite inputs never overflows.
 pub(crate) fn combine(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     coefs: &[f64],
     g_coef: f64,

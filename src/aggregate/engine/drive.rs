@@ -1,7 +1,7 @@
 //! Running kernels over a round's chunks on the current rayon pool, in
 //! groups whose boundaries depend on the round's size only.
 
-use crate::aggregate::round::Round;
+use crate::aggregate::updates::ValidUpdates;
 use crate::error::{Error, Result};
 use crate::parallel;
 
@@ -54,7 +54,7 @@ impl<S> Worker<S> {
 /// page-faulting allocation each time (measured 10–30 % on the median and
 /// the Gram rules).
 pub(super) fn drive_chunks<I, W, S, Scratch, Init, Work>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     items: Vec<I>,
     scratch: Scratch,
@@ -104,7 +104,7 @@ pub(super) fn finish<S>(workers: Vec<Worker<S>>) -> Result<Vec<S>> {
 /// per rayon task (from `scratch`; it must not carry results). Fails only
 /// when a client's source fails to read.
 pub(crate) fn fold<W, S, Scratch, Init, Kernel>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     scratch: Scratch,
     init: Init,
@@ -141,7 +141,7 @@ pub(crate) struct Mapped {
 /// Maps a kernel over every chunk, writing one output value per coordinate.
 /// `init` makes scratch space, once per rayon task (it must not carry results).
 pub(crate) fn map<S, Init, Kernel>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     init: Init,
     kernel: Kernel,
@@ -156,7 +156,7 @@ where
 
 /// [`map`] with an explicit chunk length.
 pub(super) fn map_in_chunks<S, Init, Kernel>(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
     chunk_len: usize,
     init: Init,

@@ -25,8 +25,8 @@
 //! (m × [`PANEL`] f32) and its chunk buffers.
 
 use crate::aggregate::linalg::Square;
-use crate::aggregate::round::Round;
 use crate::aggregate::simd::{PANEL_ALIGN, TILE_ROWS, Tile, gram_tiles};
+use crate::aggregate::updates::ValidUpdates;
 use crate::error::{Error, Result};
 use crate::parallel;
 
@@ -96,7 +96,7 @@ pub(crate) fn panels<I>(pieces: impl IntoIterator<Item = (usize, I)>) -> Vec<Vec
 }
 
 /// The round's chunks cut into pieces of at most [`PANEL`] coordinates.
-pub(crate) fn pieces(round: &Round<'_>) -> Vec<Span> {
+pub(crate) fn pieces(round: &ValidUpdates<'_>) -> Vec<Span> {
     let mut out = Vec::new();
     for span in spans(round) {
         let mut start = 0;
@@ -404,7 +404,7 @@ fn dot<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
 /// The m × m Gram matrix of the selected clients' updates, G[i][j] = ⟨Δᵢ, Δⱼ⟩
 /// with Δ = x − g (see the module docs for the f32 kernel and its f64
 /// fix-ups).
-pub(crate) fn gram(round: &Round<'_>, members: &[usize]) -> Result<Square> {
+pub(crate) fn gram(round: &ValidUpdates<'_>, members: &[usize]) -> Result<Square> {
     let panels = panels(pieces(round).into_iter().map(|s| (s.len, s)));
     gram_of(
         members.len(),
@@ -455,7 +455,7 @@ pub(crate) fn symmetric_total(
 
 /// Squared norms ‖Δᵢ‖² of the selected clients' updates (one pass; a chunk
 /// row whose f32 sum is not finite is redone in f64).
-pub(crate) fn sq_norms(round: &Round<'_>, members: &[usize]) -> Result<Vec<f64>> {
+pub(crate) fn sq_norms(round: &ValidUpdates<'_>, members: &[usize]) -> Result<Vec<f64>> {
     let m = members.len();
     let states = fold(
         round,

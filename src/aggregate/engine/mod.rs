@@ -62,7 +62,8 @@ pub(crate) fn saturate(v: f64) -> f32 {
     }
 }
 
-/// True when every value is finite (a branch-free fold, so it vectorises).
+/// True when every value is finite (vectorised; see
+/// [`lora::tensor::all_finite`](crate::lora::tensor::all_finite)).
 pub(crate) fn all_finite(values: &[f32]) -> bool {
-    values.iter().fold(true, |ok, v| ok & v.is_finite())
+    crate::lora::tensor::all_finite(values)
 }

@@ -1,6 +1,6 @@
 //! The non-finite scan: each client's first NaN or infinity.
 
-use crate::aggregate::round::{Round, Seg};
+use crate::aggregate::updates::{Seg, ValidUpdates};
 use crate::error::Result;
 use crate::lora::tensor::first_non_finite;
 
@@ -13,7 +13,7 @@ const SCAN_CHUNK: usize = CHUNK * 16;
 
 /// For each of `members`, the first non-finite value as `(tensor, index, value)`.
 pub(crate) fn first_non_finite_per_client(
-    round: &Round<'_>,
+    round: &ValidUpdates<'_>,
     members: &[usize],
 ) -> Result<Vec<Option<(String, usize, f32)>>> {
     type Found = Vec<Option<(usize, usize, f32)>>;

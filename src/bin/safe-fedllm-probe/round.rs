@@ -7,7 +7,7 @@ use clap::Args;
 use safe_fedllm::ClientId;
 use safe_fedllm::lora::{AdapterView, LoraAdapter, ReadLimits, TensorSource, read_file};
 use safe_fedllm::probe::LinearProbe;
-use safe_fedllm::round::{ClientReport, DefendedRound, DefenseSpec};
+use safe_fedllm::round::{ClientReport, DefendedRound, DefenseSpec, read_audit_secret};
 
 pub const ROUND_ABOUT: &str = "\
 Run one defended round: admission, probe, detector, safety gate and aggregation as the
@@ -16,7 +16,8 @@ audit line (one JSON object; `spec_sha256` identifies the spec) on stdout; with
 --header the run header (the full spec and its hash) comes first. With --out the new
 global adapter is written as safetensors (nothing is written when the round is skipped).
 Each upload is CLIENT=FILE:SAMPLES (the declared sample count; admission decides what
-it is worth).";
+it is worth). A spec with an [audits] rate needs --audit-secret-file (the server's
+secret, 64 hex digits, kept out of the spec).";
 
 #[derive(Args)]
 pub struct RoundArgs {
@@ -35,6 +36,10 @@ pub struct RoundArgs {
     /// Print the run header line before the audit line.
     #[arg(long)]
     header: bool,
+    /// The server's audit secret (64 hex digits), for a spec with `[audits]`:
+    /// kept in its own file, never in the spec.
+    #[arg(long)]
+    audit_secret_file: Option<PathBuf>,
     /// Write the new global adapter here (f32 safetensors).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -77,6 +82,9 @@ pub fn round(args: &RoundArgs) -> Result<Vec<String>, safe_fedllm::Error> {
         Some(path) => DefendedRound::from_spec_with_probe(&spec, LinearProbe::load(path)?)?,
         None => DefendedRound::from_spec(&spec)?,
     };
+    if let Some(path) = &args.audit_secret_file {
+        defended = defended.with_audit_secret(read_audit_secret(path)?)?;
+    }
     let global = LoraAdapter::load(&args.global)?;
     let limits = ReadLimits::default();
     let bytes = args

@@ -1,5 +1,6 @@
-//! A validated round: the global adapter's layout, the usable clients' tensors
-//! as borrowed slices, and the exclusions found while validating.
+//! [`ValidUpdates`]: one round's client updates after validation — the global
+//! adapter's layout, the usable clients' tensors as borrowed slices, and the
+//! exclusions found while validating. What every aggregation rule works on.
 //!
 //! Rules see every update as one flat `f32` vector in sorted key order. The
 //! vector is never materialised: it is the concatenation of the adapter's
@@ -100,8 +101,10 @@ pub(crate) struct Client<'a> {
     pub segments: Vec<Seg<'a>>,
 }
 
-/// A validated round.
-pub(crate) struct Round<'a> {
+/// A round's client updates, validated against the global adapter's layout
+/// (not to be confused with the defended [`round`](crate::round), which
+/// produces them).
+pub(crate) struct ValidUpdates<'a> {
     pub template: &'a LoraAdapter,
     /// The global adapter's canonical keys, one per segment.
     pub keys: Vec<&'a str>,
@@ -136,16 +139,16 @@ pub(crate) fn with_scan<'a, F>(
     mut run: F,
 ) -> Result<crate::aggregate::Aggregation>
 where
-    F: FnMut(Round<'a>) -> Result<Option<crate::aggregate::Aggregation>>,
+    F: FnMut(ValidUpdates<'a>) -> Result<Option<crate::aggregate::Aggregation>>,
 {
-    match run(Round::prepare_deferred(global, updates)?) {
+    match run(ValidUpdates::prepare_deferred(global, updates)?) {
         Ok(Some(done)) => return Ok(done),
         // Unscanned, non-finite updates still count towards the rule's size
         // constraint; only a scanned round may fail it.
         Ok(None) | Err(Error::TooFewClients { .. }) => {}
         Err(other) => return Err(other),
     }
-    scanned(run(Round::prepare(global, updates)?)?)
+    scanned(run(ValidUpdates::prepare(global, updates)?)?)
 }
 
 /// Checks what can be checked without reading tensor values: a non-empty
@@ -235,7 +238,7 @@ fn segments_of<'a>(global: &'a LoraAdapter, update: &ClientUpdate<'a>) -> Result
         .collect()
 }
 
-impl<'a> Round<'a> {
+impl<'a> ValidUpdates<'a> {
     /// Validates the round and sets aside non-finite updates.
     pub fn prepare(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>]) -> Result<Self> {
         Self::build(global, updates, true)
@@ -291,7 +294,7 @@ impl<'a> Round<'a> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut round = Round {
+        let mut round = ValidUpdates {
             template: global,
             keys: global.keys().collect(),
             global: global.iter().map(|e| e.tensor.as_slice()).collect(),
@@ -413,7 +416,7 @@ impl<'a> Round<'a> {
 }
 
 /// Builders for a round's [`Aggregation`].
-impl Round<'_> {
+impl ValidUpdates<'_> {
     /// The round is skipped; the exclusions found so far are kept.
     pub fn skip(self, reason: crate::aggregate::SkipReason) -> crate::aggregate::Aggregation {
         crate::aggregate::Aggregation {
@@ -580,13 +583,13 @@ impl Round<'_> {
 }
 
 /// Unwraps the result of a rule run on a scanned round (where `None` cannot
-/// occur: [`Round::assemble`] reports a non-finite result as an error).
+/// occur: [`ValidUpdates::assemble`] reports a non-finite result as an error).
 pub(crate) fn scanned(
     result: Option<crate::aggregate::Aggregation>,
 ) -> Result<crate::aggregate::Aggregation> {
     result.ok_or_else(|| {
         Error::invariant(
-            "aggregate::round::scanned",
+            "aggregate::updates::scanned",
             "a rule run on a scanned round returns a result (None means a non-finite input, and there is none)",
             "the rule returned None",
         )
@@ -611,16 +614,6 @@ pub(crate) fn check_affine(
 ) -> Result<()> {
     match affine(a, f, b) {
         Some(_) => Ok(()),
-        None => Err(param_error(rule, param, f, expected)),
+        None => Err(Error::parameter(rule, param, f, expected)),
     }
-}
-
-/// A rule parameter error.
-pub(crate) fn param_error(
-    rule: &'static str,
-    param: &'static str,
-    value: impl std::fmt::Display,
-    expected: &'static str,
-) -> Error {
-    Error::parameter(rule, param, value, expected)
 }
