@@ -221,11 +221,9 @@ fn sybils_sit_just_inside_each_norm_and_sample_policy() {
     let counts = [24, 8, 16];
     let direction = delta(&[0.0, -6.0], [8.0, 0.0]); // norm 10
     let policy = |bound, samples| {
-        Admission::default()
-            .norm_bound(bound)
-            .unwrap()
-            .samples(samples)
-            .unwrap()
+        let admission = Admission::default().norm_bound(bound).samples(samples);
+        admission.check().unwrap();
+        admission
     };
     let cases = [
         (
@@ -293,7 +291,6 @@ fn admission_lets_every_sybil_through_unclipped_and_bounds_their_pull() {
         Admission::default().over_bound(OverBound::Exclude),
         Admission::default()
             .norm_bound(NormBound::MedianMultiple(3.0))
-            .unwrap()
             .over_bound(OverBound::Exclude),
     ] {
         let sybils = sybil(&direction, &others, &counts, &admission, 4, 0.01).unwrap();
