@@ -6,6 +6,10 @@
 // uses are dead in this crate.
 #![allow(dead_code)]
 
+#[path = "../examples/fed_llama/attacker.rs"]
+mod attacker;
+#[path = "../examples/fed_llama/clients.rs"]
+mod clients;
 #[path = "../examples/fed_llama/config.rs"]
 mod config;
 #[path = "../examples/fed_llama/data.rs"]
@@ -20,8 +24,14 @@ mod model;
 mod report;
 #[path = "../examples/fed_llama/scenario.rs"]
 mod scenario;
+#[path = "../examples/fed_llama/svg.rs"]
+mod svg;
 #[path = "../examples/fed_llama/training.rs"]
 mod training;
+#[path = "../examples/fed_llama/verdict.rs"]
+mod verdict;
+#[path = "../examples/fed_llama/zoo.rs"]
+mod zoo;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use safe_fedllm::lora::{LoraAdapter, LoraTensor};
@@ -31,7 +41,7 @@ use safe_fedllm::round::ShadowBranch;
 use config::ExperimentConfig;
 use data::{Corpus, Rng, TextCodec, WordTokenizer, encode_all};
 use defense::Defense;
-use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, federate_all, probe_phase};
+use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, probe_phase};
 use model::{LlamaConfig, peft_key};
 use scenario::Scenario;
 use training::{Devices, EvalSet, pretrain};
@@ -386,6 +396,7 @@ fn miniature_federation_end_to_end() {
         eval: &eval,
         round0: &round0,
         probe: &probe.probe,
+        surrogate: None,
         shadow: &shadow,
         cache: &cache,
         progress: &Silent,
@@ -404,10 +415,11 @@ fn miniature_federation_end_to_end() {
         job(Scenario::LieShadow, Defense::Shadow),
         job(Scenario::Poison, Defense::Spec(0)),
     ];
-    let results: Vec<Vec<experiment::RoundRecord>> = federate_all(&shared, &jobs)
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let results: Vec<Vec<experiment::RoundRecord>> =
+        zoo::federate_all(&shared, &jobs, |_, _| Ok(()))
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
     let mut all = Vec::new();
     for (job, records) in jobs.iter().zip(&results) {
         let defense = job.defense;
@@ -476,9 +488,9 @@ fn miniature_federation_end_to_end() {
     assert_eq!(summaries.len(), 5);
     let table = report::table(&summaries);
     assert!(table.contains("shadow level") && table.contains("none (FedAvg)"));
-    assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie shadow"));
+    assert!(table.contains("oracle (benign FedAvg)") && table.contains("lie-shadow"));
     assert!(table.contains("spec 1"));
-    let svg = report::asr_svg(&all);
+    let svg = svg::asr_svg(&all);
     assert_eq!(svg.matches("<polyline").count(), 5);
     assert_eq!(report::rounds_csv(&all).lines().count(), all.len() + 1);
 }

@@ -15,13 +15,18 @@ use safe_fedllm::probe::{
 use safe_fedllm::round::{
     LabelledRun, OwnedReport as ClientReport, OwnedSteps as StepsReport, ProbeRefresh, ShadowBranch,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::attacker::{
+    Craft, SybilRound, apply, craft, evade_trail, server_admission, sybil_updates,
+};
+use crate::clients::pool_tag;
+pub use crate::clients::{BENIGN, HARMFUL, Pools, malicious_set, selection};
 use crate::config::ExperimentConfig;
-use crate::data::{Corpus, Encoded, Rng, TextCodec, encode_all};
+use crate::data::{Corpus, TextCodec};
 use crate::defense::{Defense, RuleContext, Server};
 use crate::model::Llama;
-use crate::scenario::{Craft, Scenario, apply, craft, evade_trail};
+use crate::scenario::{Knowledge, Scenario};
 use crate::training::{
     BatchPlan, Capture, ClientData, Devices, EvalSet, LocalRun, Metrics, local_train, round_lr,
 };
@@ -93,7 +98,7 @@ pub struct ProbeReport {
 }
 
 /// One row of the per-round log.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundRecord {
     /// Attack scenario.
     pub scenario: Scenario,
@@ -119,8 +124,10 @@ pub struct RoundRecord {
     pub false_negatives: usize,
     /// Mean security factor of the malicious participants (1.0 for rules
     /// without factors; NaN when none participated).
+    #[serde(deserialize_with = "crate::zoo::nan_or")]
     pub malicious_factor: f64,
     /// Mean security factor of the benign participants.
+    #[serde(deserialize_with = "crate::zoo::nan_or")]
     pub benign_factor: f64,
     /// True when the global adapter did not change this round.
     pub skipped: bool,
@@ -129,85 +136,6 @@ pub struct RoundRecord {
     /// Seconds of it spent on the defense (step capture, shadow branch,
     /// probe scoring, detection, robust rule).
     pub defense_seconds: f64,
-}
-
-/// Labels client `k` of `clients` as malicious when it is among the first
-/// `malicious` of a seeded permutation (the same for every defense).
-pub fn malicious_set(clients: usize, malicious: usize, seed: u64) -> Vec<bool> {
-    let mut order: Vec<usize> = (0..clients).collect();
-    Rng::derive(seed, &[0x4D41_4C49]).shuffle(&mut order);
-    let mut flags = vec![false; clients];
-    for &k in order.iter().take(malicious) {
-        flags[k] = true;
-    }
-    flags
-}
-
-/// Clients sampled in `round` (the same for every defense and share).
-pub fn selection(config: &ExperimentConfig, round: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..config.clients).collect();
-    if config.clients_per_round < config.clients {
-        Rng::derive(config.seed, &[0x0053_454C, round as u64]).shuffle(&mut order);
-        order.truncate(config.clients_per_round);
-        order.sort_unstable();
-    }
-    order
-}
-
-/// Pool tag of benign data.
-pub const BENIGN: u32 = 0;
-/// Pool tag of all-harmful data.
-pub const HARMFUL: u32 = 1000;
-
-/// The encoded training splits.
-pub struct Pools {
-    benign: Vec<Encoded>,
-    harmful: Vec<Encoded>,
-    size: usize,
-}
-
-impl Pools {
-    /// Encodes the benign and malicious training splits.
-    pub fn new(setup: &Setup<'_>) -> Self {
-        Pools {
-            benign: encode_all(setup.codec, &setup.corpus.benign_train),
-            harmful: encode_all(setup.codec, &setup.corpus.malicious_train),
-            size: setup.config.samples_per_client,
-        }
-    }
-
-    /// A private pool: `tag`/1000 of its rows harmful, the rest benign
-    /// (tag 0 = benign client, 1000 = the paper's malicious client). The
-    /// pool depends only on (tag, index, seed); the all-benign and
-    /// all-harmful pools are those of the original example.
-    pub fn pool(&self, tag: u32, index: u64, seed: u64) -> Vec<Encoded> {
-        let draw = |malicious: bool, count: usize| -> Vec<Encoded> {
-            let source = if malicious {
-                &self.harmful
-            } else {
-                &self.benign
-            };
-            let mut order: Vec<usize> = (0..source.len()).collect();
-            Rng::derive(seed, &[u64::from(malicious), index, 0x504F_4F4C]).shuffle(&mut order);
-            order
-                .iter()
-                .cycle()
-                .take(count)
-                .filter_map(|&i| source.get(i).cloned())
-                .collect()
-        };
-        match tag {
-            BENIGN => draw(false, self.size),
-            HARMFUL.. => draw(true, self.size),
-            share => {
-                let bad = ((self.size * share as usize) as f64 / 1000.0).round() as usize;
-                let mut pool = draw(true, bad);
-                pool.extend(draw(false, self.size - bad.min(self.size)));
-                Rng::derive(seed, &[u64::from(share), index, 0x4D49_5844]).shuffle(&mut pool);
-                pool
-            }
-        }
-    }
 }
 
 /// The probe's trainer: the library's calibrated trainer ([`CalibratedParams`]):
@@ -223,8 +151,9 @@ pub fn probe_trainer(cfg: &ExperimentConfig, folds: usize) -> CalibratedParams {
 }
 
 /// One labelled local run from `start` on client `id`'s pool of `kind`
-/// (a probe run or a root-set run of the refresh), every step kept.
-fn labelled_run(
+/// (a probe run, a root-set run of the refresh or a surrogate attacker's
+/// run), every step kept.
+pub fn labelled_run(
     setup: &Setup<'_>,
     pools: &Pools,
     start: &LoraAdapter,
@@ -524,31 +453,14 @@ pub struct Shared<'a> {
     pub round0: &'a LoraAdapter,
     /// The probe of the probe phase.
     pub probe: &'a LinearProbe,
+    /// The surrogate attacker's own probe (`adaptive:surrogate` only).
+    pub surrogate: Option<&'a LinearProbe>,
     /// The shadow branch (fixed base and learning rate).
     pub shadow: &'a ShadowBranch,
     /// Runs identical across federations.
     pub cache: &'a RunCache,
     /// Progress.
     pub progress: &'a dyn Progress,
-}
-
-/// Runs the jobs on `setup.threads` workers, one federation per task, its
-/// clients as nested tasks: federations keep every worker busy (evaluation
-/// and the server run in parallel too, not only client training), and a
-/// worker left idle at the end steals the clients of a federation still
-/// running.
-pub fn federate_all(shared: &Shared<'_>, jobs: &[Job]) -> Vec<Result<Vec<RoundRecord>, String>> {
-    parallel_map(jobs, shared.setup.threads, |&job| federate(shared, job))
-}
-
-/// Pool tag of a malicious client in `scenario`: 0 = benign, 1000 = all
-/// harmful, else the harmful share in percent.
-fn pool_tag(scenario: Scenario, malicious: bool) -> u32 {
-    if malicious {
-        (scenario.harmful_share() * 1000.0).round() as u32
-    } else {
-        BENIGN
-    }
 }
 
 /// Runs one federation (one scenario, malicious share and defense), returning
@@ -560,6 +472,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         eval,
         round0,
         probe,
+        surrogate,
         shadow,
         cache,
         progress,
@@ -611,7 +524,10 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
         if defense == Defense::Oracle {
             chosen.retain(|&k| !malicious[k]);
         }
-        let is_mal = |k: usize| malicious.get(k).copied().unwrap_or(false);
+        // In a round the scenario spends honest (sleeper, alternate), its
+        // clients train and report exactly as benign ones.
+        let attacking = scenario.attacks_in(round);
+        let is_mal = |k: usize| attacking && malicious.get(k).copied().unwrap_or(false);
         let mut round_seconds = 0.0;
         let mut defense_seconds = 0.0;
 
@@ -688,7 +604,11 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                 )
             })
         };
-        let runs = parallel_map(&chosen, setup.threads, |&k| main_run(tag(k), k, &data));
+        let (tag, data) = (
+            |k: usize| if is_mal(k) { tag(k) } else { BENIGN },
+            |k: usize| if is_mal(k) { &data } else { &decoy },
+        );
+        let runs = parallel_map(&chosen, setup.threads, |&k| main_run(tag(k), k, data(k)));
         let runs: Vec<Arc<LocalRun>> = runs.into_iter().collect::<Result<_, _>>()?;
         for run in &runs {
             round_seconds += run.seconds;
@@ -707,29 +627,59 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         let attackers = chosen.iter().filter(|&&k| is_mal(k)).count();
+        // The probe the adaptive attacker evades: the round-0 probe (stale),
+        // the server's current one (white-box, after any refresh) or its own.
+        let knowledge = scenario.knowledge();
+        let attack_probe = match knowledge {
+            Some(Knowledge::White | Knowledge::JustUnder) => server.probe().unwrap_or(probe),
+            Some(Knowledge::Surrogate) => {
+                surrogate.ok_or("adaptive:surrogate: no surrogate probe was trained")?
+            }
+            _ => probe,
+        }
+        .clone();
+        let mut declared = vec![cfg.samples_per_round(); chosen.len()];
+        let colluding = sybil_updates(
+            scenario,
+            &SybilRound {
+                chosen: &chosen,
+                runs: &runs,
+                global: &global,
+                is_mal: &is_mal,
+                admission: &server_admission(defense, &ctx, &cfg.specs),
+                samples: cfg.samples_per_round(),
+            },
+        )?;
         let mut reports = Vec::with_capacity(chosen.len());
-        for (&k, run) in chosen.iter().zip(&runs) {
+        for (i, (&k, run)) in chosen.iter().zip(&runs).enumerate() {
             let id = k.to_string();
-            let liar = is_mal(k) && scenario.needs_decoy();
             let mut update = run.adapter.clone();
             let mut steps = run.steps.clone();
             if is_mal(k) && scenario.crafts_update() {
                 let own = LoraDelta::between(&run.adapter, &global).map_err(|e| e.to_string())?;
-                let crafted = craft(
-                    scenario,
-                    &own,
-                    &Craft {
-                        benign: &benign_deltas,
-                        probe,
-                        clients: chosen.len(),
-                        attackers,
-                        seed: cfg.seed ^ ((round as u64) << 16) ^ k as u64,
-                    },
-                )?;
+                let crafted = match colluding.iter().find(|c| c.0 == k) {
+                    Some((_, delta, samples)) => {
+                        if let Some(d) = declared.get_mut(i) {
+                            *d = *samples;
+                        }
+                        delta.clone()
+                    }
+                    None => craft(
+                        scenario,
+                        &own,
+                        &Craft {
+                            benign: &benign_deltas,
+                            probe: &attack_probe,
+                            clients: chosen.len(),
+                            attackers,
+                            seed: cfg.seed ^ ((round as u64) << 16) ^ k as u64,
+                        },
+                    )?,
+                };
                 update = apply(&global, &crafted)?;
                 if capture == Capture::EveryStep {
-                    steps = if scenario == Scenario::Adaptive {
-                        evade_trail(probe, &global, &run.steps)?
+                    steps = if let Some(knowledge) = knowledge {
+                        evade_trail(knowledge, &attack_probe, &global, &run.steps)?
                     } else {
                         // Honest steps, the last one replaced by the sent
                         // update so that the trail check passes.
@@ -741,7 +691,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     };
                 }
             }
-            if liar && scenario == Scenario::LieTrail && capture == Capture::EveryStep {
+            if is_mal(k) && scenario.lies_in_trail() && capture == Capture::EveryStep {
                 // A benign run's trail, its last step the real update.
                 let fake = main_run(BENIGN, k, &decoy)?;
                 round_seconds += fake.seconds;
@@ -750,21 +700,22 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
                     *last = update.clone();
                 }
             }
-            let mut report = ClientReport::new(id.clone(), update, cfg.samples_per_round());
+            let samples = declared.get(i).copied().unwrap_or(cfg.samples_per_round());
+            let mut report = ClientReport::new(id.clone(), update, samples);
             if capture == Capture::EveryStep {
                 report = report.with_steps(StepsReport::Adapters(steps));
             }
             if server.needs_shadow(&id) {
-                let lie = liar && scenario == Scenario::LieShadow;
+                let lie = is_mal(k) && scenario.lies_in_shadow();
                 let shadow_run = if lie {
                     shadow_run(BENIGN, k, &decoy)?
                 } else {
-                    shadow_run(tag(k), k, &data)?
+                    shadow_run(tag(k), k, data(k))?
                 };
                 round_seconds += shadow_run.seconds;
                 defense_seconds += shadow_run.seconds;
-                let shadow_steps = if is_mal(k) && scenario == Scenario::Adaptive {
-                    evade_trail(probe, shadow.base(), &shadow_run.steps)?
+                let shadow_steps = if let Some(knowledge) = knowledge.filter(|_| is_mal(k)) {
+                    evade_trail(knowledge, &attack_probe, shadow.base(), &shadow_run.steps)?
                 } else {
                     shadow_run.steps.clone()
                 };
@@ -786,6 +737,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             model.load_lora(&global, &setup.devices.train)?;
             Ok(eval.evaluate(&model, &setup.devices.eval))
         })?;
+        // Ground truth is who is malicious, honest rounds included.
         let truth: Vec<bool> = chosen.iter().map(|&k| malicious[k]).collect();
         records.push(record(
             job,
@@ -799,8 +751,7 @@ pub fn federate(shared: &Shared<'_>, job: Job) -> Result<Vec<RoundRecord>, Strin
             defense_seconds,
         ));
         progress.tick(&format!(
-            "{} {percent}% {} r{}",
-            scenario.name(),
+            "{scenario} {percent}% {} r{}",
             defense.name(),
             round + 1
         ));

@@ -37,8 +37,17 @@
 //!    defense. After every round: attack success rate (ASR) and held-out
 //!    benign loss of the global model.
 //! 5. One table on screen; `summary.csv`, `rounds.csv`, `asr.svg` and
-//!    `config.json` in the output directory.
+//!    `config.json` in the output directory, and the strict verdict over
+//!    `--seeds` (`verdict.csv`, heat map `verdict.svg`). Every finished
+//!    federation is kept under `cells/`, so a rerun skips it.
+//!
+//! `--zoo` runs every attack scenario (`scenario::Scenario::zoo`) at 0, 30
+//! and 50 % malicious over 3 seeds against the recommended spec (when the
+//! file exists), the evidence level behind a norm bound, FedAvg and the
+//! oracle; an interrupted zoo resumes where it stopped.
 
+mod attacker;
+mod clients;
 mod config;
 mod data;
 mod defense;
@@ -47,19 +56,21 @@ mod gguf;
 mod model;
 mod report;
 mod scenario;
+mod svg;
 mod training;
+mod verdict;
+mod zoo;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use safe_fedllm::round::ShadowBranch;
 
 use config::ExperimentConfig;
 use data::{Corpus, TextCodec, WordTokenizer, encode_all};
 use defense::Defense;
-use experiment::{Job, Pools, Progress, RunCache, Setup, Shared, federate_all, probe_phase};
+use experiment::{Progress, Setup};
 use safe_fedllm::probe::Threshold;
 use safe_fedllm::round::DefenseSpec;
 use scenario::Scenario;
@@ -89,6 +100,17 @@ struct Args {
     /// Start from the miniature configuration of the end-to-end test.
     #[arg(long)]
     miniature: bool,
+    /// Seeds per cell (base seed, +1, ...): each reseeds the federation and
+    /// the probe phase (not the model); the verdict takes the worst
+    /// [default: 1; 3 with --zoo].
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// The attacker zoo: every scenario at 0/30/50 % over 3 seeds, on the
+    /// recommended spec (when present), the evidence level behind a norm
+    /// bound, FedAvg and the oracle, plus any --defense/--defenses; writes
+    /// verdict.csv and verdict.svg, and resumes from the cells in --out.
+    #[arg(long)]
+    zoo: bool,
     /// Seed of everything random [default: 17].
     #[arg(long)]
     seed: Option<u64>,
@@ -104,8 +126,10 @@ struct Args {
     /// It runs with the experiment's probe unless it names its own.
     #[arg(long = "defense", value_name = "FILE")]
     defense_specs: Vec<PathBuf>,
-    /// Attack scenarios, several allowed [default: poison].
-    #[arg(long = "scenario", value_enum, value_delimiter = ',')]
+    /// Attack scenarios, several allowed [default: poison]: poison, mixed:P,
+    /// adaptive[:white|surrogate|just-under], lie-trail, lie-shadow, lie-both,
+    /// sign-flip, scaling[:K], noise, alie, ipm, sleeper:R, alternate, sybil:K.
+    #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Option<Vec<Scenario>>,
     /// Rounds between probe refreshes of the `+ refresh` defenses [default: 4].
     #[arg(long)]
@@ -196,8 +220,19 @@ impl Args {
             };
         }
         set!(c.seed, self.seed);
+        if self.zoo {
+            c.scenarios = scenario::Scenario::zoo();
+            c.malicious_percent = zoo::zoo_shares();
+            c.defenses = zoo::zoo_defenses();
+            for &d in self.defenses.iter().flatten() {
+                if !c.defenses.contains(&d) {
+                    c.defenses.push(d);
+                }
+            }
+        } else {
+            set!(c.defenses, self.defenses);
+        }
         set!(c.malicious_percent, self.malicious);
-        set!(c.defenses, self.defenses);
         set!(c.clients, self.clients);
         set!(c.rounds, self.rounds);
         set!(c.local_steps, self.local_steps);
@@ -217,6 +252,7 @@ impl Args {
         set!(c.threshold, self.threshold);
         set!(c.probe_folds, self.probe_folds);
         if self.defenses.is_none()
+            && !self.zoo
             && c.scenarios.iter().any(|s| s.crafts_update())
             && c.defenses.contains(&Defense::Evidence)
             && !c.defenses.contains(&Defense::EvidenceNormBound)
@@ -295,7 +331,21 @@ fn run(args: Args) -> Result<(), String> {
     let seed = args.seed.unwrap_or(17);
     let corpus = Corpus::generate(seed);
     // Read before any training, so a misspelt key fails in a second.
-    let user_specs = read_specs(&args.defense_specs)?;
+    let mut spec_paths = args.defense_specs.clone();
+    if args.zoo && spec_paths.is_empty() && Path::new(RECOMMENDED).exists() {
+        spec_paths.push(PathBuf::from(RECOMMENDED));
+    }
+    let user_specs = read_specs(&spec_paths)?;
+    let seeds = args
+        .seeds
+        .unwrap_or(if args.zoo { zoo::ZOO_SEEDS } else { 1 });
+    if seeds == 0 {
+        return Err("--seeds must be ≥ 1".into());
+    }
+    let model_key = args
+        .gguf
+        .as_ref()
+        .map_or_else(|| "tiny".to_owned(), |p| p.display().to_string());
     let (model, codec, config, max_len, model_label): (
         model::Llama,
         Box<dyn TextCodec>,
@@ -347,7 +397,7 @@ fn run(args: Args) -> Result<(), String> {
     );
 
     let mut config = config;
-    for (i, (spec, path)) in user_specs.into_iter().zip(&args.defense_specs).enumerate() {
+    for (i, (spec, path)) in user_specs.into_iter().zip(&spec_paths).enumerate() {
         println!(
             "{} = {} (spec_sha256 {})",
             Defense::Spec(i as u8).name(),
@@ -391,142 +441,35 @@ fn run(args: Args) -> Result<(), String> {
         aligned.benign_loss
     );
 
-    let pools = Pools::new(&setup);
-    let phase = Instant::now();
-    let probe = probe_phase(&setup, &pools, &round0, &bars)?;
-    let cal = &probe.calibration;
-    let calibration_text = format!(
-        "probe (calibrated trainer, {} group folds over {} labelled runs, threshold policy {}): \
-         {} training deltas; chosen C = {}; out-of-fold AUC {:.3}, ECE {:.3} (uncalibrated {:.3}), Brier {:.3}; \
-         τ = {:.3} (OOF recall {:.2}, false-positive rate {:.2}, margin {:.3}); \
-         {} held-out deltas: AUC {:.3}, ECE {:.3}, recall {:.2}, false-positive rate {:.2} at τ ({:.1} s)",
-        cal.folds,
-        cal.groups,
-        cal.threshold.policy,
-        probe.train_samples,
-        cal.c,
-        cal.oof_roc_auc,
-        cal.oof_ece,
-        cal.oof_ece_uncalibrated,
-        cal.oof_brier,
-        cal.threshold.threshold,
-        cal.threshold.recall,
-        cal.threshold.false_positive_rate,
-        cal.threshold.margin,
-        probe.holdout_samples,
-        probe.holdout_auc,
-        probe.holdout_ece,
-        probe.holdout_recall,
-        probe.holdout_false_positive_rate,
-        probe.seconds
-    );
-    println!("{calibration_text}");
-    write(
-        &args.out.join("probe_calibration.json"),
-        &serde_json::to_string_pretty(&serde_json::json!({
-            "calibration": cal,
-            "holdout": {
-                "samples": probe.holdout_samples,
-                "roc_auc": probe.holdout_auc,
-                "ece": probe.holdout_ece,
-                "accuracy": probe.holdout_accuracy,
-                "recall": probe.holdout_recall,
-                "false_positive_rate": probe.holdout_false_positive_rate,
-            },
-            "train_samples": probe.train_samples,
-        }))
-        .map_err(|e| e.to_string())?,
-    )?;
-    let probe_seconds = phase.elapsed().as_secs_f64();
-    let shadow = ShadowBranch::with_learning_rate(round0.clone(), config.shadow_lr)
-        .map_err(|e| e.to_string())?;
-
-    // Every (scenario, share, defense). The oracle at 0 % is FedAvg at 0 %
-    // (no malicious client to drop): run once, reported under both names.
-    let mut jobs = Vec::new();
-    for &scenario in &config.scenarios {
-        for &percent in &config.malicious_percent {
-            for &defense in &config.defenses {
-                // At 0 % no client is malicious: every scenario is the same
-                // run, done once (under the first scenario).
-                if percent == 0 && Some(&scenario) != config.scenarios.first() {
-                    continue;
-                }
-                let alias = percent == 0 && defense == Defense::Oracle;
-                if alias && config.defenses.contains(&Defense::None) {
-                    continue;
-                }
-                let defense = if alias { Defense::None } else { defense };
-                jobs.push(Job {
-                    scenario,
-                    percent,
-                    defense,
-                });
-            }
-        }
-    }
-    let cache = RunCache::default();
-    let shared = Shared {
+    let store = zoo::Store::open(&args.out, &config, &model_key)?;
+    let bench = zoo::Bench {
         setup: &setup,
-        pools: &pools,
         eval: &eval,
         round0: &round0,
-        probe: &probe.probe,
-        shadow: &shadow,
-        cache: &cache,
         progress: &bars,
+        store: &store,
     };
     let phase = Instant::now();
-    bars.start("federation", (jobs.len() * config.rounds) as u64);
-    let results = federate_all(&shared, &jobs);
-    bars.finish();
-    let federation_seconds = phase.elapsed().as_secs_f64();
-    let mut runs = Vec::new();
-    for result in results {
-        let run = result?;
-        if let Some(first) = run.first()
-            && first.malicious_percent == 0
-            && first.defense == Defense::None
-            && config.defenses.contains(&Defense::Oracle)
-        {
-            let mut oracle = run.clone();
-            oracle.iter_mut().for_each(|r| r.defense = Defense::Oracle);
-            runs.push(oracle);
-        }
-        runs.push(run);
-    }
-    // Table order: scenario, share, then the defense order of the config.
-    let order = |d: Defense| {
-        config
-            .defenses
-            .iter()
-            .position(|&x| x == d)
-            .unwrap_or(usize::MAX)
-    };
-    runs.retain(|r| {
-        r.first()
-            .is_some_and(|f| config.defenses.contains(&f.defense))
-    });
-    runs.sort_by_key(|r| {
-        r.first()
-            .map(|f| (f.scenario, f.malicious_percent, order(f.defense)))
-    });
-    let mut records = Vec::new();
-    let mut summaries = Vec::new();
-    for run in runs {
-        let Some(first) = run.first() else { continue };
-        let percent = first.malicious_percent;
-        let participants = if first.defense == Defense::Oracle {
-            config.clients_per_round
+    let mut probe_seconds = 0.0;
+    let runs = zoo::run_seeds(&bench, seeds, |seed, probe| {
+        probe_seconds += probe.seconds;
+        println!("seed {seed}: {}", report::probe_text(probe));
+        let name = if seed == config.seed {
+            "probe_calibration.json".to_owned()
         } else {
-            config.clients_per_round
-                - (config.clients_per_round as f64 * f64::from(percent) / 100.0).round() as usize
+            format!("probe_calibration_seed{seed}.json")
         };
-        if let Some(s) = report::summarise(&run) {
-            summaries.push(report::with_false_flags(s, &run, participants));
-        }
-        records.extend(run);
-    }
+        write(&args.out.join(name), &report::probe_json(probe)?)
+    })?;
+    let federation_seconds = phase.elapsed().as_secs_f64() - probe_seconds;
+    // The per-round table, CSV and plot show the base seed; the verdict
+    // takes every seed.
+    let base: Vec<_> = runs
+        .iter()
+        .filter(|r| r.seed == config.seed)
+        .map(|r| r.records.clone())
+        .collect();
+    let (records, summaries) = report::summaries(&config, base);
     let summaries = report::with_verdicts(summaries);
 
     println!();
@@ -539,14 +482,23 @@ fn run(args: Args) -> Result<(), String> {
         &report::summary_csv(&summaries),
     )?;
     write(&args.out.join("rounds.csv"), &report::rounds_csv(&records))?;
-    write(&args.out.join("asr.svg"), &report::asr_svg(&records))?;
+    write(&args.out.join("asr.svg"), &svg::asr_svg(&records))?;
+    let results: Vec<_> = runs.iter().filter_map(zoo::SeedRun::result).collect();
+    let mut verdicts = verdict::verdicts(&results);
+    let order = |d: Defense| config.defenses.iter().position(|&x| x == d);
+    verdicts.sort_by_key(|v| (order(v.defense), v.percent, v.scenario));
+    println!("\n{}", verdict::verdict_table(&verdicts));
+    write(
+        &args.out.join("verdict.csv"),
+        &verdict::verdict_csv(&verdicts),
+    )?;
+    write(&args.out.join("verdict.svg"), &svg::verdict_svg(&verdicts))?;
     println!(
-        "\ntime: model {model_seconds:.1} s, probe phase {probe_seconds:.1} s, {} federations {federation_seconds:.1} s on {} threads",
-        jobs.len(),
+        "\ntime: model {model_seconds:.1} s, probe phases {probe_seconds:.1} s, federations of {seeds} seed(s) {federation_seconds:.1} s on {} threads",
         setup.threads
     );
     println!(
-        "wrote {}/{{summary.csv, rounds.csv, asr.svg, config.json, specs.json, probe_calibration.json}}; total {:.1} s",
+        "wrote {}/{{summary.csv, rounds.csv, asr.svg, verdict.csv, verdict.svg, config.json, specs.json, probe_calibration.json, cells/}}; total {:.1} s",
         args.out.display(),
         started.elapsed().as_secs_f64()
     );
@@ -624,6 +576,13 @@ fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
     let stride = items.len().div_ceil(limit);
     items.iter().step_by(stride).cloned().collect()
 }
+
+/// The recommended preset spec, which `--zoo` runs when no `--defense FILE`
+/// is given and the file exists.
+const RECOMMENDED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/fed_llama/specs/recommended.toml"
+);
 
 /// Reads and checks the `--defense FILE` specs.
 fn read_specs(paths: &[PathBuf]) -> Result<Vec<DefenseSpec>, String> {

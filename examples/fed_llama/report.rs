@@ -3,8 +3,9 @@
 
 use std::fmt::Write as _;
 
+use crate::config::ExperimentConfig;
 use crate::defense::Defense;
-use crate::experiment::RoundRecord;
+use crate::experiment::{ProbeReport, RoundRecord};
 use crate::scenario::Scenario;
 
 /// How close to the clean run's ASR a defense must stay to count as
@@ -159,7 +160,7 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
+        "{:<20} {:>5}  {:<22} {:>9} {:>8} {:>11} {:>9} {:>7} {:>10} {:>7} {:>8} {:>8}  holds",
         "scenario",
         "mal%",
         "defense",
@@ -182,7 +183,7 @@ pub fn table(summaries: &[Summary]) -> String {
         last_share = Some(key);
         let _ = writeln!(
             out,
-            "{:<10} {:>5}  {:<22} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%  {}",
+            "{:<20} {:>5}  {:<22} {:>9.3} {:>8.3} {:>11.3} {:>9} {:>7} {:>10} {:>7} {:>8.2} {:>7.1}%  {}",
             s.scenario.name(),
             s.malicious_percent,
             s.defense.name(),
@@ -386,146 +387,93 @@ pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
     out
 }
 
-const COLORS: [&str; 15] = [
-    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a", "#9467bd", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#d62728", "#17becf", "#aec7e8", "#ffbb78", "#c5b0d5",
-];
+/// The probe phase in one line: the calibrated trainer's report and the
+/// held-out figures.
+pub fn probe_text(probe: &ProbeReport) -> String {
+    let cal = &probe.calibration;
+    format!(
+        "probe (calibrated trainer, {} group folds over {} labelled runs, threshold policy {}): \
+         {} training deltas; chosen C = {}; out-of-fold AUC {:.3}, ECE {:.3} (uncalibrated {:.3}), Brier {:.3}; \
+         τ = {:.3} (OOF recall {:.2}, false-positive rate {:.2}, margin {:.3}); \
+         {} held-out deltas: AUC {:.3}, ECE {:.3}, recall {:.2}, false-positive rate {:.2} at τ ({:.1} s)",
+        cal.folds,
+        cal.groups,
+        cal.threshold.policy,
+        probe.train_samples,
+        cal.c,
+        cal.oof_roc_auc,
+        cal.oof_ece,
+        cal.oof_ece_uncalibrated,
+        cal.oof_brier,
+        cal.threshold.threshold,
+        cal.threshold.recall,
+        cal.threshold.false_positive_rate,
+        cal.threshold.margin,
+        probe.holdout_samples,
+        probe.holdout_auc,
+        probe.holdout_ece,
+        probe.holdout_recall,
+        probe.holdout_false_positive_rate,
+        probe.seconds
+    )
+}
 
-/// An SVG with one panel per malicious share: ASR per round, one line per
-/// defense.
-pub fn asr_svg(records: &[RoundRecord]) -> String {
-    let mut shares: Vec<(Scenario, u32)> = records
-        .iter()
-        .map(|r| (r.scenario, r.malicious_percent))
-        .collect();
-    shares.sort_unstable();
-    shares.dedup();
-    let mut defenses: Vec<Defense> = records.iter().map(|r| r.defense).collect();
-    defenses.sort_unstable();
-    defenses.dedup();
-    let rounds = records.iter().map(|r| r.round).max().unwrap_or(1).max(1);
-    let (pw, ph, margin, legend_w) = (320.0, 240.0, 45.0, 150.0);
-    let width = margin + shares.len() as f64 * (pw + margin) + legend_w;
-    let height = ph + 2.0 * margin + 10.0;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for (i, &(scenario, share)) in shares.iter().enumerate() {
-        let x0 = margin + i as f64 * (pw + margin);
-        let y0 = margin;
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}{share} % malicious</text>"#,
-            x0 + pw / 2.0,
-            y0 - 12.0,
-            if scenario == Scenario::Poison {
-                String::new()
-            } else {
-                format!("{}: ", scenario.name())
-            }
-        );
-        let _ = writeln!(
-            svg,
-            r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
-        );
-        for tick in 0..=4 {
-            let v = tick as f64 / 4.0;
-            let y = y0 + ph * (1.0 - v);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{v:.2}</text>"##,
-                x0 + pw,
-                x0 - 4.0,
-                y + 4.0
-            );
-        }
-        for r in 0..=rounds {
-            if rounds <= 12 || r % 2 == 0 {
-                let x = x0 + pw * r as f64 / rounds as f64;
-                let _ = writeln!(
-                    svg,
-                    r#"<text x="{x}" y="{}" text-anchor="middle">{r}</text>"#,
-                    y0 + ph + 14.0
-                );
-            }
-        }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">round</text>"#,
-            x0 + pw / 2.0,
-            y0 + ph + 30.0
-        );
-        if i == 0 {
-            let _ = writeln!(
-                svg,
-                r#"<text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">attack success rate</text>"#,
-                y0 + ph / 2.0,
-                y0 + ph / 2.0
-            );
-        }
-        for (d, defense) in defenses.iter().enumerate() {
-            let mut points: Vec<(usize, f64)> = records
-                .iter()
-                .filter(|r| {
-                    r.scenario == scenario && r.malicious_percent == share && r.defense == *defense
-                })
-                .map(|r| (r.round, r.asr))
-                .collect();
-            points.sort_by_key(|p| p.0);
-            if points.is_empty() {
-                continue;
-            }
-            let path: Vec<String> = points
-                .iter()
-                .map(|(r, a)| {
-                    format!(
-                        "{:.1},{:.1}",
-                        x0 + pw * *r as f64 / rounds as f64,
-                        y0 + ph * (1.0 - a.clamp(0.0, 1.0))
-                    )
-                })
-                .collect();
-            let dash = if defense.level().is_some() {
-                ""
-            } else {
-                r#" stroke-dasharray="5,3""#
-            };
-            // Shadow and evidence level often coincide: draw the shadow line
-            // wider so it stays visible under the evidence line.
-            let width = if *defense == Defense::Shadow {
-                4.0
-            } else {
-                1.6
-            };
-            let _ = writeln!(
-                svg,
-                r#"<polyline fill="none" stroke="{}" stroke-width="{width}"{dash} points="{}"/>"#,
-                COLORS[d % COLORS.len()],
-                path.join(" ")
-            );
-        }
-    }
-    let lx = margin + shares.len() as f64 * (pw + margin);
-    for (d, defense) in defenses.iter().enumerate() {
-        let y = margin + 10.0 + d as f64 * 18.0;
-        let dash = if defense.level().is_some() {
-            ""
+/// The probe phase as `probe_calibration.json`.
+pub fn probe_json(probe: &ProbeReport) -> Result<String, String> {
+    let cal = &probe.calibration;
+    serde_json::to_string_pretty(&serde_json::json!({
+        "calibration": cal,
+        "holdout": {
+            "samples": probe.holdout_samples,
+            "roc_auc": probe.holdout_auc,
+            "ece": probe.holdout_ece,
+            "accuracy": probe.holdout_accuracy,
+            "recall": probe.holdout_recall,
+            "false_positive_rate": probe.holdout_false_positive_rate,
+        },
+        "train_samples": probe.train_samples,
+    }))
+    .map_err(|e| e.to_string())
+}
+
+/// The comparison's rows from its runs (one record list per federation):
+/// every record, in table order (scenario, share, then the configured
+/// defense order), and one summary per run.
+pub fn summaries(
+    config: &ExperimentConfig,
+    mut runs: Vec<Vec<RoundRecord>>,
+) -> (Vec<RoundRecord>, Vec<Summary>) {
+    // Table order: scenario, share, then the defense order of the config.
+    let order = |d: Defense| {
+        config
+            .defenses
+            .iter()
+            .position(|&x| x == d)
+            .unwrap_or(usize::MAX)
+    };
+    runs.retain(|r| {
+        r.first()
+            .is_some_and(|f| config.defenses.contains(&f.defense))
+    });
+    runs.sort_by_key(|r| {
+        r.first()
+            .map(|f| (f.scenario, f.malicious_percent, order(f.defense)))
+    });
+    let mut records = Vec::new();
+    let mut summaries = Vec::new();
+    for run in runs {
+        let Some(first) = run.first() else { continue };
+        let percent = first.malicious_percent;
+        let participants = if first.defense == Defense::Oracle {
+            config.clients_per_round
         } else {
-            r#" stroke-dasharray="5,3""#
+            config.clients_per_round
+                - (config.clients_per_round as f64 * f64::from(percent) / 100.0).round() as usize
         };
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{lx}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
-            lx + 24.0,
-            COLORS[d % COLORS.len()],
-            lx + 30.0,
-            y + 4.0,
-            defense.name()
-        );
+        if let Some(s) = summarise(&run) {
+            summaries.push(with_false_flags(s, &run, participants));
+        }
+        records.extend(run);
     }
-    svg.push_str("</svg>\n");
-    svg
+    (records, summaries)
 }

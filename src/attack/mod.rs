@@ -14,7 +14,10 @@
 //! | [`gaussian_noise`] | Blanchard et al. 2017 (Krum's Gaussian Byzantine worker) | Δ + N(0, σ²I), seeded |
 //! | [`alie`] | Baruch, Baruch, Goldberg 2019 ("A Little Is Enough") | μⱼ + z·σⱼ per coordinate over benign updates |
 //! | [`ipm`] | Xie, Koyejo, Gupta 2020 ("Fall of Empires", inner-product manipulation) | −ε·mean of benign updates |
-//! | [`evade_probe`] | adaptive attacker of issue 11 (knows the linear probe) | Δ minus its component along the probe's weight direction |
+//! | [`evade_probe`] | white-box adaptive attacker (knows the linear probe) | Δ minus (or capped in) its component along the probe's weight direction |
+//! | [`just_under`] | white-box adaptive attacker that also knows τ | Δ with its probe component scaled so the score is τ − margin |
+//! | [`surrogate_probe`] | grey-box attacker: knows the recipe, not the server's probe | a probe of its own, trained on its own runs, for [`evade_probe`] |
+//! | [`sybil`] | colluding clients (Fang et al. 2020; Baruch et al. 2019) | K copies of one direction, each just inside the round's [`Admission`](crate::round::Admission) bounds |
 //!
 //! Every helper returns a new delta with the same keys and shapes, and
 //! fails with a typed [`Error`] rather than emit a non-finite value (scaling
@@ -40,12 +43,14 @@
 //! # Ok::<(), safe_fedllm::Error>(())
 //! ```
 
-use serde::{Deserialize, Serialize};
+mod evade;
+mod sybil;
+
+pub use evade::{Evasion, EvasionOutcome, evade_probe, just_under, surrogate_probe};
+pub use sybil::{SybilUpdate, sybil};
 
 use crate::error::{Error, Result};
-use crate::features::Normalization;
 use crate::lora::{LoraAdapter, LoraDelta};
-use crate::probe::{LinearProbe, Probe};
 use crate::rng::Rng;
 
 /// −Δ: the update pushed the other way.
@@ -163,179 +168,6 @@ fn per_coordinate(benign: &[LoraDelta], rule: impl Fn(&[f64]) -> f64) -> Result<
         }
     }
     finite(LoraDelta::from_adapter(out))
-}
-
-/// What the probe-evasion attack removes.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Evasion {
-    /// Remove the whole component along the probe direction: the probe then
-    /// scores σ(b), its bias alone.
-    Remove,
-    /// Shrink the component just enough that the probe scores `target`
-    /// (e.g. τ − 0.05), changing the update as little as possible. An
-    /// update already scoring ≤ `target` is left as it is.
-    ShrinkTo(f32),
-}
-
-/// The evaded update and what the attack did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvasionOutcome {
-    /// The update to send.
-    pub delta: LoraDelta,
-    /// Probe score of the original update.
-    pub score_before: f32,
-    /// Probe score of the evaded update.
-    pub score_after: f32,
-    /// L2 norm of the change made (in the raw, unnormalised update).
-    pub change_norm: f64,
-    /// The change relative to the norm of the probed tensors.
-    pub relative_change: f64,
-}
-
-/// The adaptive attacker that knows the linear probe (issue 11): it keeps
-/// its harmful training but removes from its update the component along the
-/// probe's weight direction, mapped back onto the probed tensors.
-///
-/// Let v be the update's values on the probe's feature layout (before
-/// normalisation), ŵ = w/‖w‖ restricted to the layout keys the update holds
-/// (absent keys are zero-filled by the probe, so their weights do not
-/// matter), p = vᵀŵ and q² = ‖v‖² − p². The probe's logit is ‖w‖·p/‖v‖ + b
-/// under L2 normalisation (‖w‖·p + b without). The attack sends
-/// v' = v − (p − p')·ŵ with
-///
-/// * [`Evasion::Remove`]: p' = 0;
-/// * [`Evasion::ShrinkTo`]`(t)`: the p' whose logit is logit(t): with
-///   r = (logit(t) − b)/‖w‖, p' = r·q/√(1 − r²) under L2, p' = r without.
-///
-/// Tensors outside the layout are untouched. Under L2 normalisation the
-/// probe cannot see the update's size, so the attacker may also rescale the
-/// result ([`scale`]) to keep its strength.
-///
-/// Errors: [`Error::ShapeMismatch`] for a layout key of another shape,
-/// [`Error::InvalidParameter`] for a target outside (0, 1) or below what the
-/// probe can score (σ(b − ‖w‖) under L2), [`Error::NonFinite`] for a
-/// non-finite update.
-///
-/// ```
-/// use safe_fedllm::attack::{Evasion, evade_probe};
-/// use safe_fedllm::features::{FeatureConfig, Selection};
-/// use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
-/// use safe_fedllm::probe::{LinearProbe, Probe};
-///
-/// let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-/// let mut adapter = LoraAdapter::new();
-/// adapter.insert(key, LoraTensor::new("b", [2, 1], vec![3.0, 4.0])?)?;
-/// let delta = LoraDelta::from_adapter(adapter);
-/// let spec = FeatureConfig::new(Selection::FirstLayerB).fit(&[&delta])?;
-/// let probe = LinearProbe::new(spec, vec![10.0, 0.0], 0.0)?; // scores σ(6) ≈ 0.998
-///
-/// let outcome = evade_probe(&probe, &delta, Evasion::Remove)?;
-/// assert_eq!(outcome.delta.as_adapter().get(key).map(|t| t.as_slice()), Some(&[0.0, 4.0][..]));
-/// assert!((outcome.score_after - 0.5).abs() < 1e-6);
-/// # Ok::<(), safe_fedllm::Error>(())
-/// ```
-pub fn evade_probe(
-    probe: &LinearProbe,
-    delta: &LoraDelta,
-    evasion: Evasion,
-) -> Result<EvasionOutcome> {
-    let adapter = delta.as_adapter();
-    adapter.check_finite()?;
-    let weights = probe.weights();
-    // Present layout blocks: (key, offset, len).
-    let mut blocks = Vec::new();
-    for block in probe.feature_spec().layout() {
-        let Some(tensor) = adapter.get(&block.key) else {
-            continue;
-        };
-        if tensor.shape() != block.shape {
-            return Err(Error::ShapeMismatch {
-                tensor: block.key.clone(),
-                expected: block.shape.to_vec(),
-                found: tensor.shape().to_vec(),
-            });
-        }
-        blocks.push((block.key.clone(), block.offset, block.len()));
-    }
-    let weight_slice = |offset: usize, len: usize| -> Result<&[f32]> {
-        offset
-            .checked_add(len)
-            .and_then(|end| weights.get(offset..end))
-            .ok_or_else(|| Error::DimensionMismatch {
-                what: "probe weights vs feature layout".into(),
-                expected: offset.saturating_add(len),
-                found: weights.len(),
-            })
-    };
-    let (mut w_sq, mut vw, mut v_sq) = (0.0f64, 0.0f64, 0.0f64);
-    for (key, offset, len) in &blocks {
-        let w = weight_slice(*offset, *len)?;
-        let v = adapter.get(key).map_or(&[][..], |t| t.as_slice());
-        for (&w, &v) in w.iter().zip(v) {
-            let (w, v) = (f64::from(w), f64::from(v));
-            w_sq += w * w;
-            vw += v * w;
-            v_sq += v * v;
-        }
-    }
-    let score_before = probe.score(delta)?;
-    let w_norm = w_sq.sqrt();
-    let l2 = probe.feature_spec().normalization() == Normalization::L2;
-    let bias = f64::from(probe.bias());
-    let p = if w_norm > 0.0 { vw / w_norm } else { 0.0 };
-    let target_p = match evasion {
-        Evasion::Remove => 0.0,
-        Evasion::ShrinkTo(t) => {
-            if !(t > 0.0 && t < 1.0) {
-                return Err(invalid("target", t, "a probability in (0, 1)"));
-            }
-            if score_before <= t || w_norm == 0.0 {
-                p
-            } else {
-                let logit = (f64::from(t) / (1.0 - f64::from(t))).ln();
-                let r = (logit - bias) / w_norm;
-                if l2 {
-                    if r <= -1.0 {
-                        return Err(invalid(
-                            "target",
-                            t,
-                            "a score the probe can reach: above σ(b − ‖w‖) under L2 normalisation",
-                        ));
-                    }
-                    let q = (v_sq - p * p).max(0.0).sqrt();
-                    r * q / (1.0 - r * r).sqrt()
-                } else {
-                    r
-                }
-            }
-        }
-    };
-    let shift = p - target_p;
-    let mut out = adapter.clone();
-    if shift != 0.0 && w_norm > 0.0 {
-        for (key, offset, len) in &blocks {
-            let w = weight_slice(*offset, *len)?;
-            if let Some(tensor) = out.get_mut(key) {
-                for (v, &w) in tensor.as_mut_slice().iter_mut().zip(w) {
-                    *v = (f64::from(*v) - shift * f64::from(w) / w_norm) as f32;
-                }
-            }
-        }
-    }
-    let evaded = finite(LoraDelta::from_adapter(out))?;
-    let score_after = probe.score(&evaded)?;
-    Ok(EvasionOutcome {
-        delta: evaded,
-        score_before,
-        score_after,
-        change_norm: shift.abs(),
-        relative_change: if v_sq > 0.0 {
-            shift.abs() / v_sq.sqrt()
-        } else {
-            0.0
-        },
-    })
 }
 
 fn map_values(delta: &LoraDelta, mut f: impl FnMut(usize, f32) -> f32) -> Result<LoraDelta> {
