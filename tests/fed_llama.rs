@@ -566,7 +566,7 @@ fn the_summary_says_what_the_table_shows() {
         "{s}"
     );
     assert!(
-        s.contains("Within 0.10 of clean: shadow level (0.05)"),
+        s.contains("Holding (ASR ≤ clean + 0.05, loss ≤ oracle × 1.05): shadow level (0.05)"),
         "{s}"
     );
     assert!(s.contains("Not holding: median (0.70)"), "{s}");

@@ -7,14 +7,7 @@ use crate::config::ExperimentConfig;
 use crate::defense::Defense;
 use crate::experiment::{ProbeReport, RoundRecord};
 use crate::scenario::Scenario;
-
-/// How close to the clean run's ASR a defense must stay to count as
-/// "holding" (absolute, in ASR units).
-pub const HOLD_TOLERANCE: f64 = 0.10;
-
-/// Against an untargeted attack a defense holds when its final benign loss
-/// is at most this factor × the oracle's (or the clean run's).
-pub const LOSS_TOLERANCE: f64 = 1.05;
+use crate::verdict::{ASR_TOLERANCE, LOSS_FACTOR, holds_once};
 
 /// One row of the comparison table.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,13 +105,22 @@ fn clean(summaries: &[Summary]) -> Option<&Summary> {
         .find(|s| s.malicious_percent == 0 && s.defense == Defense::None)
 }
 
-/// Fills in whether each defense held under attack: for a targeted scenario
-/// its final ASR is within [`HOLD_TOLERANCE`] of the clean run's; for an
-/// untargeted one (sign flip, noise, ALIE, IPM) its final benign loss is at
-/// most [`LOSS_TOLERANCE`] × the oracle's at the same share (the clean
-/// run's without an oracle row), and its ASR holds too.
+/// Fills in whether each defense held under attack, by the strict rule of
+/// [`crate::verdict`] on this run's one seed: final ASR ≤ the clean run's +
+/// [`ASR_TOLERANCE`] **and** final benign loss ≤ the oracle's ×
+/// [`LOSS_FACTOR`], for every scenario. The clean run is the same defense at
+/// 0 % (plain FedAvg's when that defense has no 0 % row); the oracle is the
+/// oracle row at the same scenario and share (the clean run's loss without
+/// one).
 pub fn with_verdicts(mut summaries: Vec<Summary>) -> Vec<Summary> {
-    let reference = clean(&summaries).map(|c| (c.final_asr, c.final_benign_loss));
+    let fallback = clean(&summaries).map(|c| (c.final_asr, c.final_benign_loss));
+    let clean_of = |defense: Defense| {
+        summaries
+            .iter()
+            .find(|s| s.malicious_percent == 0 && s.defense == defense)
+            .map(|s| (s.final_asr, s.final_benign_loss))
+            .or(fallback)
+    };
     let oracle_loss = |scenario: Scenario, percent: u32| {
         summaries
             .iter()
@@ -132,17 +134,17 @@ pub fn with_verdicts(mut summaries: Vec<Summary>) -> Vec<Summary> {
     let verdicts: Vec<Option<bool>> = summaries
         .iter()
         .map(|s| {
-            let (asr, loss) = reference?;
             if s.malicious_percent == 0 || matches!(s.defense, Defense::None | Defense::Oracle) {
                 return None;
             }
-            let asr_ok = s.final_asr <= asr + HOLD_TOLERANCE;
-            Some(if s.scenario.untargeted() {
-                let base = oracle_loss(s.scenario, s.malicious_percent).unwrap_or(loss);
-                asr_ok && s.final_benign_loss <= base * LOSS_TOLERANCE
-            } else {
-                asr_ok
-            })
+            let (clean_asr, clean_loss) = clean_of(s.defense)?;
+            let oracle = oracle_loss(s.scenario, s.malicious_percent).unwrap_or(clean_loss);
+            Some(holds_once(
+                s.final_asr,
+                s.final_benign_loss,
+                clean_asr,
+                oracle,
+            ))
         })
         .collect();
     for (s, v) in summaries.iter_mut().zip(verdicts) {
@@ -329,7 +331,7 @@ pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
                         fedavg.final_benign_loss
                     ),
                 }
-            } else if fedavg.final_asr > reference + HOLD_TOLERANCE {
+            } else if fedavg.final_asr > reference + ASR_TOLERANCE {
                 "clearly above".to_owned()
             } else {
                 "NOT clearly above (the attack did not take hold at this scale)".to_owned()
@@ -375,7 +377,7 @@ pub fn summary_sentences(summaries: &[Summary]) -> Vec<String> {
         if !held.is_empty() {
             let _ = write!(
                 text,
-                " Within {HOLD_TOLERANCE:.2} of clean: {}.",
+                " Holding (ASR ≤ clean + {ASR_TOLERANCE:.2}, loss ≤ oracle × {LOSS_FACTOR:.2}): {}.",
                 names(&held)
             );
         }
