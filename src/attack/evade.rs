@@ -56,7 +56,7 @@ pub struct EvasionOutcome {
 ///
 /// Tensors outside the layout are untouched. Under L2 normalisation the
 /// probe cannot see the update's size, so the attacker may also rescale the
-/// result ([`scale`]) to keep its strength.
+/// result ([`scale`](super::scale)) to keep its strength.
 ///
 /// Errors: [`Error::ShapeMismatch`] for a layout key of another shape,
 /// [`Error::InvalidParameter`] for a target outside (0, 1) or below what the
