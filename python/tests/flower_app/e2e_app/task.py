@@ -75,7 +75,11 @@ def train_probe():
     rng = np.random.default_rng(7)
     runs = [(client_update(global_, rng, m), m) for m in [False] * 40 + [True] * 40]
     deltas = [sf.delta(u, global_) for u, _ in runs]
-    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8)
+    # The plain fit at C = 1000 on these perfectly separable toy runs gives
+    # saturated scores, which the tests' factor bounds (malicious < 0.05)
+    # were written for; the calibrated default's Platt scaling makes them
+    # less extreme.
+    return sf.Probe.train(deltas, [m for _, m in runs], c=1000.0, threshold=0.8, calibrated=False)
 
 
 def write_defense(folder: Path) -> Path:
