@@ -180,24 +180,6 @@ pub use updates::{flatten, unflatten};
 
 pub use crate::client::ClientId;
 
-/// ‖xᵢ − g‖² of each source in one chunked pass over all of them, the global
-/// read once (per chunk, while it is in cache) rather than once per source.
-/// Every source must hold exactly the global's keys and shapes, and the
-/// caller must have checked the global for NaN/∞. A non-finite value makes
-/// its source's entry non-finite; a failed read fails the call.
-pub(crate) fn delta_sq_norms(
-    global: &LoraAdapter,
-    sources: &[&dyn TensorSource],
-) -> crate::Result<Vec<f64>> {
-    let updates: Vec<ClientUpdate<'_>> = sources
-        .iter()
-        .enumerate()
-        .map(|(i, source)| ClientUpdate::new(i.to_string(), *source, 1))
-        .collect();
-    let round = updates::ValidUpdates::prepare_deferred_checked_global(global, &updates)?;
-    engine::sq_norms(&round, &round.all())
-}
-
 /// One client's contribution to a round: its local adapter (full weights, not
 /// a delta), how many samples it trained on, and its security factor.
 ///

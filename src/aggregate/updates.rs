@@ -250,28 +250,9 @@ impl<'a> ValidUpdates<'a> {
         Self::build(global, updates, false)
     }
 
-    /// [`prepare_deferred`](Self::prepare_deferred) for a caller that has
-    /// just checked `global` for NaN/∞ itself (admission), so the global is
-    /// not scanned twice.
-    pub fn prepare_deferred_checked_global(
-        global: &'a LoraAdapter,
-        updates: &[ClientUpdate<'a>],
-    ) -> Result<Self> {
-        validate_headers(global, updates)?;
-        Self::assemble_round(global, updates, false)
-    }
-
     fn build(global: &'a LoraAdapter, updates: &[ClientUpdate<'a>], scan: bool) -> Result<Self> {
         validate_headers(global, updates)?;
         global.check_finite()?;
-        Self::assemble_round(global, updates, scan)
-    }
-
-    fn assemble_round(
-        global: &'a LoraAdapter,
-        updates: &[ClientUpdate<'a>],
-        scan: bool,
-    ) -> Result<Self> {
         let mut offsets = Vec::with_capacity(global.len());
         let mut dim = 0usize;
         for entry in global.iter() {

@@ -59,7 +59,6 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
-use crate::aggregate::delta_sq_norms;
 use crate::error::{Error, Result, check_parameter};
 use crate::lora::{LoraAdapter, TensorSource};
 use crate::parallel::map_items;
@@ -557,15 +556,13 @@ fn inspect_structure(
 }
 
 /// The value stage of every structurally sound update: ‖update − global‖₂
-/// and the NaN/∞ scan, in one read of the inputs.
+/// in f64 and the NaN/∞ scan, in one read of each update, one rayon task
+/// per client (on the calling thread when the round is tiny). A failed read
+/// rejects its client only.
 ///
-/// The fast path reads all sound updates chunk by chunk together
-/// ([`delta_sq_norms`]), so the global is read once rather than once per
-/// client. A client whose squared norm is not finite (it holds NaN/∞: finite
-/// f32 values cannot overflow the f64 sum) is read again alone for the
-/// rejection's first offending index; if any read fails, every sound client
-/// is read alone, so one unreadable source is rejected and never fails the
-/// others.
+/// Reading each update alone (the global from cache beside it) measured
+/// faster than one chunked pass over all updates together (defended round,
+/// n = 20, d = 3.4 M: admission 19 ms against 23–25 ms).
 fn inspect_values(
     global: &LoraAdapter,
     messages: &[(&ClientId, &dyn TensorSource, u64)],
@@ -577,26 +574,9 @@ fn inspect_values(
         .filter(|(_, r)| r.is_none())
         .map(|((_, update, _), _)| *update)
         .collect();
-    let mut norms = match delta_sq_norms(global, &sound) {
-        Ok(squares) => squares
-            .into_iter()
-            .zip(&sound)
-            .map(|(square, update)| {
-                if square.is_finite() {
-                    Inspection::Sound {
-                        norm: square.sqrt(),
-                    }
-                } else {
-                    inspect_alone(global, *update)
-                }
-            })
-            .collect(),
-        Err(_) => {
-            let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
-            map_items(&sound, per_client, |update| inspect_alone(global, *update))
-        }
-    }
-    .into_iter();
+    let per_client = global.iter().map(|e| e.tensor.len()).sum::<usize>();
+    let mut norms =
+        map_items(&sound, per_client, |update| inspect_alone(global, *update)).into_iter();
     structural
         .into_iter()
         .map(|rejected| match rejected {
