@@ -12,30 +12,11 @@ use safe_fedllm::aggregate::{
     Aggregator, AggregatorSpec, ClientUpdate, ExclusionReason, Weighting,
 };
 use safe_fedllm::detect::Verdict;
-use safe_fedllm::features::{FeatureConfig, Selection};
-use safe_fedllm::lora::{LoraAdapter, LoraDelta, LoraTensor};
-use safe_fedllm::probe::LinearProbe;
+use safe_fedllm::lora::LoraAdapter;
 use safe_fedllm::round::{DefendedRound, DefenseSpec, OwnedReport, borrow_reports};
 
-const B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
-
-fn adapter(x: f32, y: f32) -> LoraAdapter {
-    let mut out = LoraAdapter::new();
-    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
-        .unwrap();
-    out
-}
-
-fn global() -> LoraAdapter {
-    adapter(0.0, 0.0)
-}
-
-fn probe() -> LinearProbe {
-    let spec = FeatureConfig::new(Selection::FirstLayerB)
-        .fit(&[LoraDelta::between(&adapter(1.0, 0.0), &global()).unwrap()])
-        .unwrap();
-    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
-}
+mod common;
+use common::{B, b_adapter as adapter, b_global as global, b_probe as probe};
 
 fn y_of(a: &LoraAdapter) -> f32 {
     a.get(B).unwrap().as_slice()[1]

@@ -87,3 +87,24 @@ pub fn projection(outcome: &Value) -> Value {
         "spec_sha256": outcome["spec_sha256"],
     })
 }
+
+/// An adapter holding only the layer-0 lora_B = (x, y) (no lora_A).
+pub fn b_adapter(x: f32, y: f32) -> LoraAdapter {
+    let mut out = LoraAdapter::new();
+    out.insert(B, LoraTensor::new("b", [2, 1], vec![x, y]).unwrap())
+        .unwrap();
+    out
+}
+
+/// The lora_B-only global, (0, 0).
+pub fn b_global() -> LoraAdapter {
+    b_adapter(0.0, 0.0)
+}
+
+/// The toy probe over the lora_B-only adapters: +x is malicious.
+pub fn b_probe() -> LinearProbe {
+    let spec = FeatureConfig::new(Selection::FirstLayerB)
+        .fit(&[LoraDelta::between(&b_adapter(1.0, 0.0), &b_global()).unwrap()])
+        .unwrap();
+    LinearProbe::new(spec, vec![20.0, 0.0], -10.0).unwrap()
+}
